@@ -1,0 +1,81 @@
+"""The learner's input: kept samples as prompt+response rows, and the views the loss needs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class LearnerBatch:
+    """N samples, right-padded to width L. Response tokens of row i sit at [prompt_len_i, seq_len_i).
+
+    input_ids: [N, L] int64; prompt_lengths, seq_lengths: [N] int64;
+    behav_logp: [N, L] float32, the rollout engine's log-prob of the token at each position
+    (0 at prompt and padding); advantages: [N] float32.
+    """
+
+    input_ids: torch.Tensor
+    prompt_lengths: torch.Tensor
+    seq_lengths: torch.Tensor
+    behav_logp: torch.Tensor
+    advantages: torch.Tensor
+
+    def __post_init__(self) -> None:
+        n, width = self.input_ids.shape
+        for name in ("prompt_lengths", "seq_lengths", "advantages"):
+            if getattr(self, name).shape != (n,):
+                raise ValueError(f"{name}: expected [{n}], got {tuple(getattr(self, name).shape)}")
+        if self.behav_logp.shape != (n, width):
+            raise ValueError(f"behav_logp: expected [{n}, {width}], got {tuple(self.behav_logp.shape)}")
+        if bool((self.prompt_lengths < 1).any()) or bool((self.seq_lengths > width).any()) or bool(
+            (self.seq_lengths < self.prompt_lengths).any()
+        ):
+            raise ValueError("prompt_lengths/seq_lengths: need 1 <= prompt_len <= seq_len <= width")
+
+    @property
+    def size(self) -> int:
+        return self.input_ids.shape[0]
+
+    def target_mask(self) -> torch.Tensor:
+        """[N, L-1] bool: position t of the shifted view predicts token t+1, a response token."""
+        pos = torch.arange(1, self.input_ids.shape[1], device=self.input_ids.device).unsqueeze(0)
+        return (pos >= self.prompt_lengths.unsqueeze(1)) & (pos < self.seq_lengths.unsqueeze(1))
+
+    def attention_mask(self) -> torch.Tensor:
+        pos = torch.arange(self.input_ids.shape[1], device=self.input_ids.device).unsqueeze(0)
+        return (pos < self.seq_lengths.unsqueeze(1)).long()
+
+    def rows(self, index: torch.Tensor) -> LearnerBatch:
+        return LearnerBatch(*(t[index] for t in (self.input_ids, self.prompt_lengths, self.seq_lengths,
+                                                 self.behav_logp, self.advantages)))
+
+    def to(self, device: torch.device | str) -> LearnerBatch:
+        return LearnerBatch(*(t.to(device) for t in (self.input_ids, self.prompt_lengths, self.seq_lengths,
+                                                     self.behav_logp, self.advantages)))
+
+    @staticmethod
+    def from_rollouts(
+        prompt_ids: list[list[int]],
+        responses: torch.Tensor,
+        response_lengths: torch.Tensor,
+        behav_logp: torch.Tensor,
+        advantages: torch.Tensor,
+        pad_id: int,
+    ) -> LearnerBatch:
+        """Join per-sample prompts with their responses [N, T] (right-padded) into rows."""
+        n = responses.shape[0]
+        if len(prompt_ids) != n:
+            raise ValueError(f"prompt_ids: expected {n} prompts, got {len(prompt_ids)}")
+        p_len = torch.tensor([len(p) for p in prompt_ids], dtype=torch.long)
+        r_len = response_lengths.to(torch.long).cpu()
+        width = int((p_len + r_len).max()) if n else 1
+        ids = torch.full((n, width), pad_id, dtype=torch.long)
+        blp = torch.zeros(n, width, dtype=torch.float32)
+        for i, p in enumerate(prompt_ids):
+            lp, lr = len(p), int(r_len[i])
+            ids[i, :lp] = torch.tensor(p, dtype=torch.long)
+            ids[i, lp : lp + lr] = responses[i, :lr].cpu()
+            blp[i, lp : lp + lr] = behav_logp[i, :lr].cpu().float()
+        return LearnerBatch(ids, p_len, p_len + r_len, blp, advantages.float().cpu())

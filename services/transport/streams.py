@@ -1,0 +1,514 @@
+"""Redis-stream transport: consumer groups, atomic commit, dead letters, backpressure.
+
+Delivery discipline (what makes "a crash loses nothing and duplicates nothing" true):
+
+* A consumer reads with XREADGROUP; entries stay pending until :meth:`Transport.commit`.
+* ``commit`` is one Lua script: it checks the consumer still holds every consumed entry (so a
+  consumer whose entries were reclaimed by another cannot also publish a product), writes each
+  output unless its idempotency key was produced before, then XACKs and XDELs the consumed entries
+  and applies counters and hash fields. A crash before the script leaves the entries pending for
+  :meth:`Transport.reclaim`; a crash after it leaves nothing to redo; a retried script (redis-py
+  retries on connection errors) finds its entries no longer pending and changes nothing.
+* Acknowledged entries are deleted, so XLEN is the backlog (Redis 6.2 has no XINFO ``lag``).
+* A record that fails to decode is moved to the dead stream with its reason, in the same kind of
+  atomic step, and never returned; the reader keeps going.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import redis
+
+from services.transport.schema import CuratedBatch, ScoredGroup, decode
+
+__all__ = ["CommitResult", "Delivery", "Record", "Transport"]
+
+log = logging.getLogger(__name__)
+
+Record = ScoredGroup | CuratedBatch
+Output = tuple[str, str, Record]  # (stream, idempotency key, record)
+
+# KEYS: [1] consumed stream, [2] produced hash, [3] stats hash,
+#       [4 .. 3+n_out] output streams, then one key per HSET target.
+# ARGV: group, consumer ('' = any), n_ids, ids...,
+#       n_out, per output: idempotency key, n_pairs, field, value, ...,
+#       n_incr, field, amount, ..., n_hset, per target: n_pairs, field, value, ...
+# Returns {committed (0/1), not_pending ids, written {key, id, ...}, duplicates {key, id, ...},
+#          acked count}.
+_COMMIT_LUA = """
+local pos = 1
+local function nxt()
+  local v = ARGV[pos]
+  pos = pos + 1
+  return v
+end
+local stream, produced, stats = KEYS[1], KEYS[2], KEYS[3]
+local group, consumer = nxt(), nxt()
+local n_ids = tonumber(nxt())
+local ids = {}
+for j = 1, n_ids do ids[j] = nxt() end
+
+-- Fencing, before any write: every consumed entry must still be pending for this consumer.
+local not_pending = {}
+for _, id in ipairs(ids) do
+  local p
+  if consumer == '' then
+    p = redis.call('XPENDING', stream, group, id, id, 1)
+  else
+    p = redis.call('XPENDING', stream, group, id, id, 1, consumer)
+  end
+  if #p == 0 then table.insert(not_pending, id) end
+end
+if #not_pending > 0 then return {0, not_pending, {}, {}, 0} end
+
+local n_out = tonumber(nxt())
+local written, dups = {}, {}
+for o = 1, n_out do
+  local out = KEYS[3 + o]
+  local key = nxt()
+  local n_pairs = tonumber(nxt())
+  local args = {}
+  for j = 1, 2 * n_pairs do args[j] = nxt() end
+  local tag = out .. '|' .. key
+  local earlier = redis.call('HGET', produced, tag)
+  if earlier then
+    table.insert(dups, key)
+    table.insert(dups, earlier)
+  else
+    local id = redis.call('XADD', out, '*', unpack(args))
+    redis.call('HSET', produced, tag, id)
+    table.insert(written, key)
+    table.insert(written, id)
+  end
+end
+
+-- In chunks: Lua's unpack() fails past a few thousand values.
+local acked = 0
+for first = 1, n_ids, 1000 do
+  local last = math.min(first + 999, n_ids)
+  acked = acked + redis.call('XACK', stream, group, unpack(ids, first, last))
+  redis.call('XDEL', stream, unpack(ids, first, last))
+end
+
+-- Counters and fields belong to the product: a commit whose every output already existed
+-- applied them the first time.
+local effects = (n_out == 0) or (#written > 0)
+local n_incr = tonumber(nxt())
+for j = 1, n_incr do
+  local f, amount = nxt(), nxt()
+  if effects then redis.call('HINCRBY', stats, f, amount) end
+end
+local n_hset = tonumber(nxt())
+for h = 1, n_hset do
+  local n_pairs = tonumber(nxt())
+  local args = {}
+  for j = 1, 2 * n_pairs do args[j] = nxt() end
+  if effects and n_pairs > 0 then
+    redis.call('HSET', KEYS[3 + n_out + h], unpack(args))
+  end
+end
+return {1, {}, written, dups, acked}
+"""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One decoded record handed to a consumer; commit ``entry_id`` when its product is written."""
+
+    stream: str
+    entry_id: str
+    record: Record
+
+
+@dataclass(frozen=True)
+class CommitResult:
+    """What :meth:`Transport.commit` did.
+
+    ``committed`` is False only when some consumed entry was no longer pending for the consumer
+    (``not_pending``): it was reclaimed by another consumer or already committed. Then nothing
+    was written, acknowledged or counted, and the caller should drop its work on those entries.
+    """
+
+    committed: bool
+    written: dict[str, str] = field(default_factory=dict)  # idempotency key -> new entry id
+    duplicates: dict[str, str] = field(default_factory=dict)  # key -> entry id written earlier
+    acked: int = 0
+    not_pending: list[str] = field(default_factory=list)
+
+
+def _s(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _hash_value(value: Any) -> bytes | str:
+    """Hash field values as Redis stores them; floats keep full precision (repr)."""
+    if isinstance(value, (bytes, str)):
+        return value
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        return repr(float(value))  # numpy 2's repr would give "np.float64(...)"
+    raise TypeError(f"cannot store {type(value).__name__} in a Redis hash")
+
+
+def _pairs(flat: Sequence[Any]) -> dict[str, str]:
+    return {_s(flat[i]): _s(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+
+class Transport:
+    """Stream transport over one Redis client (``decode_responses=False``) and a key namespace.
+
+    Streams: :attr:`groups_stream` (rollouts -> selector), :attr:`batches_stream`
+    (selector -> learner), :attr:`dead_stream` (malformed records). Hashes: :attr:`schedule_key`,
+    :attr:`stats_key` (integer counters), :attr:`metrics_key` (latest metric values),
+    :attr:`control_key` (field ``paused``), and :attr:`produced_key` (idempotency keys).
+    """
+
+    def __init__(
+        self, client: redis.Redis, namespace: str = "d3s", *, dead_maxlen: int = 10_000
+    ) -> None:
+        kwargs = client.connection_pool.connection_kwargs
+        if kwargs.get("decode_responses"):
+            raise ValueError("Transport needs a Redis client with decode_responses=False")
+        if not namespace:
+            raise ValueError("namespace must be non-empty")
+        self.client = client
+        self.namespace = namespace
+        self.dead_maxlen = dead_maxlen
+        timeout = kwargs.get("socket_timeout", kwargs.get("orig_socket_timeout"))
+        self._socket_timeout_s: float | None = float(timeout) if timeout else None
+        self._commit_script = client.register_script(_COMMIT_LUA)
+
+    # ---- key names ----------------------------------------------------------------------------
+
+    @property
+    def groups_stream(self) -> str:
+        return f"{self.namespace}:groups"
+
+    @property
+    def batches_stream(self) -> str:
+        return f"{self.namespace}:batches"
+
+    @property
+    def dead_stream(self) -> str:
+        return f"{self.namespace}:dead"
+
+    @property
+    def schedule_key(self) -> str:
+        return f"{self.namespace}:schedule"
+
+    @property
+    def stats_key(self) -> str:
+        return f"{self.namespace}:stats"
+
+    @property
+    def metrics_key(self) -> str:
+        return f"{self.namespace}:metrics"
+
+    @property
+    def control_key(self) -> str:
+        return f"{self.namespace}:control"
+
+    @property
+    def produced_key(self) -> str:
+        return f"{self.namespace}:produced"
+
+    # ---- groups and publishing ----------------------------------------------------------------
+
+    def ensure_consumer_group(self, stream: str, group: str) -> None:
+        """Create ``group`` on ``stream`` (and the stream) if missing.
+
+        The group starts at id 0, so records published before any consumer existed are read.
+        """
+        try:
+            self.client.xgroup_create(stream, group, id="0", mkstream=True)
+        except redis.exceptions.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def publish(
+        self,
+        stream: str,
+        record: Record,
+        incr: Mapping[str, int] | None = None,
+        *,
+        key: str | None = None,
+    ) -> str:
+        """XADD ``record`` and HINCRBY ``incr`` counters atomically; returns the entry id.
+
+        With ``key`` (e.g. the group id) the write is idempotent: a retried publish returns the
+        entry id of the first and writes nothing. Without it, one MULTI/EXEC.
+        """
+        if key is not None:
+            result = self.commit(stream, "", [], outputs=[(stream, key, record)], incr=incr)
+            return next(iter({**result.duplicates, **result.written}.values()))
+        pipe = self.client.pipeline(transaction=True)
+        pipe.xadd(stream, record.to_fields())
+        for name, amount in (incr or {}).items():
+            pipe.hincrby(self.stats_key, name, int(amount))
+        return _s(pipe.execute()[0])
+
+    # ---- consuming ----------------------------------------------------------------------------
+
+    def read(
+        self,
+        stream: str,
+        group: str,
+        consumer: str,
+        count: int,
+        block_ms: int | None = None,
+        *,
+        pending: bool = False,
+    ) -> list[Delivery]:
+        """Read up to ``count`` new records as ``consumer`` of ``group``.
+
+        ``block_ms``: wait up to this long for a record; None or <= 0 does not block (Redis would
+        read 0 as "forever", and every wait here has a bound). It must stay below the client's
+        socket timeout, or the client times out and retries the read, leaving the first reply's
+        entries pending. ``pending=True`` re-reads this consumer's own unacknowledged entries
+        instead (what a restarted consumer with the same name does first).
+
+        Malformed records are dead-lettered and skipped; this never raises on a bad record.
+        """
+        block = block_ms if block_ms is not None and block_ms > 0 else None
+        timeout = self._socket_timeout_s
+        if block is not None and timeout is not None and block / 1000.0 >= timeout:
+            raise ValueError(
+                f"block_ms={block} is not below the client's socket timeout of {timeout}s"
+            )
+        reply = self.client.xreadgroup(
+            group, consumer, {stream: "0" if pending else ">"}, count=count, block=block
+        )
+        return self._decode_entries(stream, group, consumer, self._entries(reply))
+
+    def reclaim(
+        self, stream: str, group: str, consumer: str, min_idle_ms: int, count: int
+    ) -> list[Delivery]:
+        """Take over up to ``count`` entries pending longer than ``min_idle_ms`` (XAUTOCLAIM).
+
+        These are entries a consumer read and never committed, most likely because it died.
+        Malformed ones are dead-lettered like in :meth:`read`.
+        """
+        claimed: list[tuple[bytes | None, Any]] = []
+        cursor: bytes | str = "0-0"
+        saw_deleted = False
+        for _ in range(100):  # the cursor ends at 0-0; the bound only guards a pathological PEL
+            reply = self.client.xautoclaim(
+                stream, group, consumer, min_idle_ms, start_id=cursor, count=count - len(claimed)
+            )
+            cursor, entries = reply[0], reply[1]
+            for entry_id, fields in entries:
+                if entry_id is None:  # Redis 6.2 reports a deleted-but-pending entry as nil
+                    saw_deleted = True
+                else:
+                    claimed.append((entry_id, fields))
+            if _s(cursor) == "0-0" or len(claimed) >= count:
+                break
+        if saw_deleted:
+            self._ack_deleted_pending(stream, group, consumer)
+        return self._decode_entries(stream, group, consumer, claimed)
+
+    @staticmethod
+    def _entries(reply: Any) -> list[tuple[bytes, Any]]:
+        """Entries of a one-stream XREADGROUP reply, RESP2 (list) or RESP3 (dict)."""
+        if not reply:
+            return []
+        if isinstance(reply, Mapping):
+            streams = list(reply.values())
+            return list(streams[0][0]) if streams and streams[0] else []
+        return list(reply[0][1])
+
+    def _decode_entries(
+        self, stream: str, group: str, consumer: str, entries: Iterable[tuple[Any, Any]]
+    ) -> list[Delivery]:
+        out: list[Delivery] = []
+        for raw_id, fields in entries:
+            entry_id = _s(raw_id)
+            try:
+                record = decode(fields or {})
+            except Exception as exc:  # any decode failure is the record's fault, never fatal
+                reason = getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"
+                self._dead_letter(stream, group, consumer, entry_id, fields or {}, reason)
+                continue
+            out.append(Delivery(stream=stream, entry_id=entry_id, record=record))
+        return out
+
+    def _dead_letter(
+        self,
+        stream: str,
+        group: str,
+        consumer: str,
+        entry_id: str,
+        fields: Mapping[Any, Any],
+        reason: str,
+    ) -> None:
+        """Move one entry to the dead stream, acknowledge and delete it, count it: one step."""
+        dead: dict[bytes, bytes] = {
+            b"source": stream.encode(),
+            b"entry_id": entry_id.encode(),
+            b"reason": reason.encode("utf-8", errors="backslashreplace"),
+            b"group": group.encode(),
+            b"consumer": consumer.encode(),
+        }
+        # Prefixed, so an original field named "reason" cannot overwrite ours.
+        for name, value in fields.items():
+            raw_name = name.encode() if isinstance(name, str) else bytes(name)
+            raw_value = value.encode() if isinstance(value, str) else bytes(value)
+            dead[b"orig:" + raw_name] = raw_value
+        result = self._run_commit(
+            stream,
+            group,
+            consumer,
+            [entry_id],
+            [(self.dead_stream, f"{stream}/{entry_id}", dead)],
+            {"dead": 1},
+            None,
+        )
+        if result.committed:
+            log.warning("dead-lettered %s %s: %s", stream, entry_id, reason)
+            # Trimming is housekeeping, not correctness: outside the atomic step, approximate.
+            self.client.xtrim(self.dead_stream, maxlen=self.dead_maxlen, approximate=True)
+        else:
+            log.warning(
+                "malformed %s %s was taken by another consumer: %s", stream, entry_id, reason
+            )
+
+    def _ack_deleted_pending(self, stream: str, group: str, consumer: str) -> None:
+        """Acknowledge this consumer's pending ids whose entries no longer exist."""
+        rows = self.client.xpending_range(stream, group, "-", "+", 1000, consumername=consumer)
+        gone = [
+            row["message_id"]
+            for row in rows
+            if not self.client.xrange(stream, row["message_id"], row["message_id"])
+        ]
+        if gone:
+            self.client.xack(stream, group, *gone)
+            log.warning(
+                "acknowledged %d pending entries of %s that were deleted", len(gone), stream
+            )
+
+    # ---- committing ---------------------------------------------------------------------------
+
+    def commit(
+        self,
+        stream: str,
+        group: str,
+        entry_ids: Sequence[str],
+        outputs: Sequence[Output] = (),
+        incr: Mapping[str, int] | None = None,
+        hset: Mapping[str, Mapping[str, str | int | float]] | None = None,
+        *,
+        consumer: str | None = None,
+    ) -> CommitResult:
+        """Atomically: write ``outputs``, XACK+XDEL ``entry_ids``, HINCRBY ``incr``, HSET ``hset``.
+
+        ``outputs`` are ``(out_stream, idempotency_key, record)``; an output whose key was already
+        produced on that stream is not written again (reported in ``duplicates``). ``incr``
+        counters go to :attr:`stats_key`; ``hset`` maps a hash key to fields to set. Counters
+        and fields are skipped when every output was a duplicate (they were applied then).
+
+        With ``consumer`` every consumed entry must still be pending for that consumer, else
+        nothing happens and ``committed`` is False; pass it whenever there are entry ids.
+        """
+        encoded = [(out, key, record.to_fields()) for out, key, record in outputs]
+        return self._run_commit(stream, group, consumer, entry_ids, encoded, incr, hset)
+
+    def _run_commit(
+        self,
+        stream: str,
+        group: str,
+        consumer: str | None,
+        entry_ids: Sequence[str],
+        outputs: Sequence[tuple[str, str, Mapping[bytes, bytes]]],
+        incr: Mapping[str, int] | None,
+        hset: Mapping[str, Mapping[str, str | int | float]] | None,
+    ) -> CommitResult:
+        if entry_ids and not group:
+            raise ValueError("commit with entry ids needs the consumer group")
+        keys: list[str] = [stream, self.produced_key, self.stats_key]
+        args: list[Any] = [group, consumer or "", len(entry_ids), *entry_ids, len(outputs)]
+        for out, key, fields in outputs:
+            keys.append(out)
+            args += [key, len(fields)]
+            for name, value in fields.items():
+                args += [name, value]
+        incr = incr or {}
+        args.append(len(incr))
+        for name, amount in incr.items():
+            args += [name, int(amount)]
+        hset = hset or {}
+        args.append(len(hset))
+        for hkey, mapping in hset.items():
+            keys.append(hkey)
+            args.append(len(mapping))
+            for name, value in mapping.items():
+                args += [name, _hash_value(value)]
+        committed, not_pending, written, dups, acked = self._commit_script(keys=keys, args=args)
+        result = CommitResult(
+            committed=bool(committed),
+            written=_pairs(written),
+            duplicates=_pairs(dups),
+            acked=int(acked),
+            not_pending=[_s(x) for x in not_pending],
+        )
+        if not result.committed:
+            log.warning(
+                "commit on %s refused: %d entries no longer pending for %r",
+                stream,
+                len(result.not_pending),
+                consumer,
+            )
+        return result
+
+    # ---- backpressure, control, stats ---------------------------------------------------------
+
+    def backlog(self, stream: str) -> int:
+        """Records in ``stream`` not yet acknowledged (undelivered plus pending).
+
+        Committed and dead-lettered entries are deleted, so this is XLEN (works on Redis 6.2).
+        """
+        return int(self.client.xlen(stream))
+
+    def wait_for_capacity(
+        self, stream: str, bound: int, timeout_s: float, poll_s: float = 0.05
+    ) -> int:
+        """Block until ``backlog(stream) < bound``; returns the backlog seen.
+
+        Raises TimeoutError naming the stream, backlog and bound if it does not happen within
+        ``timeout_s`` (the consumer is probably down or too slow).
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            size = self.backlog(stream)
+            if size < bound:
+                return size
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(
+                    f"backpressure: backlog of {stream} stayed at {size} (bound {bound}) for "
+                    f"{timeout_s:.1f}s; is its consumer running?"
+                )
+            time.sleep(min(poll_s, remaining))
+
+    def paused(self) -> bool:
+        """Whether an operator paused the run (``control_key`` field ``paused`` == "1")."""
+        return self.client.hget(self.control_key, "paused") == b"1"
+
+    def set_paused(self, paused: bool) -> None:
+        self.client.hset(self.control_key, "paused", "1" if paused else "0")
+
+    def stats(self) -> dict[str, int]:
+        """Integer counters from :attr:`stats_key` (e.g. ``dead``)."""
+        return {_s(k): int(v) for k, v in self.client.hgetall(self.stats_key).items()}
+
+    def read_hash(self, key: str) -> dict[str, str]:
+        """A hash (schedule, metrics, control) as str -> str."""
+        return {_s(k): _s(v) for k, v in self.client.hgetall(key).items()}
