@@ -1,0 +1,171 @@
+"""Serving the HTTP API: as a Ray Serve deployment, or with plain uvicorn.
+
+* :func:`start_api` / :func:`stop_api` — Ray Serve (what ``d3s run`` uses next to its Ray
+  actors): one replica of :func:`build_deployment`'s FastAPI-ingress deployment behind Serve's
+  HTTP proxy.
+* :func:`run_standalone` — the same app under uvicorn, blocking, without Ray (``d3s api``,
+  docker-compose).
+
+Both bind 127.0.0.1 unless told otherwise: control needs a token, but the read endpoints have none.
+Ray is imported lazily, so the uvicorn path does not pay for it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import time
+import urllib.error
+import urllib.request
+from typing import TYPE_CHECKING, Any
+
+from services.api.app import create_app
+
+if TYPE_CHECKING:
+    from ray.serve.deployment import Deployment
+
+__all__ = [
+    "APP_NAME",
+    "DEFAULT_HOST",
+    "DEFAULT_PORT",
+    "build_deployment",
+    "free_port",
+    "run_standalone",
+    "start_api",
+    "stop_api",
+]
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "d3s-api"
+DEFAULT_HOST = "127.0.0.1"
+# Not 8265 (Ray's dashboard) and not 6379 (Redis); Serve's own default too.
+DEFAULT_PORT = 8000
+
+
+def free_port(host: str = DEFAULT_HOST) -> int:
+    """A TCP port free on ``host`` right now (another process may still take it before use)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _url_host(host: str) -> str:
+    """The host a client on this machine uses to reach a server bound to ``host``."""
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
+def build_deployment(
+    redis_url: str, namespace: str = "d3s", control_token: str | None = None
+) -> Deployment:
+    """The Ray Serve deployment of :func:`~services.api.app.create_app` for one run.
+
+    The FastAPI app is built by the replica (a builder function given to ``serve.ingress``), not
+    pickled from here: its Redis client then belongs to the replica's process. One replica using
+    no CPU reservation: the API only reads Redis, and a CPU reserved for it would be one the
+    rollout or learner actors cannot get.
+    """
+    from ray import serve
+
+    def build_app() -> Any:
+        return create_app(redis_url, namespace, control_token)
+
+    @serve.deployment(
+        name="D3SApi",
+        num_replicas=1,
+        ray_actor_options={"num_cpus": 0},
+        # Requests are short Redis reads; many may wait on one replica.
+        max_ongoing_requests=64,
+    )
+    @serve.ingress(build_app)
+    class D3SApi:
+        """FastAPI ingress of the D3S-RL HTTP API (routes come from ``create_app``)."""
+
+    return D3SApi
+
+
+def _wait_for_route(base_url: str, timeout_s: float) -> None:
+    """Wait until Serve's proxy at ``base_url`` routes ``/`` to :data:`APP_NAME`.
+
+    ``serve.run`` returns once the replica runs, but the proxy learns the route a moment later;
+    until then requests get 404/503 from the proxy, not the app.
+    """
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while True:
+        try:
+            with urllib.request.urlopen(f"{base_url}/-/routes", timeout=2.0) as resp:
+                routes = json.loads(resp.read().decode())
+            if routes.get("/") == APP_NAME:
+                return
+            last = f"routes {routes}"
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            last = repr(exc)
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"Ray Serve at {base_url} did not route '/' to {APP_NAME!r} within "
+                f"{timeout_s:.0f}s (last: {last}); if Serve was already running, it keeps the "
+                "host/port it was first started with"
+            )
+        time.sleep(0.2)
+
+
+def start_api(
+    redis_url: str,
+    namespace: str = "d3s",
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    control_token: str | None = None,
+    *,
+    ready_timeout_s: float = 60.0,
+) -> str:
+    """Serve the API with Ray Serve on ``host:port``; returns its base URL (no trailing slash).
+
+    Uses the Ray the caller connected to (``ray.init``); starts a local one without the dashboard
+    if there is none. ``port=0`` picks a free port (Serve itself cannot bind port 0 and report
+    it). Returns once the proxy routes requests to the app.
+    """
+    import ray
+    from ray import serve
+
+    if not ray.is_initialized():
+        log.info("no Ray connection: starting a local Ray for the API")
+        ray.init(include_dashboard=False)
+    if port == 0:
+        port = free_port(host or "0.0.0.0")
+    # One proxy, on the head node: the URL returned is the one that works.
+    serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
+    deployment = build_deployment(redis_url, namespace, control_token)
+    serve.run(deployment.bind(), name=APP_NAME, route_prefix="/")
+    base_url = f"http://{_url_host(host)}:{port}"
+    _wait_for_route(base_url, ready_timeout_s)
+    log.info("D3S API (Ray Serve) at %s, namespace %s", base_url, namespace)
+    return base_url
+
+
+def stop_api() -> None:
+    """Shut Ray Serve down (the API app, its proxy and controller); Ray itself keeps running."""
+    from ray import serve
+
+    serve.shutdown()
+
+
+def run_standalone(
+    redis_url: str,
+    namespace: str = "d3s",
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    control_token: str | None = None,
+) -> None:
+    """Serve the API with uvicorn in this process until interrupted (no Ray needed)."""
+    import uvicorn
+
+    app = create_app(redis_url, namespace, control_token)
+    log.info("D3S API (uvicorn) on %s:%d, namespace %s", host, port, namespace)
+    uvicorn.run(app, host=host, port=port, log_level="info")
