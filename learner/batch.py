@@ -56,26 +56,12 @@ class LearnerBatch:
                                                      self.behav_logp, self.advantages)))
 
     @staticmethod
-    def from_rollouts(
-        prompt_ids: list[list[int]],
-        responses: torch.Tensor,
-        response_lengths: torch.Tensor,
-        behav_logp: torch.Tensor,
-        advantages: torch.Tensor,
-        pad_id: int,
-    ) -> LearnerBatch:
-        """Join per-sample prompts with their responses [N, T] (right-padded) into rows."""
-        n = responses.shape[0]
-        if len(prompt_ids) != n:
-            raise ValueError(f"prompt_ids: expected {n} prompts, got {len(prompt_ids)}")
-        p_len = torch.tensor([len(p) for p in prompt_ids], dtype=torch.long)
-        r_len = response_lengths.to(torch.long).cpu()
-        width = int((p_len + r_len).max()) if n else 1
-        ids = torch.full((n, width), pad_id, dtype=torch.long)
-        blp = torch.zeros(n, width, dtype=torch.float32)
-        for i, p in enumerate(prompt_ids):
-            lp, lr = len(p), int(r_len[i])
-            ids[i, :lp] = torch.tensor(p, dtype=torch.long)
-            ids[i, lp : lp + lr] = responses[i, :lr].cpu()
-            blp[i, lp : lp + lr] = behav_logp[i, :lr].cpu().float()
-        return LearnerBatch(ids, p_len, p_len + r_len, blp, advantages.float().cpu())
+    def from_arrays(input_ids, prompt_lengths, seq_lengths, behav_logp, advantages) -> LearnerBatch:
+        """From array-likes (numpy off the wire, or tensors), in the learner's dtypes."""
+        return LearnerBatch(
+            torch.as_tensor(input_ids).long(),
+            torch.as_tensor(prompt_lengths).long(),
+            torch.as_tensor(seq_lengths).long(),
+            torch.as_tensor(behav_logp).float(),
+            torch.as_tensor(advantages).float(),
+        )

@@ -1,0 +1,154 @@
+"""Verifiers: ``(response_text, answer) -> reward in [0, 1]``, and a guard that never raises.
+
+Verifiers here may raise or (math-verify on adversarial LaTeX) take unbounded time.
+:class:`SafeVerifier` turns both into a 0 reward and counts them, without signals, so it works
+in rollout actors off the main thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import threading
+from collections.abc import Callable
+
+logger = logging.getLogger(__name__)
+
+Verifier = Callable[[str, str], float]
+
+_INT = re.compile(r"[+-]?[0-9]+")
+
+
+def exact_integer(response_text: str, answer: str) -> float:
+    """1.0 iff the stripped response is an ASCII integer equal to the integer ``answer``.
+
+    Leading zeros and a sign are accepted (``"007"`` equals ``"7"``); anything else in the
+    response (spaces inside, text, a decimal point) scores 0.
+
+    Raises:
+        ValueError: if ``answer`` itself is not an integer (a data error, not a wrong response).
+    """
+    gold = answer.strip()
+    if not _INT.fullmatch(gold):
+        raise ValueError(f"reference answer {answer!r} is not an integer")
+    resp = response_text.strip()
+    if not _INT.fullmatch(resp):
+        return 0.0
+    return 1.0 if int(resp) == int(gold) else 0.0
+
+
+_math_verify_ready = False
+
+
+def _math_verify():
+    """Import math-verify lazily (it pulls in sympy, ~0.5 s) and only once."""
+    global _math_verify_ready
+    import math_verify
+    import math_verify.grader
+    import math_verify.parser
+
+    if not _math_verify_ready:
+        # We pass timeout=None (its timeout uses signal.alarm, which fails off the main thread)
+        # and bound time with SafeVerifier instead, so its "timeout disabled" warning is moot.
+        math_verify.parser.TIMEOUT_WARNING_SHOWN = True
+        math_verify.grader.TIMEOUT_WARNING_SHOWN = True
+        _math_verify_ready = True
+    return math_verify
+
+
+def math_answer(response_text: str, answer: str) -> float:
+    """1.0 iff math-verify finds the response's final answer equivalent to ``answer``.
+
+    The gold answer is parsed as LaTeX math (wrapped in ``$...$`` unless already delimited);
+    the response is parsed with math-verify's defaults (last ``\\boxed{}``, LaTeX or plain
+    expression). No time limit here: wrap in :class:`SafeVerifier`.
+    """
+    mv = _math_verify()
+    gold_text = answer.strip()
+    if not gold_text.startswith("$"):
+        gold_text = f"${gold_text}$"
+    gold = mv.parse(gold_text, parsing_timeout=None)
+    if not gold:
+        raise ValueError(f"math-verify could not parse the reference answer {answer!r}")
+    pred = mv.parse(response_text, parsing_timeout=None)
+    if not pred:
+        return 0.0
+    return 1.0 if mv.verify(gold, pred, timeout_seconds=None) else 0.0
+
+
+VERIFIERS: dict[str, Verifier] = {"arithmetic": exact_integer, "math": math_answer}
+
+
+class SafeVerifier:
+    """Call a verifier with a time limit; any failure is a 0 reward, counted, never raised.
+
+    Each call runs ``fn`` on a fresh daemon thread and waits at most ``timeout_s``. Python
+    cannot kill a thread, so a verifier that hangs is abandoned (it keeps a thread, and some
+    GIL time, until it returns); ``abandoned`` says how many are still running. Daemon threads
+    do not block interpreter exit.
+
+    Attributes:
+        errors: Calls that raised, timed out or returned a non-finite / non-number result.
+        timeouts: The subset of ``errors`` that exceeded ``timeout_s``.
+        calls: All calls.
+    """
+
+    def __init__(self, fn: Verifier, timeout_s: float | None = 2.0) -> None:
+        self.fn = fn
+        self.timeout_s = timeout_s
+        self.errors = 0
+        self.timeouts = 0
+        self.calls = 0
+        self._lock = threading.Lock()
+
+    @property
+    def abandoned(self) -> int:
+        """Timed-out verifier threads that have not finished yet."""
+        prefix = f"safe-verifier-{id(self):x}"
+        return sum(1 for t in threading.enumerate() if t.name.startswith(prefix))
+
+    def _fail(self, response: str, reason: str, timeout: bool = False) -> float:
+        with self._lock:
+            self.errors += 1
+            self.timeouts += int(timeout)
+            n = self.errors
+        # First few at WARNING so a broken verifier is visible; the rest at DEBUG.
+        level = logging.WARNING if n <= 5 else logging.DEBUG
+        logger.log(level, "verifier %s failed (%s) on response %.80r", _name(self.fn), reason, response)
+        return 0.0
+
+    def __call__(self, response: str, answer: str) -> float:
+        with self._lock:
+            self.calls += 1
+        box: dict[str, object] = {}
+
+        def target() -> None:
+            try:
+                box["value"] = self.fn(response, answer)
+            except BaseException as e:
+                box["error"] = e
+
+        if self.timeout_s is None:
+            target()
+        else:
+            t = threading.Thread(target=target, name=f"safe-verifier-{id(self):x}", daemon=True)
+            t.start()
+            t.join(self.timeout_s)
+            if t.is_alive():
+                return self._fail(response, f"timeout after {self.timeout_s} s", timeout=True)
+        if "error" in box:
+            e = box["error"]
+            return self._fail(response, f"{type(e).__name__}: {e}")
+        value = box.get("value")
+        try:
+            reward = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            return self._fail(response, f"returned {value!r}")
+        if not math.isfinite(reward):
+            return self._fail(response, f"returned {value!r}")
+        return reward
+
+
+def _name(fn: Callable) -> str:
+    return getattr(fn, "__name__", type(fn).__name__)
