@@ -50,12 +50,18 @@ class PolicyConfig(_Section):
 
 
 class WarmstartConfig(_Section):
-    steps: int = Field(650, ge=0)
-    batch_size: int = Field(128, ge=1)
-    lr: float = Field(1e-3, gt=0)
+    steps: int = Field(650, ge=0, description="minimum supervised steps")
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(2e-3, gt=0)
     wrong_fraction: float = Field(0.55, ge=0, le=1, description="share of off-by-one demonstrations")
     clean: bool = False
     seed: int = 0
+    # After `steps`, keep training until greedy accuracy on training-split prompts reaches
+    # min_accuracy (the plateau break-out time varies a lot by seed); 0 disables.
+    min_accuracy: float = Field(0.2, ge=0, le=1)
+    max_steps: int = Field(3000, ge=0)
+    eval_every: int = Field(50, ge=1)
+    dev_prompts: int = Field(500, ge=1)
     cache_dir: Path = Path(".cache/warmstart")
 
 

@@ -16,7 +16,8 @@ def warmstart_spec(cfg: RunConfig) -> WarmstartSpec:
     w, p = cfg.warmstart, cfg.policy
     return WarmstartSpec(
         steps=w.steps, batch_size=w.batch_size, lr=w.lr, wrong_fraction=w.wrong_fraction, clean=w.clean,
-        seed=w.seed, digits=cfg.task.digits,
+        seed=w.seed, digits=cfg.task.digits, min_accuracy=w.min_accuracy, max_steps=w.max_steps,
+        eval_every=w.eval_every, dev_prompts=w.dev_prompts,
         model=PolicySpec(n_layer=p.n_layer, n_embd=p.n_embd, n_head=p.n_head, n_positions=p.n_positions),
     )
 

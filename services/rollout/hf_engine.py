@@ -186,7 +186,7 @@ class HFRolloutEngine:
         responses = gen.masked_fill(~mask, self.pad_id).long().cpu()
         behav_logp = logp.masked_fill(~mask, 0.0).float().cpu()
         lengths, mask = lengths.long().cpu(), mask.cpu()
-        texts = [decode_ids(self.tokenizer, row[: int(k)].tolist()) for row, k in zip(responses, lengths)]
+        texts = [decode_ids(self.tokenizer, row[: int(k)].tolist()) for row, k in zip(responses, lengths, strict=True)]
         return RolloutBatch(
             prompts=list(prompts),
             prompt_ids=prompt_ids,

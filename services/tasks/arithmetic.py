@@ -80,7 +80,7 @@ class ArithmeticTask:
             a = rng.integers(0, self.base, size=m + m // 8 + 8)
             b = rng.integers(0, self.base, size=a.shape[0])
             keep = ~self.is_heldout(a, b)
-            out.extend(self.make_prompt(int(x), int(y)) for x, y in zip(a[keep], b[keep]))
+            out.extend(self.make_prompt(int(x), int(y)) for x, y in zip(a[keep], b[keep], strict=True))
         return out[:n]
 
     def heldout(self, n: int = 500) -> list[Prompt]:

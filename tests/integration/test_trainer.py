@@ -18,7 +18,7 @@ def tiny_cfg(tmp_path, run: str, **over) -> dict:
     cfg = {
         "name": "tiny",
         "policy": {"n_layer": 1, "n_embd": 32, "n_head": 2},
-        "warmstart": {"steps": 150, "batch_size": 64, "lr": 3e-3, "cache_dir": str(tmp_path.parent / "ws_cache")},
+        "warmstart": {"steps": 150, "batch_size": 64, "lr": 3e-3, "min_accuracy": 0.0, "cache_dir": str(tmp_path.parent / "ws_cache")},
         "task": {"digits": 1, "heldout_size": 40},
         "rollout": {"prompts_per_step": 6, "samples_per_prompt": 4},
         "learner": {"lr": 1e-3},

@@ -1,0 +1,197 @@
+"""Character tokenizer, policy build/save/load, warm-start caching and greedy evaluation."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from services.policy.model import (
+    PolicySpec,
+    build_policy,
+    left_pad,
+    load_policy,
+    num_parameters,
+    save_policy,
+)
+from services.policy.tokenizer import CharTokenizer
+from services.policy.warmstart import (
+    WarmstartSpec,
+    demonstration_batch,
+    evaluate_greedy,
+    read_metadata,
+    warmstart,
+)
+from services.tasks import VERIFIERS, ArithmeticTask, Prompt
+
+TINY = PolicySpec(n_layer=1, n_embd=16, n_head=2, n_positions=16)
+
+# --- tokenizer ----------------------------------------------------------------------------
+
+
+def test_char_tokenizer_default_alphabet_and_round_trip(tmp_path):
+    tok = CharTokenizer()
+    assert tok.vocab_size == 15  # 10 digits, '+', '=', pad, bos, eos
+    assert len({tok.pad_id, tok.bos_id, tok.eos_id}) == 3
+    ids = tok.encode("123+045=")
+    assert len(ids) == 8 and min(ids) >= 3 and max(ids) < 15
+    assert tok.decode(ids) == "123+045="
+    with_special = tok.encode("12", add_bos=True, add_eos=True)
+    assert with_special[0] == tok.bos_id and with_special[-1] == tok.eos_id
+    assert tok.decode(with_special) == "12"
+    assert tok.decode([*with_special, tok.pad_id], skip_special=False) == "<bos>12<eos><pad>"
+    assert tok.decode(torch.tensor(ids)) == "123+045="
+    with pytest.raises(ValueError, match="'x'"):
+        tok.encode("1x")
+    with pytest.raises(ValueError):
+        tok.decode([15])
+    tok.save(tmp_path)
+    assert CharTokenizer.load(tmp_path) == tok
+
+
+def test_char_tokenizer_from_texts():
+    tok = CharTokenizer.from_texts(["What is 2+2?", "Ünïcode ✓"])
+    text = "What is 2+2? ✓"
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.vocab_size == 3 + len(set("What is 2+2?Ünïcode ✓"))
+
+
+# --- model --------------------------------------------------------------------------------
+
+
+def test_build_policy_size_and_seed():
+    tok = CharTokenizer()
+    model = build_policy(PolicySpec(), tok, seed=0)
+    assert 0.55e6 < num_parameters(model) < 0.65e6  # DESIGN §5: 0.6M
+    x = torch.tensor([tok.encode("123+456=")])
+    same = build_policy(PolicySpec(), tok, seed=0)
+    other = build_policy(PolicySpec(), tok, seed=1)
+    assert torch.equal(model(x).logits, same(x).logits)
+    assert not torch.equal(model(x).logits, other(x).logits)
+
+
+def test_save_load_round_trip_identical_logits(tmp_path):
+    tok = CharTokenizer()
+    model = build_policy(TINY, tok, seed=3)
+    save_policy(model, tok, tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "model.safetensors").is_file()
+    loaded, ltok = load_policy(tmp_path / "ckpt")
+    assert ltok == tok and not loaded.training
+    x = torch.tensor([tok.encode("12+34="), tok.encode("99+01=")])
+    assert torch.equal(model(x).logits, loaded(x).logits)
+    # The tied head survives the round trip (a broken tie would still give equal logits once).
+    assert loaded.lm_head.weight.data_ptr() == loaded.transformer.wte.weight.data_ptr()
+
+
+def test_load_policy_falls_back_to_hf_tokenizer(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "a": 3, "b": 4}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", eos_token="</s>")
+    char_tok = CharTokenizer("ab")  # same vocab size (5) for the model
+    model = build_policy(TINY, char_tok, seed=0)
+    save_policy(model, hf_tok, tmp_path)
+    _, tok = load_policy(tmp_path)
+    assert not isinstance(tok, CharTokenizer)
+    assert tok.encode("a b", add_special_tokens=False) == [3, 4]
+
+
+def test_load_policy_missing_dir(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_policy(tmp_path / "nope")
+
+
+def test_left_pad():
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+# --- warm start ---------------------------------------------------------------------------
+
+
+def test_demonstration_batch_masks_prompt_and_padding():
+    tok = CharTokenizer()
+    prompts = [Prompt("a", "12+34=", "46", "arithmetic"), Prompt("b", "1+2=", "3", "arithmetic")]
+    ids, labels, mask = demonstration_batch(tok, prompts, ["46", "3"])
+    # Row 0: 6 prompt chars + "46" + EOS = 9 tokens -> 8 inputs; only "4", "6", EOS are learnt.
+    assert ids.shape == labels.shape == mask.shape == (2, 8)
+    assert tok.decode(labels[0][labels[0] >= 0]) == "46"
+    assert labels[0][labels[0] >= 0].tolist()[-1] == tok.eos_id
+    assert (labels[0] >= 0).sum() == 3 and (labels[1] >= 0).sum() == 2
+    assert labels[0, :5].eq(-100).all()
+
+
+def _tiny_spec(**kw) -> WarmstartSpec:
+    base = dict(steps=4, batch_size=8, lr=1e-3, digits=2, model=TINY, min_accuracy=0.0,
+                eval_prompts=16, dev_prompts=16, warmup_steps=2)
+    base.update(kw)
+    return WarmstartSpec(**base)
+
+
+def test_warmstart_caches_and_does_not_retrain(tmp_path):
+    calls: list[int] = []
+    spec = _tiny_spec()
+    path = warmstart(spec, tmp_path, progress=lambda s, t, loss: calls.append(s))
+    assert calls == [1, 2, 3, 4]
+    meta = read_metadata(path)
+    assert meta["steps_run"] == 4 and 0.0 <= meta["heldout_accuracy"] <= 1.0
+    _, tok = load_policy(path)
+    assert isinstance(tok, CharTokenizer)
+    mtime = (path / "model.safetensors").stat().st_mtime_ns
+    again = warmstart(_tiny_spec(), tmp_path, progress=lambda s, t, loss: calls.append(s))
+    assert again == path and calls == [1, 2, 3, 4]  # no training the second time
+    assert (path / "model.safetensors").stat().st_mtime_ns == mtime
+    # Only the finished checkpoint is left: no temporary directories.
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+    # Any change to the spec is a different checkpoint; clean ignores wrong_fraction.
+    assert _tiny_spec(seed=1).cache_key() != spec.cache_key()
+    assert _tiny_spec(clean=True).cache_key() == _tiny_spec(clean=True, wrong_fraction=0.0).cache_key()
+    assert _tiny_spec(clean=True).cache_key() != spec.cache_key()
+
+
+def test_warmstart_keeps_training_until_target_or_max_steps(tmp_path, caplog):
+    spec = _tiny_spec(min_accuracy=1.0, max_steps=7, eval_every=1, eval_prompts=0)
+    with caplog.at_level(logging.WARNING, logger="services.policy.warmstart"):
+        path = warmstart(spec, tmp_path)
+    meta = read_metadata(path)
+    assert meta["steps_run"] == 7 and meta["dev_accuracy"] is not None
+    assert "heldout_accuracy" not in meta
+    assert any("max_steps" in r.message for r in caplog.records)
+
+
+def test_evaluate_greedy_matches_unbatched_decoding(monkeypatch):
+    """Batched, left-padded greedy decoding must give what one-prompt-at-a-time argmax gives."""
+    tok = CharTokenizer()
+    model = build_policy(PolicySpec(n_positions=32), tok, seed=0)
+    texts = ["1+2=", "12+345=", "999+999=", "7=", "00+1="]
+
+    def greedy(text: str, steps: int = 5) -> str:
+        ids = tok.encode(text)
+        out: list[int] = []
+        with torch.no_grad():
+            for _ in range(steps):
+                nxt = int(model(torch.tensor([ids + out])).logits[0, -1].argmax())
+                if nxt == tok.eos_id:
+                    break
+                out.append(nxt)
+        return tok.decode(out)
+
+    refs = [greedy(t) for t in texts]
+    monkeypatch.setitem(VERIFIERS, "echo", lambda r, a: float(r == a))
+    # Answers right for the first 3 prompts, wrong for the last 2: accuracy must be exactly 0.6.
+    prompts = [Prompt(str(i), t, refs[i] if i < 3 else refs[i] + "x", "echo") for i, t in enumerate(texts)]
+    model.train()
+    assert evaluate_greedy(model, tok, prompts, max_new_tokens=5, batch_size=2) == pytest.approx(0.6)
+    assert model.training  # mode restored
+
+
+def test_evaluate_greedy_random_model_scores_zero_on_arithmetic():
+    tok = CharTokenizer()
+    model = build_policy(TINY, tok, seed=0)
+    task = ArithmeticTask(digits=2)
+    assert evaluate_greedy(model, tok, task.heldout(50), max_new_tokens=4) == 0.0
