@@ -56,6 +56,106 @@ def train(config: ConfigArg = None, set_: SetOpt = None, verbose: VerboseOpt = F
 
 
 @app.command()
+def run(config: ConfigArg = None, set_: SetOpt = None, verbose: VerboseOpt = False) -> None:
+    """The asynchronous service on this machine (Redis, Ray, rollouts, selector, learner, API).
+
+    Starts an embedded Redis and a local Ray unless service.redis_url / service.ray_address say
+    otherwise, shows a progress bar, and stops everything at the end or on Ctrl-C."""
+    _setup_logging(verbose)
+    cfg = _load(config, set_)
+    from services.orchestrator import ServiceError, run_service
+
+    try:
+        summary = run_service(cfg)
+    except ServiceError as e:
+        console.print(f"[red]run failed: {e}[/red]")
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted: everything was stopped; `d3s run` again resumes[/yellow]")
+        raise typer.Exit(130) from None
+    console.print_json(json.dumps(summary, default=str))
+
+
+RedisOpt = Annotated[str | None, typer.Option("--redis-url", help="Redis of the run (default: service.redis_url, "
+                                                                   "then $D3S_REDIS_URL)")]
+RayOpt = Annotated[str | None, typer.Option("--ray-address", help="Ray cluster holding the weight store (default: "
+                                                                  "service.ray_address, then 'auto')")]
+
+
+def _component(kind: str, config: Path | None, set_: list[str] | None, redis_url: str | None,
+               ray_address: str | None, index: int, verbose: bool) -> None:
+    """Run one component of a run in this process, against an existing Redis (and Ray)."""
+    import os
+
+    _setup_logging(verbose)
+    cfg = _load(config, set_)
+    from services.orchestrator import run_component
+
+    url = redis_url or cfg.service.redis_url or os.environ.get("D3S_REDIS_URL")
+    if not url:
+        console.print("[red]--redis-url (or service.redis_url, or $D3S_REDIS_URL) is required: a "
+                      "component joins the Redis of a run[/red]")
+        raise typer.Exit(2)
+    policy_path = None
+    if kind != "selector":
+        import ray
+
+        from services.policy.prepare import prepare_policy
+        from services.weights_store import RAY_NAMESPACE
+
+        policy_path = str(prepare_policy(cfg))
+        ray.init(address=ray_address or cfg.service.ray_address or "auto", namespace=RAY_NAMESPACE,
+                 include_dashboard=False, logging_level=logging.WARNING)
+    summary = run_component(kind, cfg, url, index=index, policy_path=policy_path,
+                            detached_store=kind == "learner")
+    console.print_json(json.dumps(summary, default=str))
+
+
+@app.command()
+def rollout(config: ConfigArg = None, set_: SetOpt = None, redis_url: RedisOpt = None, ray_address: RayOpt = None,
+            index: Annotated[int, typer.Option("--index", help="actor index, 0..rollout.num_actors-1")] = 0,
+            verbose: VerboseOpt = False) -> None:
+    """One rollout actor: generates scored groups into the run's groups stream."""
+    _component("rollout", config, set_, redis_url, ray_address, index, verbose)
+
+
+@app.command()
+def selector(config: ConfigArg = None, set_: SetOpt = None, redis_url: RedisOpt = None,
+             index: Annotated[int, typer.Option("--index", help="consumer index (a standby takes over "
+                                                                "a dead one's pending groups)")] = 0,
+             verbose: VerboseOpt = False) -> None:
+    """The selector: scored groups in, one curated batch per learner step out (needs only Redis)."""
+    _component("selector", config, set_, redis_url, None, index, verbose)
+
+
+@app.command()
+def learner(config: ConfigArg = None, set_: SetOpt = None, redis_url: RedisOpt = None, ray_address: RayOpt = None,
+            verbose: VerboseOpt = False) -> None:
+    """The learner (world size 1): trains each curated batch and publishes weights to the rollouts."""
+    _component("learner", config, set_, redis_url, ray_address, 0, verbose)
+
+
+@app.command()
+def api(config: ConfigArg = None, set_: SetOpt = None, redis_url: RedisOpt = None,
+        host: Annotated[str | None, typer.Option(help="bind address (default api.host)")] = None,
+        port: Annotated[int | None, typer.Option(help="port (default api.port)")] = None,
+        verbose: VerboseOpt = False) -> None:
+    """The HTTP API under uvicorn, without Ray (docker-compose): reads the run's Redis."""
+    import os
+
+    _setup_logging(verbose)
+    cfg = _load(config, set_)
+    url = redis_url or cfg.service.redis_url or os.environ.get("D3S_REDIS_URL")
+    if not url:
+        console.print("[red]--redis-url (or service.redis_url, or $D3S_REDIS_URL) is required[/red]")
+        raise typer.Exit(2)
+    from services.api.serve import run_standalone
+
+    run_standalone(url, cfg.service.namespace, host or cfg.api.host, port if port is not None else cfg.api.port,
+                   cfg.control_token())
+
+
+@app.command()
 def warmstart(config: ConfigArg = None, set_: SetOpt = None, verbose: VerboseOpt = False) -> None:
     """Supervised warm start of the tiny policy (cached: a second call returns at once)."""
     _setup_logging(verbose)

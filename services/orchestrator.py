@@ -24,8 +24,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +86,37 @@ def component_logging(run_dir: Path, name: str) -> Path:
 # ---- one component, in the calling process ---------------------------------------------------
 
 
-def run_component(
+class Component:
+    """A built component, ready to run: its name, its transport, and the loop to call.
+
+    Building (model loads, DeepSpeed start-up, Ray handles) is split from running so that the
+    orchestrator can start every component's loop at the same moment, once all are built.
+    """
+
+    def __init__(self, name: str, transport: Transport, loop: Callable[[], dict[str, Any]]) -> None:
+        self.name, self.transport, self._loop = name, transport, loop
+
+    def run(self) -> dict[str, Any]:
+        """Run until the run ends; on failure ask the whole run to stop, then raise."""
+        with _stop_run_on_failure(self.transport, self.name):
+            try:
+                return self._loop()
+            finally:
+                self.transport.client.close()
+
+
+@contextlib.contextmanager
+def _stop_run_on_failure(transport: Transport, name: str) -> Iterator[None]:
+    # The others would otherwise wait out their timeouts for a component that is gone.
+    try:
+        yield
+    except Exception as exc:
+        transport.request_stop(f"{name} failed: {type(exc).__name__}: {exc}")
+        log.exception("%s failed", name)
+        raise
+
+
+def build_component(
     kind: str,
     cfg: RunConfig,
     redis_url: str,
@@ -92,13 +125,9 @@ def run_component(
     policy_path: str | None = None,
     run_dir: str | Path | None = None,
     detached_store: bool = False,
-) -> dict[str, Any]:
-    """Run one component until the run ends; returns its summary.
-
-    ``rollout`` and ``learner`` need Ray (the weight store) to be initialised by the caller;
-    ``selector`` needs only Redis. A component that fails asks the whole run to stop (the
-    run's stop flag in Redis) before it raises, so the others do not wait out their timeouts.
-    """
+) -> Component:
+    """Build one component: ``rollout`` and ``learner`` need Ray initialised by the caller (the
+    weight store); ``selector`` needs only Redis."""
     import torch
 
     if kind not in COMPONENTS:
@@ -107,11 +136,12 @@ def run_component(
     torch.set_num_threads(1)
     transport = Transport(connect(redis_url), cfg.service.namespace)
     name = f"{kind}-{index}" if kind == "rollout" else kind
-    try:
+    with _stop_run_on_failure(transport, name):
         if kind == "selector":
             from selector.service import SelectorService
 
-            return SelectorService(transport, cfg, consumer=f"selector-{index}").run()
+            selector = SelectorService(transport, cfg, consumer=f"selector-{index}")
+            return Component(name, transport, selector.run)
         if policy_path is None:
             raise ValueError(f"{kind}: needs the policy path")
         if kind == "rollout":
@@ -119,24 +149,26 @@ def run_component(
             from services.weights_store import RayWeightSource
 
             source = RayWeightSource(cfg.service.namespace, cfg.service.wait_timeout_s)
-            return RolloutActor(cfg, transport, source, index, policy_path).run()
-        return _run_learner(cfg, transport, policy_path, run_dir, index, detached_store)
-    except Exception as exc:
-        transport.request_stop(f"{name} failed: {type(exc).__name__}: {exc}")
-        log.exception("%s failed", name)
-        raise
-    finally:
-        transport.client.close()
+            rollout = RolloutActor(cfg, transport, source, index, policy_path)
+            return Component(name, transport, rollout.run)
+        learner = _build_learner(cfg, transport, policy_path, run_dir, index, detached_store)
+        return Component(name, transport, learner.run)
 
 
-def _run_learner(
+def run_component(kind: str, cfg: RunConfig, redis_url: str, **kwargs: Any) -> dict[str, Any]:
+    """Build and run one component in this process until the run ends; returns its summary
+    (``d3s rollout|selector|learner``). Keyword arguments as for :func:`build_component`."""
+    return build_component(kind, cfg, redis_url, **kwargs).run()
+
+
+def _build_learner(
     cfg: RunConfig,
     transport: Transport,
     policy_path: str,
     run_dir: str | Path | None,
     index: int,
     detached_store: bool,
-) -> dict[str, Any]:
+) -> Any:
     from learner.engine import LearnerEngine
     from learner.service import LearnerService
     from services.policy.model import load_policy
@@ -145,28 +177,36 @@ def _run_learner(
     model, tokenizer = load_policy(policy_path)
     engine = LearnerEngine(model, cfg.learner, cfg.train.total_steps)
     publisher = RayWeightPublisher(get_or_create_store(cfg.service.namespace, detached_store))
-    service = LearnerService(transport, engine, cfg, consumer=f"learner-{index}",
-                             run_dir=run_dir or cfg.train.run_dir, tokenizer=tokenizer,
-                             publish_weights=publisher)  # fmt: skip
-    return service.run()
+    return LearnerService(transport, engine, cfg, consumer=f"learner-{index}",
+                          run_dir=run_dir or cfg.train.run_dir, tokenizer=tokenizer,
+                          publish_weights=publisher)  # fmt: skip
 
 
 class ComponentHost:
-    """A Ray actor process hosting one component (``ray.remote`` is applied by the orchestrator)."""
+    """A Ray actor process hosting one component (``ray.remote`` is applied by the orchestrator):
+    :meth:`prepare` builds it, :meth:`run` runs it."""
 
     def __init__(self, kind: str, cfg: RunConfig, redis_url: str, run_dir: str, index: int,
                  policy_path: str) -> None:  # fmt: skip
         self.kind, self.cfg, self.redis_url = kind, cfg, redis_url
         self.run_dir, self.index, self.policy_path = run_dir, index, policy_path
-        name = f"{kind}-{index}" if kind == "rollout" else kind
-        self.log_path = component_logging(Path(run_dir), name)
+        self.name = f"{kind}-{index}" if kind == "rollout" else kind
+        self.log_path = component_logging(Path(run_dir), self.name)
+        self._component: Component | None = None
+
+    def prepare(self) -> int:
+        """Build the component (imports, model, DeepSpeed); returns this process's pid."""
+        t0 = time.perf_counter()
+        self._component = build_component(self.kind, self.cfg, self.redis_url, index=self.index,
+                                          policy_path=self.policy_path, run_dir=self.run_dir)  # fmt: skip
+        log.info("%s ready in %.1fs (pid %d)", self.name, time.perf_counter() - t0, os.getpid())
+        return os.getpid()
 
     def run(self) -> dict[str, Any]:
-        return run_component(self.kind, self.cfg, self.redis_url, index=self.index,
-                             policy_path=self.policy_path, run_dir=self.run_dir)  # fmt: skip
-
-    def pid(self) -> int:
-        return os.getpid()
+        if self._component is None:
+            self.prepare()
+        assert self._component is not None
+        return self._component.run()
 
 
 # ---- the whole run -----------------------------------------------------------------------------
@@ -183,9 +223,10 @@ def _progress_row(t: Transport) -> tuple[int, dict[str, float], float | None, st
             continue
     stats = t.stats()
     acc = row.get("heldout_accuracy")
-    extra = (f"v{int(row.get('learner_version', 0))} | queued {t.backlog(t.groups_stream)} groups "
-             f"{t.backlog(t.batches_stream)} batches | stale {stats.get('groups_stale', 0)} "
-             f"skipped {stats.get('batches_skipped', 0)}")  # fmt: skip
+    # Short: the bar shares one terminal line with reward, accuracy and kept fractions.
+    extra = (f"v{int(row.get('learner_version', 0))} | queue {t.backlog(t.groups_stream)}g "
+             f"{t.backlog(t.batches_stream)}b | stale {stats.get('groups_stale', 0)} "
+             f"skip {stats.get('batches_skipped', 0)}")  # fmt: skip
     return int(row.get("learner_version", 0)), row, acc, extra
 
 
@@ -195,6 +236,30 @@ def run_service(cfg: RunConfig, run_dir: Path | None = None) -> dict[str, Any]:
     Raises :class:`ServiceError` when a component fails (after stopping everything), and
     re-raises KeyboardInterrupt after the same clean-up.
     """
+    _check_config(cfg)
+    previous_sigterm = _sigterm_as_interrupt()
+    try:
+        return _run_service(cfg, run_dir)
+    finally:
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _sigterm_as_interrupt() -> Any:
+    """Make SIGTERM (docker stop, kill) take the Ctrl-C path, so it too stops every process.
+
+    Returns the previous handler (None off the main thread, where signals cannot be handled).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _run_service(cfg: RunConfig, run_dir: Path | None) -> dict[str, Any]:
     import ray
 
     from services.api.serve import start_api, stop_api
@@ -203,7 +268,6 @@ def run_service(cfg: RunConfig, run_dir: Path | None = None) -> dict[str, Any]:
     from services.redis_server import connect_or_start
     from services.weights_store import RAY_NAMESPACE, get_or_create_store, store_name
 
-    _check_config(cfg)
     run_dir = Path(run_dir or cfg.train.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     svc = cfg.service
@@ -222,6 +286,7 @@ def run_service(cfg: RunConfig, run_dir: Path | None = None) -> dict[str, Any]:
             ray.init(address=svc.ray_address, namespace=RAY_NAMESPACE, include_dashboard=False,
                      log_to_driver=True, logging_level=logging.WARNING)  # fmt: skip
             started_ray = True
+            _sigterm_as_interrupt()  # ray.init installs its own SIGTERM handler; ours comes first
         log.info("run %s (%s, preset %s): %d prompts x %d samples per step, %d steps, %d "
                  "rollout actors, max_staleness %d; Redis %s, run dir %s", cfg.name, svc.mode,
                  cfg.algorithm.preset, cfg.rollout.prompts_per_step, cfg.rollout.samples_per_prompt,
@@ -245,11 +310,14 @@ def run_service(cfg: RunConfig, run_dir: Path | None = None) -> dict[str, Any]:
                 opts["num_gpus"] = learner_gpus
             actors[name] = host_cls.options(**opts).remote(kind, cfg, redis_url, str(run_dir),
                                                           index, policy_path)  # fmt: skip
-        log.info("started %s; logs in %s", ", ".join(actors), run_dir / "logs")
+        log.info("starting %s; logs in %s", ", ".join(actors), run_dir / "logs")
+        _prepare_all(actors, svc.wait_timeout_s)
         results = _supervise(cfg, transport, actors, StepProgress)
     except BaseException as exc:
         reason = "interrupted (Ctrl-C)" if isinstance(exc, KeyboardInterrupt) else f"{exc}"
-        transport.request_stop(f"orchestrator: {reason}")
+        # Best effort: when Redis itself is what failed, the original error is the one to see.
+        with contextlib.suppress(Exception):
+            transport.request_stop(f"orchestrator: {reason}")
         raise
     finally:
         _shutdown(transport, actors, store, api_url is not None, started_ray, embedded, stop_api)
@@ -262,6 +330,27 @@ def run_service(cfg: RunConfig, run_dir: Path | None = None) -> dict[str, Any]:
         "counters": stats, "components": results,
     }  # fmt: skip
     return summary
+
+
+def _prepare_all(actors: dict[str, Any], timeout_s: float) -> None:
+    """Build every component before any loop starts, so none runs ahead while another is still
+    importing torch (seconds each on a busy 2-core machine)."""
+    import ray
+
+    t0 = time.perf_counter()
+    refs = {actors[name].prepare.remote(): name for name in actors}
+    waiting = dict(refs)
+    while waiting:
+        ready, _ = ray.wait(list(waiting), num_returns=1, timeout=max(0.0, timeout_s - (time.perf_counter() - t0)))
+        if not ready:
+            raise ServiceError(f"{', '.join(waiting.values())} not ready after {timeout_s:.0f}s")
+        name = waiting.pop(ready[0])
+        try:
+            ray.get(ready[0])
+        except ray.exceptions.RayError as exc:
+            cause = getattr(exc, "cause", None) or exc
+            raise ServiceError(f"{name} failed to start: {type(cause).__name__}: {cause}") from exc
+    log.info("all %d components ready in %.1fs", len(actors), time.perf_counter() - t0)
 
 
 def _cuda_available() -> bool:

@@ -27,7 +27,7 @@ import redis
 
 from services.transport.schema import CuratedBatch, ScoredGroup, decode
 
-__all__ = ["CommitResult", "Delivery", "Record", "Transport"]
+__all__ = ["CommitResult", "Delivery", "Record", "Transport", "connect"]
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +140,15 @@ class CommitResult:
     duplicates: dict[str, str] = field(default_factory=dict)  # key -> entry id written earlier
     acked: int = 0
     not_pending: list[str] = field(default_factory=list)
+
+
+def connect(url: str, socket_timeout_s: float = 10.0) -> redis.Redis:
+    """A Redis client fit for :class:`Transport`: raw bytes, and a socket timeout above the
+    ``block_ms`` the services read with (1-2 s), so a dead server fails a read instead of
+    hanging it."""
+    return redis.Redis.from_url(
+        url, decode_responses=False, socket_timeout=socket_timeout_s, socket_connect_timeout=5.0
+    )
 
 
 def _s(value: bytes | str) -> str:
@@ -504,6 +513,47 @@ class Transport:
 
     def set_paused(self, paused: bool) -> None:
         self.client.hset(self.control_key, "paused", "1" if paused else "0")
+
+    # Run-wide flags in the control hash. ``stop`` (with ``stop_reason``): every component
+    # winds down, set by the orchestrator on exit or by a component that hit a fatal error, so
+    # the others do not wait out their timeouts. ``done``: the learner finished total_steps.
+
+    def request_stop(self, reason: str) -> None:
+        """Ask every component of the run to stop; the first reason given is kept."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(self.control_key, "stop", "1")
+        pipe.hsetnx(self.control_key, "stop_reason", reason)
+        pipe.execute()
+
+    def stop_reason(self) -> str | None:
+        """Why the run was asked to stop, or None while it was not."""
+        stop, reason = self.client.hmget(self.control_key, ["stop", "stop_reason"])
+        if stop != b"1":
+            return None
+        return _s(reason) if reason is not None else "stop requested"
+
+    def mark_done(self) -> None:
+        """The learner trained every step of the run."""
+        self.client.hset(self.control_key, "done", "1")
+
+    def is_done(self) -> bool:
+        return self.client.hget(self.control_key, "done") == b"1"
+
+    def clear_run_flags(self) -> None:
+        """Forget ``stop``/``done`` of an earlier session (a resumed run decides them anew)."""
+        self.client.hdel(self.control_key, "stop", "stop_reason", "done")
+
+    def dead_letter(self, stream: str, group: str, consumer: str, entry_id: str, reason: str) -> bool:
+        """Move a pending entry that decoded but cannot be used (e.g. a group size the run does
+        not use) to the dead stream with ``reason``, atomically, like a malformed record.
+
+        Returns False when the entry is no longer there (another consumer took it).
+        """
+        rows = self.client.xrange(stream, entry_id, entry_id)
+        if not rows:
+            return False
+        self._dead_letter(stream, group, consumer, entry_id, rows[0][1], reason)
+        return True
 
     def stats(self) -> dict[str, int]:
         """Integer counters from :attr:`stats_key` (e.g. ``dead``)."""

@@ -1,0 +1,217 @@
+"""End to end: `d3s run`'s orchestrator with real Redis, Ray and DeepSpeed, then an audit.
+
+Each run is tiny (a 1-layer policy on 1-digit sums, 4 prompts x 4 samples, 6 steps) and ends
+with the books balanced exactly: every group a rollout actor wrote is used in exactly one batch,
+dropped as stale, skipped, dead-lettered or still queued; every batch is trained by exactly one
+learner step; weight versions rise by one per step and reach the rollout actors.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.parse
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+import redis
+
+from learner.service import trained_key, weight_versions_key
+from selector.curate import batch_id_for
+from selector.service import batch_groups_key, ledger_key
+from services.config import RunConfig, parse_config
+from services.metrics import read_metrics
+from services.orchestrator import run_service
+from services.redis_server import EmbeddedRedis
+from services.rollout.actor import loaded_versions_key
+from services.transport.schema import ScoredGroup, decode
+from services.transport.streams import Transport
+
+pytestmark = pytest.mark.integration
+
+STEPS = 6
+PROMPTS = 4
+ACTORS = 2
+
+
+@pytest.fixture(scope="module")
+def warmstart_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One warm start for the module (it is cached by its spec)."""
+    return tmp_path_factory.mktemp("warmstart")
+
+
+@pytest.fixture(scope="module")
+def external_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
+    """A Redis the run is pointed at (service.redis_url), so it outlives the run for the audit."""
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def tiny_config(run_dir: Path, cache: Path, service: dict, api: dict | None = None) -> RunConfig:
+    return parse_config({
+        "name": "e2e",
+        # 1-digit sums: a 1-layer model warm-started for 200 steps (~2 s) solves about a quarter
+        # of them, so most groups carry signal and the run finishes in seconds.
+        "task": {"digits": 1, "heldout_size": 50},
+        "policy": {"n_layer": 1, "n_embd": 32, "n_head": 2},
+        "warmstart": {"steps": 200, "cache_dir": str(cache)},
+        "rollout": {"prompts_per_step": PROMPTS, "samples_per_prompt": 4, "num_actors": ACTORS},
+        "train": {"total_steps": STEPS, "eval_every": 100, "checkpoint_every": 4,
+                  "run_dir": str(run_dir), "progress_bar": False},
+        "service": {"namespace": f"e2e{uuid.uuid4().hex[:8]}", "max_group_backlog": 8,
+                    "wait_timeout_s": 60, **service},
+        "api": api or {"enabled": False},
+    })  # fmt: skip
+
+
+def audit(client: redis.Redis, cfg: RunConfig) -> dict:
+    """Check that the books of a finished run balance; returns the counts by category."""
+    t = Transport(client, cfg.service.namespace)
+    stats = t.stats()
+    prefix = f"{t.groups_stream}|"
+    written = {k.decode()[len(prefix):] for k in client.hkeys(t.produced_key)
+               if k.decode().startswith(prefix)}  # fmt: skip
+    assert len(written) == stats["groups_written"] > 0
+
+    ledger = t.read_hash(ledger_key(t))
+    used = {g: v.removeprefix("used:") for g, v in ledger.items() if v.startswith("used:")}
+    stale = {g for g, v in ledger.items() if v == "stale"}
+    skipped = {g for g, v in ledger.items() if v.startswith("skipped:")}
+    assert len(used) + len(stale) + len(skipped) == len(ledger), f"unknown ledger states {ledger}"
+    queued = set()
+    for _, fields in client.xrange(t.groups_stream, "-", "+"):
+        rec = decode(fields)
+        assert isinstance(rec, ScoredGroup)
+        queued.add(rec.group_id)
+    dead = client.xlen(t.dead_stream)
+    assert dead == stats.get("dead", 0) == 0  # rollout actors write only valid records
+
+    # Every written group is in exactly one category, and nothing else is anywhere.
+    categories = [set(used), stale, skipped, queued]
+    assert sum(len(c) for c in categories) == len(written)
+    assert set().union(*categories) == written
+    assert stats.get("groups_used", 0) == len(used)
+    assert stats.get("groups_stale", 0) == len(stale)
+    assert stats.get("groups_skipped", 0) == len(skipped)
+
+    # Each used group is in exactly one batch, the one its ledger entry names.
+    batch_groups = {b: json.loads(v) for b, v in t.read_hash(batch_groups_key(t)).items()}
+    assert sorted(batch_groups) == [batch_id_for(s) for s in range(cfg.train.total_steps)]
+    membership = Counter(g for ids in batch_groups.values() for g in ids)
+    assert set(membership) == set(used) and set(membership.values()) == {1}
+    for batch_id, ids in batch_groups.items():
+        assert len(ids) == cfg.rollout.prompts_per_step
+        assert all(used[g] == batch_id for g in ids)
+
+    # Each batch was trained by exactly one learner step, in order, and none is left queued.
+    trained = t.read_hash(trained_key(t))
+    assert trained == {batch_id_for(s): str(s) for s in range(cfg.train.total_steps)}
+    assert stats["batches_written"] == stats["batches_consumed"] == cfg.train.total_steps
+    assert stats.get("batches_duplicate", 0) == 0
+    assert stats["groups_trained"] == len(used)
+    assert client.xlen(t.batches_stream) == 0
+
+    # Weight versions rose by one per step, and reached every rollout actor in order.
+    versions = [int(v) for v in client.lrange(weight_versions_key(t), 0, -1)]
+    assert versions == list(range(cfg.train.total_steps + 1))
+    loaded = {}
+    for i in range(cfg.rollout.num_actors):
+        name = f"rollout-{i}"
+        seen = [int(v) for v in client.lrange(loaded_versions_key(t, name), 0, -1)]
+        # An actor may start after version 0 is gone; what it loads only ever moves forward.
+        assert seen and seen == sorted(set(seen)), (name, seen)
+        assert set(seen) <= set(versions)
+        loaded[name] = seen
+    assert 0 in set().union(*loaded.values())
+    assert t.is_done()
+    return {"used": len(used), "stale": len(stale), "skipped": len(skipped), "queued": len(queued),
+            "loaded": loaded}  # fmt: skip
+
+
+def check_run_dir(run_dir: Path, max_staleness: int) -> list[dict]:
+    assert (run_dir / "final_policy" / "config.json").is_file()
+    assert (run_dir / "learning_curve.png").stat().st_size > 0
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step{STEPS:07d}"
+    assert any((run_dir / "tensorboard").iterdir())
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(STEPS + 1))
+    assert "heldout_accuracy" in rows[0] and "heldout_accuracy" in rows[-1]
+    trained = rows[1:]
+    assert all(r["staleness_max"] <= max_staleness for r in trained)
+    assert all(r["learner_version"] == r["step"] for r in trained)
+    assert all(r["weight_sync_seconds"] >= 0 for r in trained)
+    return trained
+
+
+def _port_open(url: str) -> bool:
+    u = urllib.parse.urlparse(url)
+    with socket.socket() as s:
+        s.settimeout(1.0)
+        return s.connect_ex((u.hostname, u.port)) == 0
+
+
+def _processes_mentioning(text: str) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(text in part for part in p.info["cmdline"] or []):
+                found.append(p)
+        except psutil.Error:
+            continue
+    return found
+
+
+def test_async_run_completes_and_the_books_balance(
+    tmp_path: Path, warmstart_cache: Path, external_redis: EmbeddedRedis
+) -> None:
+    import ray
+
+    cfg = tiny_config(tmp_path / "run", warmstart_cache,
+                      {"mode": "async", "max_staleness": 1, "redis_url": external_redis.url},
+                      api={"enabled": True, "port": 0})  # fmt: skip
+
+    summary = run_service(cfg)
+
+    assert summary["steps"] == STEPS
+    client = redis.Redis.from_url(external_redis.url)
+    books = audit(client, cfg)
+    trained = check_run_dir(tmp_path / "run", max_staleness=1)
+    # Asynchronous: rollouts run ahead of the learner, so some groups are a step old.
+    assert any(r["staleness_max"] == 1 for r in trained) or books["stale"] > 0
+    assert max(len(seen) for seen in books["loaded"].values()) >= 2  # weights flowed mid-run
+    for name, seen in books["loaded"].items():
+        assert summary["components"][name]["versions_loaded"] == seen
+    # Everything started for the run is gone: API, Ray, the actors' processes.
+    assert summary["api_url"] and not _port_open(summary["api_url"])
+    assert not ray.is_initialized()
+    assert not _processes_mentioning("ComponentHost")
+
+
+def test_sync_run_is_lock_step_and_strictly_on_policy(tmp_path: Path, warmstart_cache: Path) -> None:
+    run_dir = tmp_path / "run"
+    # No redis_url: the orchestrator starts (and stops) its own Redis, with its AOF in run_dir.
+    cfg = tiny_config(run_dir, warmstart_cache, {"mode": "sync", "max_staleness": 0})
+
+    summary = run_service(cfg)
+
+    assert summary["steps"] == STEPS
+    assert not _processes_mentioning(str(run_dir / "redis")), "embedded Redis left running"
+    trained = check_run_dir(run_dir, max_staleness=0)
+    assert all(r["policy_version_mean"] == r["step"] - 1 for r in trained)
+    # The books survive in the AOF: reopen it to audit.
+    with EmbeddedRedis(run_dir / "redis") as server:
+        client = redis.Redis.from_url(server.url)
+        books = audit(client, cfg)
+        client.close()
+    assert books["stale"] == 0
+    assert books["queued"] == 0  # lock-step: nothing generated that a step did not use
+    # One round per version: each actor loaded exactly the versions of steps 0..STEPS-1.
+    for seen in books["loaded"].values():
+        assert seen == list(range(STEPS))

@@ -1,0 +1,284 @@
+"""The selector service against a real Redis: dead letters, restart, reclaim, staleness, skips."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from selector.curate import curate
+from selector.service import GROUP, SelectorService, SelectorStalled, batch_groups_key, ledger_key
+from services.config import RunConfig, parse_config
+from services.trainer import step_seed
+from services.transport.schema import CuratedBatch, ScoredGroup, decode
+from services.transport.streams import Transport
+
+pytestmark = pytest.mark.integration
+
+G = 4
+PROMPTS = 4
+
+
+def make_cfg(**service) -> RunConfig:
+    return parse_config({
+        "rollout": {"prompts_per_step": PROMPTS, "samples_per_prompt": G},
+        "train": {"total_steps": 5, "seed": 3},
+        "algorithm": {"preset": "d3s"},
+        "service": {"max_staleness": 1, "wait_timeout_s": 5, "max_batch_backlog": 10, **service},
+    })  # fmt: skip
+
+
+def make_group(i: int, version: int = 0, rewards: list[float] | None = None) -> ScoredGroup:
+    rng = np.random.default_rng(i)
+    t = 5
+    lengths = rng.integers(1, t + 1, size=G)
+    logp = -rng.random((G, t)).astype(np.float32)
+    logp[np.arange(t)[None, :] >= lengths[:, None]] = 0.0
+    if rewards is None:  # distinct rewards: every group carries signal
+        rewards = [1.0, 0.0, float(i % 2), 0.5]
+    return ScoredGroup(
+        group_id=f"g{i}", prompt_id=f"p{i}", policy_version=version,
+        prompt=rng.integers(2, 15, size=6), responses=rng.integers(2, 15, size=(G, t)),
+        response_lengths=lengths, behav_logp=logp, rewards=np.array(rewards, dtype=np.float32),
+        created_at=time.time(), actor="test", task="arithmetic",
+    )  # fmt: skip
+
+
+def publish(t: Transport, group: ScoredGroup) -> str:
+    return t.publish(t.groups_stream, group, incr={"groups_written": 1}, key=group.group_id)
+
+
+def batches(t: Transport) -> list[CuratedBatch]:
+    out = []
+    for _, fields in t.client.xrange(t.batches_stream, "-", "+"):
+        rec = decode(fields)
+        assert isinstance(rec, CuratedBatch)
+        out.append(rec)
+    return out
+
+
+def selector(t: Transport, cfg: RunConfig, consumer: str = "selector-0", **kw) -> SelectorService:
+    kw.setdefault("block_ms", 100)
+    return SelectorService(t, cfg, consumer=consumer, **kw)
+
+
+# ---- malformed records ---------------------------------------------------------------------------
+
+
+def _malformed(good: ScoredGroup) -> dict[str, dict[bytes, bytes]]:
+    """Broken variants of a valid group's stream entry, by what is wrong with them."""
+    fields = good.to_fields()
+    meta = json.loads(fields[b"meta"])
+
+    def with_meta(change: dict, **raw: bytes) -> dict[bytes, bytes]:
+        m = json.loads(json.dumps(meta))
+        for k, v in change.items():
+            m[k] = v
+        out = dict(fields)
+        out[b"meta"] = json.dumps(m).encode()
+        out.update({k.encode(): v for k, v in raw.items()})
+        return out
+
+    nan_rewards = np.array([1.0, float("nan"), 0.0, 1.0], dtype="<f4").tobytes()
+    short_lengths_meta = json.loads(json.dumps(meta["arrays"]))
+    short_lengths_meta["response_lengths"]["shape"] = [G - 1]
+    return {
+        "schema version": with_meta({"schema": 99}),
+        "truncated": with_meta({}, responses=fields[b"responses"][:-3]),
+        "nan": with_meta({}, rewards=nan_rewards),
+        "mismatched": with_meta({"arrays": short_lengths_meta},
+                                response_lengths=fields[b"response_lengths"][: 4 * (G - 1)]),
+        "garbage": {b"meta": b"\xff\xfe\x00not json", b"responses": b"\x01\x02\x03"},
+    }  # fmt: skip
+
+
+def test_malformed_records_are_dead_lettered_and_a_correct_batch_follows(transport: Transport) -> None:
+    cfg = make_cfg()
+    good = [make_group(i) for i in range(PROMPTS)]
+    bad = _malformed(make_group(99))
+    # Interleaved: the bad ones arrive between the good ones, and one decodes but has G = 3.
+    publish(transport, good[0])
+    for fields in list(bad.values())[:3]:
+        transport.client.xadd(transport.groups_stream, fields)
+    publish(transport, good[1])
+    for fields in list(bad.values())[3:]:
+        transport.client.xadd(transport.groups_stream, fields)
+    wrong_g = ScoredGroup(**{**make_group(50).__dict__, "responses": make_group(50).responses[:3],
+                             "response_lengths": make_group(50).response_lengths[:3],
+                             "behav_logp": make_group(50).behav_logp[:3],
+                             "rewards": make_group(50).rewards[:3], "group_id": "g-three"})
+    publish(transport, wrong_g)
+    publish(transport, good[2])
+    publish(transport, good[3])
+
+    summary = selector(transport, cfg).run(max_batches=1)
+
+    assert summary["batches_written"] == 1
+    dead = transport.client.xrange(transport.dead_stream, "-", "+")
+    reasons = [f[b"reason"].decode() for _, f in dead]
+    assert transport.stats()["dead"] == len(bad) + 1
+    expected_reasons = [
+        "unsupported schema version 99",
+        "array 'responses' has 77 bytes, but shape [4, 5] of int32 needs 80",  # truncated
+        "array 'rewards' has a non-finite value",  # NaN reward
+        "inconsistent shapes: 'response_lengths' is (3,), 'responses' is (4, 5)",
+        "meta is not valid UTF-8",  # garbage bytes
+        "group has 3 samples; this run uses samples_per_prompt=4",  # decodes, wrong G
+    ]
+    assert len(reasons) == len(expected_reasons)
+    for reason, expected_reason in zip(reasons, expected_reasons, strict=True):
+        assert expected_reason in reason
+    # The batch holds exactly the four good groups and equals what curate() makes of them.
+    (batch,) = batches(transport)
+    assert batch.group_ids == [g.group_id for g in good]
+    expected = curate(good, cfg.algorithm.build_preset(), 0, cfg.train.total_steps,
+                      cfg.algorithm.adv_eps, torch.Generator().manual_seed(step_seed(3, 0))).batch
+    assert expected is not None
+    np.testing.assert_array_equal(batch.input_ids, expected.input_ids)
+    np.testing.assert_array_equal(batch.advantages, expected.advantages)
+    # Nothing is left pending or queued in the groups stream: all good ones used, bad ones dead.
+    assert transport.backlog(transport.groups_stream) == 0
+    ledger = transport.read_hash(ledger_key(transport))
+    assert ledger == {g.group_id: "used:step-0000000" for g in good}
+
+
+# ---- restart -------------------------------------------------------------------------------------
+
+
+def test_schedule_state_survives_a_selector_restart(transport: Transport) -> None:
+    cfg = make_cfg()
+    preset = cfg.algorithm.build_preset()
+    for i in range(PROMPTS + 2):
+        publish(transport, make_group(i))
+    first = selector(transport, cfg)
+    assert first.run(max_batches=1)["batches_written"] == 1
+    # It reads the next two groups and dies before committing them.
+    first._read_more(2)
+    assert len(first._held) == 2
+    del first
+
+    sched = transport.read_hash(transport.schedule_key)
+    assert int(sched["step"]) == 1
+    for i in range(PROMPTS + 2, PROMPTS + 4):
+        publish(transport, make_group(i))
+    second = selector(transport, cfg)  # same consumer name: takes back its own pending groups
+    second.start()
+    assert second.step == 1
+    assert len(second._held) == 2
+    assert second.run(max_batches=1)["batches_written"] == 1
+
+    b0, b1 = batches(transport)
+    assert (b0.step, b1.step) == (0, 1)
+    assert b1.group_ids == [f"g{i}" for i in range(PROMPTS, PROMPTS + 4)]
+    sched = transport.read_hash(transport.schedule_key)
+    sample_ratio, token_ratio = preset.ratios(2, cfg.train.total_steps)
+    assert int(sched["step"]) == 2
+    assert float(sched["sample_ratio"]) == pytest.approx(sample_ratio)
+    assert float(sched["token_ratio"]) == pytest.approx(token_ratio)
+    assert float(sched["progress"]) == pytest.approx(2 / cfg.train.total_steps)
+    assert transport.stats()["batches_written"] == 2
+    assert set(json.loads(transport.read_hash(batch_groups_key(transport))["step-0000001"])) == set(
+        b1.group_ids
+    )
+
+
+# ---- reclaim -------------------------------------------------------------------------------------
+
+
+def test_pending_groups_of_a_killed_consumer_are_reclaimed(transport: Transport) -> None:
+    cfg = make_cfg()
+    for i in range(PROMPTS):
+        publish(transport, make_group(i))
+    dead = selector(transport, cfg, consumer="selector-a")
+    dead.start()
+    dead._read_more(PROMPTS)  # read, never acknowledged: then the process "dies"
+    assert len(dead._held) == PROMPTS
+    pending = transport.client.xpending(transport.groups_stream, GROUP)
+    assert pending["pending"] == PROMPTS
+
+    time.sleep(0.3)
+    standby = selector(transport, cfg, consumer="selector-b", reclaim_idle_ms=200)
+    assert standby.run(max_batches=1)["batches_written"] == 1
+
+    (batch,) = batches(transport)
+    assert batch.group_ids == [f"g{i}" for i in range(PROMPTS)]
+    assert transport.client.xpending(transport.groups_stream, GROUP)["pending"] == 0
+    # The dead consumer coming back finds them accounted for, and cannot acknowledge or use
+    # them again: every commit on entries it no longer holds is fenced.
+    usable, stale, dup = dead._partition()
+    assert (len(usable), len(dup)) == (0, PROMPTS)
+    dead._commit_drops(stale, dup)
+    assert dead.summary["commits_refused"] == 1
+    refused = transport.commit(
+        transport.groups_stream, GROUP, [d.entry_id for d in dup],
+        outputs=[(transport.batches_stream, "step-0000000-again", batch)], consumer="selector-a",
+    )  # fmt: skip
+    assert not refused.committed
+    assert len(batches(transport)) == 1
+    stats = transport.stats()
+    assert stats["groups_used"] == PROMPTS and stats.get("groups_duplicate", 0) == 0
+
+
+# ---- staleness -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("max_staleness", [0, 1])
+def test_staleness_is_measured_against_the_step_being_built(
+    transport: Transport, max_staleness: int
+) -> None:
+    cfg = make_cfg(max_staleness=max_staleness)
+    # The learner has trained step 0; the selector builds step 1, with weights version 1 out.
+    transport.client.hset(transport.schedule_key, mapping={"step": 1})
+    versions = [0, 1, 0, 1, 0, 1, 1]
+    for i, v in enumerate(versions):
+        publish(transport, make_group(i, version=v))
+
+    summary = selector(transport, cfg).run(max_batches=1)
+
+    (batch,) = batches(transport)
+    assert batch.step == 1
+    stats = transport.stats()
+    if max_staleness == 0:
+        # Strictly on-policy: only version-1 groups; every version-0 group dropped and counted.
+        assert set(batch.policy_versions.tolist()) == {1}
+        assert batch.group_ids == ["g1", "g3", "g5", "g6"]
+        assert summary["groups_stale"] == stats["groups_stale"] == 3
+        ledger = transport.read_hash(ledger_key(transport))
+        assert {g for g, v in ledger.items() if v == "stale"} == {"g0", "g2", "g4"}
+        assert transport.backlog(transport.groups_stream) == 0
+    else:
+        # One step behind is allowed: the first four in arrival order, none dropped.
+        assert batch.group_ids == ["g0", "g1", "g2", "g3"]
+        assert stats.get("groups_stale", 0) == 0
+        assert transport.backlog(transport.groups_stream) == 3  # held for the next step
+
+
+# ---- zero-signal batches -------------------------------------------------------------------------
+
+
+def test_a_batch_without_signal_is_skipped_and_counted_never_a_crash(transport: Transport) -> None:
+    cfg = make_cfg()
+    for i in range(PROMPTS):  # every group's rewards equal: all advantages zero
+        publish(transport, make_group(i, rewards=[1.0] * G if i % 2 else [0.0] * G))
+    for i in range(PROMPTS, 2 * PROMPTS):
+        publish(transport, make_group(i))
+
+    summary = selector(transport, cfg).run(max_batches=1)
+
+    assert summary["batches_skipped"] == 1 and summary["batches_written"] == 1
+    (batch,) = batches(transport)
+    assert batch.step == 0  # the skip did not use up a learner step
+    assert batch.group_ids == [f"g{i}" for i in range(PROMPTS, 2 * PROMPTS)]
+    ledger = transport.read_hash(ledger_key(transport))
+    assert all(ledger[f"g{i}"] == "skipped:step-0000000" for i in range(PROMPTS))
+    stats = transport.stats()
+    assert stats["batches_skipped"] == 1 and stats["groups_skipped"] == PROMPTS
+
+
+def test_no_groups_fails_with_a_clear_message(transport: Transport) -> None:
+    cfg = make_cfg(wait_timeout_s=0.5)
+    with pytest.raises(SelectorStalled, match="are the rollout actors running"):
+        selector(transport, cfg).run(max_batches=1)
