@@ -48,14 +48,16 @@ class SyncTrainer:
         self.run_dir = Path(run_dir or cfg.train.run_dir)
         self.preset = cfg.algorithm.build_preset()
 
-    def run(self) -> dict[str, Any]:
+    def run(self, stop_at: int | None = None) -> dict[str, Any]:
+        """Train to train.total_steps, or stop after step ``stop_at`` (the schedule still spans
+        total_steps, so a stopped run resumes exactly where an uninterrupted one would be)."""
         if self.cfg.learner.world_size > 1 and not torch.distributed.is_initialized():
             from learner.launch import spawn_local
 
-            return spawn_local(self.cfg.learner.world_size, _rank_main, self.cfg, str(self.run_dir))[0]
-        return self._run()
+            return spawn_local(self.cfg.learner.world_size, _rank_main, self.cfg, str(self.run_dir), stop_at)[0]
+        return self._run(stop_at)
 
-    def _run(self) -> dict[str, Any]:
+    def _run(self, stop_at: int | None = None) -> dict[str, Any]:
         cfg = self.cfg
         torch.manual_seed(cfg.train.seed)
         policy_path = prepare_policy(cfg)
@@ -92,7 +94,8 @@ class SyncTrainer:
         bar = StepProgress(cfg.train.total_steps, start, enabled=lead and cfg.train.progress_bar)
         t_run = time.perf_counter()
         try:
-            for step in range(start, cfg.train.total_steps):
+            end = cfg.train.total_steps if stop_at is None else min(stop_at, cfg.train.total_steps)
+            for step in range(start, end):
                 row = self._step(step, learner, worker, totals)
                 if lead:
                     if (step + 1) % cfg.train.eval_every == 0 or step + 1 == cfg.train.total_steps:
@@ -101,7 +104,7 @@ class SyncTrainer:
                     row["verifier_errors"] = float(tasks.verifier_errors)
                     logger.log(step + 1, row)
                     bar.update(step + 1, row, last_acc)
-                if (step + 1) % cfg.train.checkpoint_every == 0 or step + 1 == cfg.train.total_steps:
+                if (step + 1) % cfg.train.checkpoint_every == 0 or step + 1 == end:
                     learner.save_checkpoint(ckpt_dir, step + 1, {"totals": totals, "preset": self.preset.name})
         finally:
             bar.close()
@@ -155,7 +158,7 @@ class SyncTrainer:
             verify_sync(digest, worker.engine.model, version)
 
 
-def _rank_main(cfg: RunConfig, run_dir: str) -> dict[str, Any]:
-    return SyncTrainer(cfg, Path(run_dir))._run()
+def _rank_main(cfg: RunConfig, run_dir: str, stop_at: int | None) -> dict[str, Any]:
+    return SyncTrainer(cfg, Path(run_dir))._run(stop_at)
 
 

@@ -68,10 +68,10 @@ def test_resume_gives_same_next_step_loss(tmp_path):
     SyncTrainer(straight).run()
     ref = {r["step"]: r for r in read_metrics(tmp_path / "straight" / "metrics.jsonl")}
 
-    part = parse_config(tiny_cfg(tmp_path, "resumed", **{"train.total_steps": 2}))
-    SyncTrainer(part).run()
-    full = parse_config(tiny_cfg(tmp_path, "resumed"))
-    SyncTrainer(full).run()  # resumes from the step-2 checkpoint
+    cfg = parse_config(tiny_cfg(tmp_path, "resumed"))
+    SyncTrainer(cfg).run(stop_at=2)  # interrupted after step 2
+    assert max(r["step"] for r in read_metrics(tmp_path / "resumed" / "metrics.jsonl")) == 2
+    SyncTrainer(cfg).run()  # resumes from the step-2 checkpoint
     got = {r["step"]: r for r in read_metrics(tmp_path / "resumed" / "metrics.jsonl")}
     assert got[3]["loss"] == pytest.approx(ref[3]["loss"], rel=1e-5, abs=1e-8)
     assert got[3]["reward_mean"] == ref[3]["reward_mean"]
