@@ -79,7 +79,8 @@ class LearnerService:
 
     Args:
         transport: the run's transport.
-        engine: the DeepSpeed learner engine (world size 1 here).
+        engine: the DeepSpeed learner engine, or with world size > 1 rank 0's
+            ``learner.multirank.LeaderEngine`` (the other ranks follow it).
         cfg: the run config.
         consumer: consumer name in the ``learner`` group.
         run_dir: checkpoints, metrics.jsonl, TensorBoard, final_policy and the learning curve go

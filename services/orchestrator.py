@@ -46,11 +46,6 @@ class ServiceError(RuntimeError):
 
 
 def _check_config(cfg: RunConfig) -> None:
-    if cfg.learner.world_size != 1:
-        raise ServiceError(
-            f"learner.world_size={cfg.learner.world_size}: the service runs one learner rank "
-            "(world size 1); use `d3s train` for a multi-rank learner"
-        )
     if cfg.service.mode == "sync" and cfg.rollout.num_actors > cfg.rollout.prompts_per_step:
         raise ServiceError(
             f"mode sync: rollout.num_actors={cfg.rollout.num_actors} exceeds "
@@ -151,8 +146,15 @@ def build_component(
             source = RayWeightSource(cfg.service.namespace, cfg.service.wait_timeout_s)
             rollout = RolloutActor(cfg, transport, source, index, policy_path)
             return Component(name, transport, rollout.run)
-        learner = _build_learner(cfg, transport, policy_path, run_dir, index, detached_store)
-        return Component(name, transport, learner.run)
+        learner, shutdown = _build_learner(cfg, transport, policy_path, run_dir, index, detached_store)
+
+        def learn() -> dict[str, Any]:
+            try:
+                return learner.run()
+            finally:
+                shutdown()
+
+        return Component(name, transport, learn)
 
 
 def run_component(kind: str, cfg: RunConfig, redis_url: str, **kwargs: Any) -> dict[str, Any]:
@@ -175,11 +177,21 @@ def _build_learner(
     from services.weights_store import RayWeightPublisher, get_or_create_store
 
     model, tokenizer = load_policy(policy_path)
-    engine = LearnerEngine(model, cfg.learner, cfg.train.total_steps)
+    shutdown: Callable[[], None] = lambda: None  # noqa: E731
+    if cfg.learner.world_size > 1:
+        from learner.multirank import start_ranks, stop_ranks
+
+        engine, procs = start_ranks(cfg.learner, cfg.train.total_steps, policy_path, model)
+
+        def shutdown() -> None:
+            stop_ranks(engine, procs)
+    else:
+        engine = LearnerEngine(model, cfg.learner, cfg.train.total_steps)
     publisher = RayWeightPublisher(get_or_create_store(cfg.service.namespace, detached_store))
-    return LearnerService(transport, engine, cfg, consumer=f"learner-{index}",
-                          run_dir=run_dir or cfg.train.run_dir, tokenizer=tokenizer,
-                          publish_weights=publisher)  # fmt: skip
+    service = LearnerService(transport, engine, cfg, consumer=f"learner-{index}",
+                             run_dir=run_dir or cfg.train.run_dir, tokenizer=tokenizer,
+                             publish_weights=publisher)  # fmt: skip
+    return service, shutdown
 
 
 class ComponentHost:

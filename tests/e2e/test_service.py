@@ -215,3 +215,26 @@ def test_sync_run_is_lock_step_and_strictly_on_policy(tmp_path: Path, warmstart_
     # One round per version: each actor loaded exactly the versions of steps 0..STEPS-1.
     for seen in books["loaded"].values():
         assert seen == list(range(STEPS))
+
+
+def test_sync_run_with_a_two_rank_learner(tmp_path: Path, warmstart_cache: Path) -> None:
+    """learner.world_size 2: rank 0 serves, rank 1 follows every collective; same books."""
+    run_dir = tmp_path / "run"
+    base = tiny_config(run_dir, warmstart_cache, {"mode": "sync", "max_staleness": 0})
+    data = base.model_dump(mode="json")
+    data["learner"]["world_size"] = 2
+    cfg = parse_config(data)
+
+    summary = run_service(cfg)
+
+    assert summary["steps"] == STEPS
+    trained = check_run_dir(run_dir, max_staleness=0)
+    assert [r["step"] for r in trained] == list(range(1, STEPS + 1))
+    assert all(r["policy_version_mean"] == r["step"] - 1 for r in trained)
+    with EmbeddedRedis(run_dir / "redis") as server:
+        client = redis.Redis.from_url(server.url)
+        books = audit(client, cfg)
+        client.close()
+    assert books["stale"] == 0
+    assert "rank 0 of 2 leads" in (run_dir / "logs" / "learner.log").read_text()
+    assert not _processes_mentioning("ComponentHost")
