@@ -131,7 +131,7 @@ def selector(config: ConfigArg = None, set_: SetOpt = None, redis_url: RedisOpt 
 @app.command()
 def learner(config: ConfigArg = None, set_: SetOpt = None, redis_url: RedisOpt = None, ray_address: RayOpt = None,
             verbose: VerboseOpt = False) -> None:
-    """The learner (world size 1): trains each curated batch and publishes weights to the rollouts."""
+    """The learner (learner.world_size ranks, rank 0 here): trains each curated batch, publishes weights."""
     _component("learner", config, set_, redis_url, ray_address, 0, verbose)
 
 
