@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--jobs", type=int, default=2, help="runs in parallel (each with its own thread budget)")
-    ap.add_argument("--threshold", type=float, default=0.45, help="the fixed accuracy for 'to reach'")
+    ap.add_argument("--threshold", type=float, default=0.9, help="the fixed accuracy for 'to reach'")
     ap.add_argument("--only", nargs="*", help="labels to run (default: all)")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--summarise-only", action="store_true", help="re-read finished runs, train nothing")
