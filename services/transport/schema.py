@@ -23,7 +23,7 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
@@ -307,8 +307,33 @@ def _decode_body(
 # --------------------------------------------------------------------------------------------
 
 
+_R = TypeVar("_R", bound="_WireRecord")
+
+
+class _WireRecord:
+    """Encoding shared by the record kinds: ``meta`` JSON plus one raw-bytes field per array."""
+
+    KIND: ClassVar[str]
+    _SCALARS: ClassVar[tuple[str, ...]]
+    _ARRAYS: ClassVar[dict[str, tuple[str, int]]]
+
+    def to_fields(self) -> dict[bytes, bytes]:
+        """Encode as a stream entry (``meta`` plus one raw-bytes field per array)."""
+        return _encode(
+            self.KIND,
+            {name: getattr(self, name) for name in self._SCALARS},
+            {name: getattr(self, name) for name in self._ARRAYS},
+        )
+
+    @classmethod
+    def from_fields(cls: type[_R], fields: Mapping[Any, Any]) -> _R:
+        """Decode and validate a stream entry; raises :class:`SchemaError`."""
+        scalars, arrays = _decode_body(fields, cls.KIND, cls._SCALARS, cls._ARRAYS)
+        return cls(**scalars, **arrays)
+
+
 @dataclass(frozen=True, eq=False, repr=False)
-class ScoredGroup:
+class ScoredGroup(_WireRecord):
     """G scored rollouts of one prompt, as a rollout actor publishes them.
 
     Shapes: ``prompt`` int32[P] (P >= 1); ``responses`` int32[G, T] right-padded (G >= 1);
@@ -391,23 +416,10 @@ class ScoredGroup:
         """G, the number of rollouts."""
         return int(self.responses.shape[0])
 
-    def to_fields(self) -> dict[bytes, bytes]:
-        """Encode as a stream entry (``meta`` plus one raw-bytes field per array)."""
-        return _encode(
-            self.KIND,
-            {name: getattr(self, name) for name in self._SCALARS},
-            {name: getattr(self, name) for name in self._ARRAYS},
-        )
-
-    @classmethod
-    def from_fields(cls, fields: Mapping[Any, Any]) -> ScoredGroup:
-        """Decode and validate a stream entry; raises :class:`SchemaError`."""
-        scalars, arrays = _decode_body(fields, cls.KIND, cls._SCALARS, cls._ARRAYS)
-        return cls(**scalars, **arrays)
 
 
 @dataclass(frozen=True, eq=False, repr=False)
-class CuratedBatch:
+class CuratedBatch(_WireRecord):
     """One learner step's samples after sample-level selection, as the selector publishes them.
 
     Shapes (N >= 1 samples, L the padded width): ``input_ids`` int32[N, L], prompt then response,
@@ -523,19 +535,6 @@ class CuratedBatch:
         """N, the number of samples."""
         return int(self.input_ids.shape[0])
 
-    def to_fields(self) -> dict[bytes, bytes]:
-        """Encode as a stream entry (``meta`` plus one raw-bytes field per array)."""
-        return _encode(
-            self.KIND,
-            {name: getattr(self, name) for name in self._SCALARS},
-            {name: getattr(self, name) for name in self._ARRAYS},
-        )
-
-    @classmethod
-    def from_fields(cls, fields: Mapping[Any, Any]) -> CuratedBatch:
-        """Decode and validate a stream entry; raises :class:`SchemaError`."""
-        scalars, arrays = _decode_body(fields, cls.KIND, cls._SCALARS, cls._ARRAYS)
-        return cls(**scalars, **arrays)
 
 
 _KINDS: dict[str, type[ScoredGroup] | type[CuratedBatch]] = {
