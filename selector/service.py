@@ -289,6 +289,13 @@ class SelectorService:
 
     # ---- committing ----------------------------------------------------------------------------
 
+    def _forget_refused(self, not_pending) -> None:
+        """A refused commit: another consumer reclaimed these entries and owns them now, so this
+        one forgets them and builds the step again from what it still holds."""
+        for entry_id in not_pending:
+            self._held.pop(entry_id, None)
+        self.summary["commits_refused"] += 1
+
     def _commit_drops(self, stale: list[Delivery], dup: list[Delivery]) -> None:
         """Acknowledge stale and duplicate groups on their own, in one atomic step."""
         result = self.t.commit(
@@ -298,9 +305,7 @@ class SelectorService:
             consumer=self.consumer,
         )  # fmt: skip
         if not result.committed:
-            for entry_id in result.not_pending:
-                self._held.pop(entry_id, None)
-            self.summary["commits_refused"] += 1
+            self._forget_refused(result.not_pending)
             return
         for d in (*stale, *dup):
             self._held.pop(d.entry_id, None)
@@ -356,11 +361,7 @@ class SelectorService:
             consumer=self.consumer,
         )  # fmt: skip
         if not result.committed:
-            # Another consumer reclaimed some of these entries: it owns them now. Forget them
-            # and build the step again from what this consumer still holds.
-            for entry_id in result.not_pending:
-                self._held.pop(entry_id, None)
-            self.summary["commits_refused"] += 1
+            self._forget_refused(result.not_pending)
             log.warning("selector %s: step %d commit refused; %d groups now belong to another "
                         "consumer", self.consumer, step, len(result.not_pending))
             return "refused"
