@@ -38,8 +38,8 @@ def _train_one(config: str, label: str, preset: str, loss: str, seed: int, steps
 
     torch.set_num_threads(threads)
     logging.basicConfig(level=logging.WARNING)
-    from services.config import load_config
-    from services.trainer import SyncTrainer
+    from services.run.config import load_config
+    from services.run.trainer import SyncTrainer
 
     run_dir = Path(out) / "runs" / f"{label}-s{seed}"
     cfg = load_config(config, [f"algorithm.preset={preset}", f"learner.policy_loss={loss}", f"train.seed={seed}",
@@ -52,7 +52,7 @@ def _train_one(config: str, label: str, preset: str, loss: str, seed: int, steps
 
 
 def _curve(path: Path) -> dict[str, np.ndarray]:
-    from services.metrics import read_metrics
+    from services.telemetry.run_log import read_metrics
 
     ev = [r for r in read_metrics(path) if "heldout_accuracy" in r]
     return {k: np.array([r.get(k, 0.0) for r in ev], dtype=float)
@@ -164,8 +164,8 @@ def main(argv: list[str] | None = None) -> dict:
     labels = [r[0] for r in runs]
     seeds = list(range(args.seeds))
 
-    from services.config import load_config
-    from services.policy.prepare import prepare_policy
+    from services.run.config import load_config
+    from services.run.prepare import prepare_policy
 
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     t0 = time.perf_counter()

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch.multiprocessing as mp
 
-from learner.distributed import free_port
+from services.common.net import free_port
 
 
 def _entry(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple, results) -> None:

@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 
 from learner import distributed as D
 from learner.engine import LearnerEngine
+from services.common.net import free_port
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def start_ranks(learner_cfg, total_steps: int, policy_path: str, model: torch.nn
                 ) -> tuple[LeaderEngine, list[mp.Process]]:
     """Start ranks 1..N-1 as processes and join them as rank 0 in this process."""
     world = learner_cfg.world_size
-    port = D.free_port()
+    port = free_port()
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_follower_main, args=(r, world, port, learner_cfg, total_steps, policy_path),
                          daemon=True) for r in range(1, world)]

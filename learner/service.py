@@ -24,15 +24,16 @@ from typing import Any
 import torch
 
 from learner.engine import LearnerEngine
-from learner.weights import state_checksum
-from services.config import RunConfig
-from services.metrics import RunLogger, plot_run
+from services.common.seeding import step_seed
 from services.policy.model import save_policy
-from services.policy.warmstart import evaluate_greedy
+from services.policy.evaluate import evaluate_greedy
+from services.run.config import RunConfig
+from services.run.trainer import to_learner_batch
 from services.tasks.source import TaskSource
-from services.trainer import step_seed, to_learner_batch
+from services.telemetry.run_log import RunLogger, plot_run
 from services.transport.schema import CuratedBatch, decode
 from services.transport.streams import Delivery, Transport
+from services.weightsync.checksum import state_checksum
 
 log = logging.getLogger(__name__)
 

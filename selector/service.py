@@ -31,8 +31,8 @@ import numpy as np
 import torch
 
 from selector.curate import batch_id_for, curate
-from services.config import RunConfig
-from services.trainer import step_seed
+from services.common.seeding import step_seed
+from services.run.config import RunConfig
 from services.transport.schema import ScoredGroup
 from services.transport.streams import Delivery, Transport
 

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import time
 import urllib.error
 import urllib.request
 from typing import TYPE_CHECKING, Any
 
 from services.api.app import create_app
+from services.common.net import free_port
 
 if TYPE_CHECKING:
     from ray.serve.deployment import Deployment
@@ -30,7 +30,6 @@ __all__ = [
     "DEFAULT_HOST",
     "DEFAULT_PORT",
     "build_deployment",
-    "free_port",
     "run_standalone",
     "start_api",
     "stop_api",
@@ -42,14 +41,6 @@ APP_NAME = "d3s-api"
 DEFAULT_HOST = "127.0.0.1"
 # Not 8265 (Ray's dashboard) and not 6379 (Redis); Serve's own default too.
 DEFAULT_PORT = 8000
-
-
-def free_port(host: str = DEFAULT_HOST) -> int:
-    """A TCP port free on ``host`` right now (another process may still take it before use)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def _url_host(host: str) -> str:

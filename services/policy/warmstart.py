@@ -24,13 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import GenerationConfig
 
-from services.policy.model import PolicySpec, build_policy, left_pad, save_policy
-from services.policy.tokenizer import CharTokenizer, decode_ids, encode_text, special_ids
+from services.policy.evaluate import evaluate_greedy
+from services.policy.model import PolicySpec, build_policy, save_policy
+from services.policy.tokenizer import CharTokenizer
 from services.tasks.arithmetic import ArithmeticTask
 from services.tasks.base import Prompt
-from services.tasks.verify import VERIFIERS
 
 logger = logging.getLogger(__name__)
 
@@ -236,42 +235,3 @@ def warmstart(
 def read_metadata(checkpoint: str | Path) -> dict:
     """The ``warmstart.json`` written next to a warm-start checkpoint."""
     return json.loads((Path(checkpoint) / METADATA_FILE).read_text())
-
-
-@torch.no_grad()
-def evaluate_greedy(
-    model: torch.nn.Module,
-    tokenizer,
-    prompts: list[Prompt],
-    max_new_tokens: int,
-    batch_size: int = 512,
-) -> float:
-    """Mean verifier reward of greedy responses (held-out accuracy for arithmetic).
-
-    Each prompt is scored with ``VERIFIERS[prompt.task]``; a response ends at the first EOS or
-    after ``max_new_tokens``. Batched with left padding; the model's train/eval mode is restored.
-    """
-    if not prompts:
-        raise ValueError("no prompts to evaluate")
-    pad_id, eos_id = special_ids(tokenizer)
-    config = GenerationConfig(
-        do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id
-    )
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    total = 0.0
-    try:
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start : start + batch_size]
-            ids, mask = left_pad([encode_text(tokenizer, p.text) for p in chunk], pad_id)
-            out = model.generate(
-                input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config
-            )
-            for p, row in zip(chunk, out[:, ids.shape[1] :].tolist(), strict=True):
-                if eos_id in row:
-                    row = row[: row.index(eos_id)]
-                total += VERIFIERS[p.task](decode_ids(tokenizer, row), p.answer)
-    finally:
-        model.train(was_training)
-    return total / len(prompts)

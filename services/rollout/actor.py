@@ -25,14 +25,14 @@ from typing import Any, Protocol
 
 import torch
 
-from learner.weights import WeightSyncError, verify_sync
-from services.config import RunConfig
+from services.common.seeding import step_seed
 from services.policy.model import load_policy
 from services.rollout.hf_engine import HFRolloutEngine
 from services.rollout.worker import RolloutWorker
+from services.run.config import RunConfig
 from services.tasks.source import TaskSource
-from services.trainer import step_seed
 from services.transport.streams import Transport
+from services.weightsync.checksum import WeightSyncError, verify_sync
 
 log = logging.getLogger(__name__)
 

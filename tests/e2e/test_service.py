@@ -23,11 +23,11 @@ import redis
 from learner.service import trained_key, weight_versions_key
 from selector.curate import batch_id_for
 from selector.service import batch_groups_key, ledger_key
-from services.config import RunConfig, parse_config
-from services.metrics import read_metrics
-from services.orchestrator import run_service
-from services.redis_server import EmbeddedRedis
 from services.rollout.actor import loaded_versions_key
+from services.run.config import RunConfig, parse_config
+from services.run.orchestrator import run_service
+from services.telemetry.run_log import read_metrics
+from services.transport.redis_server import EmbeddedRedis
 from services.transport.schema import ScoredGroup, decode
 from services.transport.streams import Transport
 

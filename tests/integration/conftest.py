@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from services.redis_server import EmbeddedRedis
+from services.transport.redis_server import EmbeddedRedis
 from services.transport.streams import Transport
 
 

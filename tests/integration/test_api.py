@@ -20,8 +20,8 @@ from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.api.app import create_app, prometheus_name
-from services.api.serve import free_port
-from services.redis_server import EmbeddedRedis
+from services.common.net import free_port
+from services.transport.redis_server import EmbeddedRedis
 from services.transport.streams import Transport
 
 pytestmark = pytest.mark.integration

@@ -15,7 +15,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from learner.engine import LearnerEngine
 from learner.service import LearnerService, replay_key, trained_key, weight_versions_key
 from selector.curate import curate
-from services.config import RunConfig, parse_config
+from services.run.config import RunConfig, parse_config
 from services.transport.schema import CuratedBatch, ScoredGroup
 from services.transport.streams import Transport
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from services.redis_server import (
+from services.transport.redis_server import (
     REDIS_URL_ENV,
     EmbeddedRedis,
     RedisStartError,

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from learner.weights import WeightSyncError, state_checksum
-from services.config import RunConfig, parse_config
 from services.policy.model import PolicySpec, build_policy, save_policy
 from services.policy.tokenizer import CharTokenizer
 from services.rollout.actor import RolloutActor, groups_per_round, loaded_versions_key
+from services.run.config import RunConfig, parse_config
 from services.transport.schema import ScoredGroup, decode
 from services.transport.streams import Transport
+from services.weightsync.checksum import WeightSyncError, state_checksum
 
 pytestmark = pytest.mark.integration
 

@@ -11,8 +11,8 @@ import torch
 
 from selector.curate import curate
 from selector.service import GROUP, SelectorService, SelectorStalled, batch_groups_key, ledger_key
-from services.config import RunConfig, parse_config
-from services.trainer import step_seed
+from services.common.seeding import step_seed
+from services.run.config import RunConfig, parse_config
 from services.transport.schema import CuratedBatch, ScoredGroup, decode
 from services.transport.streams import Transport
 

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from services.config import parse_config
-from services.metrics import read_metrics
-from services.trainer import SyncTrainer
+from services.run.config import parse_config
+from services.run.trainer import SyncTrainer
+from services.telemetry.run_log import read_metrics
 
 pytestmark = pytest.mark.integration
 
@@ -57,7 +57,7 @@ def test_few_steps_learn_shapes_and_artifacts(tmp_path):
     assert (run / "learning_curve.png").stat().st_size > 1000
     assert list((run / "tensorboard").iterdir())
     final = _weights(run / "final_policy")
-    from services.policy.prepare import prepare_policy
+    from services.run.prepare import prepare_policy
 
     start = _weights(prepare_policy(cfg))
     assert any(not torch.equal(final[k], start[k]) for k in final)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
 import torch
 
+from services.policy.evaluate import evaluate_greedy
 from services.policy.model import (
     PolicySpec,
     build_policy,
@@ -17,10 +19,9 @@ from services.policy.model import (
 )
 from services.policy.tokenizer import CharTokenizer
 from services.policy.warmstart import (
+    METADATA_FILE,
     WarmstartSpec,
     demonstration_batch,
-    evaluate_greedy,
-    read_metadata,
     warmstart,
 )
 from services.tasks import VERIFIERS, ArithmeticTask, Prompt
@@ -138,7 +139,7 @@ def test_warmstart_caches_and_does_not_retrain(tmp_path):
     spec = _tiny_spec()
     path = warmstart(spec, tmp_path, progress=lambda s, t, loss: calls.append(s))
     assert calls == [1, 2, 3, 4]
-    meta = read_metadata(path)
+    meta = json.loads((path / METADATA_FILE).read_text())
     assert meta["steps_run"] == 4 and 0.0 <= meta["heldout_accuracy"] <= 1.0
     _, tok = load_policy(path)
     assert isinstance(tok, CharTokenizer)
@@ -158,7 +159,7 @@ def test_warmstart_keeps_training_until_target_or_max_steps(tmp_path, caplog):
     spec = _tiny_spec(min_accuracy=1.0, max_steps=7, eval_every=1, eval_prompts=0)
     with caplog.at_level(logging.WARNING, logger="services.policy.warmstart"):
         path = warmstart(spec, tmp_path)
-    meta = read_metadata(path)
+    meta = json.loads((path / METADATA_FILE).read_text())
     assert meta["steps_run"] == 7 and meta["dev_accuracy"] is not None
     assert "heldout_accuracy" not in meta
     assert any("max_steps" in r.message for r in caplog.records)

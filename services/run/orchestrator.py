@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from services.config import RunConfig
+from services.run.config import RunConfig
 from services.transport.streams import Transport, connect
 
 log = logging.getLogger(__name__)
@@ -141,7 +141,7 @@ def build_component(
             raise ValueError(f"{kind}: needs the policy path")
         if kind == "rollout":
             from services.rollout.actor import RolloutActor
-            from services.weights_store import RayWeightSource
+            from services.weightsync.object_store import RayWeightSource
 
             source = RayWeightSource(cfg.service.namespace, cfg.service.wait_timeout_s)
             rollout = RolloutActor(cfg, transport, source, index, policy_path)
@@ -174,7 +174,7 @@ def _build_learner(
     from learner.engine import LearnerEngine
     from learner.service import LearnerService
     from services.policy.model import load_policy
-    from services.weights_store import RayWeightPublisher, get_or_create_store
+    from services.weightsync.object_store import RayWeightPublisher, get_or_create_store
 
     model, tokenizer = load_policy(policy_path)
     shutdown: Callable[[], None] = lambda: None  # noqa: E731
@@ -275,10 +275,10 @@ def _run_service(cfg: RunConfig, run_dir: Path | None) -> dict[str, Any]:
     import ray
 
     from services.api.serve import start_api, stop_api
-    from services.policy.prepare import prepare_policy
-    from services.progress import StepProgress
-    from services.redis_server import connect_or_start
-    from services.weights_store import RAY_NAMESPACE, get_or_create_store, store_name
+    from services.run.prepare import prepare_policy
+    from services.run.progress import StepProgress
+    from services.transport.redis_server import connect_or_start
+    from services.weightsync.object_store import RAY_NAMESPACE, get_or_create_store, store_name
 
     run_dir = Path(run_dir or cfg.train.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
