@@ -1,4 +1,5 @@
-"""The learner's input: kept samples as prompt+response rows, and the views the loss needs."""
+"""The learner's input: kept samples as prompt+response rows, the views the loss needs, and the
+split into micro-batches by a padded-token budget."""
 
 from __future__ import annotations
 
@@ -28,9 +29,13 @@ class LearnerBatch:
             if getattr(self, name).shape != (n,):
                 raise ValueError(f"{name}: expected [{n}], got {tuple(getattr(self, name).shape)}")
         if self.behav_logp.shape != (n, width):
-            raise ValueError(f"behav_logp: expected [{n}, {width}], got {tuple(self.behav_logp.shape)}")
-        if bool((self.prompt_lengths < 1).any()) or bool((self.seq_lengths > width).any()) or bool(
-            (self.seq_lengths < self.prompt_lengths).any()
+            raise ValueError(
+                f"behav_logp: expected [{n}, {width}], got {tuple(self.behav_logp.shape)}"
+            )
+        if (
+            bool((self.prompt_lengths < 1).any())
+            or bool((self.seq_lengths > width).any())
+            or bool((self.seq_lengths < self.prompt_lengths).any())
         ):
             raise ValueError("prompt_lengths/seq_lengths: need 1 <= prompt_len <= seq_len <= width")
 
@@ -48,12 +53,32 @@ class LearnerBatch:
         return (pos < self.seq_lengths.unsqueeze(1)).long()
 
     def rows(self, index: torch.Tensor) -> LearnerBatch:
-        return LearnerBatch(*(t[index] for t in (self.input_ids, self.prompt_lengths, self.seq_lengths,
-                                                 self.behav_logp, self.advantages)))
+        return LearnerBatch(
+            *(
+                t[index]
+                for t in (
+                    self.input_ids,
+                    self.prompt_lengths,
+                    self.seq_lengths,
+                    self.behav_logp,
+                    self.advantages,
+                )
+            )
+        )
 
     def to(self, device: torch.device | str) -> LearnerBatch:
-        return LearnerBatch(*(t.to(device) for t in (self.input_ids, self.prompt_lengths, self.seq_lengths,
-                                                     self.behav_logp, self.advantages)))
+        return LearnerBatch(
+            *(
+                t.to(device)
+                for t in (
+                    self.input_ids,
+                    self.prompt_lengths,
+                    self.seq_lengths,
+                    self.behav_logp,
+                    self.advantages,
+                )
+            )
+        )
 
     @staticmethod
     def from_arrays(input_ids, prompt_lengths, seq_lengths, behav_logp, advantages) -> LearnerBatch:
@@ -65,3 +90,47 @@ class LearnerBatch:
             torch.as_tensor(behav_logp).float(),
             torch.as_tensor(advantages).float(),
         )
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """Rows ``rows`` [m] (indices into a batch) run over input columns [:width].
+
+    ``live`` False marks a placeholder: one row whose loss counts zero, run only so that every
+    rank makes the same number of forward/backward calls (ZeRO's collectives pair up per call).
+    """
+
+    rows: torch.Tensor
+    width: int
+    live: bool = True
+
+    @property
+    def padded_tokens(self) -> int:
+        return int(self.rows.numel()) * self.width
+
+
+def plan_micro_batches(widths: torch.Tensor, budget: int | None) -> list[MicroBatch]:
+    """Split rows into micro-batches of at most ``budget`` padded tokens (rows x widest row).
+
+    Args:
+        widths: [n] int, the input columns row i needs (>= 1).
+        budget: padded tokens per micro-batch; None puts all rows, in order, into one.
+    Returns:
+        Micro-batches covering every row once. Rows go longest first, so each micro-batch pads
+        to its first row and similar lengths share one; a row wider than the budget runs alone.
+    """
+    n = int(widths.numel())
+    if n == 0:
+        return []
+    if budget is None:
+        return [MicroBatch(torch.arange(n), int(widths.max()))]
+    order = torch.argsort(widths, descending=True, stable=True)
+    sorted_w = widths[order].tolist()
+    plans: list[MicroBatch] = []
+    start = 0
+    while start < n:
+        width = int(sorted_w[start])
+        take = max(1, min(n - start, budget // max(width, 1)))
+        plans.append(MicroBatch(order[start : start + take], width))
+        start += take
+    return plans

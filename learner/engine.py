@@ -1,11 +1,15 @@
 """The DeepSpeed learner: one PPO-clip step on a batch of kept samples, with token-level D3S.
 
-Step anatomy (token_pass="compact", the default):
-  1. no-grad forward over this rank's rows -> old log-probs and per-token entropy;
+Step anatomy:
+  1. no-grad pass over this rank's rows, by micro-batches -> old log-probs and per-token entropy;
   2. token mask over the whole batch (entropies are all-gathered, so pool="batch" ranks across
      ranks exactly as on one rank);
-  3. gradient forward/backward only over rows with a kept token, cut after the last kept
-     position, so the token level saves learner time and not only tokens (DESIGN §5).
+  3. gradient pass by micro-batches, each backward adding to the same gradients, then ONE
+     optimizer step. With token_pass="compact" it runs only rows with a kept token, each
+     micro-batch cut after its last kept position, so the token level saves learner time and
+     not only tokens.
+Micro-batches hold at most ``micro_batch_tokens`` padded tokens, so memory is bounded by the
+budget and never by the batch: logits exist for one micro-batch at a time.
 With one update per batch, old_logp is the policy at the start of the step.
 """
 
@@ -20,7 +24,7 @@ from typing import Any
 import torch
 
 from learner import distributed as D
-from learner.batch import LearnerBatch
+from learner.batch import LearnerBatch, MicroBatch, plan_micro_batches
 from learner.config import LearnerConfig
 from learner.logits import logprobs_and_entropy
 from learner.loss import get_policy_loss
@@ -50,6 +54,29 @@ def _disable_dropout(model: torch.nn.Module) -> None:
             mod.p = 0.0
 
 
+def _enable_checkpointing(model: torch.nn.Module) -> None:
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(
+            f"learner.gradient_checkpointing: {type(model).__name__} does not support it"
+        )
+    # Non-reentrant checkpointing handles inputs that need no grad and ZeRO-3's parameter hooks.
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _last_kept_width(mask: torch.Tensor) -> torch.Tensor:
+    """[n] input columns each row needs to score its last kept target of ``mask`` [n, T].
+
+    Target column c is predicted from input column c, so inputs [:c + 2] cover it (the shifted
+    logits drop the last input column). Rows with no kept target get 1.
+    """
+    cols = torch.arange(mask.shape[1], device=mask.device).expand(mask.shape)
+    return (
+        torch.where(mask, cols, -1).amax(dim=1) + 2
+        if mask.shape[1]
+        else mask.new_ones(mask.shape[0])
+    )
+
+
 class LearnerEngine:
     """Wraps a Hugging Face causal LM in a DeepSpeed engine and takes D3S/GRPO steps."""
 
@@ -62,12 +89,16 @@ class LearnerEngine:
         self.rank, self.world = D.rank(), D.world_size()
         self.bf16 = cfg.bf16 == "on" or (cfg.bf16 == "auto" and self.device.type == "cuda")
         _disable_dropout(model)
-        self.loss_fn = get_policy_loss(cfg.policy_loss)
-        self.loss_cfg = cfg.loss_config()
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        if cfg.gradient_checkpointing:
+            _enable_checkpointing(model)
+        self.loss_fn = get_policy_loss(cfg.loss)
+        opt = torch.optim.AdamW(
+            model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
+        )
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, total_steps))
         ds_config: dict[str, Any] = {
-            # The learner forms its own batches; DeepSpeed sees one micro-batch per step.
+            # The learner forms its own micro-batches (a varying number per step) and marks the
+            # last one as the accumulation boundary itself, so DeepSpeed's own count stays 1.
             "train_micro_batch_size_per_gpu": 1,
             "gradient_accumulation_steps": 1,
             "gradient_clipping": cfg.grad_clip,
@@ -81,25 +112,73 @@ class LearnerEngine:
             model=model, optimizer=opt, lr_scheduler=sched, config=ds_config
         )
         self.steps_done = 0
-        log.info("learner ready: rank %d/%d device=%s zero=%d bf16=%s loss=%s token_pass=%s",
-                 self.rank, self.world, self.device, cfg.zero_stage, self.bf16, cfg.policy_loss, cfg.token_pass)
+        log.info(
+            "learner ready: rank %d/%d device=%s zero=%d bf16=%s loss=%s token_pass=%s micro_batch_tokens=%s "
+            "gradient_checkpointing=%s",
+            self.rank, self.world, self.device, cfg.zero_stage, self.bf16, cfg.loss.type, cfg.token_pass,
+            cfg.micro_batch_tokens, cfg.gradient_checkpointing,
+        )  # fmt: skip
 
     @property
     def module(self) -> torch.nn.Module:
         return self.engine.module
 
-    def _forward(self, batch: LearnerBatch, cut: int | None, with_entropy: bool):
-        """logp [n, cut] (and entropy) of the shifted targets, over input columns [:cut + 1]."""
-        width = batch.input_ids.shape[1] if cut is None else cut + 1
+    def _forward(self, batch: LearnerBatch, width: int, with_entropy: bool):
+        """logp [n, width - 1] (and entropy) of the shifted targets, over input columns [:width]."""
         ids = batch.input_ids[:, :width]
         am = batch.attention_mask()[:, :width]
-        logits = self.engine(input_ids=ids, attention_mask=am).logits[:, :-1]
-        return logprobs_and_entropy(logits, ids[:, 1:], self.cfg.temperature, self.cfg.entropy_chunk_rows,
-                                    with_entropy=with_entropy)
+        logits = self.engine(input_ids=ids, attention_mask=am, use_cache=False).logits[:, :-1]
+        return logprobs_and_entropy(
+            logits,
+            ids[:, 1:],
+            self.cfg.temperature,
+            self.cfg.entropy_chunk_rows,
+            with_entropy=with_entropy,
+        )
 
     def _shard(self, batch: LearnerBatch) -> tuple[LearnerBatch, list[int]]:
         parts = torch.tensor_split(torch.arange(batch.size), self.world)
         return batch.rows(parts[self.rank]), [len(p) for p in parts]
+
+    def _in_step(self, plans: list[MicroBatch]) -> list[MicroBatch]:
+        """Pad ``plans`` with placeholders to the largest count on any rank (at least one).
+
+        ZeRO-2 reduces gradients in every backward and ZeRO-3 gathers parameters in every
+        forward, so ranks must make the same number of calls even when their shards differ.
+        """
+        count = len(plans)
+        if self.world > 1:
+            counts = D.all_gather_rows(torch.tensor([count], device=self.device), [1] * self.world)
+            count = int(counts.max())
+        filler = MicroBatch(torch.zeros(1, dtype=torch.long), 2, live=False)
+        return plans + [filler] * (max(count, 1) - len(plans))
+
+    def _score(self, local: LearnerBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """No-grad pass by micro-batches: old log-probs and entropies [n, L-1], 0 past a row's end."""
+        n, width = local.input_ids.shape
+        old_logp = torch.zeros(n, width - 1, device=self.device)
+        ent = torch.zeros(n, width - 1, device=self.device)
+        plans = self._in_step(
+            plan_micro_batches(local.seq_lengths.cpu(), self.cfg.micro_batch_tokens)
+        )
+        with torch.no_grad():
+            for mb in plans:
+                rows = mb.rows.to(self.device)
+                logp, e = self._forward(local.rows(rows), mb.width, with_entropy=True)
+                if mb.live:
+                    old_logp[rows, : mb.width - 1] = logp
+                    ent[rows, : mb.width - 1] = e
+        return old_logp, ent
+
+    def _gradient_plan(self, local: LearnerBatch, mask: torch.Tensor) -> list[MicroBatch]:
+        """Micro-batches of the gradient pass: compact runs the rows with a kept token up to
+        their last kept target; full runs every row to its end."""
+        if self.cfg.token_pass == "full":
+            return plan_micro_batches(local.seq_lengths.cpu(), self.cfg.micro_batch_tokens)
+        mask = mask.cpu()
+        rows = torch.nonzero(mask.any(dim=1)).flatten()
+        plans = plan_micro_batches(_last_kept_width(mask)[rows], self.cfg.micro_batch_tokens)
+        return [MicroBatch(rows[p.rows], p.width) for p in plans]
 
     def train_step(
         self,
@@ -117,51 +196,64 @@ class LearnerEngine:
         behav = local.behav_logp[:, 1:]
         adv = local.advantages
 
-        compact = self.cfg.token_pass == "compact"
-        if compact:
-            with torch.no_grad():
-                old_logp, ent = self._forward(local, None, with_entropy=True)
-        else:
-            logp_full, ent = self._forward(local, None, with_entropy=True)
-            old_logp = logp_full.detach()
+        old_logp, ent = self._score(local)
 
         # token level, ranked over the whole batch
-        all_ent = D.all_gather_rows(ent.float(), n_rows)
+        all_ent = D.all_gather_rows(ent, n_rows)
         all_resp = D.all_gather_rows(resp, n_rows)
         all_adv = D.all_gather_rows(adv.float(), n_rows)
-        mask_all = select_tokens(preset, all_adv.cpu(), all_ent.cpu(), all_resp.cpu(), token_ratio, generator)
+        mask_all = select_tokens(
+            preset, all_adv.cpu(), all_ent.cpu(), all_resp.cpu(), token_ratio, generator
+        )
         lo = sum(n_rows[: self.rank])
         mask = mask_all[lo : lo + n_rows[self.rank]].to(self.device) & resp
 
-        if compact:
-            rows = torch.nonzero(mask.any(dim=1)).flatten()
-            if rows.numel() == 0:
-                # Nothing kept here: a zero loss on one row still joins the gradient all-reduce.
-                rows = torch.zeros(1, dtype=torch.long, device=self.device)
-            cols = mask[rows].any(dim=0).nonzero()
-            cut = int(cols.max()) + 1 if cols.numel() else 1
-            sub = local.rows(rows)
-            logp, _ = self._forward(sub, cut, with_entropy=False)
-            g_mask, g_old, g_behav, g_adv = mask[rows, :cut], old_logp[rows, :cut], behav[rows, :cut], adv[rows]
-            fwd_tokens = int(sub.seq_lengths.clamp(max=cut + 1).sum())
-        else:
-            logp, g_mask, g_old, g_behav, g_adv = logp_full, mask, old_logp, behav, adv
-            fwd_tokens = int(local.seq_lengths.sum())
+        (glob_units,) = D.all_reduce_sum([float(self.loss_fn.units(mask))], self.device)
+        # Each micro-batch's summed loss is divided by the units of the whole batch, so the
+        # accumulated gradient is the whole batch's; DeepSpeed averages over ranks, hence x world.
+        scale = self.world / glob_units if glob_units > 0 else 0.0
 
-        loss, lm = self.loss_fn(logp, g_old, g_adv, g_mask, self.loss_cfg, behav_logp=g_behav)
-        local_den = self._denominator(g_mask)
-        kept_tok, valid_tok, glob_den, ent_sum, loss_sum, fwd_sum = D.all_reduce_sum(
-            [float(mask.sum()), float(resp.sum()), local_den, float((ent * resp).sum()),
-             float(loss.detach()) * local_den, float(fwd_tokens)], self.device)
-        # DeepSpeed averages gradients over ranks; this weighting turns that average into the
-        # loss over the whole batch.
-        scale = self.world * local_den / glob_den if glob_den > 0 else 0.0
-        self.engine.backward(loss * scale)
+        plans = self._in_step(self._gradient_plan(local, mask))
+        loss_sum, fwd_tokens = 0.0, 0
+        stats: dict[str, list[float]] = {}
+        for i, mb in enumerate(plans):
+            self.engine.set_gradient_accumulation_boundary(i == len(plans) - 1)
+            rows = mb.rows.to(self.device)
+            sub = local.rows(rows)
+            logp, _ = self._forward(sub, mb.width, with_entropy=False)
+            cols = mb.width - 1
+            g_mask = mask[rows, :cols] & mb.live
+            part = self.loss_fn.summed(
+                logp, old_logp[rows, :cols], adv[rows], g_mask, behav[rows, :cols]
+            )
+            self.engine.backward(part.total * scale)
+            loss_sum += float(part.total.detach())
+            fwd_tokens += int(sub.seq_lengths.clamp(max=mb.width).sum()) if mb.live else 0
+            for k, (v, c) in part.stats.items():
+                acc = stats.setdefault(k, [0.0, 0.0])
+                acc[0] += v
+                acc[1] += c
         self.engine.step()
         self.steps_done += 1
+
+        names = sorted(stats)
+        reduced = D.all_reduce_sum(
+            [
+                float(mask.sum()),
+                float(resp.sum()),
+                float((ent * resp).sum()),
+                loss_sum,
+                float(fwd_tokens),
+            ]
+            + [stats[k][0] for k in names]
+            + [stats[k][1] for k in names],
+            self.device,
+        )
+        kept_tok, valid_tok, ent_sum, glob_loss, fwd_sum = reduced[:5]
+        stat_sums, stat_counts = reduced[5 : 5 + len(names)], reduced[5 + len(names) :]
         grad_norm = self.engine.get_global_grad_norm()
         metrics = {
-            "loss": loss_sum / glob_den if glob_den > 0 else 0.0,
+            "loss": glob_loss / glob_units if glob_units > 0 else 0.0,
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "lr": float(self.scheduler.get_last_lr()[0]),
             "entropy": ent_sum / max(valid_tok, 1.0),
@@ -169,16 +261,13 @@ class LearnerEngine:
             "tokens_valid": valid_tok,
             "tokens_kept": kept_tok,
             "tokens_forward": fwd_sum,
+            "micro_batches": float(len(plans)),
             "learner_seconds": time.perf_counter() - t0,
         }
-        metrics.update({k: float(v) for k, v in lm.items()})
+        metrics.update(
+            {k: s / max(c, 1.0) for k, s, c in zip(names, stat_sums, stat_counts, strict=True)}
+        )
         return metrics
-
-    def _denominator(self, mask: torch.Tensor) -> float:
-        """How many units the loss averages over: kept tokens, or sequences with a kept token."""
-        if self.cfg.policy_loss == "grpo" and self.loss_cfg.aggregation == "token-mean":
-            return float(mask.sum())
-        return float(mask.any(dim=1).sum())
 
     # -- weights and checkpoints -------------------------------------------------------------
 
@@ -189,8 +278,13 @@ class LearnerEngine:
             import deepspeed
 
             with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-                return {k: v.detach().to("cpu", torch.float32).clone() for k, v in module.state_dict().items()}
-        return {k: v.detach().to("cpu", torch.float32).clone() for k, v in module.state_dict().items()}
+                return {
+                    k: v.detach().to("cpu", torch.float32).clone()
+                    for k, v in module.state_dict().items()
+                }
+        return {
+            k: v.detach().to("cpu", torch.float32).clone() for k, v in module.state_dict().items()
+        }
 
     def save_checkpoint(self, directory: Path, step: int, client_state: dict[str, Any]) -> None:
         state = dict(client_state, step=step, torch_rng=torch.get_rng_state())

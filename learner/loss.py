@@ -1,9 +1,16 @@
-"""Policy losses as small registered functions with one signature.
+"""Policy losses: a registry of PPO-clip variants, each owning its typed config and aggregation.
 
-    loss_fn(logp, old_logp, adv, mask, cfg, behav_logp=None, ref_logp=None) -> (loss, metrics)
+A registered loss answers two questions, so the learner never branches on a loss name:
 
-Shapes: logp, old_logp, behav_logp, ref_logp [N, T]; adv [N]; mask [N, T] bool (the kept
-tokens: response_mask AND token_mask). ``loss`` is a scalar; ``metrics`` holds detached floats.
+    loss.units(mask)                       -> how many units the batch loss averages over
+    loss.summed(logp, old_logp, adv, mask) -> the loss summed over those units (+ statistics)
+
+The batch loss is ``summed / units``. Splitting a batch into micro-batches (whole rows each) and
+dividing every micro-batch's ``summed`` by the units of the whole batch gives exactly the same
+gradient, which is how the learner accumulates gradients.
+
+Shapes: logp, old_logp, behav_logp [N, T]; adv [N]; mask [N, T] bool (the kept tokens:
+response_mask AND token_mask).
 
 Off-policy correction (rollouts come from a stale engine): old_logp is the learner's own policy
 at the start of the step; the engine's behaviour log-probs enter only as a truncated importance
@@ -12,178 +19,289 @@ weight min(pi_old / pi_behav, C), detached (decoupled PPO).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal, Protocol
+from dataclasses import dataclass, field
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 
 Aggregation = Literal["token-mean", "seq-mean-token-mean"]
 
 
-@dataclass(frozen=True)
-class LossConfig:
-    clip_low: float = 0.2
-    clip_high: float = 0.28
-    aggregation: Aggregation = "token-mean"
-    is_cap: float = 2.0  # C in min(pi_old / pi_behav, C)
-    kl_coef: float = 0.0  # k3 KL to a reference policy; off by default
+class LossConfigBase(BaseModel):
+    """Settings every PPO-clip loss shares; each variant adds its own clip range and defaults."""
 
-    def __post_init__(self) -> None:
-        for name in ("clip_low", "clip_high"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name}: must be > 0, got {getattr(self, name)!r}")
-        if self.clip_low >= 1:
-            raise ValueError(f"clip_low: must be < 1, got {self.clip_low!r}")
-        if self.aggregation not in ("token-mean", "seq-mean-token-mean"):
-            raise ValueError(f"aggregation: must be 'token-mean' or 'seq-mean-token-mean', got {self.aggregation!r}")
-        if not self.is_cap > 0:
-            raise ValueError(f"is_cap: must be > 0, got {self.is_cap!r}")
-        if self.kl_coef < 0:
-            raise ValueError(f"kl_coef: must be >= 0, got {self.kl_coef!r}")
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: str = Field(description="the registered loss name; each variant narrows it to its own")
+    is_cap: float = Field(
+        2.0,
+        gt=0,
+        description="C in the truncated importance weight min(pi_old / pi_behav, C) that corrects for "
+        "rollouts sampled by an older policy",
+    )
+    kl_coef: float = Field(
+        0.0,
+        ge=0,
+        description="weight of a KL penalty to a frozen reference policy; only 0 is accepted (the "
+        "learner keeps no reference model)",
+    )
+
+    @field_validator("kl_coef")
+    @classmethod
+    def _no_reference_model(cls, v: float) -> float:
+        if v > 0:
+            raise ValueError(
+                f"got {v}; a KL penalty needs a frozen reference model, which this learner does not keep. "
+                "Set kl_coef: 0 (the clip and the truncated IS weight bound the update instead)"
+            )
+        return v
 
 
-GRPO_CLIP = LossConfig()
-GSPO_CLIP = LossConfig(clip_low=3e-4, clip_high=4e-4, aggregation="seq-mean-token-mean")
+class GRPOLossConfig(LossConfigBase):
+    """Token-level PPO-clip (GRPO / DAPO-style asymmetric clip)."""
+
+    type: Literal["grpo"] = Field("grpo", description="token-level PPO-clip")
+    clip_low: float = Field(
+        0.2, gt=0, lt=1, description="the token ratio is clipped below at 1 - clip_low"
+    )
+    clip_high: float = Field(
+        0.28, gt=0, description="the token ratio is clipped above at 1 + clip_high"
+    )
+    aggregation: Aggregation = Field(
+        "token-mean",
+        description="token-mean: mean over all kept tokens of the batch; seq-mean-token-mean: mean "
+        "over each sequence's kept tokens, then over sequences with a kept token",
+    )
 
 
-class PolicyLoss(Protocol):
+class GSPOLossConfig(LossConfigBase):
+    """Sequence-level PPO-clip (GSPO): one length-normalised ratio per sequence."""
+
+    type: Literal["gspo"] = Field("gspo", description="sequence-level PPO-clip")
+    clip_low: float = Field(
+        3e-4, gt=0, lt=1, description="the sequence ratio is clipped below at 1 - clip_low"
+    )
+    clip_high: float = Field(
+        4e-4, gt=0, description="the sequence ratio is clipped above at 1 + clip_high"
+    )
+
+
+def _loss_type(v: Any) -> str | None:
+    # A mapping without `type` means GRPO, so `--set learner.loss.clip_high=0.3` works alone.
+    if isinstance(v, dict):
+        return v.get("type", "grpo")
+    return getattr(v, "type", None)
+
+
+LossConfig = Annotated[
+    Annotated[GRPOLossConfig, Tag("grpo")] | Annotated[GSPOLossConfig, Tag("gspo")],
+    Discriminator(
+        _loss_type,
+        custom_error_type="loss_type",
+        custom_error_message="unknown loss type; choose from 'grpo', 'gspo'",
+    ),
+]
+"""Any registered loss's config, chosen by its ``type`` field."""
+
+
+@dataclass
+class LossSum:
+    """A loss summed over its units, and statistics as (sum, count) pairs to merge across
+    micro-batches and ranks before dividing."""
+
+    total: torch.Tensor  # scalar, differentiable w.r.t. logp
+    stats: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+
+class PolicyLoss(ABC):
+    """A registered loss bound to its config."""
+
+    name: ClassVar[str]
+    config_cls: ClassVar[type[LossConfigBase]]
+
+    def __init__(self, cfg: LossConfigBase) -> None:
+        if not isinstance(cfg, self.config_cls):
+            raise ValueError(
+                f"loss: {self.name} needs a {self.config_cls.__name__}, got {type(cfg).__name__}"
+            )
+        self.cfg = cfg
+
+    @abstractmethod
+    def units(self, mask: torch.Tensor) -> int:
+        """How many units (tokens or sequences) the loss of a batch with kept tokens ``mask``
+        [N, T] averages over."""
+
+    @abstractmethod
+    def summed(
+        self,
+        logp: torch.Tensor,
+        old_logp: torch.Tensor,
+        adv: torch.Tensor,
+        mask: torch.Tensor,
+        behav_logp: torch.Tensor | None = None,
+    ) -> LossSum:
+        """The loss summed over this batch's units; rows must be whole sequences."""
+
     def __call__(
         self,
         logp: torch.Tensor,
         old_logp: torch.Tensor,
         adv: torch.Tensor,
         mask: torch.Tensor,
-        cfg: LossConfig,
         behav_logp: torch.Tensor | None = None,
-        ref_logp: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, dict[str, float]]: ...
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The batch loss (a scalar; 0 with a graph when nothing is kept) and mean statistics."""
+        part = self.summed(logp, old_logp, adv, mask, behav_logp)
+        loss = part.total / max(self.units(mask), 1)
+        return loss, {k: s / max(c, 1.0) for k, (s, c) in part.stats.items()}
 
 
-POLICY_LOSSES: dict[str, PolicyLoss] = {}
+POLICY_LOSSES: dict[str, type[PolicyLoss]] = {}
 
 
-def register_policy_loss(name: str) -> Callable[[PolicyLoss], PolicyLoss]:
-    def deco(fn: PolicyLoss) -> PolicyLoss:
+def register_policy_loss(name: str) -> Callable[[type[PolicyLoss]], type[PolicyLoss]]:
+    """Class decorator: register a loss under ``name``, the ``type`` of its config class."""
+
+    def deco(cls: type[PolicyLoss]) -> type[PolicyLoss]:
         if name in POLICY_LOSSES:
             raise ValueError(f"policy loss {name!r} registered twice")
-        POLICY_LOSSES[name] = fn
-        return fn
+        if cls.config_cls.model_fields["type"].default != name:
+            raise ValueError(f"policy loss {name!r}: its config's type defaults to something else")
+        cls.name = name
+        POLICY_LOSSES[name] = cls
+        return cls
 
     return deco
 
 
-def get_policy_loss(name: str) -> PolicyLoss:
+def default_loss_config(name: str) -> LossConfigBase:
+    """The named loss's config with all its defaults."""
     if name not in POLICY_LOSSES:
-        raise ValueError(f"policy_loss: unknown {name!r}; choose from {sorted(POLICY_LOSSES)}")
-    return POLICY_LOSSES[name]
+        raise ValueError(f"loss.type: unknown {name!r}; choose from {sorted(POLICY_LOSSES)}")
+    return POLICY_LOSSES[name].config_cls()
 
 
-def default_loss_config(name: str) -> LossConfig:
-    return GSPO_CLIP if name == "gspo" else GRPO_CLIP
+def get_policy_loss(cfg: LossConfigBase | str) -> PolicyLoss:
+    """The loss a config selects (a bare name takes that loss's defaults)."""
+    if isinstance(cfg, str):
+        cfg = default_loss_config(cfg)
+    name = getattr(cfg, "type", None)
+    if name not in POLICY_LOSSES:
+        raise ValueError(f"loss.type: unknown {name!r}; choose from {sorted(POLICY_LOSSES)}")
+    return POLICY_LOSSES[name](cfg)
 
 
-def _check(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor) -> None:
+def _check(
+    logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor
+) -> None:
     if logp.dim() != 2:
         raise ValueError(f"logp: expected [N, T], got {tuple(logp.shape)}")
     if old_logp.shape != logp.shape:
         raise ValueError(f"old_logp: shape {tuple(old_logp.shape)} != logp {tuple(logp.shape)}")
     if mask.shape != logp.shape or mask.dtype != torch.bool:
-        raise ValueError(f"mask: expected bool {tuple(logp.shape)}, got {mask.dtype} {tuple(mask.shape)}")
+        raise ValueError(
+            f"mask: expected bool {tuple(logp.shape)}, got {mask.dtype} {tuple(mask.shape)}"
+        )
     if adv.shape != logp.shape[:1]:
         raise ValueError(f"adv: expected [{logp.shape[0]}], got {tuple(adv.shape)}")
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, aggregation: Aggregation) -> torch.Tensor:
-    """Mean of x [N, T] over mask: over all kept tokens, or per sequence then over sequences.
-
-    Sequences (or batches) with no kept token contribute nothing; an all-empty mask gives 0
-    that still carries a graph, so backward works on a batch the token level emptied.
-    """
-    m = mask.to(x.dtype)
-    if aggregation == "token-mean":
-        return (x * m).sum() / m.sum().clamp_min(1.0)
-    per_seq_n = m.sum(dim=1)
-    per_seq = (x * m).sum(dim=1) / per_seq_n.clamp_min(1.0)
-    has = (per_seq_n > 0).to(x.dtype)
-    return (per_seq * has).sum() / has.sum().clamp_min(1.0)
-
-
-def truncated_is_weight(old_logp: torch.Tensor, behav_logp: torch.Tensor | None, cap: float) -> torch.Tensor:
-    """min(pi_old / pi_behav, C) per token, detached; 1 when no behaviour log-probs are given."""
+def truncated_is_weight(
+    old_logp: torch.Tensor, behav_logp: torch.Tensor | None, cap: float
+) -> torch.Tensor:
+    """min(pi_old / pi_behav, C) per token [N, T], detached; 1 when no behaviour log-probs are given."""
     if behav_logp is None:
         return torch.ones_like(old_logp)
     return torch.exp(old_logp.detach() - behav_logp.detach()).clamp(max=cap)
 
 
-def _kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    # Unbiased, always >= 0 estimator of KL(pi || ref) from samples of pi.
-    d = ref_logp.detach() - logp
-    return torch.exp(d) - d - 1.0
+def _stat(x: torch.Tensor, where: torch.Tensor) -> tuple[float, float]:
+    """(sum of x over where, count of where), detached."""
+    return float((x.detach() * where).sum()), float(where.sum())
+
+
+def _seq_units(mask: torch.Tensor) -> int:
+    return int(mask.any(dim=1).sum())
 
 
 @register_policy_loss("grpo")
-def grpo_loss(logp, old_logp, adv, mask, cfg, behav_logp=None, ref_logp=None):
+class GRPOLoss(PolicyLoss):
     """Token-level PPO-clip with asymmetric clip [1 - clip_low, 1 + clip_high].
 
-    per token: w_t * max(-A r_t, -A clip(r_t)), r_t = exp(logp - old_logp), w_t truncated IS.
+    per token: w_t * max(-A r_t, -A clip(r_t)), r_t = exp(logp - old_logp), w_t truncated IS;
+    averaged over kept tokens (token-mean) or per sequence, then over sequences.
     """
-    _check(logp, old_logp, adv, mask)
-    a = adv.detach().to(logp.dtype).unsqueeze(1)
-    ratio = torch.exp(logp - old_logp.detach())
-    clipped = ratio.clamp(1.0 - cfg.clip_low, 1.0 + cfg.clip_high)
-    pg = torch.maximum(-a * ratio, -a * clipped)
-    w = truncated_is_weight(old_logp, behav_logp, cfg.is_cap)
-    per_token = w * pg
-    if cfg.kl_coef > 0 and ref_logp is not None:
-        per_token = per_token + cfg.kl_coef * _kl_k3(logp, ref_logp)
-    loss = masked_mean(per_token, mask, cfg.aggregation)
-    with torch.no_grad():
-        m = mask
-        n = max(int(m.sum()), 1)
-        clipped_frac = float(((-a * clipped > -a * ratio) & m).sum()) / n
-        metrics = {
-            "pg_clipfrac": clipped_frac,
-            "ratio_mean": float((ratio * m).sum()) / n,
-            "is_weight_mean": float((w * m).sum()) / n,
-            "approx_kl": float(((old_logp - logp) * m).sum()) / n,
-        }
-    return loss, metrics
+
+    config_cls = GRPOLossConfig
+    cfg: GRPOLossConfig
+
+    def units(self, mask: torch.Tensor) -> int:
+        if self.cfg.aggregation == "token-mean":
+            return int(mask.sum())
+        return _seq_units(mask)
+
+    def summed(self, logp, old_logp, adv, mask, behav_logp=None) -> LossSum:
+        _check(logp, old_logp, adv, mask)
+        a = adv.detach().to(logp.dtype).unsqueeze(1)
+        ratio = torch.exp(logp - old_logp.detach())
+        clipped = ratio.clamp(1.0 - self.cfg.clip_low, 1.0 + self.cfg.clip_high)
+        per_token = torch.maximum(-a * ratio, -a * clipped)
+        w = truncated_is_weight(old_logp, behav_logp, self.cfg.is_cap)
+        m = mask.to(logp.dtype)
+        weighted = w * per_token * m
+        if self.cfg.aggregation == "token-mean":
+            total = weighted.sum()
+        else:
+            total = (weighted.sum(dim=1) / m.sum(dim=1).clamp_min(1.0)).sum()
+        with torch.no_grad():
+            stats = {
+                "pg_clipfrac": _stat((-a * clipped > -a * ratio).to(m.dtype), m),
+                "ratio_mean": _stat(ratio, m),
+                "is_weight_mean": _stat(w, m),
+                "approx_kl": _stat(old_logp - logp, m),
+            }
+        return LossSum(total, stats)
 
 
 @register_policy_loss("gspo")
-def gspo_loss(logp, old_logp, adv, mask, cfg, behav_logp=None, ref_logp=None):
+class GSPOLoss(PolicyLoss):
     """Sequence-level PPO-clip (GSPO): s_i = exp(mean over kept tokens of logp - old_logp).
 
     per sequence: w_i * max(-A_i s_i, -A_i clip(s_i)); the truncated IS weight is taken at the
     same sequence level, w_i = min(exp(mean over kept tokens of old_logp - behav_logp), C).
-    Sequences with no kept token are left out; the result is their mean over sequences.
+    Sequences with no kept token are left out; the loss is the mean over the others.
     """
-    _check(logp, old_logp, adv, mask)
-    m = mask.to(logp.dtype)
-    n_tok = m.sum(dim=1)
-    has = n_tok > 0
-    denom = n_tok.clamp_min(1.0)
-    log_s = ((logp - old_logp.detach()) * m).sum(dim=1) / denom
-    s = torch.exp(log_s)
-    a = adv.detach().to(logp.dtype)
-    clipped = s.clamp(1.0 - cfg.clip_low, 1.0 + cfg.clip_high)
-    per_seq = torch.maximum(-a * s, -a * clipped)
-    if behav_logp is None:
-        w = torch.ones_like(s)
-    else:
-        w = torch.exp(((old_logp - behav_logp).detach() * m).sum(dim=1) / denom).clamp(max=cfg.is_cap)
-    per_seq = w * per_seq
-    if cfg.kl_coef > 0 and ref_logp is not None:
-        per_seq = per_seq + cfg.kl_coef * (_kl_k3(logp, ref_logp) * m).sum(dim=1) / denom
-    hasf = has.to(logp.dtype)
-    loss = (per_seq * hasf).sum() / hasf.sum().clamp_min(1.0)
-    with torch.no_grad():
-        k = max(int(has.sum()), 1)
-        metrics = {
-            "pg_clipfrac": float(((-a * clipped > -a * s) & has).sum()) / k,
-            "ratio_mean": float((s * hasf).sum()) / k,
-            "is_weight_mean": float((w * hasf).sum()) / k,
-            "approx_kl": float(((old_logp - logp) * mask).sum()) / max(int(mask.sum()), 1),
-        }
-    return loss, metrics
+
+    config_cls = GSPOLossConfig
+    cfg: GSPOLossConfig
+
+    def units(self, mask: torch.Tensor) -> int:
+        return _seq_units(mask)
+
+    def summed(self, logp, old_logp, adv, mask, behav_logp=None) -> LossSum:
+        _check(logp, old_logp, adv, mask)
+        m = mask.to(logp.dtype)
+        denom = m.sum(dim=1).clamp_min(1.0)
+        has = (m.sum(dim=1) > 0).to(logp.dtype)
+        s = torch.exp(((logp - old_logp.detach()) * m).sum(dim=1) / denom)
+        a = adv.detach().to(logp.dtype)
+        clipped = s.clamp(1.0 - self.cfg.clip_low, 1.0 + self.cfg.clip_high)
+        per_seq = torch.maximum(-a * s, -a * clipped)
+        if behav_logp is None:
+            w = torch.ones_like(s)
+        else:
+            w = torch.exp(((old_logp - behav_logp).detach() * m).sum(dim=1) / denom).clamp(
+                max=self.cfg.is_cap
+            )
+        total = (w * per_seq * has).sum()
+        with torch.no_grad():
+            stats = {
+                "pg_clipfrac": _stat((-a * clipped > -a * s).to(m.dtype), has),
+                "ratio_mean": _stat(s, has),
+                "is_weight_mean": _stat(w, has),
+                "approx_kl": _stat(old_logp - logp, m),
+            }
+        return LossSum(total, stats)

@@ -17,7 +17,15 @@ pytestmark = pytest.mark.integration
 
 def tiny_model(seed: int = 0) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
-    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=15, n_positions=32, bos_token_id=0, eos_token_id=1)
+    cfg = GPT2Config(
+        n_layer=2,
+        n_embd=32,
+        n_head=2,
+        vocab_size=15,
+        n_positions=32,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
     return GPT2LMHeadModel(cfg)
 
 
@@ -27,11 +35,15 @@ def make_batch(seed: int, n: int = 24) -> LearnerBatch:
     prompt = torch.full((n,), 8)
     seq = torch.randint(9, 14, (n,), generator=g)
     pos = torch.arange(13).unsqueeze(0)
-    behav = torch.where((pos >= prompt[:, None]) & (pos < seq[:, None]), -torch.rand(n, 13, generator=g) * 3, 0.0)
+    behav = torch.where(
+        (pos >= prompt[:, None]) & (pos < seq[:, None]), -torch.rand(n, 13, generator=g) * 3, 0.0
+    )
     return LearnerBatch(ids, prompt, seq, behav, torch.randn(n, generator=g))
 
 
-def run_steps(n_steps: int, preset: str, cfg_kwargs: dict, ckpt_dir: str | None = None, resume: bool = False):
+def run_steps(
+    n_steps: int, preset: str, cfg_kwargs: dict, ckpt_dir: str | None = None, resume: bool = False
+):
     eng = LearnerEngine(tiny_model(), LearnerConfig(**cfg_kwargs), total_steps=10)
     start = 0
     if resume:
@@ -45,7 +57,9 @@ def run_steps(n_steps: int, preset: str, cfg_kwargs: dict, ckpt_dir: str | None 
     return out, eng.state_dict_cpu()
 
 
-@pytest.mark.parametrize("preset,token_pass", [("grpo", "compact"), ("d3s", "compact"), ("d3s", "full")])
+@pytest.mark.parametrize(
+    "preset,token_pass", [("grpo", "compact"), ("d3s", "compact"), ("d3s", "full")]
+)
 def test_world_size_1_steps_change_weights(preset, token_pass):
     before = {k: v.clone() for k, v in tiny_model().state_dict().items()}
     metrics, after = run_steps(3, preset, {"token_pass": token_pass, "lr": 1e-3})
@@ -55,7 +69,9 @@ def test_world_size_1_steps_change_weights(preset, token_pass):
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert "transformer.h.0.attn.c_attn.weight" in changed
     if preset == "d3s":
-        assert metrics[0]["tokens_kept"] == pytest.approx(round(0.3 * metrics[0]["tokens_valid"] + 0.5), abs=1)
+        assert metrics[0]["tokens_kept"] == pytest.approx(
+            round(0.3 * metrics[0]["tokens_valid"] + 0.5), abs=1
+        )
         if token_pass == "compact":
             assert metrics[0]["tokens_forward"] < 0.8 * make_batch(0).seq_lengths.sum()
 
@@ -93,7 +109,7 @@ def test_checkpoint_resume_gives_same_next_step_loss(tmp_path):
 
 
 def test_gspo_loss_runs():
-    metrics, _ = run_steps(2, "d3s", {"policy_loss": "gspo"})
+    metrics, _ = run_steps(2, "d3s", {"loss": {"type": "gspo"}})
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
 
 
