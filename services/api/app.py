@@ -1,310 +1,120 @@
-"""The HTTP API: a FastAPI app that reports a run's schedule, metrics and queues, and pauses it.
+"""The HTTP API: a FastAPI app that reports a run's progress and state, and pauses or stops it.
 
-Stateless: every request reads Redis through :class:`~services.transport.streams.Transport`, so
-any number of replicas (Ray Serve) or a plain uvicorn process can serve the same run, and a
-restarted API shows exactly what the run wrote. Endpoints:
+Stateless: every request reads the run's Redis through :class:`~services.transport.bundle.Transport`,
+so any number of replicas (Ray Serve) or a plain uvicorn process can serve the same run, and a
+restarted API shows exactly what the run wrote. The app's connection, namespace and control token
+live on ``app.state``; the routes are plain module-level functions.
 
-* ``GET /healthz`` — 200 when Redis answers PING, else 503 with the reason.
-* ``GET /schedule`` — the selector's schedule (step, progress, rho_s, K, preset); 404 before a run
-  has written one.
-* ``GET /metrics`` — latest metric values, integer counters, queue depths, paused flag (JSON).
+Reading:
+
+* ``GET|HEAD /healthz`` — 200 when Redis answers PING, else 503 with the reason.
+* ``GET /schedule`` — the selector's schedule (step, progress, rho_s, K, preset); 404 before one.
+* ``GET /metrics`` — latest metric values, counters, queue depths, run flags (JSON).
 * ``GET /metrics/prometheus`` — the same in the Prometheus text format (version 0.0.4).
-* ``POST /control/pause``, ``POST /control/resume`` — need ``Authorization: Bearer <token>``;
-  disabled (403) when the server was started without a control token.
+* ``GET /metrics/history`` — per-step metric rows, paged by ``since_step`` / ``limit``.
+* ``GET /metrics/throughput`` — samples/s, tokens/s, learner busy fraction over recent steps.
+* ``GET /actors`` — each rollout actor's weight version, groups published, last heartbeat.
+* ``GET /dead-letters`` — the newest dead letters and their counts by reason.
+* ``GET /checkpoints`` — the learner's checkpoints.
+* ``GET /config`` — the run's config, secrets redacted.
+* ``GET /`` — a live dashboard page (static files under ``/static``).
+
+Control (``Authorization: Bearer <token>``; 403 when the server was started without a token):
+``POST /control/pause``, ``POST /control/resume``, ``POST /control/stop``.
 
 A Redis that cannot be reached turns any endpoint into a 503, never a 500.
 """
 
-# No `from __future__ import annotations`: FastAPI must evaluate the route signatures, and some
-# of their types (TransportDep) are local to create_app.
+from __future__ import annotations
 
 import hmac
 import logging
-import math
-import re
 import threading
-from collections.abc import AsyncIterator, Iterable, Iterator
+import time
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated, Any, Literal
+from pathlib import Path
+from typing import Annotated, Any
 
 import redis
-from fastapi import Depends, FastAPI, HTTPException, Request, status
-from fastapi.responses import JSONResponse, Response
+from fastapi import APIRouter, Body, Depends, FastAPI, HTTPException, Query, Request, status
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
-from pydantic import BaseModel, Field
+from fastapi.staticfiles import StaticFiles
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from services.transport.streams import Transport
+from services.api.models import (
+    ActorsResponse,
+    CheckpointsResponse,
+    ConfigResponse,
+    ControlResponse,
+    DeadLettersResponse,
+    ErrorResponse,
+    HealthResponse,
+    HistoryResponse,
+    MetricsResponse,
+    ScheduleResponse,
+    StopRequest,
+    StopResponse,
+    ThroughputResponse,
+)
+from services.api.prometheus import PROMETHEUS_CONTENT_TYPE, render_prometheus
+from services.api.views import (
+    MalformedValue,
+    actors_view,
+    checkpoints_view,
+    dead_letters_view,
+    history_page,
+    latest_history,
+    metrics_response,
+    parse_names,
+    parse_schedule,
+    read_snapshot,
+    redact_config,
+    throughput,
+)
+from services.transport.bundle import Transport
+from services.transport.keys import RunKeys
 
 __all__ = [
-    "PROMETHEUS_CONTENT_TYPE",
-    "ControlResponse",
-    "ErrorResponse",
-    "HealthResponse",
-    "MetricsResponse",
-    "QueueDepths",
-    "ScheduleResponse",
+    "MAX_DEAD_LETTERS",
+    "MAX_HISTORY_PAGE",
+    "MAX_THROUGHPUT_WINDOW",
+    "STATIC_DIR",
+    "RunConnection",
     "create_app",
-    "prometheus_name",
 ]
 
 log = logging.getLogger(__name__)
 
-# The classic text format: what every Prometheus server and most scrapers parse. The library's
-# CONTENT_TYPE_LATEST moved to 1.0.0 (UTF-8 names), which older scrapers reject.
-PROMETHEUS_CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
-_PREFIX = "d3s_"
-_INVALID_NAME_CHARS = re.compile(r"[^a-zA-Z0-9_]")
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+MAX_HISTORY_PAGE = 1000
+MAX_THROUGHPUT_WINDOW = 1000
+MAX_DEAD_LETTERS = 500
+# Steps are ints Redis and JSON both carry exactly; larger ones are a client's mistake.
+_MAX_STEP = 2**31 - 1
 
 
-# ---- response models ----------------------------------------------------------------------------
-
-
-class ErrorResponse(BaseModel):
-    """An error, as FastAPI reports it."""
-
-    detail: str
-
-
-class HealthResponse(BaseModel):
-    """Liveness of the API and its Redis."""
-
-    status: Literal["ok", "unavailable"]
-    redis: bool = Field(description="whether Redis answered PING")
-    reason: str | None = Field(None, description="why Redis is unavailable (503 only)")
-
-
-class ScheduleResponse(BaseModel):
-    """The selector's current schedule state (the ``{ns}:schedule`` hash).
-
-    A field the run has not written (yet) is null.
-    """
-
-    step: int | None = Field(None, description="learner step the schedule was computed for")
-    total_steps: int | None = Field(None, description="steps planned for the run")
-    progress: float | None = Field(None, description="step / total_steps, in [0, 1]")
-    sample_ratio: float | None = Field(None, description="rho_s: share of samples kept")
-    token_ratio: float | None = Field(None, description="K: share of tokens kept")
-    preset: str | None = Field(None, description="selection preset, e.g. 'd3s' or 'grpo'")
-
-
-class QueueDepths(BaseModel):
-    """Records waiting in each stream (delivered but unacknowledged ones included)."""
-
-    groups: int = Field(description="scored groups waiting for the selector")
-    batches: int = Field(description="curated batches waiting for the learner")
-    dead: int = Field(description="malformed records set aside in the dead-letter stream")
-
-
-class MetricsResponse(BaseModel):
-    """Everything the run reports, in one consistent-enough read."""
-
-    metrics: dict[str, float | None] = Field(
-        description="latest value of each metric; null where it is NaN or infinite"
-    )
-    counters: dict[str, int] = Field(description="monotonic event counters")
-    queues: QueueDepths
-    paused: bool = Field(description="whether an operator paused the run")
-
-
-class ControlResponse(BaseModel):
-    """The run's paused flag after a control request."""
-
-    paused: bool
-
-
-# ---- parsing Redis values -----------------------------------------------------------------------
-
-
-class _MalformedValue(ValueError):
-    """A hash field that does not parse as the type the API documents."""
-
-
-def _as_float(raw: str) -> float:
-    try:
-        return float(raw)
-    except ValueError:
-        raise _MalformedValue(f"{raw!r} is not a number") from None
-
-
-def _as_int(raw: str) -> int:
-    try:
-        return int(raw)
-    except ValueError:
-        pass
-    # Writers that format every number as a float ("12.0") still mean an integer.
-    value = _as_float(raw)
-    if not value.is_integer():
-        raise _MalformedValue(f"{raw!r} is not an integer")
-    return int(value)
-
-
-def _finite_or_none(value: float) -> float | None:
-    # Strict JSON has no NaN/Infinity (Starlette refuses to encode them); null says "no value".
-    return value if math.isfinite(value) else None
-
-
-def _parse_numbers(raw: dict[str, str], parse: Any, what: str) -> dict[str, Any]:
-    """Parse every field of a hash; one malformed field is logged and left out, not a 500."""
-    out: dict[str, Any] = {}
-    for name, value in sorted(raw.items()):
-        try:
-            out[name] = parse(value)
-        except _MalformedValue as exc:
-            log.warning("skipping %s %r: %s", what, name, exc)
-    return out
-
-
-def _parse_schedule(raw: dict[str, str]) -> ScheduleResponse:
-    fields: dict[str, Any] = {}
-    for name, parse in (
-        ("step", _as_int),
-        ("total_steps", _as_int),
-        ("progress", _as_float),
-        ("sample_ratio", _as_float),
-        ("token_ratio", _as_float),
-    ):
-        if name not in raw:
-            continue
-        try:
-            value = parse(raw[name])
-        except _MalformedValue as exc:
-            raise HTTPException(
-                status.HTTP_500_INTERNAL_SERVER_ERROR, f"schedule field {name!r}: {exc}"
-            ) from None
-        fields[name] = _finite_or_none(value) if isinstance(value, float) else value
-    if "preset" in raw:
-        fields["preset"] = raw["preset"]
-    return ScheduleResponse(**fields)
-
-
-# ---- Prometheus ---------------------------------------------------------------------------------
-
-
-def prometheus_name(name: str) -> str:
-    """``d3s_`` + ``name`` with every character Prometheus does not allow replaced by ``_``.
-
-    Colons are allowed by the format but reserved for recording rules, so they are replaced too.
-    """
-    return _PREFIX + _INVALID_NAME_CHARS.sub("_", name)
-
-
-class _Snapshot:
-    """One read of everything the metrics endpoints report."""
-
-    def __init__(self, transport: Transport) -> None:
-        self.metrics: dict[str, float] = _parse_numbers(
-            transport.read_hash(transport.metrics_key), _as_float, "metric"
-        )
-        self.counters: dict[str, int] = _parse_numbers(
-            transport.read_hash(transport.stats_key), _as_int, "counter"
-        )
-        self.queues = QueueDepths(
-            groups=transport.backlog(transport.groups_stream),
-            batches=transport.backlog(transport.batches_stream),
-            dead=transport.backlog(transport.dead_stream),
-        )
-        self.paused = transport.paused()
-        raw_schedule = transport.read_hash(transport.schedule_key)
-        self.schedule = _parse_schedule(raw_schedule) if raw_schedule else None
-
-
-class _SnapshotCollector:
-    """A one-shot collector over a :class:`_Snapshot`, for a registry that lives one request.
-
-    Sanitising can map two names onto one (``a.b`` and ``a/b``) or onto a fixed family
-    (a metric called ``paused``); a duplicate family would make the whole exposition unparsable,
-    so the first claim wins (fixed families, then counters, then metrics, each by name) and the
-    rest are logged and left out.
-    """
-
-    def __init__(self, snap: _Snapshot) -> None:
-        self.snap = snap
-        self._taken: set[str] = set()
-
-    def _claim(self, *names: str) -> bool:
-        if self._taken.intersection(names):
-            log.warning("Prometheus name %s is taken; leaving that series out", names[0])
-            return False
-        self._taken.update(names)
-        return True
-
-    def collect(self) -> Iterable[Metric]:
-        self._taken.clear()
-        yield from self._fixed()
-        for name, value in self.snap.counters.items():
-            family = prometheus_name(name)
-            family = family.removesuffix("_total")  # the library appends it again
-            # A counter's samples are named <family>_total: both names are spoken for.
-            if self._claim(family, family + "_total"):
-                yield CounterMetricFamily(family, f"D3S counter {name!r}", value=value)
-        for name, value in self.snap.metrics.items():
-            family = prometheus_name(name)
-            if self._claim(family):
-                yield GaugeMetricFamily(family, f"D3S metric {name!r} (latest value)", value=value)
-
-    def _fixed(self) -> Iterator[Metric]:
-        queue = GaugeMetricFamily(
-            "d3s_queue_depth", "records waiting in each stream", labels=["queue"]
-        )
-        for label, depth in self.snap.queues.model_dump().items():
-            queue.add_metric([label], depth)
-        self._claim("d3s_queue_depth")
-        yield queue
-        self._claim("d3s_paused")
-        yield GaugeMetricFamily(
-            "d3s_paused", "1 while an operator paused the run", value=int(self.snap.paused)
-        )
-        schedule = self.snap.schedule
-        if schedule is None:
-            return
-        for field in ("step", "total_steps", "progress", "sample_ratio", "token_ratio"):
-            value = getattr(schedule, field)
-            if value is not None and self._claim(f"d3s_schedule_{field}"):
-                yield GaugeMetricFamily(
-                    f"d3s_schedule_{field}", f"schedule {field}", value=float(value)
-                )
-        if schedule.preset is not None and self._claim("d3s_schedule_info"):
-            info = GaugeMetricFamily(
-                "d3s_schedule_info",
-                "selection preset of the run (value always 1)",
-                labels=["preset"],
-            )
-            info.add_metric([schedule.preset], 1)
-            yield info
-
-
-def _render_prometheus(snap: _Snapshot) -> bytes:
-    # A fresh registry per request: nothing global to go stale or to collide across apps.
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_SnapshotCollector(snap))
-    return generate_latest(registry)
-
-
-# ---- the app ------------------------------------------------------------------------------------
-
-
-class _RedisHolder:
-    """The app's Redis client, created on first use.
+class RunConnection:
+    """The app's Redis client and the run's :class:`Transport`, created on first use.
 
     Lazily, so building the app opens no connection: the app can be built before Redis is up,
-    and in a process other than the one that serves it.
+    and in a process other than the one that serves it (a Ray Serve replica).
     """
 
-    def __init__(self, url: str, timeout_s: float) -> None:
+    def __init__(self, url: str, namespace: str, timeout_s: float) -> None:
         self.url = url
+        self.namespace = namespace
         self.timeout_s = timeout_s
-        self._client: redis.Redis | None = None
+        self._transport: Transport | None = None
         self._lock = threading.Lock()
 
-    def get(self) -> redis.Redis:
+    def transport(self) -> Transport:
         with self._lock:
-            if self._client is None:
-                self._client = redis.Redis.from_url(
+            if self._transport is None:
+                client = redis.Redis.from_url(
                     self.url,
                     decode_responses=False,  # the Transport requires bytes
                     socket_timeout=self.timeout_s,
@@ -315,23 +125,337 @@ class _RedisHolder:
                     retry=Retry(ExponentialBackoff(cap=0.1, base=0.02), 1),
                     health_check_interval=30,
                 )
-            return self._client
+                self._transport = Transport.open(client, self.namespace)
+            return self._transport
 
     def close(self) -> None:
         with self._lock:
-            if self._client is not None:
-                self._client.close()
-                self._client = None
+            if self._transport is not None:
+                self._transport.close()
+                self._transport = None
 
+
+# ---- dependencies and handlers ------------------------------------------------------------------
+
+
+def _connection(request: Request) -> RunConnection:
+    return request.app.state.run
+
+
+def _transport(request: Request) -> Transport:
+    return _connection(request).transport()
+
+
+TransportDep = Annotated[Transport, Depends(_transport)]
 
 _bearer = HTTPBearer(
     auto_error=False,  # missing credentials are answered here: 401, or 403 when disabled
     description="the control token the API was started with",
 )
 
+
+def _authorize(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> None:
+    token: str | None = request.app.state.control_token
+    if token is None:
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            "control is disabled: the API was started without a control token",
+        )
+    # compare_digest: the time taken must not reveal how much of a guess was right.
+    if credentials is None or not hmac.compare_digest(
+        credentials.credentials.encode(), token.encode()
+    ):
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "missing or wrong bearer token",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+async def _redis_down(_: Request, exc: Exception) -> JSONResponse:
+    log.warning("Redis unavailable: %s", exc)
+    return JSONResponse(
+        {"detail": f"Redis unavailable: {exc}"}, status_code=status.HTTP_503_SERVICE_UNAVAILABLE
+    )
+
+
+async def _malformed(_: Request, exc: Exception) -> JSONResponse:
+    # The run wrote something the API cannot read: a defect worth a 500, named precisely.
+    log.error("malformed run state: %s", exc)
+    return JSONResponse({"detail": str(exc)}, status_code=status.HTTP_500_INTERNAL_SERVER_ERROR)
+
+
 _ERRORS: dict[int | str, dict[str, Any]] = {
     503: {"model": ErrorResponse, "description": "Redis is unreachable"},
 }
+_CONTROL_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorResponse, "description": "missing or wrong bearer token"},
+    403: {"model": ErrorResponse, "description": "control disabled (no token configured)"},
+    **_ERRORS,
+}
+
+router = APIRouter()
+
+
+# ---- health, dashboard --------------------------------------------------------------------------
+
+
+def _ping(t: Transport) -> HealthResponse:
+    try:
+        t.client.ping()
+    except redis.exceptions.RedisError as exc:
+        return HealthResponse(status="unavailable", redis=False, reason=str(exc) or repr(exc))
+    return HealthResponse(status="ok", redis=True)
+
+
+@router.get(
+    "/healthz",
+    response_model=HealthResponse,
+    responses={503: {"model": HealthResponse, "description": "Redis does not answer"}},
+    summary="Liveness: the API runs and Redis answers PING",
+)
+def healthz(request: Request) -> HealthResponse | JSONResponse:
+    body = _ping(_transport(request))
+    if not body.redis:
+        return JSONResponse(body.model_dump(), status_code=status.HTTP_503_SERVICE_UNAVAILABLE)
+    return body
+
+
+@router.head(
+    "/healthz",
+    response_class=Response,
+    responses={200: {"description": "Redis answers PING"}, 503: {"description": "it does not"}},
+    summary="Liveness for probes that send HEAD: the status code only",
+)
+def healthz_head(request: Request) -> Response:
+    ok = _ping(_transport(request)).redis
+    return Response(status_code=status.HTTP_200_OK if ok else status.HTTP_503_SERVICE_UNAVAILABLE)
+
+
+@router.get(
+    "/",
+    response_class=FileResponse,
+    responses={200: {"content": {"text/html": {}}, "description": "the dashboard page"}},
+    summary="A live dashboard of the run (polls the JSON routes)",
+)
+def dashboard() -> FileResponse:
+    return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+
+# ---- schedule, metrics --------------------------------------------------------------------------
+
+
+@router.get(
+    "/schedule",
+    response_model=ScheduleResponse,
+    responses={
+        404: {"model": ErrorResponse, "description": "no run has written a schedule yet"},
+        **_ERRORS,
+    },
+    summary="The selector's current schedule: step, progress, rho_s, K, preset",
+)
+def schedule(t: TransportDep) -> ScheduleResponse:
+    raw = t.state.schedule()
+    if not raw:
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND,
+            f"no schedule yet: no run has written {t.keys.schedule!r} "
+            "(is the selector running with this namespace?)",
+        )
+    return parse_schedule(raw)
+
+
+@router.get(
+    "/metrics",
+    response_model=MetricsResponse,
+    responses=_ERRORS,
+    summary="Latest metrics, counters, queue depths and the run's flags",
+)
+def metrics(t: TransportDep) -> MetricsResponse:
+    return metrics_response(read_snapshot(t))
+
+
+@router.get(
+    "/metrics/prometheus",
+    response_class=Response,
+    responses={
+        200: {
+            "content": {PROMETHEUS_CONTENT_TYPE: {"schema": {"type": "string"}}},
+            "description": "Prometheus text exposition format 0.0.4",
+        },
+        **_ERRORS,
+    },
+    summary="The same metrics for a Prometheus scraper",
+)
+def metrics_prometheus(t: TransportDep) -> Response:
+    return Response(render_prometheus(read_snapshot(t)), media_type=PROMETHEUS_CONTENT_TYPE)
+
+
+@router.get(
+    "/metrics/history",
+    response_model=HistoryResponse,
+    responses=_ERRORS,
+    summary="Per-step metric series, one page at a time",
+)
+def metrics_history(
+    t: TransportDep,
+    names: Annotated[
+        str | None,
+        Query(
+            max_length=8192,
+            description="comma-separated metric names; all fields of the returned rows if absent",
+            examples=["reward_mean,heldout_accuracy"],
+        ),
+    ] = None,
+    since_step: Annotated[int, Query(ge=0, le=_MAX_STEP, description="first step to return")] = 0,
+    limit: Annotated[
+        int, Query(ge=1, le=MAX_HISTORY_PAGE, description="most rows in one page")
+    ] = 200,
+) -> HistoryResponse:
+    try:
+        wanted = parse_names(names)
+    except ValueError as exc:
+        raise RequestValidationError(
+            [{"type": "value_error", "loc": ("query", "names"), "msg": str(exc), "input": names}]
+        ) from None
+    rows = t.state.history(since_step, limit + 1)
+    return history_page(rows, wanted, since_step, limit)
+
+
+@router.get(
+    "/metrics/throughput",
+    response_model=ThroughputResponse,
+    responses=_ERRORS,
+    summary="Samples/s, kept tokens/s and learner busy fraction over the latest steps",
+)
+def metrics_throughput(
+    t: TransportDep,
+    window: Annotated[
+        int,
+        Query(ge=2, le=MAX_THROUGHPUT_WINDOW, description="how many latest step rows to use"),
+    ] = 20,
+) -> ThroughputResponse:
+    return throughput(latest_history(t.state, window), window)
+
+
+# ---- actors, dead letters, checkpoints, config --------------------------------------------------
+
+
+@router.get(
+    "/actors",
+    response_model=ActorsResponse,
+    responses=_ERRORS,
+    summary="Each rollout actor's weight version, groups published and last heartbeat",
+)
+def actors(t: TransportDep) -> ActorsResponse:
+    learner_version = t.state.numeric_metrics().get("learner_version")
+    return actors_view(t.state.heartbeats(), learner_version, time.time())
+
+
+@router.get(
+    "/dead-letters",
+    response_model=DeadLettersResponse,
+    responses=_ERRORS,
+    summary="The newest dead-lettered records (reason, source) and counts by reason",
+)
+def dead_letters(
+    t: TransportDep,
+    count: Annotated[
+        int, Query(ge=1, le=MAX_DEAD_LETTERS, description="how many of the newest to return")
+    ] = 50,
+) -> DeadLettersResponse:
+    total = t.state.counter("dead")
+    return dead_letters_view(t.state.dead_letters(count), total, t.queue.backlog(t.keys.dead))
+
+
+@router.get(
+    "/checkpoints",
+    response_model=CheckpointsResponse,
+    responses=_ERRORS,
+    summary="The learner's checkpoints, oldest first",
+)
+def checkpoints(t: TransportDep) -> CheckpointsResponse:
+    return checkpoints_view(t.state.checkpoints())
+
+
+@router.get(
+    "/config",
+    response_model=ConfigResponse,
+    responses={
+        404: {"model": ErrorResponse, "description": "no run has written its config yet"},
+        **_ERRORS,
+    },
+    summary="The run's configuration, secrets redacted",
+)
+def config(request: Request, t: TransportDep) -> ConfigResponse:
+    raw = t.state.config()
+    if raw is None:
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND, f"no config yet: no run has written {t.keys.config!r}"
+        )
+    if not isinstance(raw, dict):
+        raise MalformedValue(f"config: {t.keys.config!r} holds {type(raw).__name__}, not an object")
+    known = [request.app.state.control_token] if request.app.state.control_token else []
+    body, paths = redact_config(raw, known)
+    return ConfigResponse(config=body, redacted=paths)
+
+
+# ---- control ------------------------------------------------------------------------------------
+
+
+def _set_paused(t: Transport, paused: bool) -> ControlResponse:
+    t.control.set_paused(paused)
+    log.info("run %s %s via the API", t.namespace, "paused" if paused else "resumed")
+    return ControlResponse(paused=t.control.paused())
+
+
+@router.post(
+    "/control/pause",
+    response_model=ControlResponse,
+    responses=_CONTROL_ERRORS,
+    dependencies=[Depends(_authorize)],
+    summary="Pause the run (rollouts and selector stop taking new work)",
+)
+def pause(t: TransportDep) -> ControlResponse:
+    return _set_paused(t, True)
+
+
+@router.post(
+    "/control/resume",
+    response_model=ControlResponse,
+    responses=_CONTROL_ERRORS,
+    dependencies=[Depends(_authorize)],
+    summary="Resume a paused run",
+)
+def resume(t: TransportDep) -> ControlResponse:
+    return _set_paused(t, False)
+
+
+@router.post(
+    "/control/stop",
+    response_model=StopResponse,
+    responses=_CONTROL_ERRORS,
+    dependencies=[Depends(_authorize)],
+    summary="Stop the run gracefully: every component winds down at its next step",
+)
+def stop(t: TransportDep, body: Annotated[StopRequest | None, Body()] = None) -> StopResponse:
+    reason = (body or StopRequest()).reason
+    t.control.request_stop(reason)
+    kept = t.control.stop_reason() or reason
+    log.info("run %s: stop requested via the API (%s)", t.namespace, kept)
+    return StopResponse(stop_requested=True, reason=kept)
+
+
+# ---- the app ------------------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    yield
+    app.state.run.close()
 
 
 def create_app(
@@ -351,146 +475,20 @@ def create_app(
         redis_timeout_s: socket timeout for each Redis call; bounds how long a request waits on
             an unresponsive Redis before answering 503.
     """
-    if not namespace:
-        raise ValueError("namespace must be non-empty")
-    holder = _RedisHolder(redis_url, redis_timeout_s)
-    token = control_token or None
-
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        yield
-        holder.close()
-
+    RunKeys(namespace)  # a bad namespace fails here, naming it, not at the first request
+    if redis_timeout_s <= 0:
+        raise ValueError(f"redis_timeout_s: must be > 0, got {redis_timeout_s}")
     app = FastAPI(
         title="D3S-RL",
-        summary="Schedule, metrics and control of a D3S-RL post-training run",
+        summary="Progress, metrics and control of a D3S-RL post-training run",
         version="1",
-        lifespan=lifespan,
+        lifespan=_lifespan,
     )
-
-    def transport() -> Transport:
-        return Transport(holder.get(), namespace)
-
-    TransportDep = Annotated[Transport, Depends(transport)]
-
-    @app.exception_handler(redis.exceptions.ConnectionError)
-    @app.exception_handler(redis.exceptions.TimeoutError)
-    async def _redis_down(_: Request, exc: Exception) -> JSONResponse:
-        log.warning("Redis unavailable: %s", exc)
-        return JSONResponse(
-            {"detail": f"Redis unavailable: {exc}"}, status_code=status.HTTP_503_SERVICE_UNAVAILABLE
-        )
-
-    @app.get(
-        "/healthz",
-        response_model=HealthResponse,
-        responses={503: {"model": HealthResponse, "description": "Redis does not answer"}},
-        summary="Liveness: the API runs and Redis answers PING",
-    )
-    def healthz() -> HealthResponse | JSONResponse:
-        try:
-            holder.get().ping()
-        except redis.exceptions.RedisError as exc:
-            body = HealthResponse(status="unavailable", redis=False, reason=str(exc) or repr(exc))
-            return JSONResponse(body.model_dump(), status_code=status.HTTP_503_SERVICE_UNAVAILABLE)
-        return HealthResponse(status="ok", redis=True)
-
-    @app.get(
-        "/schedule",
-        response_model=ScheduleResponse,
-        responses={
-            404: {"model": ErrorResponse, "description": "no run has written a schedule yet"},
-            **_ERRORS,
-        },
-        summary="The selector's current schedule: step, progress, rho_s, K, preset",
-    )
-    def schedule(t: TransportDep) -> ScheduleResponse:
-        raw = t.read_hash(t.schedule_key)
-        if not raw:
-            raise HTTPException(
-                status.HTTP_404_NOT_FOUND,
-                f"no schedule yet: no run has written {t.schedule_key!r} "
-                "(is the selector running with this namespace?)",
-            )
-        return _parse_schedule(raw)
-
-    @app.get(
-        "/metrics",
-        response_model=MetricsResponse,
-        responses=_ERRORS,
-        summary="Latest metrics, counters, queue depths and the paused flag",
-    )
-    def metrics(t: TransportDep) -> MetricsResponse:
-        snap = _Snapshot(t)
-        return MetricsResponse(
-            metrics={k: _finite_or_none(v) for k, v in snap.metrics.items()},
-            counters=snap.counters,
-            queues=snap.queues,
-            paused=snap.paused,
-        )
-
-    @app.get(
-        "/metrics/prometheus",
-        response_class=Response,
-        responses={
-            200: {
-                "content": {PROMETHEUS_CONTENT_TYPE: {"schema": {"type": "string"}}},
-                "description": "Prometheus text exposition format 0.0.4",
-            },
-            **_ERRORS,
-        },
-        summary="The same metrics for a Prometheus scraper",
-    )
-    def metrics_prometheus(t: TransportDep) -> Response:
-        return Response(_render_prometheus(_Snapshot(t)), media_type=PROMETHEUS_CONTENT_TYPE)
-
-    def authorize(
-        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-    ) -> None:
-        if token is None:
-            raise HTTPException(
-                status.HTTP_403_FORBIDDEN,
-                "control is disabled: the API was started without a control token",
-            )
-        # compare_digest: the time taken must not reveal how much of a guess was right.
-        if credentials is None or not hmac.compare_digest(
-            credentials.credentials.encode(), token.encode()
-        ):
-            raise HTTPException(
-                status.HTTP_401_UNAUTHORIZED,
-                "missing or wrong bearer token",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-
-    control_errors: dict[int | str, dict[str, Any]] = {
-        401: {"model": ErrorResponse, "description": "missing or wrong bearer token"},
-        403: {"model": ErrorResponse, "description": "control disabled (no token configured)"},
-        **_ERRORS,
-    }
-
-    def set_paused(t: Transport, paused: bool) -> ControlResponse:
-        t.set_paused(paused)
-        log.info("run %s %s via the API", namespace, "paused" if paused else "resumed")
-        return ControlResponse(paused=t.paused())
-
-    @app.post(
-        "/control/pause",
-        response_model=ControlResponse,
-        responses=control_errors,
-        dependencies=[Depends(authorize)],
-        summary="Pause the run (rollouts and selector stop taking new work)",
-    )
-    def pause(t: TransportDep) -> ControlResponse:
-        return set_paused(t, True)
-
-    @app.post(
-        "/control/resume",
-        response_model=ControlResponse,
-        responses=control_errors,
-        dependencies=[Depends(authorize)],
-        summary="Resume a paused run",
-    )
-    def resume(t: TransportDep) -> ControlResponse:
-        return set_paused(t, False)
-
+    app.state.run = RunConnection(redis_url, namespace, redis_timeout_s)
+    app.state.control_token = control_token or None
+    app.add_exception_handler(redis.exceptions.ConnectionError, _redis_down)
+    app.add_exception_handler(redis.exceptions.TimeoutError, _redis_down)
+    app.add_exception_handler(MalformedValue, _malformed)
+    app.include_router(router)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app

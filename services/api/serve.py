@@ -5,6 +5,8 @@
   HTTP proxy.
 * :func:`run_standalone` — the same app under uvicorn, blocking, without Ray (``d3s api``,
   docker-compose).
+* :func:`serve_in_thread` — the app under uvicorn in a background thread of this process, for as
+  long as a ``with`` block runs (tests, notebooks).
 
 Both bind 127.0.0.1 unless told otherwise: control needs a token, but the read endpoints have none.
 Ray is imported lazily, so the uvicorn path does not pay for it.
@@ -14,15 +16,20 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from services.api.app import create_app
 from services.common.net import free_port
 
 if TYPE_CHECKING:
+    from fastapi import FastAPI
     from ray.serve.deployment import Deployment
 
 __all__ = [
@@ -31,6 +38,7 @@ __all__ = [
     "DEFAULT_PORT",
     "build_deployment",
     "run_standalone",
+    "serve_in_thread",
     "start_api",
     "stop_api",
 ]
@@ -160,3 +168,39 @@ def run_standalone(
     app = create_app(redis_url, namespace, control_token)
     log.info("D3S API (uvicorn) on %s:%d, namespace %s", host, port, namespace)
     uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+@contextmanager
+def serve_in_thread(
+    app: FastAPI, host: str = DEFAULT_HOST, port: int = 0, *, startup_timeout_s: float = 10.0
+) -> Iterator[str]:
+    """Serve ``app`` with uvicorn in a daemon thread while the block runs; yields its base URL.
+
+    The socket is bound here and handed to uvicorn, so with ``port=0`` no other process can take
+    the port between choosing and binding it. The server is shut down (lifespan included) on exit.
+    """
+    import uvicorn
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    bound_port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, name="d3s-api", daemon=True
+    )
+    thread.start()
+    try:
+        deadline = time.monotonic() + startup_timeout_s
+        while not server.started:
+            if not thread.is_alive():
+                raise RuntimeError("uvicorn exited during startup (see its log above)")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"uvicorn did not start within {startup_timeout_s:.0f}s")
+            time.sleep(0.01)
+        yield f"http://{_url_host(host)}:{bound_port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
