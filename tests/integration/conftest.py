@@ -8,8 +8,8 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from services.transport.bundle import Transport
 from services.transport.redis_server import EmbeddedRedis
-from services.transport.streams import Transport
 
 
 @pytest.fixture(scope="session")
@@ -35,7 +35,7 @@ def redis_client(redis_server: EmbeddedRedis) -> Iterator[redis.Redis]:
 def transport(redis_client: redis.Redis) -> Iterator[Transport]:
     """A Transport in a namespace of its own, so tests never see each other's keys."""
     ns = f"t{uuid.uuid4().hex[:12]}"
-    yield Transport(redis_client, namespace=ns)
+    yield Transport.open(redis_client, ns)
     keys = list(redis_client.scan_iter(match=f"{ns}:*"))
     if keys:
         redis_client.delete(*keys)
