@@ -1,0 +1,287 @@
+"""Weight sync transports end to end: a learner process and rollout-engine processes on the tiny
+GPT-2, full sha256 compares after every sync, corruption detected, restarted engines catch up."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from services.policy.model import PolicySpec, build_policy
+from services.policy.tokenizer import CharTokenizer
+from services.weightsync.checksum import WeightSyncError, sample_checksum, state_checksum
+from services.weightsync.collective import CollectivePublisher, CollectiveReceiver, plan_buckets
+from services.weightsync.config import WeightSyncConfig
+from services.weightsync.files import FilesPublisher, FilesReceiver, version_file
+
+pytestmark = pytest.mark.integration
+
+SPEC = PolicySpec(n_layer=2, n_embd=64, n_head=4, n_positions=32)
+# 8 KiB buckets: the 2-layer model's ~30 tensors spread over many buckets, several per bucket
+BUCKET_BYTES = 8 << 10
+_CTX = mp.get_context(
+    "fork"
+)  # the parent holds no gloo state; forking skips a torch import per child
+
+
+def _model(seed: int) -> torch.nn.Module:
+    return build_policy(SPEC, CharTokenizer(), seed=seed)
+
+
+def _step(model: torch.nn.Module, version: int) -> None:
+    """A stand-in optimizer step: every parameter moves, deterministically per version."""
+    g = torch.Generator().manual_seed(version)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.01)
+
+
+# ---- processes ---------------------------------------------------------------------------------
+
+
+def _learner(conn: Any, catchup: str) -> None:
+    torch.set_num_threads(1)
+    try:
+        model = _model(seed=0)
+        pub = CollectivePublisher("127.0.0.1", 0, bucket_bytes=BUCKET_BYTES, catchup_dir=catchup,
+                                  catchup_every=1, timeout_s=30, member_timeout_s=60)  # fmt: skip
+        conn.send(("address", pub.address))
+        while True:
+            cmd = conn.recv()
+            if cmd[0] == "stop":
+                pub.close()
+                return
+            version = cmd[1]
+            _step(model, version)
+            seconds = pub.publish(version, model.state_dict())
+            pub.flush()
+            conn.send(("ok", version, state_checksum(model.state_dict()), seconds,
+                       len(plan_buckets(dict(model.state_dict()), BUCKET_BYTES))))  # fmt: skip
+    except BaseException as exc:
+        conn.send(("error", type(exc).__name__, f"{exc}\n{traceback.format_exc()}"))
+
+
+class _CorruptingReceiver(CollectiveReceiver):
+    """Flips the second bucket of one version on arrival, as a bad link or a buggy copy would."""
+
+    corrupt_version = -1
+
+    def _on_bucket(self, version: int, index: int, flat: torch.Tensor) -> None:
+        if version == self.corrupt_version and index == 1:
+            flat.mul_(-1.0)
+
+
+def _engine(conn: Any, address: str, name: str, catchup: str, corrupt_version: int) -> None:
+    torch.set_num_threads(1)
+    try:
+        model = _model(seed=1)  # different from the learner's until weights arrive
+        recv = _CorruptingReceiver(address, name, catchup_dir=catchup, timeout_s=30)
+        recv.corrupt_version = corrupt_version
+        conn.send(("ready", name))
+        while True:
+            cmd = conn.recv()
+            if cmd[0] == "stop":
+                recv.close()
+                return
+            target, deadline = cmd[1], time.monotonic() + 60
+            while recv.version != target:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{name} stuck at version {recv.version}, want {target}")
+                if recv.has_update():
+                    recv.receive(model)
+                else:
+                    time.sleep(0.01)
+            conn.send(("ok", recv.version, state_checksum(model.state_dict()), recv.generation))
+    except BaseException as exc:
+        conn.send(("error", type(exc).__name__, f"{exc}\n{traceback.format_exc()}"))
+
+
+class _Proc:
+    def __init__(self, target: Any, *args: Any) -> None:
+        self.conn, child = _CTX.Pipe()
+        self.proc = _CTX.Process(target=target, args=(child, *args), daemon=True)
+        self.proc.start()
+
+    def ask(self, *cmd: Any) -> None:
+        self.conn.send(cmd)
+
+    def answer(self, timeout: float = 90.0) -> tuple[Any, ...]:
+        assert self.conn.poll(timeout), "no answer from a weight-sync process"
+        got = self.conn.recv()
+        if got[0] == "error" and got[1] != "WeightSyncError":
+            raise AssertionError(f"{got[1]}: {got[2]}")
+        return got
+
+    def stop(self) -> None:
+        if self.proc.is_alive():
+            self.conn.send(("stop",))
+            self.proc.join(10)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(5)
+
+
+def _sync(
+    learner: _Proc, engines: dict[str, _Proc], version: int
+) -> tuple[str, dict[str, tuple[Any, ...]]]:
+    """Publish ``version`` and wait until every engine holds it; the learner's full checksum
+    and each engine's answer."""
+    learner.ask("publish", version)
+    for e in engines.values():
+        e.ask("sync", version)
+    got = learner.answer()
+    assert got[0] == "ok", got
+    return got[2], {name: e.answer() for name, e in engines.items()}
+
+
+# ---- collective ---------------------------------------------------------------------------------
+
+
+def test_collective_broadcast_two_engines_restart_and_corruption(tmp_path: Path) -> None:
+    catchup = str(tmp_path / "catchup")
+    learner = _Proc(_learner, catchup)
+    procs = [learner]
+    try:
+        kind, address = learner.answer()
+        assert kind == "address"
+        engines = {n: _Proc(_engine, address, n, catchup, 5) for n in ("rollout-0", "rollout-1")}
+        procs += engines.values()
+        for e in engines.values():
+            assert e.answer()[0] == "ready"
+
+        # two versions by broadcast: both engines hold exactly the learner's bytes
+        for version in (1, 2):
+            expected, answers = _sync(learner, engines, version)
+            for name, ans in answers.items():
+                assert ans[:3] == ("ok", version, expected), (
+                    f"{name} after version {version}: {ans}"
+                )
+        assert {a[3] for a in answers.values()} == {
+            1
+        }  # one generation, formed at the first publish
+
+        # rollout-1 dies and restarts under the same name: it catches up from the files at once
+        engines["rollout-1"].proc.kill()
+        engines["rollout-1"].proc.join(5)
+        engines["rollout-1"] = restarted = _Proc(_engine, address, "rollout-1", catchup, 5)
+        procs.append(restarted)
+        assert restarted.answer()[0] == "ready"
+        restarted.ask("sync", 2)
+        ans = restarted.answer()
+        assert ans[:3] == ("ok", 2, expected) and ans[3] == 0, f"catch-up from files: {ans}"
+
+        # the next publish re-forms the group with the restarted engine in its old place
+        expected, answers = _sync(learner, engines, 3)
+        for name, ans in answers.items():
+            assert ans[:3] == ("ok", 3, expected), f"{name}: {ans}"
+            assert ans[3] == 2, f"{name} should be in generation 2: {ans}"
+
+        # rollout-0 dies and nobody replaces it: the broadcast to it fails, the learner drops the
+        # group and writes the version to the files, the survivor re-joins and loses nothing
+        engines.pop("rollout-0").proc.kill()
+        expected, answers = _sync(learner, engines, 4)
+        assert answers["rollout-1"][:3] == ("ok", 4, expected), answers
+
+        # a corrupted bucket on the wire stops the engine with a clear error
+        learner.ask("publish", 5)
+        engines["rollout-1"].ask("sync", 5)
+        assert learner.answer()[0] == "ok"
+        err = engines["rollout-1"].answer()
+        assert err[0] == "error" and err[1] == "WeightSyncError", err
+        assert "version 5 arrived corrupted" in err[2] and "broadcast" in err[2], err[2]
+    finally:
+        for p in procs:
+            p.stop()
+
+
+# ---- files --------------------------------------------------------------------------------------
+
+
+def test_files_equality_late_joiner_pruning_and_corruption(tmp_path: Path) -> None:
+    model = _model(seed=0)
+    pub = FilesPublisher(tmp_path, keep_last=2)
+    early, early_model = FilesReceiver(tmp_path, timeout_s=5), _model(seed=1)
+    assert early.latest_version() == -1 and early.receive(early_model) is None
+    for version in (1, 2, 3):
+        _step(model, version)
+        pub.publish(version, model.state_dict())
+        assert early.receive(early_model) == version
+        assert state_checksum(early_model.state_dict()) == state_checksum(model.state_dict())
+    assert early.receive(early_model) is None  # nothing new
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        version_file(tmp_path, v).name for v in (2, 3)
+    ]
+
+    late, late_model = FilesReceiver(tmp_path, timeout_s=5), _model(seed=2)
+    assert late.receive(late_model) == 3
+    assert state_checksum(late_model.state_dict()) == state_checksum(model.state_dict())
+
+    # a resumed learner republishes an older version: receivers follow it back
+    pub.publish(2, model.state_dict(), rewind=True)
+    assert late.latest_version() == 2 and late.receive(late_model) == 2
+
+    # corrupted tensor bytes under intact metadata: the sampled checksum catches it
+    path = version_file(tmp_path, 2)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    tensors["transformer.h.0.mlp.c_fc.weight"] = tensors["transformer.h.0.mlp.c_fc.weight"] * 0.5
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(WeightSyncError, match="version 2 arrived corrupted"):
+        FilesReceiver(tmp_path, timeout_s=5).receive(_model(seed=3))
+    # a truncated file is an error that names it, not a crash in the engine
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(WeightSyncError, match="unreadable"):
+        FilesReceiver(tmp_path, timeout_s=5).receive(_model(seed=3))
+
+
+def test_bf16_model_travels_as_bf16_and_loads_exactly(tmp_path: Path) -> None:
+    """A bf16 model keeps bf16 on the wire (auto); a forced bf16 wire into a float32 engine
+    rounds once, and the engine's check accepts exactly those rounded values."""
+    model = _model(seed=0).to(torch.bfloat16)
+    FilesPublisher(tmp_path / "a").publish(1, model.state_dict())
+    on_disk = load_file(str(version_file(tmp_path / "a", 1)))
+    assert {t.dtype for t in on_disk.values()} == {torch.bfloat16}
+    engine = _model(seed=1)  # float32
+    assert FilesReceiver(tmp_path / "a").receive(engine) == 1
+    assert all(
+        torch.equal(engine.state_dict()[n], t.float()) for n, t in model.state_dict().items()
+    )
+
+    f32 = _model(seed=0)
+    FilesPublisher(tmp_path / "b", wire=torch.bfloat16).publish(1, f32.state_dict())
+    assert FilesReceiver(tmp_path / "b").receive(engine) == 1
+    for n, t in f32.state_dict().items():
+        assert torch.equal(engine.state_dict()[n], t.to(torch.bfloat16).float()), n
+
+
+def test_sample_checksum_is_cheap_and_sensitive() -> None:
+    big = {"w": torch.randn(4096, 1024), "b": torch.randn(1024)}
+    base = sample_checksum(big)
+    assert sample_checksum({k: v.clone() for k, v in big.items()}) == base
+    assert sample_checksum({k: v.to(torch.float64) for k, v in big.items()}) == base  # dtype-blind
+    assert sample_checksum({"w": big["w"] * -1, "b": big["b"]}) != base  # a flipped tensor
+    assert sample_checksum({"w": big["w"][:-1], "b": big["b"]}) != base  # truncated
+    assert sample_checksum({"w": big["w"], "b2": big["b"]}) != base  # renamed
+    shifted = big["w"].reshape(-1).roll(1).reshape(4096, 1024)
+    assert sample_checksum({"w": shifted, "b": big["b"]}) != base  # an offset error
+
+
+def test_config_names_the_field() -> None:
+    with pytest.raises(ValueError, match="weight_sync.path"):
+        WeightSyncConfig(transport="files")
+    with pytest.raises(ValueError, match="bucket_mb"):
+        WeightSyncConfig(bucket_mb=-1)
+    cfg = WeightSyncConfig(
+        transport="collective", path="/shared/w", bucket_mb=64, wire_dtype="bfloat16"
+    )
+    assert cfg.bucket_bytes == 64 << 20 and cfg.wire() is torch.bfloat16
+    assert WeightSyncConfig().wire() is None
