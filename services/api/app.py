@@ -62,6 +62,9 @@ from services.api.models import (
 )
 from services.api.prometheus import PROMETHEUS_CONTENT_TYPE, render_prometheus
 from services.api.views import (
+    MAX_NAMES,
+    NAMES_MAX_LENGTH,
+    NAMES_PATTERN,
     MalformedValue,
     actors_view,
     checkpoints_view,
@@ -305,8 +308,10 @@ def metrics_history(
     names: Annotated[
         str | None,
         Query(
-            max_length=8192,
-            description="comma-separated metric names; all fields of the returned rows if absent",
+            max_length=NAMES_MAX_LENGTH,
+            pattern=NAMES_PATTERN,
+            description=f"comma-separated metric names (at most {MAX_NAMES}); every field of the "
+            "returned rows if absent",
             examples=["reward_mean,heldout_accuracy"],
         ),
     ] = None,

@@ -32,6 +32,8 @@ from services.transport.state import RunState
 
 __all__ = [
     "MAX_NAMES",
+    "NAMES_MAX_LENGTH",
+    "NAMES_PATTERN",
     "REDACTED",
     "MalformedValue",
     "RunSnapshot",
@@ -54,7 +56,11 @@ log = logging.getLogger(__name__)
 REDACTED = "<redacted>"
 MAX_NAMES = 64
 # Metric names as the services write them (``eval/acc@1`` included), nothing that needs escaping.
-_NAME = re.compile(r"^[A-Za-z0-9_./@:-]{1,128}$")
+_NAME_CHARS = r"[A-Za-z0-9_./@:-]{1,128}"
+_NAME = re.compile(f"^{_NAME_CHARS}$")
+# A comma-separated list of 1..MAX_NAMES names: documented as the parameter's pattern.
+NAMES_PATTERN = f"^{_NAME_CHARS}(,{_NAME_CHARS}){{0,{MAX_NAMES - 1}}}$"
+NAMES_MAX_LENGTH = MAX_NAMES * 129 - 1
 # Keys whose every value is a secret, whatever its type (a YAML password can parse as a number).
 _ALWAYS_SECRET = re.compile(r"password|passwd|secret|credential|authorization", re.IGNORECASE)
 # Keys that name a secret when they hold text: "hf_token", "api_key". Numbers under such keys are
