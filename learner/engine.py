@@ -60,7 +60,11 @@ def _enable_checkpointing(model: torch.nn.Module) -> None:
             f"learner.gradient_checkpointing: {type(model).__name__} does not support it"
         )
     # Non-reentrant checkpointing handles inputs that need no grad and ZeRO-3's parameter hooks.
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _last_kept_width(mask: torch.Tensor) -> torch.Tensor:
