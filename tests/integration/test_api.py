@@ -703,3 +703,48 @@ def test_under_ray_serve(redis_server: EmbeddedRedis, transport: Transport) -> N
         if started_ray:
             ray.shutdown()
     print(f"\nRay Serve: up in {t_up:.1f}s, whole test {time.monotonic() - t0:.1f}s")
+
+
+# ---- d3s status ---------------------------------------------------------------------------------
+
+
+def test_status_prints_the_run(api: httpx.Client, transport: Transport) -> None:
+    from rich.console import Console
+
+    from services.api.status import print_status
+
+    write_run_state(transport)
+    for step in range(1, 6):
+        transport.state.record_step(step, step_row(step))
+    transport.state.set_metrics({"learner_version": 5, "staleness_mean": 0.5})
+    transport.state.record_heartbeat("rollout-0", {"weight_version": 4, "groups_published": 9})
+    transport.state.record_checkpoint(5, "runs/x/checkpoints/step_5")
+    console = Console(record=True, width=120)
+    assert print_status(str(api.base_url), console=console) == 0
+    out = console.export_text()
+    for expected in (
+        "paused",
+        "7 / 100",
+        "d3s  rho_s 0.50  K 0.25",
+        "0.500",  # held-out accuracy
+        "4.0 samples/s",
+        "50 kept tokens/s",
+        "learner busy 25%",
+        "groups 3  batches 1  dead 2",
+        "step 5: runs/x/checkpoints/step_5",
+        "rollout-0",
+        "group size 2 != 4",
+        "Dead letters: 2 in all",
+    ):
+        assert expected in out, (expected, out)
+
+
+def test_status_names_an_unreachable_api() -> None:
+    from rich.console import Console
+
+    from services.api.status import print_status
+
+    console = Console(record=True, width=120)
+    url = f"http://127.0.0.1:{free_port()}"
+    assert print_status(url, console=console, timeout_s=2) == 1
+    assert f"cannot reach the D3S API at {url}" in console.export_text()
