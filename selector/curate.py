@@ -1,24 +1,64 @@
-"""Scored groups in, one curated batch out: advantages, sample-level D3S, packing for the learner.
+"""Scored groups in, the kept rows of one learner step out: advantages, sample-level D3S, packing.
 
-Both the synchronous trainer and the selector service call ``curate``, so the on-policy
-baseline and the asynchronous service select samples through the same code.
+Both the synchronous trainer and the selector service call :func:`curate`, so the on-policy
+baseline and the asynchronous service select samples through the same code. Groups are anything
+shaped like a scored group (:class:`GroupLike`); the wire record is the service's business.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from selector.presets import Preset, select_samples
-from services.transport.schema import CuratedBatch, ScoredGroup
 
 
-@dataclass
+class GroupLike(Protocol):
+    """G scored rollouts of one prompt (shapes as in the groups stream)."""
+
+    group_id: str
+    policy_version: int
+    prompt: np.ndarray  # int32 [P]
+    responses: np.ndarray  # int32 [G, T]
+    response_lengths: np.ndarray  # int32 [G]
+    behav_logp: np.ndarray  # float32 [G, T]
+    rewards: np.ndarray  # float32 [G]
+
+    @property
+    def group_size(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class CuratedRows:
+    """The N kept samples of a step, one row each: prompt + response, right-padded to L.
+
+    ``input_ids`` int32 [N, L]; ``prompt_lengths`` and ``seq_lengths`` int32 [N] (the response
+    is ``input_ids[i, prompt_lengths[i]:seq_lengths[i]]``); ``behav_logp`` float32 [N, L], the
+    rollout policy's log-prob of each response token, 0 elsewhere; ``advantages``, ``rewards``
+    float32 [N]; ``policy_versions`` int32 [N], the weights that generated each row.
+    """
+
+    input_ids: np.ndarray
+    prompt_lengths: np.ndarray
+    seq_lengths: np.ndarray
+    behav_logp: np.ndarray
+    advantages: np.ndarray
+    rewards: np.ndarray
+    policy_versions: np.ndarray
+
+
+@dataclass(frozen=True)
 class CurateResult:
-    batch: CuratedBatch | None  # None: nothing informative to train on (counted, not an error)
+    """The kept rows (None: every kept advantage is zero, nothing to learn from) and statistics."""
+
+    rows: CuratedRows | None
     stats: dict[str, float]
+    progress: float
+    sample_ratio: float
+    token_ratio: float
 
 
 def batch_id_for(step: int) -> str:
@@ -27,7 +67,7 @@ def batch_id_for(step: int) -> str:
 
 
 def curate(
-    groups: list[ScoredGroup],
+    groups: list[GroupLike],
     preset: Preset,
     step: int,
     total_steps: int,
@@ -36,9 +76,8 @@ def curate(
 ) -> CurateResult:
     """Select the samples of ``groups`` the learner will see at ``step``.
 
-    All groups must have the same G. Returns the batch (rows: prompt + response, right-padded)
-    and statistics: Var(A) over all rollouts and over the kept ones, counts of groups whose
-    rewards were all equal, and the ratios used.
+    All groups must have the same G. Statistics: Var(A) over all rollouts and over the kept
+    ones, the groups whose rewards were all equal, and the ratios used.
     """
     if not groups:
         raise ValueError("groups: need at least one scored group")
@@ -62,39 +101,33 @@ def curate(
         "sample_ratio": sample_ratio,
         "token_ratio": token_ratio,
     }
-    if not bool((kept_adv != 0).any()):
-        return CurateResult(None, stats)
+    rows = _pack(groups, keep, adv, rewards) if bool((kept_adv != 0).any()) else None
+    return CurateResult(rows, stats, progress, sample_ratio, token_ratio)
 
-    rows = keep.nonzero().tolist()  # (group, sample) pairs, in group order
-    width = max(len(groups[b].prompt) + int(groups[b].response_lengths[s]) for b, s in rows)
-    n = len(rows)
+
+def _pack(
+    groups: list[GroupLike], keep: torch.Tensor, adv: torch.Tensor, rewards: torch.Tensor
+) -> CuratedRows:
+    kept = keep.nonzero().tolist()  # (group, sample) pairs, in group order
+    width = max(len(groups[b].prompt) + int(groups[b].response_lengths[s]) for b, s in kept)
+    n = len(kept)
     input_ids = np.zeros((n, width), dtype=np.int32)
     behav = np.zeros((n, width), dtype=np.float32)
     p_len = np.zeros(n, dtype=np.int32)
     s_len = np.zeros(n, dtype=np.int32)
-    for i, (b, s) in enumerate(rows):
+    for i, (b, s) in enumerate(kept):
         g = groups[b]
         lp, lr = len(g.prompt), int(g.response_lengths[s])
         input_ids[i, :lp] = g.prompt
         input_ids[i, lp : lp + lr] = g.responses[s, :lr]
         behav[i, lp : lp + lr] = g.behav_logp[s, :lr]
         p_len[i], s_len[i] = lp, lp + lr
-    batch = CuratedBatch(
-        batch_id=batch_id_for(step),
-        step=step,
-        total_steps=total_steps,
-        progress=progress,
-        sample_ratio=sample_ratio,
-        token_ratio=token_ratio,
-        preset=preset.name,
+    return CuratedRows(
         input_ids=input_ids,
         prompt_lengths=p_len,
         seq_lengths=s_len,
         behav_logp=behav,
-        advantages=np.array([float(adv[b, s]) for b, s in rows], dtype=np.float32),
-        rewards=np.array([float(rewards[b, s]) for b, s in rows], dtype=np.float32),
-        policy_versions=np.array([groups[b].policy_version for b, _ in rows], dtype=np.int32),
-        group_ids=[g.group_id for g in groups],
-        stats=stats,
+        advantages=np.array([float(adv[b, s]) for b, s in kept], dtype=np.float32),
+        rewards=np.array([float(rewards[b, s]) for b, s in kept], dtype=np.float32),
+        policy_versions=np.array([groups[b].policy_version for b, _ in kept], dtype=np.int32),
     )
-    return CurateResult(batch, stats)

@@ -7,27 +7,15 @@ can read, with our CharTokenizer if its JSON is there, else the directory's own 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
+from services.policy.config import PolicySpec
 from services.policy.tokenizer import CharTokenizer
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class PolicySpec:
-    """Size of the GPT-2 policy. The defaults are DESIGN §5's 0.6M-parameter model
-    (3 layers, hidden 128, 4 heads); ``n_positions`` must cover prompt + response
-    (8 + 5 for 3-digit arithmetic)."""
-
-    n_layer: int = 3
-    n_embd: int = 128
-    n_head: int = 4
-    n_positions: int = 32
 
 
 def build_policy(spec: PolicySpec, tokenizer: CharTokenizer, seed: int = 0) -> GPT2LMHeadModel:

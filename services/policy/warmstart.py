@@ -9,8 +9,6 @@ spec, so runs and seeds share one warm start.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -18,23 +16,21 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from services.policy.config import WARMSTART_FORMAT, PolicySpec, WarmstartConfig
 from services.policy.evaluate import evaluate_greedy
-from services.policy.model import PolicySpec, build_policy, save_policy
+from services.policy.model import build_policy, save_policy
 from services.policy.tokenizer import CharTokenizer
 from services.tasks.arithmetic import ArithmeticTask
 from services.tasks.base import Prompt
 
 logger = logging.getLogger(__name__)
 
-# Bump when the training procedure changes, so old cached checkpoints are not reused.
-WARMSTART_FORMAT = 1
 METADATA_FILE = "warmstart.json"
 
 ProgressFn = Callable[[int, int, float], None]
@@ -42,65 +38,7 @@ ProgressFn = Callable[[int, int, float], None]
 the upper bound (``max_steps`` when ``min_accuracy`` may extend training)."""
 
 
-@dataclass
-class WarmstartSpec:
-    """What to train; every field enters the cache key.
-
-    Attributes:
-        steps: Optimiser steps always run.
-        batch_size: Demonstrations per step.
-        lr: AdamW learning rate after a linear warm-up of ``warmup_steps`` (then constant, so
-            training can continue past ``steps`` at full rate).
-        wrong_fraction: Probability that a demonstration is the off-by-one answer.
-        clean: Train on correct answers only (``wrong_fraction`` is then treated as 0).
-        seed: Model initialisation and data order.
-        digits: Operand digits of the arithmetic task.
-        model: Policy size.
-        warmup_steps: Learning-rate warm-up.
-        min_accuracy: After ``steps``, keep training (checking every ``eval_every`` steps)
-            until greedy accuracy on ``dev_prompts`` *training-split* prompts reaches this, or
-            ``max_steps``. The addition task is learnt through a plateau whose end varies a lot
-            with the seed (measured at exactly 650 steps, batch 128: 0.02-0.24 held-out), so a
-            fixed step count does not land in RL's useful range reliably; this does (measured
-            over 4 runs: 1050-1650 steps, 0.16-0.26 held-out). It only ever adds steps, so a
-            clean warm start still runs ``steps``; 0 disables it (exactly ``steps``).
-        max_steps: Upper bound on steps when ``min_accuracy`` is not reached (then a warning).
-        eval_every: Steps between dev evaluations past ``steps``.
-        dev_prompts: Size of the dev set (drawn from the training split, so the held-out set
-            never influences training).
-        eval_prompts: Held-out prompts scored (greedy) after training and written to the
-            checkpoint's ``warmstart.json``; 0 skips the evaluation.
-    """
-
-    steps: int = 650
-    batch_size: int = 64
-    lr: float = 2e-3
-    wrong_fraction: float = 0.55
-    clean: bool = False
-    seed: int = 0
-    digits: int = 3
-    model: PolicySpec = field(default_factory=PolicySpec)
-    warmup_steps: int = 30
-    min_accuracy: float = 0.2
-    max_steps: int = 3000
-    eval_every: int = 50
-    dev_prompts: int = 500
-    eval_prompts: int = 500
-
-    @property
-    def effective_wrong_fraction(self) -> float:
-        return 0.0 if self.clean else self.wrong_fraction
-
-    def cache_key(self) -> str:
-        """Stable hash of the spec (clean normalised, so equivalent specs share a checkpoint)."""
-        d = dataclasses.asdict(self)
-        d["wrong_fraction"] = self.effective_wrong_fraction
-        d["clean"] = d["wrong_fraction"] == 0.0
-        payload = json.dumps({"format": WARMSTART_FORMAT, "spec": d}, sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
-def _lr_factor(step: int, spec: WarmstartSpec) -> float:
+def _lr_factor(step: int, spec: WarmstartConfig) -> float:
     return min(1.0, (step + 1) / max(1, spec.warmup_steps))
 
 
@@ -132,12 +70,12 @@ def demonstration_batch(
 
 
 def train_demonstrations(
-    spec: WarmstartSpec, progress: ProgressFn | None = None
+    spec: WarmstartConfig, policy: PolicySpec, digits: int, progress: ProgressFn | None = None
 ) -> tuple[torch.nn.Module, CharTokenizer, dict]:
     """Run the supervised training in memory. Returns (model in eval mode, tokenizer, stats)."""
     tokenizer = CharTokenizer()
-    model = build_policy(spec.model, tokenizer, seed=spec.seed)
-    task = ArithmeticTask(digits=spec.digits, seed=spec.seed)
+    model = build_policy(policy, tokenizer, seed=spec.seed)
+    task = ArithmeticTask(digits=digits, seed=spec.seed)
     rng = np.random.default_rng([spec.seed, 0x5F7])
     dev = task.train_prompts(spec.dev_prompts, np.random.default_rng([spec.seed, 0xDE5]))
     max_new = task.max_answer_len + 1
@@ -185,28 +123,29 @@ def train_demonstrations(
 
 
 def warmstart(
-    spec: WarmstartSpec | None = None,
-    cache_dir: str | Path = ".cache/warmstart",
+    spec: WarmstartConfig,
+    policy: PolicySpec,
+    digits: int,
     progress: ProgressFn | None = None,
 ) -> Path:
-    """Path of a warm-started checkpoint for ``spec``, training it only if not cached.
+    """Path of a warm-started checkpoint of ``policy`` on ``digits``-digit arithmetic, trained
+    as ``spec`` says, training it only if not cached.
 
-    The checkpoint lives in ``cache_dir/<spec.cache_key()>/`` (HF format + ``char_tokenizer.json``
+    The checkpoint lives in ``spec.cache_dir/<cache key>/`` (HF format + ``char_tokenizer.json``
     + ``warmstart.json`` with the spec, timings and held-out accuracy). Training writes into a
     temporary directory that is renamed into place, so a crash never leaves a half checkpoint
     and concurrent callers end up with one complete copy.
     """
-    spec = spec or WarmstartSpec()
-    cache_dir = Path(cache_dir)
-    final = cache_dir / spec.cache_key()
+    cache_dir = Path(spec.cache_dir)
+    final = cache_dir / spec.cache_key(policy, digits)
     if (final / METADATA_FILE).is_file():
         logger.info("warm start cached at %s", final)
         return final
     cache_dir.mkdir(parents=True, exist_ok=True)
     logger.info("warm start: training %s into %s", spec, final)
-    model, tokenizer, stats = train_demonstrations(spec, progress)
+    model, tokenizer, stats = train_demonstrations(spec, policy, digits, progress)
     if spec.eval_prompts > 0:
-        task = ArithmeticTask(digits=spec.digits, seed=spec.seed)
+        task = ArithmeticTask(digits=digits, seed=spec.seed)
         t0 = time.perf_counter()
         stats["heldout_accuracy"] = evaluate_greedy(
             model, tokenizer, task.heldout(spec.eval_prompts), task.max_answer_len + 1
@@ -216,7 +155,8 @@ def warmstart(
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=cache_dir))
     try:
         save_policy(model, tokenizer, tmp)
-        meta = {"spec": dataclasses.asdict(spec), "format": WARMSTART_FORMAT, **stats}
+        meta = {"spec": spec.model_dump(mode="json", exclude={"cache_dir"}), "model": policy.model_dump(),
+                "digits": digits, "format": WARMSTART_FORMAT, **stats}
         # Metadata last: its presence marks a complete checkpoint.
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=1))
         try:
@@ -231,7 +171,3 @@ def warmstart(
             shutil.rmtree(tmp, ignore_errors=True)
     return final
 
-
-def read_metadata(checkpoint: str | Path) -> dict:
-    """The ``warmstart.json`` written next to a warm-start checkpoint."""
-    return json.loads((Path(checkpoint) / METADATA_FILE).read_text())

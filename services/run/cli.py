@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
+from services.run.components import NOISY_LOGGERS
 from services.run.config import ConfigError, load_config
 
 app = typer.Typer(
@@ -32,7 +33,7 @@ VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="debug logging
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(name)s: %(message)s",
                         handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=True)], force=True)
-    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "urllib3", "httpx", "filelock"):
+    for noisy in NOISY_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -85,13 +86,12 @@ RayOpt = Annotated[str | None, typer.Option("--ray-address", help="Ray cluster h
 def _component(kind: str, config: Path | None, set_: list[str] | None, redis_url: str | None,
                ray_address: str | None, index: int, verbose: bool) -> None:
     """Run one component of a run in this process, against an existing Redis (and Ray)."""
-    import os
-
     _setup_logging(verbose)
     cfg = _load(config, set_)
-    from services.run.orchestrator import run_component
+    from services.run.components import run_component
+    from services.transport.redis_server import resolve_url
 
-    url = redis_url or cfg.service.redis_url or os.environ.get("D3S_REDIS_URL")
+    url = resolve_url(redis_url, cfg.service.redis_url)
     if not url:
         console.print("[red]--redis-url (or service.redis_url, or $D3S_REDIS_URL) is required: a "
                       "component joins the Redis of a run[/red]")
@@ -141,11 +141,11 @@ def api(config: ConfigArg = None, set_: SetOpt = None, redis_url: RedisOpt = Non
         port: Annotated[int | None, typer.Option(help="port (default api.port)")] = None,
         verbose: VerboseOpt = False) -> None:
     """The HTTP API under uvicorn, without Ray (docker-compose): reads the run's Redis."""
-    import os
-
     _setup_logging(verbose)
     cfg = _load(config, set_)
-    url = redis_url or cfg.service.redis_url or os.environ.get("D3S_REDIS_URL")
+    from services.transport.redis_server import resolve_url
+
+    url = resolve_url(redis_url, cfg.service.redis_url)
     if not url:
         console.print("[red]--redis-url (or service.redis_url, or $D3S_REDIS_URL) is required[/red]")
         raise typer.Exit(2)

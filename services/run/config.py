@@ -2,6 +2,8 @@
 
 Every section forbids unknown keys, so a typo (`prompt_per_step`) fails with its dotted path
 instead of silently taking a default. Batch sizes say what they count: prompts or samples.
+Each component's section is defined beside the component; this module composes them and is
+the only place that sees the whole run (it hands each component its own settings).
 """
 
 from __future__ import annotations
@@ -14,8 +16,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from learner.config import LearnerConfig
-from selector.presets import PRESETS, Preset, get_preset
-from selector.schedule import Schedule
+from learner.settings import LearnerServiceSettings
+from selector.config import AlgorithmConfig, SelectorSettings
+from services.policy.config import PolicyConfig, WarmstartConfig
+from services.rollout.config import RolloutConfig
+from services.rollout.settings import RolloutSettings
+from services.tasks.config import ArithmeticTaskConfig, TaskConfig
 
 
 class ConfigError(ValueError):
@@ -26,126 +32,65 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class TaskConfig(_Section):
-    kind: Literal["arithmetic", "jsonl"] = "arithmetic"
-    digits: int = Field(3, ge=1, le=6, description="operand digits of the arithmetic task")
-    train_path: Path | None = Field(None, description="GSM8K/MATH-style JSONL (kind: jsonl)")
-    eval_path: Path | None = Field(None, description="held-out JSONL (kind: jsonl)")
-    heldout_size: int = Field(500, ge=1)
-    verifier_timeout_s: float = Field(2.0, gt=0)
-
-    @model_validator(mode="after")
-    def _paths(self) -> TaskConfig:
-        if self.kind == "jsonl" and self.train_path is None:
-            raise ValueError("train_path is required when kind is 'jsonl'")
-        return self
-
-
-class PolicyConfig(_Section):
-    path: Path | None = Field(None, description="a local Hugging Face model directory; skips the warm start")
-    n_layer: int = Field(3, ge=1)
-    n_embd: int = Field(128, ge=8)
-    n_head: int = Field(4, ge=1)
-    n_positions: int = Field(32, ge=8)
-
-
-class WarmstartConfig(_Section):
-    # 3000 steps on imperfect demonstrations: the policy learns the sums (carries included) but
-    # prefers the off-by-one answer, so greedy accuracy starts low (~0.16) and RL has a clear job.
-    # Stopping at the first 0.2 greedy accuracy instead left a model that could not add, and
-    # every method plateaued near 0.52 (bench history in the README).
-    steps: int = Field(3000, ge=0, description="minimum supervised steps")
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(2e-3, gt=0)
-    wrong_fraction: float = Field(0.55, ge=0, le=1, description="share of off-by-one demonstrations")
-    clean: bool = False
-    seed: int = 0
-    # After `steps`, keep training until greedy accuracy on training-split prompts reaches
-    # min_accuracy (the plateau break-out time varies a lot by seed); 0 disables.
-    min_accuracy: float = Field(0.0, ge=0, le=1)
-    max_steps: int = Field(3000, ge=0)
-    eval_every: int = Field(50, ge=1)
-    dev_prompts: int = Field(500, ge=1)
-    cache_dir: Path = Path(".cache/warmstart")
-
-
-class RolloutConfig(_Section):
-    prompts_per_step: int = Field(32, ge=1)
-    samples_per_prompt: int = Field(8, ge=2, description="G; one sample has no group baseline")
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    max_new_tokens: int = Field(5, ge=1)
-    num_actors: int = Field(1, ge=1)
-    engine: Literal["hf", "vllm"] = "hf"
-
-
-class AlgorithmConfig(_Section):
-    preset: str = "d3s"
-    schedule: Literal["linear", "cosine", "constant"] | None = None
-    sample_init: float | None = Field(None, gt=0, le=1)
-    sample_final: float | None = Field(None, gt=0, le=1)
-    token_init: float | None = Field(None, gt=0, le=1)
-    token_final: float | None = Field(None, gt=0, le=1)
-    token_pool: Literal["batch", "sequence"] | None = None
-    renormalize: bool | None = None
-    adv_eps: float = Field(1e-6, gt=0)
-
-    @model_validator(mode="after")
-    def _known(self) -> AlgorithmConfig:
-        if self.preset not in PRESETS:
-            raise ValueError(f"preset: unknown {self.preset!r}; choose from {sorted(PRESETS)}")
-        self.build_preset()  # surfaces a bad combination now, not at step 1
-        return self
-
-    def build_preset(self) -> Preset:
-        base = get_preset(self.preset)
-        s = base.schedule
-        sched = Schedule(
-            kind=self.schedule or s.kind,
-            sample_init=self.sample_init or s.sample_init,
-            sample_final=self.sample_final or s.sample_final,
-            token_init=self.token_init or s.token_init,
-            token_final=self.token_final or s.token_final,
-        )
-        changes: dict[str, Any] = {"schedule": sched}
-        if self.token_pool is not None:
-            changes["token_pool"] = self.token_pool
-        if self.renormalize is not None:
-            changes["renormalize"] = self.renormalize
-        return base.with_overrides(**changes)
-
-
 class TrainConfig(_Section):
+    """Length of the run, what it records, where it lives."""
+
     total_steps: int = Field(200, ge=1)
+    """Learner steps (one curated batch each); the schedule spans them."""
     eval_every: int = Field(10, ge=1)
+    """Held-out evaluation every this many steps (and at the first and last)."""
     checkpoint_every: int = Field(50, ge=1)
+    """Learner checkpoint every this many steps (and at the last)."""
     seed: int = 0
+    """Run seed; every step's randomness derives from it."""
     run_dir: Path = Path("runs/default")
+    """Checkpoints, metrics.jsonl, TensorBoard, logs, plots and the final policy."""
     resume: bool = True
+    """Continue from the run directory's latest checkpoint (``d3s train``)."""
     progress_bar: bool = True
+    """One live progress line on the terminal."""
 
 
 class ServiceConfig(_Section):
+    """The asynchronous service: Redis, Ray, and the bounds between components."""
+
     mode: Literal["async", "sync"] = "async"
-    redis_url: str | None = Field(None, description="use this Redis; default: start an embedded one")
+    """``async``: rollouts run ahead of the learner within max_staleness; ``sync``: lock-step."""
+    redis_url: str | None = None
+    """Use this Redis; None: $D3S_REDIS_URL, else start an embedded one in the run directory."""
     ray_address: str | None = None
+    """Join this Ray cluster; None: start a local one."""
     namespace: str = Field("d3s", pattern=r"^[A-Za-z0-9_.-]+$")
-    max_staleness: int = Field(1, ge=0, description="0 is strictly on-policy")
-    max_group_backlog: int = Field(256, ge=1, description="rollout pauses above this many queued groups")
-    max_batch_backlog: int = Field(2, ge=1, description="selector pauses above this many queued batches")
-    wait_timeout_s: float = Field(300.0, gt=0, description="every wait fails with a message after this")
+    """Prefix of every Redis key of the run."""
+    max_staleness: int = Field(1, ge=0)
+    """Weight versions a group may lag the step that uses it; 0 is strictly on-policy."""
+    max_group_backlog: int = Field(256, ge=1)
+    """Rollout actors pause while this many groups are queued."""
+    max_batch_backlog: int = Field(2, ge=1)
+    """The selector pauses while this many batches are queued."""
+    wait_timeout_s: float = Field(300.0, gt=0)
+    """Every wait without progress fails with a message after this long."""
 
 
 class ApiConfig(_Section):
+    """The HTTP endpoint (schedule, metrics, dashboard, control)."""
+
     enabled: bool = True
+    """Serve the API during ``d3s run``."""
     host: str = "127.0.0.1"
+    """Bind address; loopback unless you mean to expose it."""
     port: int = Field(8000, ge=0, le=65535)
-    control_token_env: str = Field("D3S_CONTROL_TOKEN", description="env var holding the bearer token")
+    """Port; 0 picks a free one."""
+    control_token_env: str = "D3S_CONTROL_TOKEN"
+    """Environment variable holding the bearer token for POST /control/*."""
 
 
 class RunConfig(_Section):
+    """One run: every section, validated together."""
+
     name: str = "d3s"
-    task: TaskConfig = TaskConfig()
+    """Names the run in logs and plots."""
+    task: TaskConfig = ArithmeticTaskConfig()
     policy: PolicyConfig = PolicyConfig()
     warmstart: WarmstartConfig = WarmstartConfig()
     rollout: RolloutConfig = RolloutConfig()
@@ -160,10 +105,59 @@ class RunConfig(_Section):
         if abs(self.learner.temperature - self.rollout.temperature) > 1e-12:
             raise ValueError("learner.temperature must equal rollout.temperature: the learner must "
                              "score the distribution the rollouts were sampled from")
+        if self.policy.path is None and not isinstance(self.task, ArithmeticTaskConfig):
+            raise ValueError("policy.path: required unless task.type is 'arithmetic' (the "
+                             "built-in warm start only knows arithmetic)")
+        if self.policy.path is not None and not (Path(self.policy.path) / "config.json").is_file():
+            raise ValueError(f"policy.path: {self.policy.path} is not a model directory "
+                             "(no config.json)")
+        if self.service.max_group_backlog < self.rollout.prompts_per_step:
+            raise ValueError(
+                f"service.max_group_backlog: {self.service.max_group_backlog} is below "
+                f"rollout.prompts_per_step={self.rollout.prompts_per_step}; rollouts would stop "
+                "before the selector had one step's groups")
+        if self.service.mode == "sync" and self.rollout.num_actors > self.rollout.prompts_per_step:
+            raise ValueError(
+                f"rollout.num_actors: {self.rollout.num_actors} exceeds prompts_per_step="
+                f"{self.rollout.prompts_per_step}; in mode sync every actor needs a share of a step")
         return self
 
     def control_token(self) -> str | None:
         return os.environ.get(self.api.control_token_env) or None
+
+    # ---- each component's settings -------------------------------------------------------------
+
+    def selector_settings(self) -> SelectorSettings:
+        return SelectorSettings(
+            preset=self.algorithm.build_preset(), total_steps=self.train.total_steps,
+            prompts_per_step=self.rollout.prompts_per_step,
+            samples_per_prompt=self.rollout.samples_per_prompt, seed=self.train.seed,
+            max_staleness=self.service.max_staleness, max_batch_backlog=self.service.max_batch_backlog,
+            wait_timeout_s=self.service.wait_timeout_s, adv_eps=self.algorithm.adv_eps,
+        )  # fmt: skip
+
+    def learner_settings(self, run_dir: Path | None = None) -> LearnerServiceSettings:
+        preset = self.algorithm.build_preset()
+        return LearnerServiceSettings(
+            preset=preset, total_steps=self.train.total_steps, seed=self.train.seed,
+            checkpoint_every=self.train.checkpoint_every, eval_every=self.train.eval_every,
+            wait_timeout_s=self.service.wait_timeout_s, run_dir=Path(run_dir or self.train.run_dir),
+            title=f"{self.name} ({preset.name}, {self.service.mode})",
+        )  # fmt: skip
+
+    def rollout_settings(self) -> RolloutSettings:
+        return RolloutSettings(
+            prompts_per_step=self.rollout.prompts_per_step,
+            samples_per_prompt=self.rollout.samples_per_prompt, num_actors=self.rollout.num_actors,
+            total_steps=self.train.total_steps, seed=self.train.seed,
+            lock_step=self.service.mode == "sync", max_group_backlog=self.service.max_group_backlog,
+            wait_timeout_s=self.service.wait_timeout_s,
+        )  # fmt: skip
+
+    def redacted(self) -> dict[str, Any]:
+        """The config as JSON-ready data, for the API and the run directory (no secrets: the
+        control token lives in the environment, only its variable's name is here)."""
+        return self.model_dump(mode="json")
 
 
 def _format_error(err: ValidationError) -> str:

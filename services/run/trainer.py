@@ -1,8 +1,9 @@
 """The synchronous trainer: rollout -> selection -> learner step -> weights back, lock-step.
 
-This is `d3s train CONFIG` and the on-policy baseline of the asynchronous service. It uses the
-same pieces the service does (RolloutWorker, selector.curate, LearnerEngine) in one process;
-with learner.world_size > 1, rank 0 generates and every rank takes its shard of the batch.
+This is ``d3s train CONFIG`` and the on-policy baseline of the asynchronous service. It uses the
+same pieces the service does (the rollout worker, :func:`selector.curate.curate`, the learner
+engine, the run reporter) in one process; with learner.world_size > 1, rank 0 generates and
+every rank takes its shard of the batch.
 """
 
 from __future__ import annotations
@@ -15,28 +16,24 @@ from typing import Any
 
 import torch
 
-from learner import distributed as D
+from learner import distributed
 from learner.batch import LearnerBatch
 from learner.engine import LearnerEngine
 from selector.curate import curate
 from services.common.seeding import step_seed
-from services.policy.model import load_policy
-from services.policy.evaluate import evaluate_greedy
-from services.rollout.hf_engine import HFRolloutEngine
+from services.policy.model import load_policy, save_policy
 from services.rollout.worker import RolloutWorker
+from services.run.components import build_evaluator, build_worker
 from services.run.config import RunConfig
 from services.run.prepare import prepare_policy
 from services.run.progress import StepProgress
-from services.tasks.source import TaskSource
-from services.telemetry.run_log import RunLogger, plot_run
-from services.transport.schema import CuratedBatch
+from services.telemetry.reporter import RunReporter
 from services.weightsync.checksum import state_checksum, verify_sync
 
 log = logging.getLogger(__name__)
 
-
-def to_learner_batch(b: CuratedBatch) -> LearnerBatch:
-    return LearnerBatch.from_arrays(b.input_ids, b.prompt_lengths, b.seq_lengths, b.behav_logp, b.advantages)
+_TOTALS = ("learner_tokens_total", "learner_seconds_total", "learner_forward_tokens_total",
+           "skipped_batches", "samples_total")  # fmt: skip
 
 
 class SyncTrainer:
@@ -51,73 +48,69 @@ class SyncTrainer:
         if self.cfg.learner.world_size > 1 and not torch.distributed.is_initialized():
             from learner.launch import spawn_local
 
-            return spawn_local(self.cfg.learner.world_size, _rank_main, self.cfg, str(self.run_dir), stop_at)[0]
+            return spawn_local(self.cfg.learner.world_size, _rank_main, self.cfg,
+                               str(self.run_dir), stop_at)[0]  # fmt: skip
         return self._run(stop_at)
 
     def _run(self, stop_at: int | None = None) -> dict[str, Any]:
         cfg = self.cfg
+        total = cfg.train.total_steps
         torch.manual_seed(cfg.train.seed)
-        policy_path = prepare_policy(cfg)
-        model, tokenizer = load_policy(policy_path)
+        model, tokenizer = load_policy(prepare_policy(cfg))
         rollout_model = copy.deepcopy(model)
-        learner = LearnerEngine(model, cfg.learner, cfg.train.total_steps)
+        learner = LearnerEngine(model, cfg.learner, total)
         lead = learner.rank == 0
         ckpt_dir = self.run_dir / "checkpoints"
-        totals = {"learner_tokens_total": 0.0, "learner_seconds_total": 0.0, "learner_forward_tokens_total": 0.0,
-                  "skipped_batches": 0.0, "samples_total": 0.0}
+        totals = dict.fromkeys(_TOTALS, 0.0)
         start = 0
         if cfg.train.resume:
             state = learner.load_checkpoint(ckpt_dir)
             if state is not None:
                 start = int(state["step"])
                 totals.update(state.get("totals", {}))
-        tasks = TaskSource.from_config(cfg.task)
-        engine = HFRolloutEngine(rollout_model, tokenizer, cfg.rollout.max_new_tokens, cfg.rollout.temperature,
-                                 cfg.rollout.top_p)
-        worker = RolloutWorker(engine, tasks, cfg.rollout.samples_per_prompt, name="sync")
+        worker = build_worker(cfg, rollout_model, tokenizer, "sync")
         self._publish(learner, worker, version=start)
-        logger = RunLogger(self.run_dir) if lead else None
+        reporter = None
         if lead:
-            log.info("run %s: preset=%s loss=%s, %d prompts x %d samples per step (%d samples), steps %d..%d, run dir %s",
-                     cfg.name, self.preset.name, cfg.learner.policy_loss, cfg.rollout.prompts_per_step,
-                     cfg.rollout.samples_per_prompt, cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt,
-                     start, cfg.train.total_steps, self.run_dir)
-        heldout = tasks.heldout()
-        last_acc = None
-        if lead and start == 0:
-            last_acc = evaluate_greedy(rollout_model, tokenizer, heldout, cfg.rollout.max_new_tokens)
-            logger.log(0, {"heldout_accuracy": last_acc, **totals})
-            log.info("step 0: held-out accuracy %.3f", last_acc)
-        bar = StepProgress(cfg.train.total_steps, start, enabled=lead and cfg.train.progress_bar)
+            evaluate = build_evaluator(cfg, tokenizer)
+            reporter = RunReporter(self.run_dir, total, cfg.train.eval_every,
+                                   lambda: evaluate(rollout_model))  # fmt: skip
+            log.info("run %s: preset=%s, %d prompts x %d samples per step (%d samples), steps "
+                     "%d..%d, run dir %s", cfg.name, self.preset.name, cfg.rollout.prompts_per_step,
+                     cfg.rollout.samples_per_prompt,
+                     cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt, start, total,
+                     self.run_dir)  # fmt: skip
+            if start == 0:
+                reporter.record(0, dict(totals))
+        bar = StepProgress(total, start, enabled=lead and cfg.train.progress_bar)
         t_run = time.perf_counter()
+        end = total if stop_at is None else min(stop_at, total)
         try:
-            end = cfg.train.total_steps if stop_at is None else min(stop_at, cfg.train.total_steps)
             for step in range(start, end):
                 row = self._step(step, learner, worker, totals)
-                if lead:
-                    if (step + 1) % cfg.train.eval_every == 0 or step + 1 == cfg.train.total_steps:
-                        last_acc = evaluate_greedy(rollout_model, tokenizer, heldout, cfg.rollout.max_new_tokens)
-                        row["heldout_accuracy"] = last_acc
-                    row["verifier_errors"] = float(tasks.verifier_errors)
-                    logger.log(step + 1, row)
-                    bar.update(step + 1, row, last_acc)
+                if reporter is not None:
+                    row["verifier_errors"] = float(worker.tasks.verifier_errors)
+                    reporter.record(step + 1, row)
+                    bar.update(step + 1, row, reporter.last_eval.get("heldout_accuracy"))
                 if (step + 1) % cfg.train.checkpoint_every == 0 or step + 1 == end:
-                    learner.save_checkpoint(ckpt_dir, step + 1, {"totals": totals, "preset": self.preset.name})
+                    learner.save_checkpoint(ckpt_dir, step + 1,
+                                            {"totals": totals, "preset": self.preset.name})  # fmt: skip
         finally:
             bar.close()
-            if logger:
-                logger.close()
-        summary = {"final_heldout_accuracy": last_acc, "steps": cfg.train.total_steps,
-                   "wall_seconds": time.perf_counter() - t_run, **totals}
-        if lead:
-            rollout_model.save_pretrained(self.run_dir / "final_policy")
-            tokenizer.save(self.run_dir / "final_policy")
-            plot_run(self.run_dir / "metrics.jsonl", self.run_dir / "learning_curve.png", f"{cfg.name} ({self.preset.name})")
-            log.info("done: held-out accuracy %.3f, %d learner tokens, %.1f learner s; curve %s", last_acc or 0.0,
-                     totals["learner_tokens_total"], totals["learner_seconds_total"], self.run_dir / "learning_curve.png")
+            if reporter is not None:
+                reporter.close()
+        last_eval = reporter.last_eval if reporter is not None else {}
+        summary = {"final_heldout_accuracy": last_eval.get("heldout_accuracy"), **last_eval,
+                   "steps": total, "wall_seconds": time.perf_counter() - t_run, **totals}  # fmt: skip
+        if reporter is not None:
+            save_policy(rollout_model, tokenizer, self.run_dir / "final_policy")
+            png = reporter.finish(f"{cfg.name} ({self.preset.name})")
+            log.info("done: held-out %s, %d learner tokens, %.1f learner s; curve %s", last_eval,
+                     totals["learner_tokens_total"], totals["learner_seconds_total"], png)  # fmt: skip
         return summary
 
-    def _step(self, step: int, learner: LearnerEngine, worker: RolloutWorker, totals: dict[str, float]) -> dict:
+    def _step(self, step: int, learner: LearnerEngine, worker: RolloutWorker,
+              totals: dict[str, float]) -> dict[str, float]:  # fmt: skip
         cfg = self.cfg
         t0 = time.perf_counter()
         seed = step_seed(cfg.train.seed, step)
@@ -125,17 +118,19 @@ class SyncTrainer:
         if learner.rank == 0:
             groups, gen_s = worker.produce(cfg.rollout.prompts_per_step, seed)
             res = curate(groups, self.preset, step, cfg.train.total_steps, cfg.algorithm.adv_eps,
-                         torch.Generator().manual_seed(seed))
-            payload = (res.batch, res.stats, gen_s)
-        batch, stats, gen_s = D.broadcast_object(payload)
+                         torch.Generator().manual_seed(seed))  # fmt: skip
+            payload = (res.rows, res.stats, res.token_ratio, gen_s)
+        rows, stats, token_ratio, gen_s = distributed.broadcast_object(payload)
         row: dict[str, float] = {**stats, "gen_seconds": gen_s, "policy_version": float(worker.version)}
-        if batch is None:
+        if rows is None:
             totals["skipped_batches"] += 1
-            log.info("step %d: every kept advantage is zero; batch skipped (%d so far)", step, totals["skipped_batches"])
+            log.info("step %d: every kept advantage is zero; batch skipped (%d so far)", step,
+                     totals["skipped_batches"])  # fmt: skip
         else:
-            _, token_ratio = self.preset.ratios(step, cfg.train.total_steps)
-            m = learner.train_step(to_learner_batch(batch), self.preset, token_ratio,
-                                   torch.Generator().manual_seed(seed + 1))
+            batch = LearnerBatch.from_arrays(rows.input_ids, rows.prompt_lengths, rows.seq_lengths,
+                                             rows.behav_logp, rows.advantages)  # fmt: skip
+            m = learner.train_step(batch, self.preset, token_ratio,
+                                   torch.Generator().manual_seed(seed + 1))  # fmt: skip
             totals["learner_tokens_total"] += m["tokens_kept"]
             totals["learner_forward_tokens_total"] += m["tokens_forward"]
             totals["learner_seconds_total"] += m["learner_seconds"]
@@ -157,5 +152,3 @@ class SyncTrainer:
 
 def _rank_main(cfg: RunConfig, run_dir: str, stop_at: int | None) -> dict[str, Any]:
     return SyncTrainer(cfg, Path(run_dir))._run(stop_at)
-
-

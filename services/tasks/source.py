@@ -6,6 +6,7 @@ import numpy as np
 
 from services.tasks.arithmetic import ArithmeticTask
 from services.tasks.base import Prompt
+from services.tasks.config import ArithmeticTaskConfig, TaskConfig
 from services.tasks.jsonl import load_jsonl
 from services.tasks.verify import VERIFIERS, SafeVerifier
 
@@ -14,7 +15,7 @@ class TaskSource:
     """Training prompts (sampled with a seed), fixed held-out prompts, and safe verifiers."""
 
     def __init__(self, kind: str = "arithmetic", digits: int = 3, train_path=None, eval_path=None,
-                 heldout_size: int = 500, verifier_timeout_s: float = 2.0) -> None:
+                 heldout_size: int = 500, verifier_timeout_s: float = 2.0) -> None:  # fmt: skip
         self.kind = kind
         self._arith = ArithmeticTask(digits=digits) if kind == "arithmetic" else None
         if kind == "jsonl":
@@ -26,8 +27,12 @@ class TaskSource:
         self.verifiers = {name: SafeVerifier(fn, verifier_timeout_s) for name, fn in VERIFIERS.items()}
 
     @classmethod
-    def from_config(cls, task) -> TaskSource:
-        return cls(task.kind, task.digits, task.train_path, task.eval_path, task.heldout_size, task.verifier_timeout_s)
+    def from_config(cls, task: TaskConfig) -> TaskSource:
+        if isinstance(task, ArithmeticTaskConfig):
+            return cls("arithmetic", digits=task.digits, heldout_size=task.heldout_size,
+                       verifier_timeout_s=task.verifier_timeout_s)  # fmt: skip
+        return cls("jsonl", train_path=task.train_path, eval_path=task.eval_path,
+                   heldout_size=task.heldout_size, verifier_timeout_s=task.verifier_timeout_s)  # fmt: skip
 
     def train_prompts(self, n: int, rng: np.random.Generator) -> list[Prompt]:
         if self._arith is not None:

@@ -34,6 +34,7 @@ __all__ = [
     "RedisStartError",
     "connect_or_start",
     "find_redis_server",
+    "resolve_url",
 ]
 
 log = logging.getLogger(__name__)
@@ -300,13 +301,21 @@ class EmbeddedRedis:
         return f"EmbeddedRedis({self.run_dir}, {state})"
 
 
+def resolve_url(*candidates: str | None) -> str | None:
+    """The first Redis URL given (a flag, the config), else ``$D3S_REDIS_URL``, else None."""
+    for url in candidates:
+        if url:
+            return url
+    return os.environ.get(REDIS_URL_ENV) or None
+
+
 def connect_or_start(url: str | None, run_dir: Path) -> tuple[str, EmbeddedRedis | None]:
     """Resolve the Redis to use: ``url``, else ``$D3S_REDIS_URL``, else a new embedded server.
 
     The embedded server keeps its data in ``run_dir / "redis"``. Returns ``(url, server)``;
     ``server`` is None when nothing was started, and otherwise the caller owns it (``stop()``).
     """
-    given = url or os.environ.get(REDIS_URL_ENV)
+    given = resolve_url(url)
     if given:
         source = "argument" if url else REDIS_URL_ENV
         log.info("using Redis at %s (from %s); starting none", given, source)

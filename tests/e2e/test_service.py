@@ -20,16 +20,13 @@ import psutil
 import pytest
 import redis
 
-from learner.service import trained_key, weight_versions_key
 from selector.curate import batch_id_for
-from selector.service import batch_groups_key, ledger_key
-from services.rollout.actor import loaded_versions_key
 from services.run.config import RunConfig, parse_config
 from services.run.orchestrator import run_service
 from services.telemetry.run_log import read_metrics
+from services.transport.bundle import Transport
+from services.transport.records import ScoredGroup, decode
 from services.transport.redis_server import EmbeddedRedis
-from services.transport.schema import ScoredGroup, decode
-from services.transport.streams import Transport
 
 pytestmark = pytest.mark.integration
 
@@ -73,24 +70,24 @@ def tiny_config(run_dir: Path, cache: Path, service: dict, api: dict | None = No
 
 def audit(client: redis.Redis, cfg: RunConfig) -> dict:
     """Check that the books of a finished run balance; returns the counts by category."""
-    t = Transport(client, cfg.service.namespace)
-    stats = t.stats()
-    prefix = f"{t.groups_stream}|"
-    written = {k.decode()[len(prefix):] for k in client.hkeys(t.produced_key)
+    t = Transport.open(client, cfg.service.namespace)
+    stats = t.state.stats()
+    prefix = f"{t.keys.groups}|"
+    written = {k.decode()[len(prefix):] for k in client.hkeys(t.keys.produced)
                if k.decode().startswith(prefix)}  # fmt: skip
     assert len(written) == stats["groups_written"] > 0
 
-    ledger = t.read_hash(ledger_key(t))
+    ledger = t.state.ledger()
     used = {g: v.removeprefix("used:") for g, v in ledger.items() if v.startswith("used:")}
     stale = {g for g, v in ledger.items() if v == "stale"}
     skipped = {g for g, v in ledger.items() if v.startswith("skipped:")}
     assert len(used) + len(stale) + len(skipped) == len(ledger), f"unknown ledger states {ledger}"
     queued = set()
-    for _, fields in client.xrange(t.groups_stream, "-", "+"):
+    for _, fields in client.xrange(t.keys.groups, "-", "+"):
         rec = decode(fields)
         assert isinstance(rec, ScoredGroup)
         queued.add(rec.group_id)
-    dead = client.xlen(t.dead_stream)
+    dead = client.xlen(t.keys.dead)
     assert dead == stats.get("dead", 0) == 0  # rollout actors write only valid records
 
     # Every written group is in exactly one category, and nothing else is anywhere.
@@ -102,7 +99,7 @@ def audit(client: redis.Redis, cfg: RunConfig) -> dict:
     assert stats.get("groups_skipped", 0) == len(skipped)
 
     # Each used group is in exactly one batch, the one its ledger entry names.
-    batch_groups = {b: json.loads(v) for b, v in t.read_hash(batch_groups_key(t)).items()}
+    batch_groups = t.state.batch_groups()
     assert sorted(batch_groups) == [batch_id_for(s) for s in range(cfg.train.total_steps)]
     membership = Counter(g for ids in batch_groups.values() for g in ids)
     assert set(membership) == set(used) and set(membership.values()) == {1}
@@ -111,26 +108,26 @@ def audit(client: redis.Redis, cfg: RunConfig) -> dict:
         assert all(used[g] == batch_id for g in ids)
 
     # Each batch was trained by exactly one learner step, in order, and none is left queued.
-    trained = t.read_hash(trained_key(t))
-    assert trained == {batch_id_for(s): str(s) for s in range(cfg.train.total_steps)}
+    trained = t.state.trained()
+    assert trained == {batch_id_for(s): s for s in range(cfg.train.total_steps)}
     assert stats["batches_written"] == stats["batches_consumed"] == cfg.train.total_steps
     assert stats.get("batches_duplicate", 0) == 0
     assert stats["groups_trained"] == len(used)
-    assert client.xlen(t.batches_stream) == 0
+    assert client.xlen(t.keys.batches) == 0
 
     # Weight versions rose by one per step, and reached every rollout actor in order.
-    versions = [int(v) for v in client.lrange(weight_versions_key(t), 0, -1)]
+    versions = t.state.published_versions()
     assert versions == list(range(cfg.train.total_steps + 1))
     loaded = {}
     for i in range(cfg.rollout.num_actors):
         name = f"rollout-{i}"
-        seen = [int(v) for v in client.lrange(loaded_versions_key(t, name), 0, -1)]
+        seen = t.state.loaded_versions(name)
         # An actor may start after version 0 is gone; what it loads only ever moves forward.
         assert seen and seen == sorted(set(seen)), (name, seen)
         assert set(seen) <= set(versions)
         loaded[name] = seen
     assert 0 in set().union(*loaded.values())
-    assert t.is_done()
+    assert t.control.is_done()
     return {"used": len(used), "stale": len(stale), "skipped": len(skipped), "queued": len(queued),
             "loaded": loaded}  # fmt: skip
 

@@ -13,11 +13,12 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from learner.engine import LearnerEngine
-from learner.service import LearnerService, replay_key, trained_key, weight_versions_key
+from learner.service import LearnerService
 from selector.curate import curate
+from selector.service import batch_record
 from services.run.config import RunConfig, parse_config
-from services.transport.schema import CuratedBatch, ScoredGroup
-from services.transport.streams import Transport
+from services.transport.bundle import Transport
+from services.transport.records import CuratedBatch, ScoredGroup
 
 pytestmark = pytest.mark.integration
 
@@ -56,9 +57,8 @@ def make_batch(step: int, cfg: RunConfig) -> CuratedBatch:
             rewards=np.array([1.0, 0.0, 1.0, float(i % 2)], dtype=np.float32),
             created_at=time.time(), actor="test", task="arithmetic",
         ))  # fmt: skip
-    batch = curate(groups, cfg.algorithm.build_preset(), step, STEPS).batch
-    assert batch is not None
-    return batch
+    preset = cfg.algorithm.build_preset()
+    return batch_record(step, STEPS, preset.name, groups, curate(groups, preset, step, STEPS))
 
 
 class Published:
@@ -73,18 +73,18 @@ class Published:
 
 def service(t: Transport, cfg: RunConfig, run_dir: Path, pub: Published) -> LearnerService:
     engine = LearnerEngine(tiny_model(), cfg.learner, STEPS)
-    return LearnerService(t, engine, cfg, run_dir=run_dir, publish_weights=pub, block_ms=100)
+    return LearnerService(t, engine, cfg.learner_settings(run_dir), publish_weights=pub, block_ms=100)
 
 
 def feed(t: Transport, cfg: RunConfig, steps: range) -> None:
     for s in steps:
         b = make_batch(s, cfg)
-        t.commit(t.batches_stream, "", [], outputs=[(t.batches_stream, b.batch_id, b)])
+        t.queue.commit(t.keys.batches, "", [], outputs=[(t.keys.batches, b.batch_id, b)])
 
 
 def test_a_crash_between_checkpoints_loses_no_step(tmp_path: Path, transport: Transport, redis_client) -> None:
     # Reference: the five steps straight through, in a namespace of its own.
-    ref_t = Transport(redis_client, namespace=transport.namespace + "ref")
+    ref_t = Transport.open(redis_client, transport.namespace + "ref")
     ref_cfg = make_cfg(tmp_path / "ref")
     feed(ref_t, ref_cfg, range(STEPS))
     ref = service(ref_t, ref_cfg, tmp_path / "ref", Published())
@@ -95,7 +95,7 @@ def test_a_crash_between_checkpoints_loses_no_step(tmp_path: Path, transport: Tr
     feed(transport, cfg, range(3))
     # A redelivered copy of an old batch sits in the queue too (the idempotency key is per
     # publish; a copy under another key is possible): acknowledged, never trained twice.
-    transport.client.xadd(transport.batches_stream, make_batch(1, cfg).to_fields())
+    transport.client.xadd(transport.keys.batches, make_batch(1, cfg).to_fields())
     feed(transport, cfg, range(3, STEPS))
     pub1 = Published()
     first = service(transport, cfg, tmp_path / "run", pub1)
@@ -103,9 +103,9 @@ def test_a_crash_between_checkpoints_loses_no_step(tmp_path: Path, transport: Tr
     out = first.run(should_stop=lambda: first.step >= 3)
     assert out["steps"] == 3
     assert [v for v, _, _ in pub1.calls] == [0, 1, 2, 3]
-    assert transport.client.xlen(replay_key(transport)) == 1  # batch 2; 0 and 1 are checkpointed
+    assert transport.client.xlen(transport.keys.replay) == 1  # batch 2; 0 and 1 are checkpointed
 
-    transport.clear_run_flags()
+    transport.control.clear_run_flags()
     pub2 = Published()
     second = service(transport, cfg, tmp_path / "run", pub2)
     out = second.run()
@@ -119,12 +119,12 @@ def test_a_crash_between_checkpoints_loses_no_step(tmp_path: Path, transport: Tr
     for name, value in reference.items():
         assert torch.allclose(state[name], value, atol=1e-6), name
     assert pub2.calls[1][1] == pub1.calls[3][1]  # version 3 retrained to the same checksum
-    stats = transport.stats()
+    stats = transport.state.stats()
     assert stats["batches_consumed"] == STEPS and stats["batches_duplicate"] == 1
-    assert transport.read_hash(trained_key(transport)) == {f"step-{s:07d}": str(s) for s in range(STEPS)}
-    versions = [int(v) for v in transport.client.lrange(weight_versions_key(transport), 0, -1)]
+    assert transport.state.trained() == {f"step-{s:07d}": s for s in range(STEPS)}
+    versions = transport.state.published_versions()
     assert versions == [0, 1, 2, 3, 2, 3, 4, 5]
-    assert transport.client.xlen(transport.batches_stream) == 0
-    assert transport.client.xlen(replay_key(transport)) == 0  # trimmed at the last checkpoint
-    assert transport.is_done()
+    assert transport.client.xlen(transport.keys.batches) == 0
+    assert transport.client.xlen(transport.keys.replay) == 0  # trimmed at the last checkpoint
+    assert transport.control.is_done()
     assert (tmp_path / "run" / "learning_curve.png").is_file()

@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from services.policy.model import PolicySpec, build_policy, save_policy
+from services.policy.model import PolicySpec, build_policy, load_policy, save_policy
 from services.policy.tokenizer import CharTokenizer
-from services.rollout.actor import RolloutActor, groups_per_round, loaded_versions_key
+from services.rollout.actor import RolloutActor, groups_per_round
+from services.run.components import build_worker
 from services.run.config import RunConfig, parse_config
-from services.transport.schema import ScoredGroup, decode
-from services.transport.streams import Transport
+from services.transport.bundle import Transport
+from services.transport.records import ScoredGroup, decode
 from services.weightsync.checksum import WeightSyncError, state_checksum
 
 pytestmark = pytest.mark.integration
@@ -51,15 +52,21 @@ def policy(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Mod
 
 def make_cfg(mode: str = "async") -> RunConfig:
     return parse_config({
-        "task": {"digits": 1},
+        "task": {"type": "arithmetic", "digits": 1},
         "rollout": {"prompts_per_step": 4, "samples_per_prompt": 2, "num_actors": 1},
         "train": {"total_steps": 100},
         "service": {"mode": mode, "max_group_backlog": 4, "wait_timeout_s": 20},
     })  # fmt: skip
 
 
+def make_actor(cfg: RunConfig, transport: Transport, store: FakeStore, path: Path) -> RolloutActor:
+    model, tok = load_policy(path)
+    worker = build_worker(cfg, model, tok, "rollout-0")
+    return RolloutActor(cfg.rollout_settings(), transport, store, worker, 0)
+
+
 def groups(t: Transport) -> list[ScoredGroup]:
-    out = [decode(f) for _, f in t.client.xrange(t.groups_stream, "-", "+")]
+    out = [decode(f) for _, f in t.client.xrange(t.keys.groups, "-", "+")]
     assert all(isinstance(g, ScoredGroup) for g in out)
     return out  # type: ignore[return-value]
 
@@ -93,24 +100,24 @@ def test_shares_of_a_step_add_up() -> None:
 def test_backpressure_stops_generation_at_the_bound(transport: Transport, policy) -> None:
     path, model = policy
     stop = threading.Event()
-    actor = RolloutActor(make_cfg(), transport, FakeStore(model), 0, path)
+    actor = make_actor(make_cfg(), transport, FakeStore(model), path)
     thread, result = start(actor, stop)
-    wait_until(lambda: transport.backlog(transport.groups_stream) >= 4)
+    wait_until(lambda: transport.queue.backlog(transport.keys.groups) >= 4)
     time.sleep(0.5)  # time enough for several more rounds, were it not waiting
-    assert transport.backlog(transport.groups_stream) == 4
+    assert transport.queue.backlog(transport.keys.groups) == 4
     stop.set()
     thread.join(10)
-    assert result["report"]["groups_published"] == 4 == transport.stats()["groups_written"]
+    assert result["report"]["groups_published"] == 4 == transport.state.stats()["groups_written"]
     assert result["report"]["versions_loaded"] == [0]
 
 
 def test_sync_mode_generates_one_round_per_weight_version(transport: Transport, policy) -> None:
     path, model = policy
-    cfg = make_cfg("sync")
-    cfg.service.max_group_backlog = 100
+    cfg = make_cfg("sync").model_copy(update={"service": make_cfg("sync").service.model_copy(
+        update={"max_group_backlog": 100})})
     store = FakeStore(model)
     stop = threading.Event()
-    actor = RolloutActor(cfg, transport, store, 0, path)
+    actor = make_actor(cfg, transport, store, path)
     thread, result = start(actor, stop)
     wait_until(lambda: len(groups(transport)) >= 4)
     time.sleep(0.5)
@@ -120,22 +127,23 @@ def test_sync_mode_generates_one_round_per_weight_version(transport: Transport, 
     time.sleep(0.5)
     assert len(groups(transport)) == 8
     # A skipped batch (no signal) leaves the version where it was: one more round from it.
-    transport.client.hincrby(transport.stats_key, "batches_skipped", 1)
+    transport.client.hincrby(transport.keys.stats, "batches_skipped", 1)
     wait_until(lambda: len(groups(transport)) >= 12)
     time.sleep(0.5)
     stop.set()
     thread.join(10)
     assert [g.policy_version for g in groups(transport)] == [0] * 4 + [1] * 8
-    loaded = transport.client.lrange(loaded_versions_key(transport, "rollout-0"), 0, -1)
-    assert [int(v) for v in loaded] == [0, 1]
+    assert transport.state.loaded_versions("rollout-0") == [0, 1]
+    beat = transport.state.heartbeats()["rollout-0"]
+    assert (beat["version"], beat["rounds"], beat["groups_published"]) == (1, 3, 12)
     assert result["report"]["rounds"] == 3
 
 
 def test_a_corrupted_weight_sync_stops_the_run(transport: Transport, policy) -> None:
     path, model = policy
-    actor = RolloutActor(make_cfg(), transport, FakeStore(model, corrupt=True), 0, path)
+    actor = make_actor(make_cfg(), transport, FakeStore(model, corrupt=True), path)
     with pytest.raises(WeightSyncError, match="version 0 arrived corrupted"):
         actor.run()
-    assert transport.backlog(transport.groups_stream) == 0  # nothing generated with bad weights
-    reason = transport.stop_reason()
+    assert transport.queue.backlog(transport.keys.groups) == 0  # nothing generated with bad weights
+    reason = transport.control.stop_reason()
     assert reason is not None and "rollout-0" in reason and "corrupted" in reason

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from selector.curate import curate
-from selector.service import GROUP, SelectorService, SelectorStalled, batch_groups_key, ledger_key
+from selector.service import GROUP, SelectorService, SelectorStalled
 from services.common.seeding import step_seed
 from services.run.config import RunConfig, parse_config
-from services.transport.schema import CuratedBatch, ScoredGroup, decode
-from services.transport.streams import Transport
+from services.transport.bundle import Transport
+from services.transport.records import CuratedBatch, ScoredGroup, decode
 
 pytestmark = pytest.mark.integration
 
@@ -48,12 +48,12 @@ def make_group(i: int, version: int = 0, rewards: list[float] | None = None) -> 
 
 
 def publish(t: Transport, group: ScoredGroup) -> str:
-    return t.publish(t.groups_stream, group, incr={"groups_written": 1}, key=group.group_id)
+    return t.queue.publish(t.keys.groups, group, incr={"groups_written": 1}, key=group.group_id)
 
 
 def batches(t: Transport) -> list[CuratedBatch]:
     out = []
-    for _, fields in t.client.xrange(t.batches_stream, "-", "+"):
+    for _, fields in t.client.xrange(t.keys.batches, "-", "+"):
         rec = decode(fields)
         assert isinstance(rec, CuratedBatch)
         out.append(rec)
@@ -62,7 +62,7 @@ def batches(t: Transport) -> list[CuratedBatch]:
 
 def selector(t: Transport, cfg: RunConfig, consumer: str = "selector-0", **kw) -> SelectorService:
     kw.setdefault("block_ms", 100)
-    return SelectorService(t, cfg, consumer=consumer, **kw)
+    return SelectorService(t, cfg.selector_settings(), consumer=consumer, **kw)
 
 
 # ---- malformed records ---------------------------------------------------------------------------
@@ -102,10 +102,10 @@ def test_malformed_records_are_dead_lettered_and_a_correct_batch_follows(transpo
     # Interleaved: the bad ones arrive between the good ones, and one decodes but has G = 3.
     publish(transport, good[0])
     for fields in list(bad.values())[:3]:
-        transport.client.xadd(transport.groups_stream, fields)
+        transport.client.xadd(transport.keys.groups, fields)
     publish(transport, good[1])
     for fields in list(bad.values())[3:]:
-        transport.client.xadd(transport.groups_stream, fields)
+        transport.client.xadd(transport.keys.groups, fields)
     wrong_g = ScoredGroup(**{**make_group(50).__dict__, "responses": make_group(50).responses[:3],
                              "response_lengths": make_group(50).response_lengths[:3],
                              "behav_logp": make_group(50).behav_logp[:3],
@@ -117,9 +117,9 @@ def test_malformed_records_are_dead_lettered_and_a_correct_batch_follows(transpo
     summary = selector(transport, cfg).run(max_batches=1)
 
     assert summary["batches_written"] == 1
-    dead = transport.client.xrange(transport.dead_stream, "-", "+")
+    dead = transport.client.xrange(transport.keys.dead, "-", "+")
     reasons = [f[b"reason"].decode() for _, f in dead]
-    assert transport.stats()["dead"] == len(bad) + 1
+    assert transport.state.stats()["dead"] == len(bad) + 1
     expected_reasons = [
         "unsupported schema version 99",
         "array 'responses' has 77 bytes, but shape [4, 5] of int32 needs 80",  # truncated
@@ -135,13 +135,13 @@ def test_malformed_records_are_dead_lettered_and_a_correct_batch_follows(transpo
     (batch,) = batches(transport)
     assert batch.group_ids == [g.group_id for g in good]
     expected = curate(good, cfg.algorithm.build_preset(), 0, cfg.train.total_steps,
-                      cfg.algorithm.adv_eps, torch.Generator().manual_seed(step_seed(3, 0))).batch
+                      cfg.algorithm.adv_eps, torch.Generator().manual_seed(step_seed(3, 0))).rows
     assert expected is not None
     np.testing.assert_array_equal(batch.input_ids, expected.input_ids)
     np.testing.assert_array_equal(batch.advantages, expected.advantages)
     # Nothing is left pending or queued in the groups stream: all good ones used, bad ones dead.
-    assert transport.backlog(transport.groups_stream) == 0
-    ledger = transport.read_hash(ledger_key(transport))
+    assert transport.queue.backlog(transport.keys.groups) == 0
+    ledger = transport.state.ledger()
     assert ledger == {g.group_id: "used:step-0000000" for g in good}
 
 
@@ -156,31 +156,31 @@ def test_schedule_state_survives_a_selector_restart(transport: Transport) -> Non
     first = selector(transport, cfg)
     assert first.run(max_batches=1)["batches_written"] == 1
     # It reads the next two groups and dies before committing them.
-    first._read_more(2)
-    assert len(first._held) == 2
+    first.inbox.read(2)
+    assert len(first.inbox) == 2
     del first
 
-    sched = transport.read_hash(transport.schedule_key)
+    sched = transport.state.schedule()
     assert int(sched["step"]) == 1
     for i in range(PROMPTS + 2, PROMPTS + 4):
         publish(transport, make_group(i))
     second = selector(transport, cfg)  # same consumer name: takes back its own pending groups
     second.start()
     assert second.step == 1
-    assert len(second._held) == 2
+    assert len(second.inbox) == 2
     assert second.run(max_batches=1)["batches_written"] == 1
 
     b0, b1 = batches(transport)
     assert (b0.step, b1.step) == (0, 1)
     assert b1.group_ids == [f"g{i}" for i in range(PROMPTS, PROMPTS + 4)]
-    sched = transport.read_hash(transport.schedule_key)
+    sched = transport.state.schedule()
     sample_ratio, token_ratio = preset.ratios(2, cfg.train.total_steps)
     assert int(sched["step"]) == 2
     assert float(sched["sample_ratio"]) == pytest.approx(sample_ratio)
     assert float(sched["token_ratio"]) == pytest.approx(token_ratio)
     assert float(sched["progress"]) == pytest.approx(2 / cfg.train.total_steps)
-    assert transport.stats()["batches_written"] == 2
-    assert set(json.loads(transport.read_hash(batch_groups_key(transport))["step-0000001"])) == set(
+    assert transport.state.stats()["batches_written"] == 2
+    assert set(transport.state.batch_groups()["step-0000001"]) == set(
         b1.group_ids
     )
 
@@ -194,9 +194,9 @@ def test_pending_groups_of_a_killed_consumer_are_reclaimed(transport: Transport)
         publish(transport, make_group(i))
     dead = selector(transport, cfg, consumer="selector-a")
     dead.start()
-    dead._read_more(PROMPTS)  # read, never acknowledged: then the process "dies"
-    assert len(dead._held) == PROMPTS
-    pending = transport.client.xpending(transport.groups_stream, GROUP)
+    dead.inbox.read(PROMPTS)  # read, never acknowledged: then the process "dies"
+    assert len(dead.inbox) == PROMPTS
+    pending = transport.client.xpending(transport.keys.groups, GROUP)
     assert pending["pending"] == PROMPTS
 
     time.sleep(0.3)
@@ -205,20 +205,21 @@ def test_pending_groups_of_a_killed_consumer_are_reclaimed(transport: Transport)
 
     (batch,) = batches(transport)
     assert batch.group_ids == [f"g{i}" for i in range(PROMPTS)]
-    assert transport.client.xpending(transport.groups_stream, GROUP)["pending"] == 0
+    assert transport.client.xpending(transport.keys.groups, GROUP)["pending"] == 0
     # The dead consumer coming back finds them accounted for, and cannot acknowledge or use
     # them again: every commit on entries it no longer holds is fenced.
-    usable, stale, dup = dead._partition()
-    assert (len(usable), len(dup)) == (0, PROMPTS)
-    dead._commit_drops(stale, dup)
+    held = dead.inbox.sort(dead.step)
+    assert (len(held.usable), len(held.duplicate)) == (0, PROMPTS)
+    dup = held.duplicate
+    dead._commit(held.stale, dup, [], None)
     assert dead.summary["commits_refused"] == 1
-    refused = transport.commit(
-        transport.groups_stream, GROUP, [d.entry_id for d in dup],
-        outputs=[(transport.batches_stream, "step-0000000-again", batch)], consumer="selector-a",
+    refused = transport.queue.commit(
+        transport.keys.groups, GROUP, [d.entry_id for d in dup],
+        outputs=[(transport.keys.batches, "step-0000000-again", batch)], consumer="selector-a",
     )  # fmt: skip
     assert not refused.committed
     assert len(batches(transport)) == 1
-    stats = transport.stats()
+    stats = transport.state.stats()
     assert stats["groups_used"] == PROMPTS and stats.get("groups_duplicate", 0) == 0
 
 
@@ -231,7 +232,7 @@ def test_staleness_is_measured_against_the_step_being_built(
 ) -> None:
     cfg = make_cfg(max_staleness=max_staleness)
     # The learner has trained step 0; the selector builds step 1, with weights version 1 out.
-    transport.client.hset(transport.schedule_key, mapping={"step": 1})
+    transport.client.hset(transport.keys.schedule, mapping={"step": 1})
     versions = [0, 1, 0, 1, 0, 1, 1]
     for i, v in enumerate(versions):
         publish(transport, make_group(i, version=v))
@@ -240,20 +241,20 @@ def test_staleness_is_measured_against_the_step_being_built(
 
     (batch,) = batches(transport)
     assert batch.step == 1
-    stats = transport.stats()
+    stats = transport.state.stats()
     if max_staleness == 0:
         # Strictly on-policy: only version-1 groups; every version-0 group dropped and counted.
         assert set(batch.policy_versions.tolist()) == {1}
         assert batch.group_ids == ["g1", "g3", "g5", "g6"]
         assert summary["groups_stale"] == stats["groups_stale"] == 3
-        ledger = transport.read_hash(ledger_key(transport))
+        ledger = transport.state.ledger()
         assert {g for g, v in ledger.items() if v == "stale"} == {"g0", "g2", "g4"}
-        assert transport.backlog(transport.groups_stream) == 0
+        assert transport.queue.backlog(transport.keys.groups) == 0
     else:
         # One step behind is allowed: the first four in arrival order, none dropped.
         assert batch.group_ids == ["g0", "g1", "g2", "g3"]
         assert stats.get("groups_stale", 0) == 0
-        assert transport.backlog(transport.groups_stream) == 3  # held for the next step
+        assert transport.queue.backlog(transport.keys.groups) == 3  # held for the next step
 
 
 # ---- zero-signal batches -------------------------------------------------------------------------
@@ -272,9 +273,9 @@ def test_a_batch_without_signal_is_skipped_and_counted_never_a_crash(transport: 
     (batch,) = batches(transport)
     assert batch.step == 0  # the skip did not use up a learner step
     assert batch.group_ids == [f"g{i}" for i in range(PROMPTS, 2 * PROMPTS)]
-    ledger = transport.read_hash(ledger_key(transport))
+    ledger = transport.state.ledger()
     assert all(ledger[f"g{i}"] == "skipped:step-0000000" for i in range(PROMPTS))
-    stats = transport.stats()
+    stats = transport.state.stats()
     assert stats["batches_skipped"] == 1 and stats["groups_skipped"] == PROMPTS
 
 

@@ -8,9 +8,9 @@ import logging
 import pytest
 import torch
 
+from services.policy.config import PolicySpec, WarmstartConfig
 from services.policy.evaluate import evaluate_greedy
 from services.policy.model import (
-    PolicySpec,
     build_policy,
     left_pad,
     load_policy,
@@ -20,7 +20,6 @@ from services.policy.model import (
 from services.policy.tokenizer import CharTokenizer
 from services.policy.warmstart import (
     METADATA_FILE,
-    WarmstartSpec,
     demonstration_batch,
     warmstart,
 )
@@ -127,38 +126,46 @@ def test_demonstration_batch_masks_prompt_and_padding():
     assert labels[0, :5].eq(-100).all()
 
 
-def _tiny_spec(**kw) -> WarmstartSpec:
-    base = dict(steps=4, batch_size=8, lr=1e-3, digits=2, model=TINY, min_accuracy=0.0,
-                eval_prompts=16, dev_prompts=16, warmup_steps=2)
+def _tiny_spec(cache_dir, **kw) -> WarmstartConfig:
+    base = dict(steps=4, batch_size=8, lr=1e-3, min_accuracy=0.0, eval_prompts=16, dev_prompts=16,
+                warmup_steps=2, cache_dir=cache_dir)
     base.update(kw)
-    return WarmstartSpec(**base)
+    return WarmstartConfig(**base)
+
+
+def _key(spec: WarmstartConfig) -> str:
+    return spec.cache_key(TINY, 2)
 
 
 def test_warmstart_caches_and_does_not_retrain(tmp_path):
     calls: list[int] = []
-    spec = _tiny_spec()
-    path = warmstart(spec, tmp_path, progress=lambda s, t, loss: calls.append(s))
+    spec = _tiny_spec(tmp_path)
+    path = warmstart(spec, TINY, 2, progress=lambda s, t, loss: calls.append(s))
     assert calls == [1, 2, 3, 4]
     meta = json.loads((path / METADATA_FILE).read_text())
     assert meta["steps_run"] == 4 and 0.0 <= meta["heldout_accuracy"] <= 1.0
     _, tok = load_policy(path)
     assert isinstance(tok, CharTokenizer)
     mtime = (path / "model.safetensors").stat().st_mtime_ns
-    again = warmstart(_tiny_spec(), tmp_path, progress=lambda s, t, loss: calls.append(s))
+    again = warmstart(_tiny_spec(tmp_path), TINY, 2, progress=lambda s, t, loss: calls.append(s))
     assert again == path and calls == [1, 2, 3, 4]  # no training the second time
     assert (path / "model.safetensors").stat().st_mtime_ns == mtime
     # Only the finished checkpoint is left: no temporary directories.
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
     # Any change to the spec is a different checkpoint; clean ignores wrong_fraction.
-    assert _tiny_spec(seed=1).cache_key() != spec.cache_key()
-    assert _tiny_spec(clean=True).cache_key() == _tiny_spec(clean=True, wrong_fraction=0.0).cache_key()
-    assert _tiny_spec(clean=True).cache_key() != spec.cache_key()
+    assert _key(_tiny_spec(tmp_path, seed=1)) != _key(spec)
+    assert _key(_tiny_spec(tmp_path, clean=True)) == _key(_tiny_spec(tmp_path, clean=True, wrong_fraction=0.0))
+    assert _key(_tiny_spec(tmp_path, clean=True)) != _key(spec)
+    # The architecture and the task are part of what was trained; the cache location is not.
+    assert spec.cache_key(TINY, 3) != _key(spec)
+    assert spec.cache_key(PolicySpec(n_layer=2, n_embd=16, n_head=2, n_positions=16), 2) != _key(spec)
+    assert _key(_tiny_spec(tmp_path / "elsewhere")) == _key(spec)
 
 
 def test_warmstart_keeps_training_until_target_or_max_steps(tmp_path, caplog):
-    spec = _tiny_spec(min_accuracy=1.0, max_steps=7, eval_every=1, eval_prompts=0)
+    spec = _tiny_spec(tmp_path, min_accuracy=1.0, max_steps=7, eval_every=1, eval_prompts=0)
     with caplog.at_level(logging.WARNING, logger="services.policy.warmstart"):
-        path = warmstart(spec, tmp_path)
+        path = warmstart(spec, TINY, 2)
     meta = json.loads((path / METADATA_FILE).read_text())
     assert meta["steps_run"] == 7 and meta["dev_accuracy"] is not None
     assert "heldout_accuracy" not in meta

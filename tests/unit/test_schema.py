@@ -7,13 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from services.transport.schema import (
-    SCHEMA_VERSION,
-    CuratedBatch,
-    SchemaError,
-    ScoredGroup,
-    decode,
-)
+from services.transport.codec import SCHEMA_VERSION, SchemaError
+from services.transport.records import CuratedBatch, ScoredGroup, decode
 
 
 def make_group(rng: np.random.Generator, g: int = 4, t: int = 6, p: int = 5) -> ScoredGroup:

@@ -1,13 +1,13 @@
-"""Redis-stream transport: consumer groups, atomic commit, dead letters, backpressure.
+"""The reliable queue over Redis streams: consumer groups, atomic commit, dead letters.
 
 Delivery discipline (what makes "a crash loses nothing and duplicates nothing" true):
 
-* A consumer reads with XREADGROUP; entries stay pending until :meth:`Transport.commit`.
+* A consumer reads with XREADGROUP; entries stay pending until :meth:`StreamQueue.commit`.
 * ``commit`` is one Lua script: it checks the consumer still holds every consumed entry (so a
   consumer whose entries were reclaimed by another cannot also publish a product), writes each
   output unless its idempotency key was produced before, then XACKs and XDELs the consumed entries
   and applies counters and hash fields. A crash before the script leaves the entries pending for
-  :meth:`Transport.reclaim`; a crash after it leaves nothing to redo; a retried script (redis-py
+  :meth:`StreamQueue.reclaim`; a crash after it leaves nothing to redo; a retried script (redis-py
   retries on connection errors) finds its entries no longer pending and changes nothing.
 * Acknowledged entries are deleted, so XLEN is the backlog (Redis 6.2 has no XINFO ``lag``).
 * A record that fails to decode is moved to the dead stream with its reason, in the same kind of
@@ -17,17 +17,17 @@ Delivery discipline (what makes "a crash loses nothing and duplicates nothing" t
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import redis
 
-from services.transport.schema import CuratedBatch, ScoredGroup, decode
+from services.transport.keys import RunKeys
+from services.transport.records import CuratedBatch, ScoredGroup, decode
+from services.transport.values import hash_value, pairs, text
 
-__all__ = ["CommitResult", "Delivery", "Record", "Transport", "connect"]
+__all__ = ["CommitResult", "Delivery", "Record", "StreamQueue", "connect"]
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ class Delivery:
 
 @dataclass(frozen=True)
 class CommitResult:
-    """What :meth:`Transport.commit` did.
+    """What :meth:`StreamQueue.commit` did.
 
     ``committed`` is False only when some consumed entry was no longer pending for the consumer
     (``not_pending``): it was reclaimed by another consumer or already committed. Then nothing
@@ -151,84 +151,24 @@ def connect(url: str, socket_timeout_s: float = 10.0) -> redis.Redis:
     )
 
 
-def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+class StreamQueue:
+    """The streams of one run over one Redis client (``decode_responses=False``).
 
-
-def _hash_value(value: Any) -> bytes | str:
-    """Hash field values as Redis stores them; floats keep full precision (repr)."""
-    if isinstance(value, (bytes, str)):
-        return value
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    if isinstance(value, (int, np.integer)):
-        return str(int(value))
-    if isinstance(value, (float, np.floating)):
-        return repr(float(value))  # numpy 2's repr would give "np.float64(...)"
-    raise TypeError(f"cannot store {type(value).__name__} in a Redis hash")
-
-
-def _pairs(flat: Sequence[Any]) -> dict[str, str]:
-    return {_s(flat[i]): _s(flat[i + 1]) for i in range(0, len(flat), 2)}
-
-
-class Transport:
-    """Stream transport over one Redis client (``decode_responses=False``) and a key namespace.
-
-    Streams: :attr:`groups_stream` (rollouts -> selector), :attr:`batches_stream`
-    (selector -> learner), :attr:`dead_stream` (malformed records). Hashes: :attr:`schedule_key`,
-    :attr:`stats_key` (integer counters), :attr:`metrics_key` (latest metric values),
-    :attr:`control_key` (field ``paused``), and :attr:`produced_key` (idempotency keys).
+    Streams are named by :class:`~services.transport.keys.RunKeys` (groups, batches, dead);
+    :meth:`commit` also writes the run's counters (``keys.stats``) and idempotency keys
+    (``keys.produced``) in the same atomic step.
     """
 
-    def __init__(
-        self, client: redis.Redis, namespace: str = "d3s", *, dead_maxlen: int = 10_000
-    ) -> None:
+    def __init__(self, client: redis.Redis, keys: RunKeys, *, dead_maxlen: int = 10_000) -> None:
         kwargs = client.connection_pool.connection_kwargs
         if kwargs.get("decode_responses"):
-            raise ValueError("Transport needs a Redis client with decode_responses=False")
-        if not namespace:
-            raise ValueError("namespace must be non-empty")
+            raise ValueError("StreamQueue needs a Redis client with decode_responses=False")
         self.client = client
-        self.namespace = namespace
+        self.keys = keys
         self.dead_maxlen = dead_maxlen
         timeout = kwargs.get("socket_timeout", kwargs.get("orig_socket_timeout"))
         self._socket_timeout_s: float | None = float(timeout) if timeout else None
         self._commit_script = client.register_script(_COMMIT_LUA)
-
-    # ---- key names ----------------------------------------------------------------------------
-
-    @property
-    def groups_stream(self) -> str:
-        return f"{self.namespace}:groups"
-
-    @property
-    def batches_stream(self) -> str:
-        return f"{self.namespace}:batches"
-
-    @property
-    def dead_stream(self) -> str:
-        return f"{self.namespace}:dead"
-
-    @property
-    def schedule_key(self) -> str:
-        return f"{self.namespace}:schedule"
-
-    @property
-    def stats_key(self) -> str:
-        return f"{self.namespace}:stats"
-
-    @property
-    def metrics_key(self) -> str:
-        return f"{self.namespace}:metrics"
-
-    @property
-    def control_key(self) -> str:
-        return f"{self.namespace}:control"
-
-    @property
-    def produced_key(self) -> str:
-        return f"{self.namespace}:produced"
 
     # ---- groups and publishing ----------------------------------------------------------------
 
@@ -262,8 +202,8 @@ class Transport:
         pipe = self.client.pipeline(transaction=True)
         pipe.xadd(stream, record.to_fields())
         for name, amount in (incr or {}).items():
-            pipe.hincrby(self.stats_key, name, int(amount))
-        return _s(pipe.execute()[0])
+            pipe.hincrby(self.keys.stats, name, int(amount))
+        return text(pipe.execute()[0])
 
     # ---- consuming ----------------------------------------------------------------------------
 
@@ -319,7 +259,7 @@ class Transport:
                     saw_deleted = True
                 else:
                     claimed.append((entry_id, fields))
-            if _s(cursor) == "0-0" or len(claimed) >= count:
+            if text(cursor) == "0-0" or len(claimed) >= count:
                 break
         if saw_deleted:
             self._ack_deleted_pending(stream, group, consumer)
@@ -340,7 +280,7 @@ class Transport:
     ) -> list[Delivery]:
         out: list[Delivery] = []
         for raw_id, fields in entries:
-            entry_id = _s(raw_id)
+            entry_id = text(raw_id)
             try:
                 record = decode(fields or {})
             except Exception as exc:  # any decode failure is the record's fault, never fatal
@@ -377,14 +317,14 @@ class Transport:
             group,
             consumer,
             [entry_id],
-            [(self.dead_stream, f"{stream}/{entry_id}", dead)],
+            [(self.keys.dead, f"{stream}/{entry_id}", dead)],
             {"dead": 1},
             None,
         )
         if result.committed:
             log.warning("dead-lettered %s %s: %s", stream, entry_id, reason)
             # Trimming is housekeeping, not correctness: outside the atomic step, approximate.
-            self.client.xtrim(self.dead_stream, maxlen=self.dead_maxlen, approximate=True)
+            self.client.xtrim(self.keys.dead, maxlen=self.dead_maxlen, approximate=True)
         else:
             log.warning(
                 "malformed %s %s was taken by another consumer: %s", stream, entry_id, reason
@@ -442,7 +382,7 @@ class Transport:
     ) -> CommitResult:
         if entry_ids and not group:
             raise ValueError("commit with entry ids needs the consumer group")
-        keys: list[str] = [stream, self.produced_key, self.stats_key]
+        keys: list[str] = [stream, self.keys.produced, self.keys.stats]
         args: list[Any] = [group, consumer or "", len(entry_ids), *entry_ids, len(outputs)]
         for out, key, fields in outputs:
             keys.append(out)
@@ -459,14 +399,14 @@ class Transport:
             keys.append(hkey)
             args.append(len(mapping))
             for name, value in mapping.items():
-                args += [name, _hash_value(value)]
+                args += [name, hash_value(value)]
         committed, not_pending, written, dups, acked = self._commit_script(keys=keys, args=args)
         result = CommitResult(
             committed=bool(committed),
-            written=_pairs(written),
-            duplicates=_pairs(dups),
+            written=pairs(written),
+            duplicates=pairs(dups),
             acked=int(acked),
-            not_pending=[_s(x) for x in not_pending],
+            not_pending=[text(x) for x in not_pending],
         )
         if not result.committed:
             log.warning(
@@ -477,7 +417,7 @@ class Transport:
             )
         return result
 
-    # ---- backpressure, control, stats ---------------------------------------------------------
+    # ---- backlog and dead letters ------------------------------------------------------------
 
     def backlog(self, stream: str) -> int:
         """Records in ``stream`` not yet acknowledged (undelivered plus pending).
@@ -485,63 +425,6 @@ class Transport:
         Committed and dead-lettered entries are deleted, so this is XLEN (works on Redis 6.2).
         """
         return int(self.client.xlen(stream))
-
-    def wait_for_capacity(
-        self, stream: str, bound: int, timeout_s: float, poll_s: float = 0.05
-    ) -> int:
-        """Block until ``backlog(stream) < bound``; returns the backlog seen.
-
-        Raises TimeoutError naming the stream, backlog and bound if it does not happen within
-        ``timeout_s`` (the consumer is probably down or too slow).
-        """
-        deadline = time.monotonic() + timeout_s
-        while True:
-            size = self.backlog(stream)
-            if size < bound:
-                return size
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(
-                    f"backpressure: backlog of {stream} stayed at {size} (bound {bound}) for "
-                    f"{timeout_s:.1f}s; is its consumer running?"
-                )
-            time.sleep(min(poll_s, remaining))
-
-    def paused(self) -> bool:
-        """Whether an operator paused the run (``control_key`` field ``paused`` == "1")."""
-        return self.client.hget(self.control_key, "paused") == b"1"
-
-    def set_paused(self, paused: bool) -> None:
-        self.client.hset(self.control_key, "paused", "1" if paused else "0")
-
-    # Run-wide flags in the control hash. ``stop`` (with ``stop_reason``): every component
-    # winds down, set by the orchestrator on exit or by a component that hit a fatal error, so
-    # the others do not wait out their timeouts. ``done``: the learner finished total_steps.
-
-    def request_stop(self, reason: str) -> None:
-        """Ask every component of the run to stop; the first reason given is kept."""
-        pipe = self.client.pipeline(transaction=True)
-        pipe.hset(self.control_key, "stop", "1")
-        pipe.hsetnx(self.control_key, "stop_reason", reason)
-        pipe.execute()
-
-    def stop_reason(self) -> str | None:
-        """Why the run was asked to stop, or None while it was not."""
-        stop, reason = self.client.hmget(self.control_key, ["stop", "stop_reason"])
-        if stop != b"1":
-            return None
-        return _s(reason) if reason is not None else "stop requested"
-
-    def mark_done(self) -> None:
-        """The learner trained every step of the run."""
-        self.client.hset(self.control_key, "done", "1")
-
-    def is_done(self) -> bool:
-        return self.client.hget(self.control_key, "done") == b"1"
-
-    def clear_run_flags(self) -> None:
-        """Forget ``stop``/``done`` of an earlier session (a resumed run decides them anew)."""
-        self.client.hdel(self.control_key, "stop", "stop_reason", "done")
 
     def dead_letter(self, stream: str, group: str, consumer: str, entry_id: str, reason: str) -> bool:
         """Move a pending entry that decoded but cannot be used (e.g. a group size the run does
@@ -554,11 +437,3 @@ class Transport:
             return False
         self._dead_letter(stream, group, consumer, entry_id, rows[0][1], reason)
         return True
-
-    def stats(self) -> dict[str, int]:
-        """Integer counters from :attr:`stats_key` (e.g. ``dead``)."""
-        return {_s(k): int(v) for k, v in self.client.hgetall(self.stats_key).items()}
-
-    def read_hash(self, key: str) -> dict[str, str]:
-        """A hash (schedule, metrics, control) as str -> str."""
-        return {_s(k): _s(v) for k, v in self.client.hgetall(key).items()}

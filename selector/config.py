@@ -1,0 +1,80 @@
+"""The selector's settings: the algorithm section of a run config, and what the service needs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from selector.presets import PRESETS, Preset, get_preset
+from selector.schedule import Schedule
+
+
+class AlgorithmConfig(BaseModel):
+    """Which D3S variant runs: a preset of the ablation ladder, with optional overrides.
+
+    Every override left unset takes the preset's own value, so ``preset: d3s`` alone is the
+    method with its default schedule.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    preset: str = "d3s"
+    """grpo, pods, d1s, d1s-cross, d2s, d3s, d3s-i or random (the ladder in the README)."""
+    schedule: Literal["linear", "cosine", "constant"] | None = None
+    """How the keep ratios move from their initial to their final value over the run."""
+    sample_init: float | None = Field(None, gt=0, le=1)
+    """Sample keep ratio rho_s at step 0."""
+    sample_final: float | None = Field(None, gt=0, le=1)
+    """Sample keep ratio rho_s at the last step."""
+    token_init: float | None = Field(None, gt=0, le=1)
+    """Token keep ratio K at step 0."""
+    token_final: float | None = Field(None, gt=0, le=1)
+    """Token keep ratio K at the last step."""
+    token_pool: Literal["batch", "sequence"] | None = None
+    """Rank tokens across the whole batch or within each response."""
+    renormalize: bool | None = None
+    """Re-normalise advantages after sample selection (PODS); D3S does not."""
+    adv_eps: float = Field(1e-6, gt=0)
+    """Added to the group's reward std before dividing."""
+
+    @model_validator(mode="after")
+    def _known(self) -> AlgorithmConfig:
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset: unknown {self.preset!r}; choose from {sorted(PRESETS)}")
+        self.build_preset()  # surfaces a bad combination now, not at step 1
+        return self
+
+    def build_preset(self) -> Preset:
+        """The preset with this section's overrides applied."""
+        base = get_preset(self.preset)
+        s = base.schedule
+        schedule = Schedule(
+            kind=self.schedule or s.kind,
+            sample_init=self.sample_init or s.sample_init,
+            sample_final=self.sample_final or s.sample_final,
+            token_init=self.token_init or s.token_init,
+            token_final=self.token_final or s.token_final,
+        )
+        changes: dict[str, Any] = {"schedule": schedule}
+        if self.token_pool is not None:
+            changes["token_pool"] = self.token_pool
+        if self.renormalize is not None:
+            changes["renormalize"] = self.renormalize
+        return base.with_overrides(**changes)
+
+
+@dataclass(frozen=True)
+class SelectorSettings:
+    """What the selector service needs of a run (the entry point builds it from the run config)."""
+
+    preset: Preset
+    total_steps: int
+    prompts_per_step: int
+    samples_per_prompt: int
+    seed: int
+    max_staleness: int
+    max_batch_backlog: int
+    wait_timeout_s: float
+    adv_eps: float = 1e-6

@@ -1,0 +1,24 @@
+"""What a rollout actor needs of a run (the entry point builds it from the run config)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RolloutSettings:
+    """Run-level settings of the rollout actors.
+
+    ``prompts_per_step`` is shared by ``num_actors`` actors; ``lock_step`` (``mode: sync``)
+    makes each actor generate exactly one round per weight version; ``max_group_backlog`` is
+    the groups stream's bound (backpressure); ``wait_timeout_s`` bounds every wait.
+    """
+
+    prompts_per_step: int
+    samples_per_prompt: int
+    num_actors: int
+    total_steps: int
+    seed: int
+    lock_step: bool
+    max_group_backlog: int
+    wait_timeout_s: float

@@ -1,0 +1,224 @@
+"""Building one component of a run from the run config: the selector, a rollout actor, the learner.
+
+Building (model loads, DeepSpeed start-up, Ray handles) is split from running, so that the
+orchestrator can start every component's loop at the same moment, once all are built. The same
+factory serves ``d3s run`` (each component in a Ray actor, :class:`ComponentHost`) and
+``d3s rollout|selector|learner`` (one component in the calling process).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from services.run.config import RunConfig
+from services.transport.bundle import Transport
+from services.transport.queue import connect
+
+log = logging.getLogger(__name__)
+
+COMPONENTS = ("rollout", "selector", "learner")
+# Libraries whose INFO lines belong in a component's log file, not on the terminal.
+NOISY_LOGGERS = ("DeepSpeed", "deepspeed", "torch.distributed", "urllib3", "httpx", "filelock",
+                 "transformers")  # fmt: skip
+
+
+def component_name(kind: str, index: int) -> str:
+    return f"{kind}-{index}" if kind == "rollout" else kind
+
+
+def component_logging(run_dir: Path, name: str) -> Path:
+    """In a component's process: INFO to ``run_dir/logs/<name>.log``, WARNING to stderr."""
+    log_dir = Path(run_dir) / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    path = log_dir / f"{name}.log"
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    file_handler = logging.FileHandler(path)
+    file_handler.setFormatter(fmt)
+    err = logging.StreamHandler(sys.stderr)
+    err.setLevel(logging.WARNING)
+    err.setFormatter(fmt)
+    root = logging.getLogger()
+    root.handlers = [file_handler, err]
+    root.setLevel(logging.INFO)
+    for noisy in NOISY_LOGGERS:
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return path
+
+
+class Component:
+    """A built component, ready to run: its name, its transport, and the loop to call."""
+
+    def __init__(self, name: str, transport: Transport, loop: Callable[[], dict[str, Any]]) -> None:
+        self.name, self.transport, self._loop = name, transport, loop
+
+    def run(self) -> dict[str, Any]:
+        """Run until the run ends; on failure ask the whole run to stop, then raise."""
+        with stop_run_on_failure(self.transport, self.name):
+            try:
+                return self._loop()
+            finally:
+                self.transport.close()
+
+
+@contextlib.contextmanager
+def stop_run_on_failure(transport: Transport, name: str) -> Iterator[None]:
+    # The others would otherwise wait out their timeouts for a component that is gone.
+    try:
+        yield
+    except Exception as exc:
+        with contextlib.suppress(Exception):  # Redis itself may be what failed
+            transport.control.request_stop(f"{name} failed: {type(exc).__name__}: {exc}")
+        log.exception("%s failed", name)
+        raise
+
+
+def build_component(
+    kind: str,
+    cfg: RunConfig,
+    redis_url: str,
+    *,
+    index: int = 0,
+    policy_path: str | None = None,
+    run_dir: str | Path | None = None,
+    detached_store: bool = False,
+) -> Component:
+    """Build one component: ``rollout`` and ``learner`` need Ray initialised by the caller (the
+    weight store); ``selector`` needs only Redis."""
+    import torch
+
+    if kind not in COMPONENTS:
+        raise ValueError(f"unknown component {kind!r}; one of {COMPONENTS}")
+    # Cores are shared by every component of a run: intra-op threads would only fight.
+    torch.set_num_threads(1)
+    transport = Transport.open(connect(redis_url), cfg.service.namespace)
+    name = component_name(kind, index)
+    with stop_run_on_failure(transport, name):
+        if kind == "selector":
+            from selector.service import SelectorService
+
+            selector = SelectorService(transport, cfg.selector_settings(), consumer=f"selector-{index}")
+            return Component(name, transport, selector.run)
+        if policy_path is None:
+            raise ValueError(f"{kind}: needs the policy path")
+        if kind == "rollout":
+            return Component(name, transport, _build_rollout(cfg, transport, policy_path, index).run)
+        learner, shutdown = _build_learner(cfg, transport, policy_path, run_dir, index, detached_store)
+
+        def learn() -> dict[str, Any]:
+            try:
+                return learner.run()
+            finally:
+                shutdown()
+
+        return Component(name, transport, learn)
+
+
+def run_component(kind: str, cfg: RunConfig, redis_url: str, **kwargs: Any) -> dict[str, Any]:
+    """Build and run one component in this process until the run ends; returns its summary
+    (``d3s rollout|selector|learner``). Keyword arguments as for :func:`build_component`."""
+    return build_component(kind, cfg, redis_url, **kwargs).run()
+
+
+def build_worker(cfg: RunConfig, model: Any, tokenizer: Any, name: str) -> Any:
+    """A rollout worker (engine + tasks) around ``model``."""
+    from services.rollout.hf_engine import HFRolloutEngine
+    from services.rollout.worker import RolloutWorker
+    from services.tasks.source import TaskSource
+
+    r = cfg.rollout
+    engine = HFRolloutEngine(model, tokenizer, r.max_new_tokens, r.temperature, r.top_p)
+    return RolloutWorker(engine, TaskSource.from_config(cfg.task), r.samples_per_prompt, name=name)
+
+
+def build_evaluator(cfg: RunConfig, tokenizer: Any) -> Callable[[Any], dict[str, float]]:
+    """Held-out evaluation of a policy module, as every run reports it."""
+    from services.policy.evaluate import evaluate_greedy
+    from services.tasks.source import TaskSource
+
+    heldout = TaskSource.from_config(cfg.task).heldout()
+
+    def evaluate(model: Any) -> dict[str, float]:
+        acc = evaluate_greedy(model, tokenizer, heldout, cfg.rollout.max_new_tokens)
+        return {"heldout_accuracy": acc}
+
+    return evaluate
+
+
+def _build_rollout(cfg: RunConfig, transport: Transport, policy_path: str, index: int) -> Any:
+    from services.policy.model import load_policy
+    from services.rollout.actor import RolloutActor
+    from services.weightsync.object_store import RayWeightSource
+
+    model, tokenizer = load_policy(policy_path)
+    worker = build_worker(cfg, model, tokenizer, component_name("rollout", index))
+    source = RayWeightSource(cfg.service.namespace, cfg.service.wait_timeout_s)
+    return RolloutActor(cfg.rollout_settings(), transport, source, worker, index)
+
+
+def _build_learner(
+    cfg: RunConfig,
+    transport: Transport,
+    policy_path: str,
+    run_dir: str | Path | None,
+    index: int,
+    detached_store: bool,
+) -> tuple[Any, Callable[[], None]]:
+    from learner.engine import LearnerEngine
+    from learner.service import LearnerService
+    from services.policy.model import load_policy, save_policy
+    from services.weightsync.object_store import RayWeightPublisher, get_or_create_store
+
+    model, tokenizer = load_policy(policy_path)
+    shutdown: Callable[[], None] = lambda: None  # noqa: E731
+    if cfg.learner.world_size > 1:
+        from learner.multirank import start_ranks, stop_ranks
+
+        engine, procs = start_ranks(cfg.learner, cfg.train.total_steps, policy_path, model)
+
+        def shutdown() -> None:
+            stop_ranks(engine, procs)
+    else:
+        engine = LearnerEngine(model, cfg.learner, cfg.train.total_steps)
+    settings = cfg.learner_settings(Path(run_dir) if run_dir else None)
+    publisher = RayWeightPublisher(get_or_create_store(cfg.service.namespace, detached_store))
+    service = LearnerService(
+        transport, engine, settings, consumer=f"learner-{index}",
+        evaluate=build_evaluator(cfg, tokenizer),
+        export=lambda module: save_policy(module, tokenizer, settings.run_dir / "final_policy"),
+        publish_weights=publisher,
+    )  # fmt: skip
+    return service, shutdown
+
+
+class ComponentHost:
+    """A Ray actor process hosting one component (``ray.remote`` is applied by the orchestrator):
+    :meth:`prepare` builds it, :meth:`run` runs it."""
+
+    def __init__(self, kind: str, cfg: RunConfig, redis_url: str, run_dir: str, index: int,
+                 policy_path: str) -> None:  # fmt: skip
+        self.kind, self.cfg, self.redis_url = kind, cfg, redis_url
+        self.run_dir, self.index, self.policy_path = run_dir, index, policy_path
+        self.name = component_name(kind, index)
+        self.log_path = component_logging(Path(run_dir), self.name)
+        self._component: Component | None = None
+
+    def prepare(self) -> int:
+        """Build the component (imports, model, DeepSpeed); returns this process's pid."""
+        t0 = time.perf_counter()
+        self._component = build_component(self.kind, self.cfg, self.redis_url, index=self.index,
+                                          policy_path=self.policy_path, run_dir=self.run_dir)  # fmt: skip
+        log.info("%s ready in %.1fs (pid %d)", self.name, time.perf_counter() - t0, os.getpid())
+        return os.getpid()
+
+    def run(self) -> dict[str, Any]:
+        if self._component is None:
+            self.prepare()
+        assert self._component is not None
+        return self._component.run()

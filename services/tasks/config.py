@@ -1,0 +1,60 @@
+"""The ``task`` section: which prompts a run trains on and how answers are scored.
+
+A discriminated union on ``type``: each task kind has only its own fields.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+
+class _TaskBase(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    heldout_size: int = Field(500, ge=1)
+    """Held-out prompts every evaluation scores (greedy accuracy and pass@k)."""
+    verifier_timeout_s: float = Field(2.0, gt=0)
+    """A verifier call running longer scores 0 and is counted as a verifier error."""
+
+
+class ArithmeticTaskConfig(_TaskBase):
+    """``aaa+bbb=`` with zero-padded operands; reward 1 for the exact sum. Built in, no files."""
+
+    type: Literal["arithmetic"] = "arithmetic"
+    digits: int = Field(3, ge=1, le=6)
+    """Operand digits."""
+
+
+class JsonlTaskConfig(_TaskBase):
+    """GSM8K- or MATH-style JSONL files: one object per line with a question and an answer."""
+
+    type: Literal["jsonl"] = "jsonl"
+    train_path: Path
+    """Training prompts (JSONL)."""
+    eval_path: Path | None = None
+    """Held-out prompts (JSONL); None: the first ``heldout_size`` training prompts."""
+
+    @model_validator(mode="after")
+    def _files_exist(self) -> JsonlTaskConfig:
+        for name in ("train_path", "eval_path"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{name}: no such file: {path}")
+        return self
+
+
+def _default_type(value: Any) -> Any:
+    # ``task: {digits: 2}`` means the built-in task, as it always has.
+    if isinstance(value, dict) and "type" not in value:
+        return {"type": "arithmetic", **value}
+    return value
+
+
+TaskConfig = Annotated[
+    ArithmeticTaskConfig | JsonlTaskConfig,
+    Field(discriminator="type"),
+    BeforeValidator(_default_type),
+]

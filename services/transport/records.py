@@ -1,0 +1,244 @@
+"""The records of the Redis streams: a scored group (rollout -> selector) and a curated batch
+(selector -> learner), validated on construction and on decoding (see :mod:`codec`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from services.transport.codec import (
+    SchemaError,
+    WireRecord,
+    as_float_array,
+    as_int_array,
+    check_float,
+    check_int,
+    check_lengths,
+    check_str,
+    check_zero_outside,
+    normalise_fields,
+    parse_meta,
+)
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class ScoredGroup(WireRecord):
+    """G scored rollouts of one prompt, as a rollout actor publishes them.
+
+    Shapes: ``prompt`` int32[P] (P >= 1); ``responses`` int32[G, T] right-padded (G >= 1);
+    ``response_lengths`` int32[G] in [0, T]; ``behav_logp`` float32[G, T], the rollout policy's
+    log-prob of each response token, 0 at padding; ``rewards`` float32[G]. All floats finite.
+    """
+
+    KIND: ClassVar[str] = "group"
+    _SCALARS: ClassVar[tuple[str, ...]] = (
+        "group_id", "prompt_id", "policy_version", "created_at", "actor", "task",
+    )  # fmt: skip
+    _ARRAYS: ClassVar[dict[str, tuple[str, int]]] = {
+        "prompt": ("i", 1),
+        "responses": ("i", 2),
+        "response_lengths": ("i", 1),
+        "behav_logp": ("f", 2),
+        "rewards": ("f", 1),
+    }
+
+    group_id: str
+    prompt_id: str
+    policy_version: int
+    prompt: np.ndarray
+    responses: np.ndarray
+    response_lengths: np.ndarray
+    behav_logp: np.ndarray
+    rewards: np.ndarray
+    created_at: float
+    actor: str
+    task: str
+
+    def __post_init__(self) -> None:
+        put = object.__setattr__  # frozen: normalised values are stored once, here
+        put(self, "group_id", check_str("group_id", self.group_id, nonempty=True))
+        put(self, "prompt_id", check_str("prompt_id", self.prompt_id))
+        put(self, "policy_version", check_int("policy_version", self.policy_version, minimum=0))
+        put(self, "created_at", check_float("created_at", self.created_at, low=0.0))
+        put(self, "actor", check_str("actor", self.actor))
+        put(self, "task", check_str("task", self.task))
+        for name, (elem_kind, ndim) in self._ARRAYS.items():
+            conv = as_float_array if elem_kind == "f" else as_int_array
+            put(self, name, conv(name, getattr(self, name), ndim))
+
+        if self.prompt.shape[0] < 1:
+            raise SchemaError("'prompt' must hold at least one token")
+        if (self.prompt < 0).any():
+            raise SchemaError("'prompt' has a negative token id")
+        g, t = self.responses.shape
+        if g < 1:
+            raise SchemaError("'responses' must hold at least one rollout (G >= 1)")
+        for name in ("response_lengths", "rewards"):
+            if getattr(self, name).shape != (g,):
+                raise SchemaError(
+                    f"inconsistent shapes: '{name}' is {getattr(self, name).shape}, "
+                    f"'responses' is {(g, t)}"
+                )
+        if self.behav_logp.shape != (g, t):
+            raise SchemaError(
+                f"inconsistent shapes: 'behav_logp' is {self.behav_logp.shape}, "
+                f"'responses' is {(g, t)}"
+            )
+        check_lengths("response_lengths", self.response_lengths, t)
+        valid = np.arange(t)[None, :] < self.response_lengths[:, None]
+        if (self.responses[valid] < 0).any():
+            raise SchemaError("'responses' has a negative token id inside a response")
+        check_zero_outside(
+            "behav_logp", self.behav_logp, np.zeros(g, dtype=np.int32), self.response_lengths
+        )
+
+    def __repr__(self) -> str:  # arrays by shape: a full dump would flood the logs
+        g, t = self.responses.shape
+        return (
+            f"ScoredGroup(group_id={self.group_id!r}, prompt_id={self.prompt_id!r}, "
+            f"policy_version={self.policy_version}, G={g}, T={t}, P={self.prompt.shape[0]}, "
+            f"task={self.task!r}, actor={self.actor!r})"
+        )
+
+    @property
+    def group_size(self) -> int:
+        """G, the number of rollouts."""
+        return int(self.responses.shape[0])
+
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class CuratedBatch(WireRecord):
+    """One learner step's samples after sample-level selection, as the selector publishes them.
+
+    Shapes (N >= 1 samples, L the padded width): ``input_ids`` int32[N, L], prompt then response,
+    right-padded; ``prompt_lengths`` and ``seq_lengths`` int32[N] with
+    0 <= prompt_len <= seq_len <= L, the response occupying positions [prompt_len, seq_len);
+    ``behav_logp`` float32[N, L], the behaviour log-prob of the token at position t, 0 outside
+    the response; ``advantages``, ``rewards`` float32[N]; ``policy_versions`` int32[N] >= 0.
+    ``group_ids`` lists each source group once; ``stats`` are finite numbers.
+    """
+
+    KIND: ClassVar[str] = "batch"
+    _SCALARS: ClassVar[tuple[str, ...]] = (
+        "batch_id", "step", "total_steps", "progress", "sample_ratio", "token_ratio", "preset",
+        "group_ids", "stats",
+    )  # fmt: skip
+    _ARRAYS: ClassVar[dict[str, tuple[str, int]]] = {
+        "input_ids": ("i", 2),
+        "prompt_lengths": ("i", 1),
+        "seq_lengths": ("i", 1),
+        "behav_logp": ("f", 2),
+        "advantages": ("f", 1),
+        "rewards": ("f", 1),
+        "policy_versions": ("i", 1),
+    }
+
+    batch_id: str
+    step: int
+    total_steps: int
+    progress: float
+    sample_ratio: float
+    token_ratio: float
+    preset: str
+    input_ids: np.ndarray
+    prompt_lengths: np.ndarray
+    seq_lengths: np.ndarray
+    behav_logp: np.ndarray
+    advantages: np.ndarray
+    rewards: np.ndarray
+    policy_versions: np.ndarray
+    group_ids: list[str] = field(default_factory=list)
+    stats: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        put = object.__setattr__
+        put(self, "batch_id", check_str("batch_id", self.batch_id, nonempty=True))
+        put(self, "step", check_int("step", self.step, minimum=0))
+        put(self, "total_steps", check_int("total_steps", self.total_steps, minimum=1))
+        put(self, "progress", check_float("progress", self.progress, low=0.0, high=1.0))
+        put(
+            self, "sample_ratio", check_float("sample_ratio", self.sample_ratio, low=0.0, high=1.0)
+        )
+        put(self, "token_ratio", check_float("token_ratio", self.token_ratio, low=0.0, high=1.0))
+        put(self, "preset", check_str("preset", self.preset, nonempty=True))
+        for name, (elem_kind, ndim) in self._ARRAYS.items():
+            conv = as_float_array if elem_kind == "f" else as_int_array
+            put(self, name, conv(name, getattr(self, name), ndim))
+
+        if not isinstance(self.group_ids, (list, tuple)):
+            raise SchemaError(f"'group_ids' must be a list, got {type(self.group_ids).__name__}")
+        ids = [check_str("group_ids[]", g, nonempty=True) for g in self.group_ids]
+        if not ids:
+            raise SchemaError("'group_ids' must name at least one source group")
+        if len(set(ids)) != len(ids):
+            raise SchemaError("'group_ids' lists a group more than once")
+        put(self, "group_ids", ids)
+        if not isinstance(self.stats, Mapping):
+            raise SchemaError(f"'stats' must be a mapping, got {type(self.stats).__name__}")
+        put(
+            self,
+            "stats",
+            {
+                check_str("stats key", k): check_float(f"stats[{k}]", v)
+                for k, v in self.stats.items()
+            },
+        )
+
+        n, width = self.input_ids.shape
+        if n < 1:
+            raise SchemaError("a batch must hold at least one sample (N >= 1)")
+        if width < 1:
+            raise SchemaError("'input_ids' must have a padded width L >= 1")
+        for name in ("prompt_lengths", "seq_lengths", "advantages", "rewards", "policy_versions"):
+            if getattr(self, name).shape != (n,):
+                raise SchemaError(
+                    f"inconsistent shapes: '{name}' is {getattr(self, name).shape}, "
+                    f"'input_ids' is {(n, width)}"
+                )
+        if self.behav_logp.shape != (n, width):
+            raise SchemaError(
+                f"inconsistent shapes: 'behav_logp' is {self.behav_logp.shape}, "
+                f"'input_ids' is {(n, width)}"
+            )
+        check_lengths("prompt_lengths", self.prompt_lengths, width)
+        check_lengths(
+            "seq_lengths", self.seq_lengths, width, self.prompt_lengths, "prompt_lengths"
+        )
+        if (self.policy_versions < 0).any():
+            raise SchemaError("'policy_versions' has a negative version")
+        valid = np.arange(width)[None, :] < self.seq_lengths[:, None]
+        if (self.input_ids[valid] < 0).any():
+            raise SchemaError("'input_ids' has a negative token id inside a sequence")
+        check_zero_outside("behav_logp", self.behav_logp, self.prompt_lengths, self.seq_lengths)
+
+    def __repr__(self) -> str:  # arrays by shape: a full dump would flood the logs
+        n, width = self.input_ids.shape
+        return (
+            f"CuratedBatch(batch_id={self.batch_id!r}, step={self.step}/{self.total_steps}, "
+            f"preset={self.preset!r}, N={n}, L={width}, groups={len(self.group_ids)})"
+        )
+
+    @property
+    def num_samples(self) -> int:
+        """N, the number of samples."""
+        return int(self.input_ids.shape[0])
+
+
+
+_KINDS: dict[str, type[ScoredGroup] | type[CuratedBatch]] = {
+    ScoredGroup.KIND: ScoredGroup,
+    CuratedBatch.KIND: CuratedBatch,
+}
+
+
+def decode(fields: Mapping[Any, Any]) -> ScoredGroup | CuratedBatch:
+    """Decode any record, dispatching on its ``kind``; raises :class:`SchemaError`."""
+    meta = parse_meta(normalise_fields(fields))
+    kind = meta["kind"]
+    if not isinstance(kind, str) or kind not in _KINDS:
+        raise SchemaError(f"unknown kind {kind!r} (expected one of {sorted(_KINDS)})")
+    return _KINDS[kind].from_fields(fields)

@@ -1,0 +1,186 @@
+"""The run's state in Redis outside the streams: schedule, counters, metrics, ledgers, versions.
+
+Components read and write run state only through :class:`RunState`, so every key access is
+here and in :mod:`services.transport.queue` (whose atomic commit writes state together with
+stream entries).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import redis
+
+from services.transport.keys import RunKeys
+from services.transport.values import hash_value, text
+
+
+class RunState:
+    """Reads and plain writes of one run's hashes and lists."""
+
+    def __init__(self, client: redis.Redis, keys: RunKeys) -> None:
+        self.client = client
+        self.keys = keys
+
+    # ---- hashes as dicts -----------------------------------------------------------------------
+
+    def _hash(self, key: str) -> dict[str, str]:
+        return {text(k): text(v) for k, v in self.client.hgetall(key).items()}
+
+    def schedule(self) -> dict[str, str]:
+        """The schedule hash: ``step`` (next batch), ``progress``, ratios, ``preset``."""
+        return self._hash(self.keys.schedule)
+
+    def schedule_step(self) -> int | None:
+        """The step the selector builds next, or None before it wrote a schedule."""
+        raw = self.client.hget(self.keys.schedule, "step")
+        return int(raw) if raw is not None else None
+
+    def write_schedule(self, fields: Mapping[str, Any]) -> None:
+        self.client.hset(self.keys.schedule, mapping={k: hash_value(v) for k, v in fields.items()})
+
+    def metrics(self) -> dict[str, str]:
+        """The latest value of each metric, as stored (str)."""
+        return self._hash(self.keys.metrics)
+
+    def numeric_metrics(self) -> dict[str, float]:
+        """The metrics that parse as floats."""
+        row: dict[str, float] = {}
+        for name, raw in self.metrics().items():
+            try:
+                row[name] = float(raw)
+            except ValueError:
+                continue
+        return row
+
+    def set_metrics(self, fields: Mapping[str, Any]) -> None:
+        if fields:
+            self.client.hset(
+                self.keys.metrics, mapping={k: hash_value(v) for k, v in fields.items()}
+            )
+
+    def stats(self) -> dict[str, int]:
+        """The run's integer counters."""
+        return {text(k): int(v) for k, v in self.client.hgetall(self.keys.stats).items()}
+
+    def counter(self, name: str) -> int:
+        return int(self.client.hget(self.keys.stats, name) or 0)
+
+    # ---- ledgers -------------------------------------------------------------------------------
+
+    def ledger_states(self, group_ids: list[str]) -> list[str | None]:
+        """The ledger state of each group id (None: never accounted for)."""
+        if not group_ids:
+            return []
+        return [None if v is None else text(v) for v in self.client.hmget(self.keys.ledger, group_ids)]
+
+    def ledger(self) -> dict[str, str]:
+        return self._hash(self.keys.ledger)
+
+    def batch_groups(self) -> dict[str, list[str]]:
+        return {k: json.loads(v) for k, v in self._hash(self.keys.batch_groups).items()}
+
+    def trained(self) -> dict[str, int]:
+        return {k: int(v) for k, v in self._hash(self.keys.trained).items()}
+
+    def record_orphans(self, states: Mapping[str, str], count: int) -> None:
+        """Ledger states written outside an atomic commit (a batch another selector wrote)."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(self.keys.ledger, mapping=dict(states))
+        pipe.hincrby(self.keys.stats, "groups_orphaned", count)
+        pipe.execute()
+
+    # ---- weight versions -----------------------------------------------------------------------
+
+    def record_published_version(self, version: int) -> None:
+        """The learner published ``version`` (audit trail plus the live ``learner_version``)."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.rpush(self.keys.weight_versions, version)
+        pipe.hset(self.keys.metrics, "learner_version", version)
+        pipe.execute()
+
+    def published_versions(self) -> list[int]:
+        return [int(v) for v in self.client.lrange(self.keys.weight_versions, 0, -1)]
+
+    def record_loaded_version(self, actor: str, version: int) -> None:
+        self.client.rpush(self.keys.loaded_versions(actor), version)
+
+    def loaded_versions(self, actor: str) -> list[int]:
+        return [int(v) for v in self.client.lrange(self.keys.loaded_versions(actor), 0, -1)]
+
+    # ---- rollout actors ------------------------------------------------------------------------
+
+    def rollout_rounds(self, actor: str) -> int:
+        return int(self.client.hget(self.keys.rollout_rounds, actor) or 0)
+
+    def set_rollout_rounds(self, actor: str, rounds: int) -> None:
+        self.client.hset(self.keys.rollout_rounds, actor, rounds)
+
+    def record_heartbeat(self, actor: str, fields: Mapping[str, Any]) -> None:
+        """A rollout actor's latest report (weight version, groups published, ...) stamped with
+        the wall time it was written."""
+        self.client.hset(self.keys.actors, actor, json.dumps({**fields, "time": time.time()}))
+
+    def heartbeats(self) -> dict[str, dict[str, Any]]:
+        return {k: json.loads(v) for k, v in self._hash(self.keys.actors).items()}
+
+    # ---- per-step history, checkpoints, config -------------------------------------------------
+
+    def record_step(self, step: int, row: Mapping[str, Any]) -> None:
+        """The metric row of ``step`` (a replayed step overwrites its earlier row)."""
+        finite = {k: float(v) for k, v in row.items() if isinstance(v, (int, float))}
+        self.client.hset(self.keys.history, str(step), json.dumps({"step": step, **finite}))
+
+    def history(self, since_step: int = 0, limit: int = 1000) -> list[dict[str, float]]:
+        """Step rows with step >= ``since_step``, in step order, at most ``limit``."""
+        steps = sorted(int(s) for s in self.client.hkeys(self.keys.history))
+        wanted = [s for s in steps if s >= since_step][:limit]
+        if not wanted:
+            return []
+        rows = self.client.hmget(self.keys.history, [str(s) for s in wanted])
+        return [json.loads(r) for r in rows if r is not None]
+
+    def record_checkpoint(self, step: int, path: str) -> None:
+        self.client.hset(self.keys.checkpoints, str(step),
+                         json.dumps({"step": step, "path": path, "time": time.time()}))
+
+    def checkpoints(self) -> list[dict[str, Any]]:
+        rows = [json.loads(v) for v in self._hash(self.keys.checkpoints).values()]
+        return sorted(rows, key=lambda r: r["step"])
+
+    def set_config(self, config_json: str) -> None:
+        """The run's config (already redacted by the caller)."""
+        self.client.set(self.keys.config, config_json)
+
+    def config(self) -> dict[str, Any] | None:
+        raw = self.client.get(self.keys.config)
+        return json.loads(raw) if raw is not None else None
+
+    def dead_letters(self, count: int = 100) -> list[dict[str, str]]:
+        """The newest dead letters (reason, source stream, entry id), newest first; payload
+        fields are left out."""
+        rows = self.client.xrevrange(self.keys.dead, "+", "-", count=count)
+        out = []
+        for entry_id, fields in rows:
+            meta = {text(k): text(v) for k, v in fields.items() if not text(k).startswith("orig:")}
+            out.append({"id": text(entry_id), **meta})
+        return out
+
+    # ---- the learner's replay stream -----------------------------------------------------------
+
+    def replay_entries(self) -> list[tuple[str, dict[Any, Any]]]:
+        """(entry id, fields) of every batch in the replay stream, oldest first."""
+        return [(text(i), f) for i, f in self.client.xrange(self.keys.replay, "-", "+")]
+
+    def trim_replay(self, through_id: str) -> None:
+        """Drop replay entries up to and including ``through_id`` (a checkpoint covers them)."""
+        ms, seq = through_id.split("-")
+        self.client.xtrim(self.keys.replay, minid=f"{ms}-{int(seq) + 1}", approximate=False)
+
+    def delete_run(self, extra: Iterable[str] = ()) -> int:
+        """Delete every key of the run (tests and fresh starts); returns how many."""
+        names = list(self.client.scan_iter(match=self.keys.pattern)) + list(extra)
+        return int(self.client.delete(*names)) if names else 0
