@@ -131,14 +131,18 @@ class LearnerEngine:
         """logp [n, width - 1] (and entropy) of the shifted targets, over input columns [:width]."""
         ids = batch.input_ids[:, :width]
         am = batch.attention_mask()[:, :width]
-        logits = self.engine(input_ids=ids, attention_mask=am, use_cache=False).logits[:, :-1]
-        return logprobs_and_entropy(
+        logits = self.engine(input_ids=ids, attention_mask=am, use_cache=False).logits
+        # Score every position (the last against a dummy label) and drop the last column after:
+        # slicing the logits first would make reshape copy all of them.
+        labels = torch.nn.functional.pad(ids[:, 1:], (0, 1))
+        logp, ent = logprobs_and_entropy(
             logits,
-            ids[:, 1:],
+            labels,
             self.cfg.temperature,
             self.cfg.entropy_chunk_rows,
             with_entropy=with_entropy,
         )
+        return logp[:, :-1], ent[:, :-1] if ent is not None else None
 
     def _shard(self, batch: LearnerBatch) -> tuple[LearnerBatch, list[int]]:
         parts = torch.tensor_split(torch.arange(batch.size), self.world)
