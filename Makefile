@@ -21,15 +21,16 @@ $(STAMP): pyproject.toml
 run: venv
 	$(BIN)/d3s run $(CONFIG)
 
-test: venv
-	$(BIN)/ruff check .
+test: lint
 	$(BIN)/python -m pytest -m "not slow" -q
 
 test-slow: venv
 	$(BIN)/python -m pytest -m slow -q
 
+# Style, then the dependency rule (pyproject.toml [tool.importlinter]).
 lint: venv
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 bench-select: venv
 	$(BIN)/python -m bench.selection

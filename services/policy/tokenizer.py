@@ -1,7 +1,7 @@
 """Character-level tokenizer shipped with the project (no hub access needed).
 
 Ids 0, 1, 2 are the special tokens pad, bos, eos; the alphabet follows in order. The default
-alphabet is the arithmetic task's: ``0123456789+=`` -> 15 symbols (DESIGN §5). There is no
+alphabet is the arithmetic task's: ``0123456789+=`` -> 15 symbols. There is no
 unknown token: encoding a character outside the alphabet raises, because silently mapping it
 would let a prompt the model cannot represent through to training. ``from_texts`` builds an
 alphabet covering a corpus (e.g. JSONL prompts and answers).

@@ -1,6 +1,6 @@
 """Supervised warm start of the tiny policy on (imperfect) arithmetic demonstrations.
 
-DESIGN §5: RL needs headroom. A random model gets zero reward; a model warm-started on clean
+RL needs headroom. A random model gets zero reward; a model warm-started on clean
 data is already near what RL can reach at this size. Training on demonstrations where
 ``wrong_fraction`` of the answers are off by one (+1) leaves a policy that often *knows* the
 sum but prefers the wrong answer, which RL can fix. Checkpoints are cached by a hash of the

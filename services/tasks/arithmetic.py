@@ -1,4 +1,4 @@
-"""Synthetic addition task ``aaa+bbb=`` with an exact integer answer (DESIGN §3, §5).
+"""Synthetic addition task ``aaa+bbb=`` with an exact integer answer.
 
 The pair space (a, b) is split once, deterministically, by a hash of the pair: about 1/20 of
 the pairs form the held-out pool, and training never samples from it. The split does not
@@ -98,7 +98,7 @@ class ArithmeticTask:
     @staticmethod
     def demonstration(prompt: Prompt, wrong_fraction: float, rng: np.random.Generator) -> str:
         """A supervised target for ``prompt``: the answer, or with probability ``wrong_fraction``
-        the systematically wrong answer ``sum + 1`` (DESIGN §5: the imperfect warm start).
+        the systematically wrong answer ``sum + 1`` (the imperfect warm start that gives RL a job).
 
         The error is always +1 rather than a random ±1 so it is one consistent competing
         hypothesis the policy learns, which RL then has to unlearn; it also never goes negative.

@@ -1,6 +1,6 @@
 """The weight store: a named Ray actor holding the newest policy weights as an object-store ref.
 
-Local/CPU weight sync (DESIGN §2, "Weights"): the learner ``ray.put``s its state dict once per
+Local/CPU weight sync: the learner ``ray.put``s its state dict once per
 version and hands the ref here; rollout actors poll :meth:`WeightStore.latest_version` between
 generations and fetch the ref only when it is newer than what they run. Only the latest ref is
 kept, so the object store holds one copy of the weights (plus any a rollout actor is still

@@ -8,7 +8,6 @@ learner step; weight versions rise by one per step and reach the rollout actors.
 
 from __future__ import annotations
 
-import json
 import socket
 import urllib.parse
 import uuid
@@ -51,21 +50,23 @@ def external_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Embedde
         server.stop()
 
 
-def tiny_config(run_dir: Path, cache: Path, service: dict, api: dict | None = None) -> RunConfig:
-    return parse_config({
-        "name": "e2e",
-        # 1-digit sums: a 1-layer model warm-started for 200 steps (~2 s) solves about a quarter
-        # of them, so most groups carry signal and the run finishes in seconds.
-        "task": {"digits": 1, "heldout_size": 50},
-        "policy": {"n_layer": 1, "n_embd": 32, "n_head": 2},
-        "warmstart": {"steps": 200, "cache_dir": str(cache)},
-        "rollout": {"prompts_per_step": PROMPTS, "samples_per_prompt": 4, "num_actors": ACTORS},
-        "train": {"total_steps": STEPS, "eval_every": 100, "checkpoint_every": 4,
-                  "run_dir": str(run_dir), "progress_bar": False},
-        "service": {"namespace": f"e2e{uuid.uuid4().hex[:8]}", "max_group_backlog": 8,
-                    "wait_timeout_s": 60, **service},
-        "api": api or {"enabled": False},
-    })  # fmt: skip
+@pytest.fixture
+def run_config(tiny_config):
+    """The e2e run: the shared tiny config, ACTORS rollout actors, STEPS steps, a namespace of
+    its own. 1-digit sums: a 1-layer model warm-started for 200 steps (~2 s) solves about a
+    quarter of them, so most groups carry signal and the run finishes in seconds."""
+
+    def build(run_dir: Path, cache: Path, service: dict, api: dict | None = None) -> RunConfig:
+        return parse_config(tiny_config(
+            run_dir, cache, name="e2e",
+            rollout={"prompts_per_step": PROMPTS, "num_actors": ACTORS},
+            train={"total_steps": STEPS, "eval_every": 100, "checkpoint_every": 4},
+            service={"namespace": f"e2e{uuid.uuid4().hex[:8]}", "max_group_backlog": 8,
+                     "wait_timeout_s": 60, **service},
+            api=api or {"enabled": False},
+        ))  # fmt: skip
+
+    return build
 
 
 def audit(client: redis.Redis, cfg: RunConfig) -> dict:
@@ -167,10 +168,10 @@ def _processes_mentioning(text: str) -> list[psutil.Process]:
 
 def test_async_run_completes_and_the_books_balance(
     tmp_path: Path, warmstart_cache: Path, external_redis: EmbeddedRedis
-) -> None:
+, run_config) -> None:
     import ray
 
-    cfg = tiny_config(tmp_path / "run", warmstart_cache,
+    cfg = run_config(tmp_path / "run", warmstart_cache,
                       {"mode": "async", "max_staleness": 1, "redis_url": external_redis.url},
                       api={"enabled": True, "port": 0})  # fmt: skip
 
@@ -191,10 +192,10 @@ def test_async_run_completes_and_the_books_balance(
     assert not _processes_mentioning("ComponentHost")
 
 
-def test_sync_run_is_lock_step_and_strictly_on_policy(tmp_path: Path, warmstart_cache: Path) -> None:
+def test_sync_run_is_lock_step_and_strictly_on_policy(tmp_path: Path, warmstart_cache: Path, run_config) -> None:
     run_dir = tmp_path / "run"
     # No redis_url: the orchestrator starts (and stops) its own Redis, with its AOF in run_dir.
-    cfg = tiny_config(run_dir, warmstart_cache, {"mode": "sync", "max_staleness": 0})
+    cfg = run_config(run_dir, warmstart_cache, {"mode": "sync", "max_staleness": 0})
 
     summary = run_service(cfg)
 
@@ -214,10 +215,10 @@ def test_sync_run_is_lock_step_and_strictly_on_policy(tmp_path: Path, warmstart_
         assert seen == list(range(STEPS))
 
 
-def test_sync_run_with_a_two_rank_learner(tmp_path: Path, warmstart_cache: Path) -> None:
+def test_sync_run_with_a_two_rank_learner(tmp_path: Path, warmstart_cache: Path, run_config) -> None:
     """learner.world_size 2: rank 0 serves, rank 1 follows every collective; same books."""
     run_dir = tmp_path / "run"
-    base = tiny_config(run_dir, warmstart_cache, {"mode": "sync", "max_staleness": 0})
+    base = run_config(run_dir, warmstart_cache, {"mode": "sync", "max_staleness": 0})
     data = base.model_dump(mode="json")
     data["learner"]["world_size"] = 2
     cfg = parse_config(data)

@@ -14,21 +14,23 @@ from services.telemetry.run_log import read_metrics
 pytestmark = pytest.mark.integration
 
 
-def tiny_cfg(tmp_path, run: str, **over) -> dict:
-    cfg = {
-        "name": "tiny",
-        "policy": {"n_layer": 1, "n_embd": 32, "n_head": 2},
-        "warmstart": {"steps": 150, "batch_size": 64, "lr": 3e-3, "min_accuracy": 0.0, "cache_dir": str(tmp_path.parent / "ws_cache")},
-        "task": {"digits": 1, "heldout_size": 40},
-        "rollout": {"prompts_per_step": 6, "samples_per_prompt": 4},
-        "learner": {"lr": 1e-3},
-        "train": {"total_steps": 3, "eval_every": 2, "checkpoint_every": 1, "run_dir": str(tmp_path / run),
-                  "progress_bar": False},
-    }
-    for k, v in over.items():
-        section, field = k.split(".")
-        cfg.setdefault(section, {})[field] = v
-    return cfg
+@pytest.fixture
+def tiny_cfg(tiny_config):
+    def build(tmp_path, run: str, **over) -> dict:
+        cfg = tiny_config(
+            tmp_path / run, tmp_path.parent / "ws_cache",
+            warmstart={"steps": 150, "batch_size": 64, "lr": 3e-3, "min_accuracy": 0.0},
+            task={"heldout_size": 40},
+            rollout={"prompts_per_step": 6},
+            learner={"lr": 1e-3},
+            train={"total_steps": 3, "eval_every": 2, "checkpoint_every": 1},
+        )
+        for k, v in over.items():
+            section, field = k.split(".")
+            cfg.setdefault(section, {})[field] = v
+        return cfg
+
+    return build
 
 
 def _weights(path):
@@ -37,7 +39,7 @@ def _weights(path):
     return load_file(str(path / "model.safetensors"))
 
 
-def test_few_steps_learn_shapes_and_artifacts(tmp_path):
+def test_few_steps_learn_shapes_and_artifacts(tmp_path, tiny_cfg):
     cfg = parse_config(tiny_cfg(tmp_path, "a"))
     summary = SyncTrainer(cfg).run()
     run = tmp_path / "a"
@@ -63,7 +65,7 @@ def test_few_steps_learn_shapes_and_artifacts(tmp_path):
     assert any(not torch.equal(final[k], start[k]) for k in final)
 
 
-def test_resume_gives_same_next_step_loss(tmp_path):
+def test_resume_gives_same_next_step_loss(tmp_path, tiny_cfg):
     straight = parse_config(tiny_cfg(tmp_path, "straight"))
     SyncTrainer(straight).run()
     ref = {r["step"]: r for r in read_metrics(tmp_path / "straight" / "metrics.jsonl")}
@@ -77,7 +79,7 @@ def test_resume_gives_same_next_step_loss(tmp_path):
     assert got[3]["reward_mean"] == ref[3]["reward_mean"]
 
 
-def test_world_size_2(tmp_path):
+def test_world_size_2(tmp_path, tiny_cfg):
     cfg = parse_config(tiny_cfg(tmp_path, "ws2", **{"learner.world_size": 2, "train.total_steps": 2}))
     summary = SyncTrainer(cfg).run()
     rows = [json.loads(line) for line in (tmp_path / "ws2" / "metrics.jsonl").read_text().splitlines()]

@@ -63,7 +63,7 @@ def test_char_tokenizer_from_texts():
 def test_build_policy_size_and_seed():
     tok = CharTokenizer()
     model = build_policy(PolicySpec(), tok, seed=0)
-    assert 0.55e6 < num_parameters(model) < 0.65e6  # DESIGN §5: 0.6M
+    assert 0.55e6 < num_parameters(model) < 0.65e6  # the 0.6M-parameter default
     x = torch.tensor([tok.encode("123+456=")])
     same = build_policy(PolicySpec(), tok, seed=0)
     other = build_policy(PolicySpec(), tok, seed=1)
