@@ -1,77 +1,88 @@
-"""CPU rollout engine on Hugging Face ``generate`` (DESIGN §2: "HF generate on CPU").
+"""Rollout engine on any Hugging Face causal LM: a plain sampling loop with a KV cache.
 
 Samples ``n`` responses per prompt and records, per response token, the behaviour log-prob
 under the distribution actually sampled from (after temperature / top-p), which the learner
-needs for the off-policy correction.
+needs for its off-policy correction.
+
+Why a loop of our own rather than ``model.generate``: the sampled token is known in the same
+step as the distribution it came from, so its log-prob is gathered at once and nothing of
+vocabulary size outlives a step (``generate`` only exposes the processed scores if it keeps
+all of them, an [N, T, V] tensor: ~40 GB for 128 x 512 tokens of a 152k vocabulary). The
+loop also owns the exact order of temperature and top-p, stops on a list of token ids, and
+asks the model for the last position's logits only (``logits_to_keep``), so prefill does not
+build [N, L, V] either.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
-from transformers import GenerationConfig
 
 from services.policy.model import left_pad
 from services.policy.tokenizer import decode_ids, encode_text, special_ids
+from services.rollout.engine import NO_STOP, RolloutBatch, check_sampling, resolve_stop_token_ids
 from services.tasks.base import Prompt
+
+__all__ = ["HFRolloutEngine", "RolloutBatch", "process_logits", "top_p_filter"]
 
 logger = logging.getLogger(__name__)
 
+# (logits float32 [N, V]) -> (token int64 [N], log-prob float32 [N])
+Chooser = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
-@dataclass
-class RolloutBatch:
-    """``n`` sampled responses for each of ``B`` prompts; ``N = B * n`` rows.
 
-    Rows are grouped by prompt: rows ``i*n .. i*n+n-1`` belong to ``prompts[i]``.
-    A response is its tokens up to and including the first EOS (EOS counts as a response
-    token), or ``max_new_tokens`` tokens if no EOS came. ``T`` is the longest response in the
-    batch (``<= max_new_tokens``).
+def top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filter: keep the most probable tokens until their mass reaches ``top_p``.
 
-    Attributes:
-        prompts: The B prompts.
-        prompt_ids: B unpadded token lists (no special tokens).
-        responses: int64 [N, T], right-padded with the tokenizer's pad id.
-        response_lengths: int64 [N], valid tokens per row (>= 1).
-        behav_logp: float32 [N, T], log-prob of each sampled token under the sampling
-            distribution (temperature and top-p applied); 0 at padding.
-        response_mask: bool [N, T], True on the first ``response_lengths[i]`` tokens.
-        texts: N decoded responses (special tokens dropped).
-        n: Samples per prompt.
-        policy_version: The engine's weight version that produced the batch.
-        gen_seconds: Wall time of generation.
+    A token is kept when the mass of the tokens strictly more probable than it is below
+    ``top_p``, so the most probable token is always kept.
+
+    Args:
+        scores: float [N, V] logits (temperature already applied).
+        top_p: Mass threshold in (0, 1]; 1 returns ``scores`` unchanged.
+
+    Returns:
+        float [N, V], filtered tokens set to ``-inf``.
     """
+    if top_p >= 1.0:
+        return scores
+    sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
+    probs = sorted_scores.softmax(dim=-1)
+    mass_above = probs.cumsum(dim=-1) - probs
+    drop_sorted = mass_above >= top_p
+    drop = torch.empty_like(drop_sorted).scatter_(-1, order, drop_sorted)
+    return scores.masked_fill(drop, float("-inf"))
 
-    prompts: list[Prompt]
-    prompt_ids: list[list[int]]
-    responses: torch.Tensor
-    response_lengths: torch.Tensor
-    behav_logp: torch.Tensor
-    response_mask: torch.Tensor
-    texts: list[str]
-    n: int = 1
-    policy_version: int = 0
-    gen_seconds: float = field(default=0.0, compare=False)
 
-    def __len__(self) -> int:
-        return self.responses.shape[0]
+def process_logits(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """The sampling distribution's logits: ``top_p_filter(logits / temperature)``.
 
-    def prompt_index(self, row: int) -> int:
-        """Index into ``prompts`` of response row ``row``."""
-        return row // self.n
+    Args:
+        logits: float32 [N, V] raw next-token logits.
+
+    Returns:
+        float32 [N, V]; ``log_softmax`` of it is the behaviour log-prob of every token.
+    """
+    return top_p_filter(logits / temperature, top_p)
 
 
 class HFRolloutEngine:
-    """Sample responses with ``model.generate`` and return a :class:`RolloutBatch`.
+    """Sample responses from a causal LM and return a :class:`RolloutBatch`.
 
     Args:
         model: A causal LM (the tiny GPT-2 policy or any local ``from_pretrained`` model).
         tokenizer: :class:`CharTokenizer` or an HF tokenizer.
-        max_new_tokens: Response length limit (EOS included).
+        max_new_tokens: Response length limit (stop token included).
         temperature: Sampling temperature, > 0.
         top_p: Nucleus threshold in (0, 1]; 1 disables it. Top-k is always off.
+        stop_token_ids: Token ids that end a response; ``None``: the tokenizer's EOS and the
+            chat template's end-of-turn token when it has one.
+        device: Where to run; ``None`` keeps the model where it is.
+        dtype: Parameter dtype; ``None`` means bfloat16 on CUDA and the model's own elsewhere.
     """
 
     def __init__(
@@ -81,43 +92,44 @@ class HFRolloutEngine:
         max_new_tokens: int = 5,
         temperature: float = 1.0,
         top_p: float = 1.0,
+        *,
+        stop_token_ids: Sequence[int] | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
-        if temperature <= 0:
-            raise ValueError("temperature must be > 0 (use evaluate_greedy for greedy decoding)")
-        if not 0 < top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
-        if max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be >= 1")
-        self.model = model.eval()
+        check_sampling(temperature, top_p, max_new_tokens)
+        if device is not None:
+            device = torch.device(device)
+            if dtype is None and device.type == "cuda":
+                dtype = torch.bfloat16
+        self._model = model.to(device=device, dtype=dtype).eval()
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
         self.top_p = top_p
         self.pad_id, self.eos_id = special_ids(tokenizer)
+        self.stop_token_ids = resolve_stop_token_ids(tokenizer, stop_token_ids)
         self.version = 0
-        # Explicit config so nothing is inherited from the checkpoint's generation_config
-        # (HF checkpoints often ship top_k=50, repetition penalties, min lengths...).
-        self.generation_config = GenerationConfig(
-            do_sample=True,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=0,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=self.pad_id,
-            eos_token_id=self.eos_id,
-            return_dict_in_generate=True,
-            output_scores=True,
-        )
         self._max_positions = getattr(model.config, "n_positions", None) or getattr(
             model.config, "max_position_embeddings", None
         )
+        forward_params = inspect.signature(model.forward).parameters
+        self._last_logits_only = "logits_to_keep" in forward_params
+        # transformers renamed ``past_key_values`` to ``cache`` (argument and output field).
+        self._cache_arg = "cache" if "cache" in forward_params else "past_key_values"
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self._model
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return next(self._model.parameters()).device
 
-    def load_state_dict(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
-        """Swap in new weights and set ``version``.
+    # ---- weights -------------------------------------------------------------------------------
+
+    def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
+        """Copy new weights into the model in place (any dtype/device) and set ``version``.
 
         Keys missing from ``state_dict`` are allowed only for parameters tied to one that is
         present (GPT-2's ``lm_head.weight`` shares ``wte``; safetensors files drop it).
@@ -125,28 +137,78 @@ class HFRolloutEngine:
         Raises:
             KeyError: on unexpected keys or untied missing keys (weights would be wrong).
         """
-        result = self.model.load_state_dict(state_dict, strict=False)
+        result = self._model.load_state_dict(state_dict, strict=False)
         if result.unexpected_keys:
             raise KeyError(f"unexpected keys in state dict: {result.unexpected_keys[:5]}")
         if result.missing_keys:
-            params = dict(self.model.named_parameters(remove_duplicate=False))
+            params = dict(self._model.named_parameters(remove_duplicate=False))
             loaded_ptrs = {params[k].data_ptr() for k in state_dict if k in params}
-            untied = [k for k in result.missing_keys if k not in params or params[k].data_ptr() not in loaded_ptrs]
+            untied = [
+                k
+                for k in result.missing_keys
+                if k not in params or params[k].data_ptr() not in loaded_ptrs
+            ]
             if untied:
                 raise KeyError(f"state dict lacks keys: {untied[:5]}")
         self.version = int(version)
 
     @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        """Copy named tensors into the live parameters/buffers one at a time and set ``version``.
+
+        Any subset may be given (a streamed update never holds a second full copy).
+
+        Raises:
+            KeyError: on a name the model does not have.
+            ValueError: on a shape mismatch.
+        """
+        targets = dict(self._model.named_parameters(remove_duplicate=False))
+        targets.update(self._model.named_buffers(remove_duplicate=False))
+        for name, tensor in weights:
+            if name not in targets:
+                raise KeyError(f"model has no parameter or buffer {name!r}")
+            target = targets[name]
+            if target.shape != tensor.shape:
+                raise ValueError(
+                    f"{name}: shape {tuple(tensor.shape)} != model's {tuple(target.shape)}"
+                )
+            target.copy_(tensor)
+        self.version = int(version)
+
+    # ---- generation ----------------------------------------------------------------------------
+
     def generate(self, prompts: list[Prompt], n: int, seed: int) -> RolloutBatch:
         """Sample ``n`` responses for each prompt.
 
         Deterministic for a given (weights, prompts, n, seed) on the same device and thread
-        count; the global torch RNG is left as it was.
+        count; the global torch RNG is not used.
         """
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        generator = torch.Generator(device=self.device).manual_seed(int(seed))
+
+        def sample(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            scores = process_logits(logits, self.temperature, self.top_p)
+            logp_all = torch.log_softmax(scores, dim=-1)
+            token = torch.multinomial(logp_all.exp(), 1, generator=generator).squeeze(1)
+            # Filtered tokens are -inf, never sampled, so the gathered value is finite.
+            return token, logp_all.gather(1, token.unsqueeze(1)).squeeze(1)
+
+        return self._run(prompts, n, sample)
+
+    def greedy(self, prompts: list[Prompt]) -> RolloutBatch:
+        """One argmax response per prompt; ``behav_logp`` is the temperature-1 log-prob."""
+
+        def argmax(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            logp_all = torch.log_softmax(logits, dim=-1)
+            lp, token = logp_all.max(dim=-1)
+            return token, lp
+
+        return self._run(prompts, 1, argmax)
+
+    def _run(self, prompts: list[Prompt], n: int, choose: Chooser) -> RolloutBatch:
         if not prompts:
             raise ValueError("no prompts")
-        if n < 1:
-            raise ValueError("n must be >= 1")
         t0 = time.perf_counter()
         prompt_ids = [encode_text(self.tokenizer, p.text) for p in prompts]
         longest = max(len(s) for s in prompt_ids)
@@ -160,33 +222,25 @@ class HFRolloutEngine:
         # Rows grouped by prompt: repeat each prompt n times in place.
         input_ids = input_ids.repeat_interleave(n, dim=0).to(device)
         attention_mask = attention_mask.repeat_interleave(n, dim=0).to(device)
+        gen, logp = self._decode(input_ids, attention_mask, choose)
 
-        rng_devices = [device] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=rng_devices):
-            torch.manual_seed(seed)
-            out = self.model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                generation_config=self.generation_config,
-            )
-        gen = out.sequences[:, input_ids.shape[1] :]  # [N, T'] (T' <= max_new_tokens)
-        # Scores are the processed logits the sampler drew from (temperature / top-p applied),
-        # so their log-softmax is the behaviour distribution. Filtered tokens are -inf, never
-        # sampled, so the gathered values are finite.
-        scores = torch.stack(out.scores, dim=1).float()  # [N, T', V]
-        logp = torch.log_softmax(scores, dim=-1).gather(-1, gen.unsqueeze(-1)).squeeze(-1)
-
-        is_eos = gen == self.eos_id
+        stops = torch.tensor(self.stop_token_ids, device=gen.device)
+        is_stop = torch.isin(gen, stops)
         steps = gen.shape[1]
-        first_eos = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1), steps - 1)
-        lengths = first_eos + 1
+        stopped = is_stop.any(dim=1)
+        last = torch.where(stopped, is_stop.int().argmax(dim=1), steps - 1)
+        lengths = last + 1
         t_max = int(lengths.max())
         gen, logp = gen[:, :t_max], logp[:, :t_max]
         mask = torch.arange(t_max, device=gen.device).unsqueeze(0) < lengths.unsqueeze(1)
+        stop_token = torch.where(stopped, gen.gather(1, last.unsqueeze(1)).squeeze(1), NO_STOP)
         responses = gen.masked_fill(~mask, self.pad_id).long().cpu()
         behav_logp = logp.masked_fill(~mask, 0.0).float().cpu()
         lengths, mask = lengths.long().cpu(), mask.cpu()
-        texts = [decode_ids(self.tokenizer, row[: int(k)].tolist()) for row, k in zip(responses, lengths, strict=True)]
+        texts = [
+            decode_ids(self.tokenizer, row[: int(k)].tolist())
+            for row, k in zip(responses, lengths, strict=True)
+        ]
         return RolloutBatch(
             prompts=list(prompts),
             prompt_ids=prompt_ids,
@@ -195,7 +249,61 @@ class HFRolloutEngine:
             behav_logp=behav_logp,
             response_mask=mask,
             texts=texts,
+            stop_token=stop_token.long().cpu(),
             n=n,
             policy_version=self.version,
             gen_seconds=time.perf_counter() - t0,
         )
+
+    @torch.no_grad()
+    def _decode(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, choose: Chooser
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Autoregressive decoding with a KV cache.
+
+        Args:
+            input_ids: int64 [N, L], left-padded prompts.
+            attention_mask: int64 [N, L], 0 on padding.
+            choose: Picks each row's next token and its log-prob from float32 [N, V] logits.
+
+        Returns:
+            tokens int64 [N, T'] and log-probs float32 [N, T'] (``T' <= max_new_tokens``; steps
+            after a row's first stop token hold pad / 0). Only one step's [N, V] logits are
+            alive at a time.
+        """
+        n_rows = input_ids.shape[0]
+        device = input_ids.device
+        stops = torch.tensor(self.stop_token_ids, device=device)
+        # Left padding shifts real tokens right; positions must count real tokens only, or a
+        # padded row would not reproduce its unpadded continuation.
+        positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+        step_ids, step_pos, mask = input_ids, positions, attention_mask
+        keep = {"logits_to_keep": 1} if self._last_logits_only else {}
+        past = None
+        done = torch.zeros(n_rows, dtype=torch.bool, device=device)
+        tokens: list[torch.Tensor] = []
+        logps: list[torch.Tensor] = []
+        for _ in range(self.max_new_tokens):
+            out = self._model(
+                input_ids=step_ids,
+                attention_mask=mask,
+                position_ids=step_pos,
+                use_cache=True,
+                **{self._cache_arg: past},
+                **keep,
+            )
+            past = getattr(out, self._cache_arg)
+            logits = out.logits[:, -1, :].float()
+            del out
+            token, lp = choose(logits)
+            del logits
+            token = token.masked_fill(done, self.pad_id)
+            tokens.append(token)
+            logps.append(lp.float().masked_fill(done, 0.0))
+            done = done | torch.isin(token, stops)
+            if bool(done.all()):
+                break
+            step_ids = token.unsqueeze(1)
+            step_pos = step_pos[:, -1:] + 1
+            mask = torch.cat([mask, mask.new_ones(n_rows, 1)], dim=1)
+        return torch.stack(tokens, dim=1), torch.stack(logps, dim=1)

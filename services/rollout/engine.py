@@ -1,0 +1,234 @@
+"""What every rollout engine offers, and the batch it returns.
+
+Two engines implement :class:`RolloutEngine`: :class:`services.rollout.hf_engine.HFRolloutEngine`
+(a plain sampling loop over any Hugging Face causal LM, CPU or GPU) and
+:class:`services.rollout.vllm_engine.VLLMRolloutEngine` (vLLM, imported only when chosen). Both
+return a :class:`RolloutBatch` whose ``behav_logp`` is the log-prob of each sampled token under
+the distribution it was drawn from, which the learner's importance weights divide by.
+
+The helpers here are shared by both engines: sampling-setting checks, the default stop tokens
+(EOS and the chat template's end-of-turn token) and the packing of per-row token lists into
+right-padded tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from services.tasks.base import Prompt
+
+# Returned in ``RolloutBatch.stop_token`` for a row that the length limit ended.
+NO_STOP = -1
+
+
+@dataclass
+class RolloutBatch:
+    """``n`` sampled responses for each of ``B`` prompts; ``N = B * n`` rows.
+
+    Rows are grouped by prompt: rows ``i*n .. i*n+n-1`` belong to ``prompts[i]``.
+    A response is its tokens up to and including the first stop token (the stop token counts
+    as a response token, so the learner is trained to emit it), or ``max_new_tokens`` tokens if
+    no stop token came. ``T`` is the longest response in the batch (``<= max_new_tokens``).
+
+    Attributes:
+        prompts: The B prompts.
+        prompt_ids: B unpadded token lists (no special tokens).
+        responses: int64 [N, T], right-padded with the tokenizer's pad id.
+        response_lengths: int64 [N], valid tokens per row (>= 1).
+        behav_logp: float32 [N, T], log-prob of each sampled token under the sampling
+            distribution (temperature and top-p applied); 0 at padding.
+        response_mask: bool [N, T], True on the first ``response_lengths[i]`` tokens.
+        texts: N decoded responses (special tokens dropped).
+        stop_token: int64 [N], the stop token id that ended each row, or ``NO_STOP`` (-1)
+            where ``max_new_tokens`` did.
+        n: Samples per prompt.
+        policy_version: The engine's weight version that produced the batch.
+        gen_seconds: Wall time of generation.
+    """
+
+    prompts: list[Prompt]
+    prompt_ids: list[list[int]]
+    responses: torch.Tensor
+    response_lengths: torch.Tensor
+    behav_logp: torch.Tensor
+    response_mask: torch.Tensor
+    texts: list[str]
+    stop_token: torch.Tensor
+    n: int = 1
+    policy_version: int = 0
+    gen_seconds: float = field(default=0.0, compare=False)
+
+    def __len__(self) -> int:
+        return self.responses.shape[0]
+
+    def prompt_index(self, row: int) -> int:
+        """Index into ``prompts`` of response row ``row``."""
+        return row // self.n
+
+
+@runtime_checkable
+class RolloutEngine(Protocol):
+    """A sampler the rollout worker drives.
+
+    Attributes:
+        version: Weight version of the last load (0 before any).
+        tokenizer: The tokenizer prompts are encoded and responses decoded with.
+        max_new_tokens: Response length limit, stop token included.
+        stop_token_ids: Token ids that end a response.
+        model: The local ``torch.nn.Module`` where the engine holds one in this process
+            (HF engine), else ``None`` (vLLM keeps its model inside its workers).
+    """
+
+    version: int
+    tokenizer: Any
+    max_new_tokens: int
+    stop_token_ids: list[int]
+
+    @property
+    def model(self) -> torch.nn.Module | None: ...
+
+    def generate(self, prompts: list[Prompt], n: int, seed: int) -> RolloutBatch:
+        """Sample ``n`` responses per prompt (deterministic for a given seed and weights)."""
+        ...
+
+    def greedy(self, prompts: list[Prompt]) -> RolloutBatch:
+        """One argmax response per prompt; ``behav_logp`` is the temperature-1 log-prob."""
+        ...
+
+    def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
+        """Replace all weights in place (a full Hugging Face state dict) and set ``version``."""
+        ...
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        """Copy named tensors into the live model in place (any subset, streamed) and set
+        ``version``."""
+        ...
+
+
+def check_sampling(temperature: float, top_p: float, max_new_tokens: int) -> None:
+    """Raise ValueError naming the bad sampling setting."""
+    if not temperature > 0:
+        raise ValueError(
+            f"temperature must be > 0, got {temperature} (greedy decoding is the engine's greedy())"
+        )
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+
+
+def end_of_turn_token_id(tokenizer) -> int | None:
+    """The special token the chat template closes an assistant turn with, if it has one.
+
+    Renders a two-message chat whose assistant content is a marker and reads the token right
+    after the marker (``<|im_end|>`` for Qwen, ``<|eot_id|>`` for Llama 3). Only a special
+    (added) token counts: a template that closes turns with plain text has no such token.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    marker = "Zq7xMARKER"
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}],
+            tokenize=False,
+        )
+    except Exception:  # a template that refuses this shape tells us nothing
+        return None
+    at = text.find(marker)
+    if at < 0:
+        return None
+    after = text[at + len(marker) :]
+    ids = tokenizer.encode(after, add_special_tokens=False)
+    if not ids:
+        return None
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    special |= set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    return int(ids[0]) if int(ids[0]) in special else None
+
+
+def default_stop_token_ids(tokenizer) -> list[int]:
+    """The tokenizer's EOS, then the chat template's end-of-turn token when it differs.
+
+    Raises:
+        ValueError: when the tokenizer has no EOS token (generation could not stop).
+    """
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        raise ValueError("tokenizer has no EOS token; pass stop_token_ids explicitly")
+    ids = [int(eos)]
+    eot = end_of_turn_token_id(tokenizer)
+    if eot is not None and eot not in ids:
+        ids.append(eot)
+    return ids
+
+
+def resolve_stop_token_ids(tokenizer, stop_token_ids: Sequence[int] | None) -> list[int]:
+    """``stop_token_ids`` checked against the vocabulary, or the defaults when ``None``.
+
+    Raises:
+        ValueError: on an empty list or an id outside the tokenizer's vocabulary.
+    """
+    if stop_token_ids is None:
+        return default_stop_token_ids(tokenizer)
+    ids = [int(i) for i in stop_token_ids]
+    if not ids:
+        raise ValueError("stop_token_ids is empty; generation could not stop")
+    vocab = len(tokenizer)
+    bad = [i for i in ids if not 0 <= i < vocab]
+    if bad:
+        raise ValueError(f"stop_token_ids {bad} outside the tokenizer's vocabulary of {vocab}")
+    return list(dict.fromkeys(ids))
+
+
+def cut_at_stop(tokens: Sequence[int], stop_ids: Sequence[int]) -> int:
+    """Length of ``tokens`` up to and including the first stop token (all of it if none)."""
+    stops = set(stop_ids)
+    for i, t in enumerate(tokens):
+        if t in stops:
+            return i + 1
+    return len(tokens)
+
+
+def pack_rows(
+    tokens: Sequence[Sequence[int]],
+    logps: Sequence[Sequence[float]],
+    stop_ids: Sequence[int],
+    pad_id: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad N responses, each already cut after its first stop token.
+
+    Args:
+        tokens: N non-empty token lists.
+        logps: N lists of behaviour log-probs, one per token.
+        stop_ids: Token ids that end a response.
+        pad_id: Fill for positions past a row's end.
+
+    Returns:
+        responses int64 [N, T], lengths int64 [N], behav_logp float32 [N, T] (0 at padding),
+        mask bool [N, T], stop_token int64 [N] (the row's last token if it is a stop token,
+        else ``NO_STOP``).
+    """
+    if len(tokens) != len(logps):
+        raise ValueError(f"{len(tokens)} token rows but {len(logps)} log-prob rows")
+    lengths = [len(t) for t in tokens]
+    if any(k == 0 for k in lengths) or any(
+        len(lp) != k for lp, k in zip(logps, lengths, strict=True)
+    ):
+        raise ValueError("every row needs >= 1 token and one log-prob per token")
+    n, t_max = len(tokens), max(lengths)
+    responses = torch.full((n, t_max), pad_id, dtype=torch.long)
+    behav = torch.zeros((n, t_max), dtype=torch.float32)
+    for i, (tok, lp) in enumerate(zip(tokens, logps, strict=True)):
+        responses[i, : len(tok)] = torch.as_tensor(list(tok), dtype=torch.long)
+        behav[i, : len(lp)] = torch.as_tensor(list(lp), dtype=torch.float32)
+    length_t = torch.tensor(lengths, dtype=torch.long)
+    mask = torch.arange(t_max).unsqueeze(0) < length_t.unsqueeze(1)
+    stops = set(stop_ids)
+    stop_token = torch.tensor(
+        [t[-1] if t[-1] in stops else NO_STOP for t in tokens], dtype=torch.long
+    )
+    return responses, length_t, behav, mask, stop_token

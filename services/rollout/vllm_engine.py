@@ -1,0 +1,277 @@
+"""Rollout engine on vLLM (``rollout.engine: vllm``), behind the same interface as the HF one.
+
+vLLM is imported inside this module only, and only when an engine is built, so the rest of
+the project (and its CI) never needs it.
+
+Behaviour log-probs. The learner's truncated importance weight is
+``min(pi_theta(y_t) / mu(y_t), C)``: ``mu`` must be the distribution each token was actually
+drawn from, or the weights correct for the wrong thing (raw log-probs would call a token that
+top-p made certain "unlikely" and inflate its weight). vLLM is therefore started with
+``logprobs_mode="processed_logprobs"``: the log-prob it reports is ``log_softmax`` of the logits
+after temperature and top-p/top-k (and any penalties, which we leave off), i.e. of the very
+tensor its sampler draws from, in float32; requesting ``logprobs=0`` returns exactly the
+sampled token's entry. This is the same quantity the HF engine gathers. For greedy requests
+vLLM applies no temperature, so :meth:`VLLMRolloutEngine.greedy` reports the temperature-1
+log-prob, as the HF engine's ``greedy`` does.
+
+Stopping. vLLM is told to ignore its own idea of EOS and to stop on ``stop_token_ids`` only,
+and it reads no generation config from the checkpoint (``generation_config="vllm"``), so the
+stop set and the sampling settings are exactly ours. Prompts go in as token ids and responses
+are decoded by our tokenizer (``skip_tokenizer_init``), so prompt encoding is identical for
+both engines.
+
+Weights. New weights are copied into the running model through a worker extension
+(:mod:`services.rollout.vllm_worker`) called with ``collective_rpc``, in chunks, followed by a
+prefix-cache reset (cached KV blocks were computed by the old weights). The engine is never
+restarted.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from services.policy.tokenizer import decode_ids, encode_text, special_ids
+from services.rollout.engine import (
+    RolloutBatch,
+    check_sampling,
+    cut_at_stop,
+    pack_rows,
+    resolve_stop_token_ids,
+)
+from services.rollout.vllm_worker import WORKER_EXTENSION, WireTensor, to_wire
+from services.tasks.base import Prompt
+
+# One collective_rpc carries at most this many bytes of tensors (at least one tensor), so an
+# update never holds a second full copy of the model in the message layer.
+WEIGHT_CHUNK_BYTES = 256 << 20
+# vLLM refuses sampling temperatures above this.
+MAX_TEMPERATURE = 2.0
+
+
+def prompt_seed(seed: int, prompt_index: int, n: int) -> int:
+    """Seed of prompt ``prompt_index``'s request; vLLM gives its ``n`` samples ``s .. s+n-1``,
+    so consecutive prompts get disjoint ranges and no two samples of one call share noise."""
+    return (int(seed) * 1_000_003 + prompt_index * n) % (2**31 - 1)
+
+
+def weight_chunks(
+    weights: Iterable[tuple[str, torch.Tensor]], max_bytes: int = WEIGHT_CHUNK_BYTES
+) -> Iterator[list[WireTensor]]:
+    """Group named tensors, in wire form, into lists of at most ``max_bytes`` of data (a
+    bigger tensor travels alone)."""
+    chunk: list[WireTensor] = []
+    size = 0
+    for name, tensor in weights:
+        item = to_wire(name, tensor)
+        nbytes = len(item[3])
+        if chunk and size + nbytes > max_bytes:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(item)
+        size += nbytes
+    if chunk:
+        yield chunk
+
+
+class VLLMRolloutEngine:
+    """Sample responses with vLLM and return a :class:`RolloutBatch`.
+
+    Args:
+        model_path: Local Hugging Face model directory vLLM loads the first weights from.
+        tokenizer: The policy's tokenizer (encodes prompts, decodes responses).
+        max_new_tokens: Response length limit (stop token included).
+        temperature: Sampling temperature, in (0, 2] (vLLM's range).
+        top_p: Nucleus threshold in (0, 1]; 1 disables it. Top-k is always off.
+        stop_token_ids: Token ids that end a response; ``None``: the tokenizer's EOS and the
+            chat template's end-of-turn token when it has one.
+        gpu_memory_utilization: Fraction of GPU memory vLLM may take (weights + KV cache).
+        tensor_parallel_size: GPUs one engine shards the model over.
+        enforce_eager: Skip CUDA-graph capture (slower decoding, faster start, less memory).
+        max_model_len: Longest prompt + response; ``None`` takes the model's own limit.
+        dtype: Parameter dtype (``"auto"``, ``"bfloat16"``, ``"float32"``...).
+        seed: vLLM's global seed (each request also carries its own).
+        engine_kwargs: Further ``vllm.LLM`` arguments (e.g. ``kv_cache_memory_bytes``).
+
+    Raises:
+        ValueError: on a bad setting, naming it.
+    """
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        tokenizer,
+        max_new_tokens: int = 5,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        *,
+        stop_token_ids: Sequence[int] | None = None,
+        gpu_memory_utilization: float = 0.9,
+        tensor_parallel_size: int = 1,
+        enforce_eager: bool = False,
+        max_model_len: int | None = None,
+        dtype: str = "auto",
+        seed: int = 0,
+        engine_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        check_sampling(temperature, top_p, max_new_tokens)
+        if temperature > MAX_TEMPERATURE:
+            raise ValueError(
+                f"temperature must be <= {MAX_TEMPERATURE} for vLLM, got {temperature}"
+            )
+        if not 0 < gpu_memory_utilization <= 1:
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}"
+            )
+        if tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
+        if max_model_len is not None and max_model_len <= max_new_tokens:
+            raise ValueError(
+                f"max_model_len ({max_model_len}) must exceed max_new_tokens ({max_new_tokens})"
+            )
+        model_path = Path(model_path)
+        if not (model_path / "config.json").is_file():
+            raise FileNotFoundError(f"{model_path} is not a model directory (no config.json)")
+        from vllm import LLM, SamplingParams  # only here: vLLM is an optional dependency
+
+        self._sampling_params_cls = SamplingParams
+        self.tokenizer = tokenizer
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.top_p = top_p
+        self.pad_id, self.eos_id = special_ids(tokenizer)
+        self.stop_token_ids = resolve_stop_token_ids(tokenizer, stop_token_ids)
+        self.version = 0
+        self._llm = LLM(
+            model=str(model_path),
+            skip_tokenizer_init=True,
+            generation_config="vllm",
+            logprobs_mode="processed_logprobs",
+            worker_extension_cls=WORKER_EXTENSION,
+            tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+            enforce_eager=enforce_eager,
+            max_model_len=max_model_len,
+            dtype=dtype,
+            seed=seed,
+            **dict(engine_kwargs or {}),
+        )
+        self.max_model_len = int(self._llm.llm_engine.model_config.max_model_len)
+
+    @property
+    def model(self) -> None:
+        """vLLM keeps the model inside its workers; there is none in this process."""
+        return None
+
+    # ---- weights -------------------------------------------------------------------------------
+
+    def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
+        """Copy a full Hugging Face-named state dict into the running engine; set ``version``."""
+        self.load_weights(state_dict.items(), version)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        """Stream named tensors (Hugging Face names, any subset) into every worker's model in
+        place, then drop the prefix cache and set ``version``."""
+        self._llm.collective_rpc("d3s_begin_update")
+        for chunk in weight_chunks(weights, WEIGHT_CHUNK_BYTES):
+            self._llm.collective_rpc("d3s_load_weights", args=(chunk,))
+        self._llm.collective_rpc("d3s_finish_update")
+        self._llm.reset_prefix_cache()
+        self.version = int(version)
+
+    def weights_digest(self) -> str:
+        """sha256 of the first worker's live parameters (changes when a load changed them)."""
+        return self._llm.collective_rpc("d3s_weights_digest")[0]
+
+    # ---- generation ----------------------------------------------------------------------------
+
+    def _params(self, n: int, temperature: float, top_p: float, seed: int | None):
+        return self._sampling_params_cls(
+            n=n,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=0,
+            min_p=0.0,
+            seed=seed,
+            max_tokens=self.max_new_tokens,
+            stop_token_ids=list(self.stop_token_ids),
+            ignore_eos=True,
+            logprobs=0,
+            detokenize=False,
+        )
+
+    def generate(self, prompts: list[Prompt], n: int, seed: int) -> RolloutBatch:
+        """Sample ``n`` responses for each prompt (deterministic for a given seed and weights)."""
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        params = [
+            self._params(n, self.temperature, self.top_p, prompt_seed(seed, i, n))
+            for i in range(len(prompts))
+        ]
+        return self._run(prompts, n, params)
+
+    def greedy(self, prompts: list[Prompt]) -> RolloutBatch:
+        """One argmax response per prompt; ``behav_logp`` is the temperature-1 log-prob."""
+        return self._run(prompts, 1, [self._params(1, 0.0, 1.0, None) for _ in prompts])
+
+    def _run(self, prompts: list[Prompt], n: int, params: list) -> RolloutBatch:
+        if not prompts:
+            raise ValueError("no prompts")
+        t0 = time.perf_counter()
+        prompt_ids = [encode_text(self.tokenizer, p.text) for p in prompts]
+        if any(not ids for ids in prompt_ids):
+            raise ValueError("a prompt encodes to no tokens")
+        longest = max(len(s) for s in prompt_ids)
+        if longest + self.max_new_tokens > self.max_model_len:
+            raise ValueError(
+                f"prompt of {longest} tokens + {self.max_new_tokens} new tokens exceeds the "
+                f"engine's {self.max_model_len} positions (max_model_len)"
+            )
+        outputs = self._llm.generate(
+            [{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False
+        )
+        tokens: list[list[int]] = []
+        logps: list[list[float]] = []
+        for out in outputs:
+            samples = sorted(out.outputs, key=lambda c: c.index)
+            if len(samples) != n:
+                raise RuntimeError(
+                    f"vLLM returned {len(samples)} samples for a prompt, expected {n}"
+                )
+            for c in samples:
+                ids = list(c.token_ids)
+                k = cut_at_stop(ids, self.stop_token_ids)
+                ids = ids[:k]
+                tokens.append(ids)
+                logps.append([c.logprobs[j][tok].logprob for j, tok in enumerate(ids)])
+        responses, lengths, behav_logp, mask, stop_token = pack_rows(
+            tokens, logps, self.stop_token_ids, self.pad_id
+        )
+        texts = [decode_ids(self.tokenizer, ids) for ids in tokens]
+        return RolloutBatch(
+            prompts=list(prompts),
+            prompt_ids=prompt_ids,
+            responses=responses,
+            response_lengths=lengths,
+            behav_logp=behav_logp,
+            response_mask=mask,
+            texts=texts,
+            stop_token=stop_token,
+            n=n,
+            policy_version=self.version,
+            gen_seconds=time.perf_counter() - t0,
+        )
+
+    def shutdown(self) -> None:
+        """Stop vLLM's engine process(es); the engine is unusable afterwards."""
+        llm = getattr(self, "_llm", None)
+        if llm is None:
+            return
+        core = getattr(llm.llm_engine, "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+        self._llm = None

@@ -1,0 +1,96 @@
+"""Methods vLLM grafts onto each of its workers (``worker_extension_cls``), so the rollout
+engine can update weights in place through ``collective_rpc``.
+
+vLLM resolves this class by its qualified name inside every worker process and adds it to the
+worker's bases; ``self`` is then the worker, which holds the live model in ``model_runner``.
+Names start with ``d3s_`` because vLLM refuses an extension attribute the worker already has.
+It imports vLLM only inside the worker methods, so its wire helpers load without vLLM.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+WORKER_EXTENSION = f"{__name__}.WeightUpdateExtension"
+
+# A tensor on the wire: (name, dtype name, shape, raw bytes). Plain bytes cross every vLLM
+# message layer (msgpack to the engine process, shared-memory broadcast to the workers) as
+# they are, whereas a tensor nested in a list comes out of msgpack as a list.
+WireTensor = tuple[str, str, list[int], bytes]
+
+
+def to_wire(name: str, tensor: torch.Tensor) -> WireTensor:
+    """``tensor`` as ``(name, dtype, shape, bytes)`` (copied to CPU, any dtype incl. bf16)."""
+    t = tensor.detach().to("cpu").contiguous()
+    data = t.reshape(-1).view(torch.uint8).numpy().tobytes()
+    return name, str(t.dtype).removeprefix("torch."), list(t.shape), data
+
+
+def from_wire(item: WireTensor) -> tuple[str, torch.Tensor]:
+    """Inverse of :func:`to_wire`."""
+    name, dtype_name, shape, data = item
+    dtype = getattr(torch, dtype_name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"{name}: unknown dtype {dtype_name!r}")
+    if len(data) == 0:
+        return name, torch.empty(shape, dtype=dtype)
+    flat = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return name, flat.view(dtype).reshape(shape)
+
+
+def _layerwise_reload():
+    """vLLM's in-place reload hooks ``(initialize, finalize)``, or ``None`` on a version
+    without them (there ``model.load_weights`` on the live model is the whole update)."""
+    try:
+        from vllm.model_executor.model_loader.reload import (
+            finalize_layerwise_reload,
+            initialize_layerwise_reload,
+        )
+    except ImportError:
+        return None
+    return initialize_layerwise_reload, finalize_layerwise_reload
+
+
+class WeightUpdateExtension:
+    """Weight loading and inspection on a vLLM worker (``self`` is the worker).
+
+    An update is ``d3s_begin_update``, then ``d3s_load_weights`` once per chunk, then
+    ``d3s_finish_update``. Why three calls: after the first load vLLM repacks some weights
+    into kernel layouts (on CPU the linear layers) and drops the per-parameter loaders, so
+    ``model.load_weights`` cannot be called on the live model as it is. vLLM's layerwise
+    reload puts the checkpoint-format parameters back, and re-runs each layer's processing
+    as soon as all of that layer's tensors have arrived, copying the result into the original
+    storage; the finish call processes what is left (layers sent nothing keep their weights).
+    """
+
+    def d3s_begin_update(self) -> None:
+        hooks = _layerwise_reload()
+        if hooks is not None:
+            hooks[0](self.model_runner.get_model())
+
+    def d3s_load_weights(self, weights: list[WireTensor]) -> int:
+        """Copy Hugging Face-named tensors (:func:`to_wire` form) into the model with the
+        model's own loader (which handles vLLM's fused q/k/v and gate/up projections and
+        tensor-parallel sharding); returns how many tensors were given."""
+        model = self.model_runner.get_model()
+        with torch.no_grad():
+            model.load_weights(weights=(from_wire(w) for w in weights))
+        return len(weights)
+
+    def d3s_finish_update(self) -> None:
+        hooks = _layerwise_reload()
+        if hooks is not None:
+            with torch.no_grad():
+                hooks[1](self.model_runner.get_model(), self.vllm_config.model_config)
+
+    def d3s_weights_digest(self) -> str:
+        """sha256 over every parameter of the live model (names and bytes, float32), to check
+        that a load changed what the worker computes with."""
+        model = self.model_runner.get_model()
+        h = hashlib.sha256()
+        for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
