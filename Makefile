@@ -8,7 +8,11 @@ STAMP := $(VENV)/.d3s-installed
 CONFIG ?= configs/quickstart.yaml
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: venv run test test-slow lint bench-select bench-learning clean
+# Browser and compose tests need these Debian packages; as root with apt they are installed,
+# elsewhere those tests skip and say why.
+SYSTEM_PACKAGES := chromium chromium-driver docker-compose
+
+.PHONY: venv system-deps run test test-slow lint bench-select bench-learning clean
 
 venv: $(STAMP)
 
@@ -21,8 +25,15 @@ $(STAMP): pyproject.toml
 run: venv
 	$(BIN)/d3s run $(CONFIG)
 
-test: lint
+test: lint system-deps
 	$(BIN)/python -m pytest -m "not slow" -q
+
+system-deps:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null && command -v docker-compose >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing $(SYSTEM_PACKAGES) (apt)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; \
+	else echo "not installed: $(SYSTEM_PACKAGES) (not root or no apt); the browser and compose tests will skip"; fi
 
 test-slow: venv
 	$(BIN)/python -m pytest -m slow -q

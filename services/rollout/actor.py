@@ -139,7 +139,7 @@ class RolloutActor:
         self.t.state.set_rollout_rounds(self.name, self.rounds)
         self.t.state.set_metrics({"gen_seconds": gen_s})
         self.t.state.record_heartbeat(self.name, {
-            "version": self.version, "rounds": self.rounds, "groups_published": self.groups_published,
+            "weight_version": self.version, "rounds": self.rounds, "groups_published": self.groups_published,
             "gen_seconds_total": self.gen_seconds, "last_round_seconds": gen_s})  # fmt: skip
         log.debug("%s: round %d, %d groups with version %d in %.2fs", self.name, self.rounds,
                   len(groups), self.version, gen_s)  # fmt: skip

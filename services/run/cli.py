@@ -166,6 +166,14 @@ def warmstart(config: ConfigArg = None, set_: SetOpt = None, verbose: VerboseOpt
     console.print(f"warm-start checkpoint: [bold]{path}[/bold]")
 
 
+@app.command()
+def status(url: Annotated[str, typer.Option("--url", help="the run's HTTP API")] = "http://127.0.0.1:8000") -> None:
+    """A running (or finished) run at a glance: progress, schedule, actors, dead letters."""
+    from services.api.status import print_status
+
+    raise typer.Exit(print_status(url))
+
+
 @app.command("validate")
 def validate_config(config: ConfigArg = None, set_: SetOpt = None) -> None:
     """Check a config and print it with every default filled in."""

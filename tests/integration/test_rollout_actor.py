@@ -135,7 +135,7 @@ def test_sync_mode_generates_one_round_per_weight_version(transport: Transport, 
     assert [g.policy_version for g in groups(transport)] == [0] * 4 + [1] * 8
     assert transport.state.loaded_versions("rollout-0") == [0, 1]
     beat = transport.state.heartbeats()["rollout-0"]
-    assert (beat["version"], beat["rounds"], beat["groups_published"]) == (1, 3, 12)
+    assert (beat["weight_version"], beat["rounds"], beat["groups_published"]) == (1, 3, 12)
     assert result["report"]["rounds"] == 3
 
 
