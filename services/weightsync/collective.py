@@ -145,11 +145,16 @@ def unflatten(flat: torch.Tensor, bucket: Bucket) -> dict[str, torch.Tensor]:
 # ---- the rendezvous store ---------------------------------------------------------------------
 
 
-def _broadcast(pg: Any, t: torch.Tensor) -> None:
+def _broadcast(pg: Any, t: torch.Tensor, wait: bool = True) -> Any:
+    """Broadcast from rank 0; ``wait=False`` returns the pending work, so the next bucket is
+    packed (publisher) or posted (receiver) while this one is on the wire."""
     opts = dist.BroadcastOptions()
     opts.rootRank = 0
     opts.rootTensor = 0
-    pg.broadcast([t], opts).wait()
+    work = pg.broadcast([t], opts)
+    if wait:
+        work.wait()
+    return work
 
 
 def _new_group(
@@ -288,6 +293,14 @@ class CollectivePublisher(WeightPublisher):
 
     # -- publishing --
 
+    def _pack(self, wire: dict[str, torch.Tensor], index: int, bucket: Bucket) -> torch.Tensor:
+        """The bucket's flat buffer: a one-tensor bucket is the tensor itself (no copy), others
+        are packed into a buffer kept from the previous publish."""
+        if len(bucket.tensors) == 1:
+            return wire[bucket.tensors[0][0]].reshape(-1)
+        self._buffers[index] = flatten(wire, bucket, self._buffers[index])
+        return self._buffers[index]
+
     def publish(self, version: int, named_tensors: NamedTensors, *, rewind: bool = False) -> float:
         t0 = time.perf_counter()
         self._check_writer()
@@ -297,10 +310,7 @@ class CollectivePublisher(WeightPublisher):
         buckets = plan_buckets(wire, self.bucket_bytes)
         if len(self._buffers) != len(buckets):
             self._buffers = [None] * len(buckets)  # type: ignore[list-item]
-        flats = []
-        for i, b in enumerate(buckets):
-            self._buffers[i] = flatten(wire, b, self._buffers[i])
-            flats.append(self._buffers[i])
+        flats = [self._pack(wire, i, b) for i, b in enumerate(buckets)]
         views: dict[str, torch.Tensor] = {}
         for flat, b in zip(flats, buckets, strict=True):
             views.update(unflatten(flat, b))
@@ -329,8 +339,8 @@ class CollectivePublisher(WeightPublisher):
                 _broadcast(
                     self._pg, torch.frombuffer(bytearray(header), dtype=torch.uint8).to(device)
                 )
-                for flat in flats:
-                    _broadcast(self._pg, flat)
+                for work in [_broadcast(self._pg, flat, wait=False) for flat in flats]:
+                    work.wait()
                 if device.type == "cuda":
                     torch.cuda.current_stream(device).synchronize()
             failed = False
@@ -551,13 +561,16 @@ class CollectiveReceiver(WeightReceiver):
         buckets = [Bucket.from_json(b) for b in header["buckets"]]
         if len(self._buffers) != len(buckets):
             self._buffers = [None] * len(buckets)  # type: ignore[list-item]
-        tensors: dict[str, torch.Tensor] = {}
+        bufs = []
         for i, b in enumerate(buckets):
-            buf = self._buffers[i]
-            dtype = _DTYPES[b.dtype]
+            buf, dtype = self._buffers[i], _DTYPES[b.dtype]
             if buf is None or buf.numel() != b.numel or buf.dtype != dtype:
                 buf = self._buffers[i] = torch.empty(b.numel, dtype=dtype, device=self.device)
-            _broadcast(self._pg, buf)
+            bufs.append(buf)
+        works = [_broadcast(self._pg, buf, wait=False) for buf in bufs]
+        tensors: dict[str, torch.Tensor] = {}
+        for i, (work, buf, b) in enumerate(zip(works, bufs, buckets, strict=True)):
+            work.wait()
             self._on_bucket(int(header["version"]), i, buf)
             tensors.update(unflatten(buf, b))
         version = int(header["version"])

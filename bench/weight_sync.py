@@ -1,0 +1,258 @@
+"""Weight-sync latency against model size, every transport side by side in one run.
+
+For each size, a synthetic transformer-shaped state (hidden 512: per layer four matrices and
+six vectors, so a 100M-parameter model has ~320 tensors like a real 0.5B one) is published by
+this process and received by a separate engine process into a module of the same shapes:
+
+- ``collective``: bucketed broadcast (gloo on CPU, ``--bucket-mb``), end to end from the
+  publish call until the engine has verified and loaded the version;
+- ``per-tensor``: the same broadcast with one tensor per call (``bucket_mb: 0``);
+- ``files``: safetensors write (temp + rename) then the engine's read, verify and load;
+- ``object_store``: ``ray.put`` + weight-store actor, then a Ray actor's fetch and load.
+
+Run: ``python -m bench.weight_sync`` (``--sizes 1,10`` for a quick one). Writes
+``bench/results/weight_sync.md`` unless ``--out ''``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from services.weightsync.collective import CollectivePublisher, CollectiveReceiver
+from services.weightsync.files import FilesPublisher, FilesReceiver
+
+HIDDEN = 512
+_CTX = mp.get_context("fork")
+
+
+def synthetic_state(
+    params: int, hidden: int = HIDDEN, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
+    """Transformer-shaped tensors summing to about ``params`` elements (the last tensor is cut)."""
+    h = hidden
+    layer = [("qkv", (3 * h, h)), ("proj", (h, h)), ("up", (4 * h, h)), ("down", (h, 4 * h)),
+             ("ln1_w", (h,)), ("ln1_b", (h,)), ("ln2_w", (h,)), ("ln2_b", (h,)),
+             ("up_b", (4 * h,)), ("down_b", (h,))]  # fmt: skip
+    out: dict[str, torch.Tensor] = {}
+    total, i = 0, 0
+    g = torch.Generator().manual_seed(0)
+    while total < params:
+        for name, shape in layer:
+            n = 1
+            for d in shape:
+                n *= d
+            if total + n > params:
+                shape, n = (params - total,), params - total
+            out[f"layer{i}_{name}"] = torch.randn(shape, generator=g).to(dtype)
+            total += n
+            if total >= params:
+                break
+        i += 1
+    return out
+
+
+class Holder(torch.nn.Module):
+    """An engine's model: buffers with the state's names and shapes."""
+
+    def __init__(self, state: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        for name, t in state.items():
+            self.register_buffer(name, torch.zeros_like(t))
+
+
+def _step(state: dict[str, torch.Tensor], version: int) -> None:
+    for t in state.values():
+        t.add_(1e-3 * version)
+
+
+# ---- the engine process ---------------------------------------------------------------------
+
+
+def _engine(conn: Any, params: int, dtype: torch.dtype) -> None:
+    torch.set_num_threads(1)
+    model = Holder(synthetic_state(params, dtype=dtype))
+    recv: Any = None
+    while True:
+        cmd = conn.recv()
+        if cmd[0] == "stop":
+            if recv is not None:
+                recv.close()
+            return
+        if cmd[0] == "collective":
+            recv = CollectiveReceiver(cmd[1], "bench-engine", timeout_s=600)
+            conn.send("ready")
+            continue
+        if cmd[0] == "files":
+            recv = FilesReceiver(cmd[1], timeout_s=600)
+            conn.send("ready")
+            continue
+        target = cmd[1]
+        while recv.version != target:
+            if recv.has_update():
+                recv.receive(model)
+            else:
+                time.sleep(0.0005)
+        conn.send(time.perf_counter())
+
+
+# ---- measurements ---------------------------------------------------------------------------
+
+
+def _time_collective(
+    conn: Any, state: dict[str, torch.Tensor], bucket_bytes: int, reps: int
+) -> list[float]:
+    pub = CollectivePublisher(
+        "127.0.0.1", 0, bucket_bytes=bucket_bytes, catchup_every=0, timeout_s=600
+    )
+    conn.send(("collective", pub.address))
+    assert conn.recv() == "ready"
+    out = []
+    for v in range(reps + 1):  # version 0 forms the group: not timed
+        _step(state, v)
+        conn.send(("sync", v))
+        t0 = time.perf_counter()
+        pub.publish(v, state)
+        done = conn.recv()
+        if v:
+            out.append(done - t0)
+    conn.send(("stop",))
+    pub.close()
+    return out
+
+
+def _time_files(conn: Any, state: dict[str, torch.Tensor], reps: int) -> list[float]:
+    with tempfile.TemporaryDirectory(prefix="d3s-bench-ws-") as d:
+        pub = FilesPublisher(d, keep_last=2)
+        conn.send(("files", d))
+        assert conn.recv() == "ready"
+        out = []
+        for v in range(reps):
+            _step(state, v)
+            t0 = time.perf_counter()
+            pub.publish(v, state)
+            conn.send(("sync", v))
+            out.append(conn.recv() - t0)
+        conn.send(("stop",))
+    return out
+
+
+def _time_object_store(state: dict[str, torch.Tensor], reps: int) -> list[float]:
+    import ray
+
+    from services.weightsync.object_store import get_or_create_store
+    from services.weightsync.ray_store import ObjectStorePublisher, ObjectStoreReceiver
+
+    @ray.remote(num_cpus=0)
+    class Engine:
+        def __init__(self, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
+            torch.set_num_threads(1)
+            self.model = Holder({n: torch.zeros(s, dtype=d) for n, (s, d) in shapes.items()})
+            self.recv = ObjectStoreReceiver("bench", timeout_s=600)
+
+        def sync(self, version: int) -> float:
+            while self.recv.receive(self.model) != version:
+                time.sleep(0.0005)
+            return time.perf_counter()
+
+    store = get_or_create_store("bench")
+    pub = ObjectStorePublisher("bench", store=store)
+    pub.publish(0, state)  # warm-up: the actor's start and first fetch are not timed
+    engine = Engine.remote({n: (tuple(t.shape), t.dtype) for n, t in state.items()})
+    ray.get(engine.sync.remote(0))
+    out = []
+    for v in range(1, reps + 1):
+        _step(state, v)
+        t0 = time.perf_counter()
+        pub.publish(v, state)
+        out.append(ray.get(engine.sync.remote(v)) - t0)
+    ray.kill(engine)
+    ray.kill(store)
+    return out
+
+
+def measure(params: int, dtype: torch.dtype, bucket_mb: float, reps: int) -> dict[str, float]:
+    """Median end-to-end seconds per process-to-process transport for one model size."""
+    state = synthetic_state(params, dtype=dtype)
+    row: dict[str, float] = {"tensors": float(len(state))}
+    for name, run in (
+        ("collective", lambda c: _time_collective(c, state, int(bucket_mb * (1 << 20)), reps)),
+        ("per_tensor", lambda c: _time_collective(c, state, 0, reps)),
+        ("files", lambda c: _time_files(c, state, reps)),
+    ):
+        parent, child = _CTX.Pipe()
+        proc = _CTX.Process(target=_engine, args=(child, params, dtype), daemon=True)
+        proc.start()
+        try:
+            row[name] = statistics.median(run(parent))
+        finally:
+            proc.join(30)
+            if proc.is_alive():
+                proc.kill()
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument(
+        "--sizes", default="1,10,50,100", help="millions of parameters, comma-separated"
+    )
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--bucket-mb", type=float, default=256.0)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--no-ray", action="store_true", help="skip the object-store transport")
+    ap.add_argument("--out", default="bench/results/weight_sync.md")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    cases = [(size, dname) for dname in args.dtypes.split(",") for size in args.sizes.split(",")]
+    rows = {}
+    for size, dname in cases:  # forked engines first: no Ray threads in the parent yet
+        rows[size, dname] = measure(
+            int(float(size) * 1e6), getattr(torch, dname), args.bucket_mb, args.reps
+        )
+        print(size, dname, rows[size, dname], flush=True)
+    if not args.no_ray:
+        import ray
+
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        for size, dname in cases:
+            state = synthetic_state(int(float(size) * 1e6), dtype=getattr(torch, dname))
+            rows[size, dname]["object_store"] = statistics.median(
+                _time_object_store(state, args.reps)
+            )
+            print(size, dname, "object_store", rows[size, dname]["object_store"], flush=True)
+        ray.shutdown()
+    cols = ["collective", "per_tensor", "files"] + ([] if args.no_ray else ["object_store"])
+    head = (f"| params | dtype | MiB | tensors | {' | '.join(c + ' s' for c in cols)} | "
+            "per-tensor / collective | files / collective |" + ("" if args.no_ray else " object store / collective |"))  # fmt: skip
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for size, dname in cases:
+        row, dtype = rows[size, dname], getattr(torch, dname)
+        mib = float(size) * 1e6 * torch.tensor([], dtype=dtype).element_size() / (1 << 20)
+        ratios = [row["per_tensor"] / row["collective"], row["files"] / row["collective"]]
+        if not args.no_ray:
+            ratios.append(row["object_store"] / row["collective"])
+        lines.append(f"| {size}M | {dname} | {mib:.0f} | {int(row['tensors'])} | "
+                     + " | ".join(f"{row[c]:.3f}" for c in cols) + " | "
+                     + " | ".join(f"{r:.2f}x" for r in ratios) + " |")  # fmt: skip
+    print("\n".join(lines), flush=True)
+    if args.out:
+        Path(args.out).write_text(
+            "# Weight sync latency vs model size\n\n"
+            f"`python -m bench.weight_sync --sizes {args.sizes} --dtypes {args.dtypes} --bucket-mb {args.bucket_mb} "
+            f"--reps {args.reps}`: median of {args.reps} end-to-end syncs (publish call until one engine "
+            "process has verified and loaded the version), CPU only, loopback.\n\n"
+            + "\n".join(lines)
+            + "\n"
+        )
+
+
+if __name__ == "__main__":
+    main()
