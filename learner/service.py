@@ -24,6 +24,7 @@ from learner.engine import LearnerEngine
 from learner.replay import BatchGap, ReplayLog
 from learner.settings import LearnerServiceSettings
 from services.common.seeding import step_seed
+from services.policy.limits import ModelLimits
 from services.telemetry.reporter import RunReporter
 from services.transport.bundle import Transport
 from services.transport.queue import Delivery
@@ -72,6 +73,7 @@ class LearnerService:
         export: writes the final policy; None: no export.
         publish_weights: hands each version to the rollout actors; None publishes nothing but
             the audit trail.
+        limits: the model's vocabulary and context; a batch outside them is dead-lettered.
         block_ms: how long one read waits for a batch.
         reclaim_idle_ms: batches another learner consumer held this long are taken over.
     """
@@ -86,6 +88,7 @@ class LearnerService:
         evaluate: Evaluator | None = None,
         export: Exporter | None = None,
         publish_weights: WeightPublisher | None = None,
+        limits: ModelLimits | None = None,
         block_ms: int = 1000,
         reclaim_idle_ms: int = 30_000,
     ) -> None:
@@ -97,6 +100,7 @@ class LearnerService:
         self.evaluate = evaluate
         self.export = export
         self.publish_weights = publish_weights
+        self.limits = limits
         self.block_ms = block_ms
         self.reclaim_idle_ms = reclaim_idle_ms
         self.waiter = WaitPolicy(transport.control, settings.wait_timeout_s, error=LearnerStalled)
@@ -125,7 +129,8 @@ class LearnerService:
         self._resume()
         evaluate = (lambda: self.evaluate(self.engine.module)) if self.evaluate else None
         self.reporter = RunReporter(self.settings.run_dir, self.settings.total_steps,
-                                    self.settings.eval_every, evaluate, self._to_redis)  # fmt: skip
+                                    self.settings.eval_every, evaluate, self._to_redis,
+                                    resume_step=self.step)  # fmt: skip
         try:
             # The checkpoint's version first (it may be older than what was published before a
             # crash), then the replayed steps publish the versions after it in order.
@@ -192,6 +197,14 @@ class LearnerService:
                 f"namespace {self.t.namespace!r} do not belong together; start a fresh run "
                 "directory and namespace, or restore the matching checkpoint"
             )
+        problem = self._invalid(batch)
+        if problem:
+            # A bad batch must not crash the learner on every restart. The selector checks the
+            # same limits, so this is a batch it did not make; the real one may still come.
+            self.t.queue.dead_letter(self.t.keys.batches, GROUP, self.consumer, d.entry_id, problem)
+            self.summary["batches_rejected"] = self.summary.get("batches_rejected", 0) + 1
+            log.error("learner: batch %s dead-lettered: %s", batch.batch_id, problem)
+            return
         row = self._train(batch)
         result = self.t.queue.commit(
             self.t.keys.batches, GROUP, [d.entry_id],
@@ -209,6 +222,19 @@ class LearnerService:
             self.replay.remember(batch.step, result.written[batch.batch_id])
         self.summary["batches_trained"] += 1
         self._after_step(row)
+
+    def _invalid(self, batch: CuratedBatch) -> str:
+        """Why the model cannot train ``batch`` ('' when it can)."""
+        limits = self.limits
+        if limits is None:
+            return ""
+        top = int(batch.input_ids.max()) if batch.input_ids.size else 0
+        if top >= limits.vocab_size:
+            return f"token id {top} is outside the model's vocabulary of {limits.vocab_size}"
+        longest = int(batch.seq_lengths.max()) if batch.seq_lengths.size else 0
+        if limits.max_positions is not None and longest > limits.max_positions:
+            return f"a row of {longest} tokens exceeds the model's context of {limits.max_positions}"
+        return ""
 
     # ---- one step ------------------------------------------------------------------------------
 
@@ -234,10 +260,12 @@ class LearnerService:
 
     def _after_step(self, row: dict[str, Any]) -> None:
         step = self.step
+        assert self.reporter is not None
+        # The row before the checkpoint: a kill in between loses neither (the step is retrained
+        # from the replay log and its row written again); the other order could lose the row.
+        self.reporter.record(step, row)
         if step % self.settings.checkpoint_every == 0 or step == self.settings.total_steps:
             self._checkpoint()
-        assert self.reporter is not None
-        self.reporter.record(step, row)
 
     def _publish(self, rewind: bool) -> float:
         """Publish the current weights as version ``self.step``; returns the seconds it took."""

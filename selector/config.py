@@ -67,7 +67,11 @@ class AlgorithmConfig(BaseModel):
 
 @dataclass(frozen=True)
 class SelectorSettings:
-    """What the selector service needs of a run (the entry point builds it from the run config)."""
+    """What the selector service needs of a run (the entry point builds it from the run config).
+
+    ``max_abs_reward``, ``vocab_size`` and ``max_positions`` bound what a group may contain:
+    a group outside them is dead-lettered with the reason instead of reaching the learner.
+    """
 
     preset: Preset
     total_steps: int
@@ -78,3 +82,6 @@ class SelectorSettings:
     max_batch_backlog: int
     wait_timeout_s: float
     adv_eps: float = 1e-6
+    max_abs_reward: float = 1e6
+    vocab_size: int | None = None
+    max_positions: int | None = None

@@ -86,7 +86,8 @@ def curate(
         raise ValueError(f"groups: all groups need the same samples_per_prompt, got sizes {sorted(sizes)}")
     sample_ratio, token_ratio = preset.ratios(step, total_steps)
     progress = preset.schedule.progress(step, total_steps)
-    rewards = torch.from_numpy(np.stack([g.rewards for g in groups]).astype(np.float32))  # [B, G]
+    # float64: advantages of large (but finite float32) rewards must not overflow.
+    rewards = torch.from_numpy(np.stack([g.rewards for g in groups]).astype(np.float64))  # [B, G]
     keep, adv = select_samples(preset, rewards, sample_ratio, eps, generator)
     zero_var = (rewards == rewards[:, :1]).all(dim=1)
     kept_adv = adv[keep]

@@ -11,6 +11,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
+
+from selector.config import SelectorSettings
 from services.transport.bundle import Transport
 from services.transport.queue import Delivery
 from services.transport.records import ScoredGroup
@@ -42,8 +45,8 @@ class GroupInbox:
         transport: the run's Redis.
         consumer: this consumer's name; a restarted consumer of the same name first re-reads
             its own pending entries.
-        group_size: the run's samples_per_prompt; other sizes are dead-lettered.
-        max_staleness: versions a group may lag the step it is used in.
+        settings: the run's selector settings: the group size, the staleness bound, and the
+            bounds a group's content must respect (rewards, vocabulary, context).
         waiter: the loop's wait policy (reclaim cadence).
         block_ms: how long one read waits for new groups (below the client's socket timeout).
         reclaim_idle_ms: entries another consumer held this long are presumed abandoned.
@@ -53,8 +56,7 @@ class GroupInbox:
         self,
         transport: Transport,
         consumer: str,
-        group_size: int,
-        max_staleness: int,
+        settings: SelectorSettings,
         waiter: WaitPolicy,
         *,
         block_ms: int = 1000,
@@ -62,8 +64,9 @@ class GroupInbox:
     ) -> None:
         self.t = transport
         self.consumer = consumer
-        self.group_size = group_size
-        self.max_staleness = max_staleness
+        self.settings = settings
+        self.group_size = settings.samples_per_prompt
+        self.max_staleness = settings.max_staleness
         self.waiter = waiter
         self.block_ms = block_ms
         self.reclaim_idle_ms = reclaim_idle_ms
@@ -105,7 +108,17 @@ class GroupInbox:
         return taken
 
     def sort(self, step: int) -> Held:
-        """What is held, sorted for building ``step``."""
+        """What is held, sorted for building ``step``.
+
+        A group claiming a weight version above ``step`` cannot come from this run's learner
+        (which has published at most version ``step`` while batch ``step`` is being built): it
+        is dead-lettered here.
+        """
+        ahead = [d for d in self._held.values() if d.record.policy_version > step]
+        for d in ahead:
+            self._reject(d, f"policy_version {d.record.policy_version} is ahead of the learner "
+                            f"(at most version {step} exists while step {step} is built)")  # fmt: skip
+            self._held.pop(d.entry_id, None)
         held = list(self._held.values())
         known = self.t.state.ledger_states([d.record.group_id for d in held])
         usable: list[Delivery] = []
@@ -135,18 +148,37 @@ class GroupInbox:
                 continue  # XAUTOCLAIM hands back entries this consumer already holds
             reason = self._unusable(d)
             if reason:
-                self.t.queue.dead_letter(self.t.keys.groups, GROUP, self.consumer, d.entry_id, reason)
-                self.rejected += 1
+                self._reject(d, reason)
                 continue
             self._held[d.entry_id] = d
             taken += 1
         return taken
 
+    def _reject(self, d: Delivery, reason: str) -> None:
+        self.t.queue.dead_letter(self.t.keys.groups, GROUP, self.consumer, d.entry_id, reason)
+        self.rejected += 1
+
     def _unusable(self, d: Delivery) -> str:
+        """Why a decoded record cannot be used by this run ('' when it can). The wire format is
+        already valid; this checks its meaning against the run."""
         rec = d.record
         if not isinstance(rec, ScoredGroup):
             return f"a {type(rec).__name__} record in the groups stream"
         if rec.group_size != self.group_size:
             return (f"group has {rec.group_size} samples; this run uses samples_per_prompt="
                     f"{self.group_size}")  # fmt: skip
+        bound = self.settings.max_abs_reward
+        worst = float(np.abs(rec.rewards.astype(np.float64)).max())
+        if worst > bound:
+            return f"reward of magnitude {worst:.3g} is beyond service.max_abs_reward={bound:g}"
+        vocab = self.settings.vocab_size
+        if vocab is not None:
+            top = max(int(rec.prompt.max()), int(rec.responses.max()) if rec.responses.size else 0)
+            if top >= vocab:
+                return f"token id {top} is outside the model's vocabulary of {vocab}"
+        context = self.settings.max_positions
+        longest = len(rec.prompt) + int(rec.response_lengths.max())
+        if context is not None and longest > context:
+            return (f"prompt + response is {longest} tokens, beyond the model's context of "
+                    f"{context}")  # fmt: skip
         return ""

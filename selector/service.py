@@ -90,8 +90,7 @@ class SelectorService:
         self.consumer = consumer
         self.waiter = WaitPolicy(transport.control, settings.wait_timeout_s,
                                  reclaim_every_s=reclaim_every_s, error=SelectorStalled)  # fmt: skip
-        self.inbox = GroupInbox(transport, consumer, settings.samples_per_prompt,
-                                settings.max_staleness, self.waiter, block_ms=block_ms,
+        self.inbox = GroupInbox(transport, consumer, settings, self.waiter, block_ms=block_ms,
                                 reclaim_idle_ms=reclaim_idle_ms)  # fmt: skip
         self.step = 0
         self._started = False

@@ -102,8 +102,10 @@ def build_component(
     with stop_run_on_failure(transport, name):
         if kind == "selector":
             from selector.service import SelectorService
+            from services.policy.limits import model_limits
 
-            selector = SelectorService(transport, cfg.selector_settings(), consumer=f"selector-{index}")
+            limits = model_limits(policy_path) if policy_path else None
+            selector = SelectorService(transport, cfg.selector_settings(limits), consumer=f"selector-{index}")
             return Component(name, transport, selector.run)
         if policy_path is None:
             raise ValueError(f"{kind}: needs the policy path")
@@ -172,6 +174,7 @@ def _build_learner(
 ) -> tuple[Any, Callable[[], None]]:
     from learner.engine import LearnerEngine
     from learner.service import LearnerService
+    from services.policy.limits import model_limits
     from services.policy.model import load_policy, save_policy
     from services.weightsync.object_store import RayWeightPublisher, get_or_create_store
 
@@ -192,7 +195,7 @@ def _build_learner(
         transport, engine, settings, consumer=f"learner-{index}",
         evaluate=build_evaluator(cfg, tokenizer),
         export=lambda module: save_policy(module, tokenizer, settings.run_dir / "final_policy"),
-        publish_weights=publisher,
+        publish_weights=publisher, limits=model_limits(policy_path),
     )  # fmt: skip
     return service, shutdown
 

@@ -19,6 +19,7 @@ from learner.config import LearnerConfig
 from learner.settings import LearnerServiceSettings
 from selector.config import AlgorithmConfig, SelectorSettings
 from services.policy.config import PolicyConfig, WarmstartConfig
+from services.policy.limits import ModelLimits
 from services.rollout.config import RolloutConfig
 from services.rollout.settings import RolloutSettings
 from services.tasks.config import ArithmeticTaskConfig, TaskConfig
@@ -70,6 +71,8 @@ class ServiceConfig(_Section):
     """The selector pauses while this many batches are queued."""
     wait_timeout_s: float = Field(300.0, gt=0)
     """Every wait without progress fails with a message after this long."""
+    max_abs_reward: float = Field(1e6, gt=0)
+    """A group with a reward beyond +-this is dead-lettered (a verifier gone wrong)."""
 
 
 class ApiConfig(_Section):
@@ -127,13 +130,17 @@ class RunConfig(_Section):
 
     # ---- each component's settings -------------------------------------------------------------
 
-    def selector_settings(self) -> SelectorSettings:
+    def selector_settings(self, limits: ModelLimits | None = None) -> SelectorSettings:
+        """``limits``: the policy's vocabulary and context, to refuse groups outside them."""
         return SelectorSettings(
             preset=self.algorithm.build_preset(), total_steps=self.train.total_steps,
             prompts_per_step=self.rollout.prompts_per_step,
             samples_per_prompt=self.rollout.samples_per_prompt, seed=self.train.seed,
             max_staleness=self.service.max_staleness, max_batch_backlog=self.service.max_batch_backlog,
             wait_timeout_s=self.service.wait_timeout_s, adv_eps=self.algorithm.adv_eps,
+            max_abs_reward=self.service.max_abs_reward,
+            vocab_size=limits.vocab_size if limits else None,
+            max_positions=limits.max_positions if limits else None,
         )  # fmt: skip
 
     def learner_settings(self, run_dir: Path | None = None) -> LearnerServiceSettings:

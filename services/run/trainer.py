@@ -74,7 +74,7 @@ class SyncTrainer:
         if lead:
             evaluate = build_evaluator(cfg, tokenizer)
             reporter = RunReporter(self.run_dir, total, cfg.train.eval_every,
-                                   lambda: evaluate(rollout_model))  # fmt: skip
+                                   lambda: evaluate(rollout_model), resume_step=start)  # fmt: skip
             log.info("run %s: preset=%s, %d prompts x %d samples per step (%d samples), steps "
                      "%d..%d, run dir %s", cfg.name, self.preset.name, cfg.rollout.prompts_per_step,
                      cfg.rollout.samples_per_prompt,

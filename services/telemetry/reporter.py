@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from services.telemetry.run_log import RunLogger, plot_run
+from services.telemetry.run_log import RunLogger, plot_run, truncate_metrics
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,8 @@ class RunReporter:
         evaluate: returns held-out metrics of the current policy (e.g. ``heldout_accuracy``);
             None: no evaluation.
         sink: also receives every row (the service writes it to Redis).
+        resume_step: the step a resumed run continues from: rows after it (written before a
+            crash, trained again now) are dropped, so every step has exactly one row.
         logger_kwargs: passed to :class:`RunLogger` (e.g. the W&B settings).
     """
 
@@ -41,6 +43,7 @@ class RunReporter:
         eval_every: int,
         evaluate: Evaluate | None = None,
         sink: Sink | None = None,
+        resume_step: int | None = None,
         **logger_kwargs: Any,
     ) -> None:
         self.run_dir = Path(run_dir)
@@ -49,6 +52,11 @@ class RunReporter:
         self.evaluate = evaluate
         self.sink = sink
         self.last_eval: dict[str, float] = {}
+        if resume_step is not None:
+            dropped = truncate_metrics(self.run_dir / "metrics.jsonl", resume_step)
+            if dropped:
+                log.info("resuming at step %d: %d metric rows after it will be written again",
+                         resume_step, dropped)  # fmt: skip
         self._logger = RunLogger(self.run_dir, **logger_kwargs)
 
     def due(self, step: int) -> bool:

@@ -131,6 +131,31 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [rows[k] for k in sorted(rows)]
 
 
+def truncate_metrics(path: Path, last_step: int) -> int:
+    """Keep only the rows of steps <= ``last_step`` (a resumed run rewrites the rest); returns
+    how many rows were dropped. The file is replaced atomically."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            step = int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            dropped += 1  # a row cut short by a kill: the step it belonged to is rewritten
+            continue
+        if step <= last_step:
+            kept.append(line)
+        else:
+            dropped += 1
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept))
+    tmp.replace(path)
+    return dropped
+
+
 def plot_run(metrics_path: Path, out_png: Path, title: str = "") -> Path:
     """Held-out accuracy and reward against step and against learner tokens."""
     import matplotlib

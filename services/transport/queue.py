@@ -16,6 +16,7 @@ Delivery discipline (what makes "a crash loses nothing and duplicates nothing" t
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -117,6 +118,44 @@ return {1, {}, written, dups, acked}
 """
 
 
+_PREFIX_BYTES = 256
+_REASON_CHARS = 1000
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, seq = entry_id.split("-")
+    return int(ms), int(seq)
+
+
+def _raw(value: Any) -> bytes:
+    return value.encode() if isinstance(value, str) else bytes(value)
+
+
+def dead_letter_fields(
+    stream: str, group: str, consumer: str, entry_id: str, fields: Mapping[Any, Any], reason: str
+) -> dict[bytes, bytes]:
+    """The dead letter of one entry: why, from where, and a bounded summary of its payload."""
+    digest = hashlib.sha256()
+    size = 0
+    for name in sorted(fields, key=_raw):
+        value = _raw(fields[name])
+        digest.update(_raw(name) + b"\0" + value + b"\0")
+        size += len(value)
+    meta = fields.get(b"meta", fields.get("meta", b""))
+    first = _raw(meta) if meta else (_raw(next(iter(fields.values()))) if fields else b"")
+    return {
+        b"source": stream.encode(),
+        b"entry_id": entry_id.encode(),
+        b"reason": reason[:_REASON_CHARS].encode("utf-8", errors="backslashreplace"),
+        b"group": group.encode(),
+        b"consumer": consumer.encode(),
+        b"fields": str(len(fields)).encode(),
+        b"bytes": str(size).encode(),
+        b"sha256": digest.hexdigest().encode(),
+        b"prefix": first[:_PREFIX_BYTES].decode("utf-8", errors="backslashreplace").encode(),
+    }
+
+
 @dataclass(frozen=True)
 class Delivery:
     """One decoded record handed to a consumer; commit ``entry_id`` when its product is written."""
@@ -159,13 +198,21 @@ class StreamQueue:
     (``keys.produced``) in the same atomic step.
     """
 
-    def __init__(self, client: redis.Redis, keys: RunKeys, *, dead_maxlen: int = 10_000) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: RunKeys,
+        *,
+        dead_maxlen: int = 10_000,
+        max_deliveries: int = 5,
+    ) -> None:
         kwargs = client.connection_pool.connection_kwargs
         if kwargs.get("decode_responses"):
             raise ValueError("StreamQueue needs a Redis client with decode_responses=False")
         self.client = client
         self.keys = keys
         self.dead_maxlen = dead_maxlen
+        self.max_deliveries = max_deliveries
         timeout = kwargs.get("socket_timeout", kwargs.get("orig_socket_timeout"))
         self._socket_timeout_s: float | None = float(timeout) if timeout else None
         self._commit_script = client.register_script(_COMMIT_LUA)
@@ -236,7 +283,10 @@ class StreamQueue:
         reply = self.client.xreadgroup(
             group, consumer, {stream: "0" if pending else ">"}, count=count, block=block
         )
-        return self._decode_entries(stream, group, consumer, self._entries(reply))
+        entries = self._entries(reply)
+        if pending:
+            entries = self._drop_redelivered(stream, group, consumer, entries)
+        return self._decode_entries(stream, group, consumer, entries)
 
     def reclaim(
         self, stream: str, group: str, consumer: str, min_idle_ms: int, count: int
@@ -263,7 +313,32 @@ class StreamQueue:
                 break
         if saw_deleted:
             self._ack_deleted_pending(stream, group, consumer)
+        claimed = self._drop_redelivered(stream, group, consumer, claimed)
         return self._decode_entries(stream, group, consumer, claimed)
+
+    def _drop_redelivered(
+        self, stream: str, group: str, consumer: str, entries: list[tuple[Any, Any]]
+    ) -> list[tuple[Any, Any]]:
+        """Dead-letter entries delivered more than ``max_deliveries`` times: a record that every
+        consumer that reads it dies on (before it can commit) would otherwise stop the run again
+        on every restart."""
+        if not entries:
+            return entries
+        ids = [text(i) for i, _ in entries]
+        rows = self.client.xpending_range(stream, group, min(ids, key=_id_key),
+                                          max(ids, key=_id_key), len(ids) + 100,
+                                          consumername=consumer)  # fmt: skip
+        times = {text(r["message_id"]): int(r["times_delivered"]) for r in rows}
+        kept = []
+        for raw_id, fields in entries:
+            delivered = times.get(text(raw_id), 1)
+            if delivered > self.max_deliveries:
+                reason = (f"delivered {delivered} times without being committed (limit "
+                          f"{self.max_deliveries}): its consumer probably fails on it")  # fmt: skip
+                self._dead_letter(stream, group, consumer, text(raw_id), fields or {}, reason)
+            else:
+                kept.append((raw_id, fields))
+        return kept
 
     @staticmethod
     def _entries(reply: Any) -> list[tuple[bytes, Any]]:
@@ -299,19 +374,13 @@ class StreamQueue:
         fields: Mapping[Any, Any],
         reason: str,
     ) -> None:
-        """Move one entry to the dead stream, acknowledge and delete it, count it: one step."""
-        dead: dict[bytes, bytes] = {
-            b"source": stream.encode(),
-            b"entry_id": entry_id.encode(),
-            b"reason": reason.encode("utf-8", errors="backslashreplace"),
-            b"group": group.encode(),
-            b"consumer": consumer.encode(),
-        }
-        # Prefixed, so an original field named "reason" cannot overwrite ours.
-        for name, value in fields.items():
-            raw_name = name.encode() if isinstance(name, str) else bytes(name)
-            raw_value = value.encode() if isinstance(value, str) else bytes(value)
-            dead[b"orig:" + raw_name] = raw_value
+        """Move one entry to the dead stream, acknowledge and delete it, count it: one step.
+
+        The dead letter keeps the reason, where the entry came from, its size, a hash and a short
+        prefix of its payload, never the payload itself: a flood of large bad records must not
+        fill Redis with copies.
+        """
+        dead = dead_letter_fields(stream, group, consumer, entry_id, fields, reason)
         result = self._run_commit(
             stream,
             group,

@@ -160,12 +160,12 @@ class RunState:
         return json.loads(raw) if raw is not None else None
 
     def dead_letters(self, count: int = 100) -> list[dict[str, str]]:
-        """The newest dead letters (reason, source stream, entry id), newest first; payload
-        fields are left out."""
+        """The newest dead letters, newest first: reason, source stream and entry id, and the
+        payload's field count, size, hash and prefix."""
         rows = self.client.xrevrange(self.keys.dead, "+", "-", count=count)
         out = []
         for entry_id, fields in rows:
-            meta = {text(k): text(v) for k, v in fields.items() if not text(k).startswith("orig:")}
+            meta = {text(k): text(v) for k, v in fields.items()}
             out.append({"id": text(entry_id), **meta})
         return out
 

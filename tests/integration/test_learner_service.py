@@ -4,7 +4,9 @@ in order."""
 
 from __future__ import annotations
 
+import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,7 @@ from learner.engine import LearnerEngine
 from learner.service import LearnerService
 from selector.curate import curate
 from selector.service import batch_record
+from services.policy.limits import ModelLimits
 from services.run.config import RunConfig, parse_config
 from services.transport.bundle import Transport
 from services.transport.records import CuratedBatch, ScoredGroup
@@ -128,3 +131,25 @@ def test_a_crash_between_checkpoints_loses_no_step(tmp_path: Path, transport: Tr
     assert transport.client.xlen(transport.keys.replay) == 0  # trimmed at the last checkpoint
     assert transport.control.is_done()
     assert (tmp_path / "run" / "learning_curve.png").is_file()
+    # Every step has exactly one metric row, although step 3 was trained (and logged) twice.
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(STEPS + 1))
+    assert [r["step"] for r in transport.state.history()] == list(range(STEPS + 1))
+
+
+def test_a_batch_the_model_cannot_take_is_dead_lettered(tmp_path: Path, transport: Transport) -> None:
+    cfg = make_cfg(tmp_path / "run")
+    bad = make_batch(0, cfg)
+    ids = bad.input_ids.copy()
+    ids[0, 0] = 99  # the tiny model has 15 tokens
+    forged = replace(bad, input_ids=ids)
+    transport.client.xadd(transport.keys.batches, forged.to_fields())
+    feed(transport, cfg, range(STEPS))
+    engine = LearnerEngine(tiny_model(), cfg.learner, STEPS)
+    learner = LearnerService(transport, engine, cfg.learner_settings(tmp_path / "run"),
+                             limits=ModelLimits(vocab_size=15, max_positions=32), block_ms=100)  # fmt: skip
+    out = learner.run()
+    assert out["steps"] == STEPS and out["batches_rejected"] == 1
+    (dead,) = transport.state.dead_letters()
+    assert "token id 99 is outside the model's vocabulary of 15" in dead["reason"]
+    assert transport.state.trained() == {f"step-{s:07d}": s for s in range(STEPS)}

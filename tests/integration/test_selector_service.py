@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -283,3 +284,48 @@ def test_no_groups_fails_with_a_clear_message(transport: Transport) -> None:
     cfg = make_cfg(wait_timeout_s=0.5)
     with pytest.raises(SelectorStalled, match="are the rollout actors running"):
         selector(transport, cfg).run(max_batches=1)
+
+
+# ---- records that are well-formed but wrong in meaning -------------------------------------------
+
+
+def test_groups_wrong_in_meaning_are_dead_lettered_and_the_run_goes_on(transport: Transport) -> None:
+    cfg = make_cfg()
+    settings = replace(cfg.selector_settings(), vocab_size=15, max_positions=11)
+    good = [make_group(i) for i in range(PROMPTS)]
+
+    def variant(i: int, **changes) -> ScoredGroup:
+        base = make_group(100 + i)
+        fields = {f: getattr(base, f) for f in ("group_id", "prompt_id", "policy_version", "prompt",
+                  "responses", "response_lengths", "behav_logp", "rewards", "created_at", "actor",
+                  "task")}  # fmt: skip
+        return ScoredGroup(**{**fields, **changes})
+
+    hostile = {
+        "outside the model's vocabulary": variant(0, prompt=np.array([3, 4, 99], dtype=np.int32)),
+        "beyond the model's context": variant(1, prompt=np.arange(2, 13, dtype=np.int32)),
+        "beyond service.max_abs_reward": variant(2, rewards=np.array([3e38, 0, 1, 0], dtype=np.float32)),
+        "ahead of the learner": variant(3, policy_version=10**9),
+    }
+    for g in [*hostile.values(), *good]:
+        publish(transport, g)
+    summary = SelectorService(transport, settings, block_ms=100).run(max_batches=1)
+    assert summary["batches_written"] == 1 and summary["groups_rejected"] == len(hostile)
+    (batch,) = batches(transport)
+    assert batch.group_ids == [g.group_id for g in good]
+    reasons = [r["reason"] for r in transport.state.dead_letters()]
+    for expected in hostile:
+        assert sum(expected in r for r in reasons) == 1, (expected, reasons)
+    assert transport.state.stats()["dead"] == len(hostile)
+    assert transport.queue.backlog(transport.keys.groups) == 0
+
+
+def test_large_finite_rewards_do_not_overflow_the_advantages(transport: Transport) -> None:
+    cfg = make_cfg()
+    huge = [make_group(i, rewards=[3e38, -3e38, 1e38, 0.0]) for i in range(PROMPTS)]
+    for g in huge:
+        publish(transport, g)
+    settings = replace(cfg.selector_settings(), max_abs_reward=1e39)  # let them through
+    assert SelectorService(transport, settings, block_ms=100).run(max_batches=1)["batches_written"] == 1
+    (batch,) = batches(transport)
+    assert np.isfinite(batch.advantages).all() and np.abs(batch.advantages).max() < 3

@@ -136,15 +136,56 @@ def test_malformed_records_are_dead_lettered_and_reading_goes_on(transport: Tran
     first = by_id[bad_version]
     assert first[b"source"] == t.keys.groups.encode()
     assert b"unsupported schema version 99" in first[b"reason"]
-    assert first[b"orig:rewards"] == good_fields[b"rewards"]  # the original is kept, intact
+    # A bounded summary of the payload, never the payload: sizes, a hash, a prefix of meta.
+    payload = {**good_fields, b"meta": json.dumps(meta).encode()}
+    assert int(first[b"fields"]) == len(payload)
+    assert int(first[b"bytes"]) == sum(len(v) for v in payload.values())
+    assert len(first[b"sha256"]) == 64 and first[b"prefix"] == json.dumps(meta).encode()[:256]
+    assert not any(k.startswith(b"orig:") for k in first)
     second = by_id[garbage]
-    assert second[b"reason"] == b"missing field 'meta'"
-    assert second[b"orig:reason"] == b"x"  # an original field cannot overwrite ours
-    assert second[b"orig:\xff\x00"] == b"\x80\x04\x95junk"
+    assert second[b"reason"] == b"missing field 'meta'"  # a field named "reason" cannot overwrite ours
+    assert int(second[b"fields"]) == 2
 
     # Reading goes on: a record published after the bad ones arrives normally.
     t.queue.publish(t.keys.groups, make_group(3))
     assert [d.record.group_id for d in t.queue.read(t.keys.groups, GROUP, "sel-0", 10)] == ["g3"]
+
+
+def test_dead_letters_of_huge_and_wide_records_stay_small(transport: Transport) -> None:
+    t, client = transport, transport.client
+    t.queue.ensure_consumer_group(t.keys.groups, GROUP)
+    client.xadd(t.keys.groups, {f"f{i}".encode(): b"x" for i in range(5000)})  # 5,000 fields
+    client.xadd(t.keys.groups, {b"meta": b"{" + b"9" * (4 << 20)})  # 4 MB of broken meta
+    assert t.queue.read(t.keys.groups, GROUP, "sel-0", count=10) == []
+    dead = client.xrange(t.keys.dead)
+    assert len(dead) == 2 and t.state.stats()["dead"] == 2
+    assert int(dead[0][1][b"fields"]) == 5000
+    assert int(dead[1][1][b"bytes"]) == (4 << 20) + 1
+    assert client.memory_usage(t.keys.dead) < 64_000  # not a copy of 4 MB
+    assert [r["reason"] for r in t.state.dead_letters()][::-1] == [
+        dead[0][1][b"reason"].decode(), dead[1][1][b"reason"].decode()]
+
+
+def test_an_entry_delivered_too_often_is_dead_lettered(transport: Transport) -> None:
+    # A consumer that crashes on a record before committing it re-reads it after every restart;
+    # past max_deliveries the record goes to the dead stream instead of crashing it again.
+    t, client = transport, transport.client
+    t.queue.ensure_consumer_group(t.keys.groups, GROUP)
+    t.queue.publish(t.keys.groups, make_group(0))
+    assert len(t.queue.read(t.keys.groups, GROUP, "sel-0", count=10)) == 1  # delivery 1
+    for _ in range(t.queue.max_deliveries - 1):  # deliveries 2..max: still handed out
+        assert len(t.queue.read(t.keys.groups, GROUP, "sel-0", count=10, pending=True)) == 1
+    assert t.queue.read(t.keys.groups, GROUP, "sel-0", count=10, pending=True) == []
+    (entry,) = client.xrange(t.keys.dead)
+    assert b"delivered 6 times without being committed" in entry[1][b"reason"]
+    assert t.queue.backlog(t.keys.groups) == 0 and pending_ids(client, t.keys.groups) == []
+    # Reclaiming counts too.
+    t.queue.publish(t.keys.groups, make_group(1))
+    t.queue.read(t.keys.groups, GROUP, "dead-consumer", count=10)
+    for _ in range(t.queue.max_deliveries - 1):
+        assert len(t.queue.reclaim(t.keys.groups, GROUP, "other", min_idle_ms=0, count=10)) == 1
+    assert t.queue.reclaim(t.keys.groups, GROUP, "other", min_idle_ms=0, count=10) == []
+    assert t.state.stats()["dead"] == 2
 
 
 def test_committing_the_same_output_key_twice_writes_one_record(transport: Transport) -> None:
