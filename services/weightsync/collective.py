@@ -205,7 +205,7 @@ class CollectivePublisher(WeightPublisher):
             publish.
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, bucket_bytes: int = 256 << 20,
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, bucket_bytes: int = 64 << 20,
                  wire: torch.dtype | None = None, catchup_dir: str | Path | None = None,
                  catchup_every: int = 1, keep_last: int = 2, timeout_s: float = 300.0,
                  member_timeout_s: float = 60.0, sample_every: int = 1,

@@ -27,7 +27,7 @@ class WeightSyncConfig(BaseModel):
         "when no collective group can be formed",
     )
     bucket_mb: float = Field(
-        256.0,
+        64.0,
         ge=0.0,
         le=16384.0,
         description="collective: MiB of tensors flattened into one buffer per broadcast call; "
