@@ -42,7 +42,7 @@ def _train_one(config: str, label: str, preset: str, loss: str, seed: int, steps
     from services.run.trainer import SyncTrainer
 
     run_dir = Path(out) / "runs" / f"{label}-s{seed}"
-    cfg = load_config(config, [f"algorithm.preset={preset}", f"learner.policy_loss={loss}", f"train.seed={seed}",
+    cfg = load_config(config, [f"algorithm.preset={preset}", f"learner.loss.type={loss}", f"train.seed={seed}",
                                f"train.total_steps={steps}", f"train.run_dir={run_dir}", "train.resume=false",
                                "train.progress_bar=false", *extra])
     if (run_dir / "metrics.jsonl").exists():

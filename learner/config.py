@@ -2,11 +2,109 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+)
 
-from learner.loss import GRPOLossConfig, LossConfig
+from learner.loss import POLICY_LOSSES
+
+Aggregation = Literal["token-mean", "seq-mean-token-mean"]
+
+
+class LossConfigBase(BaseModel):
+    """Settings every PPO-clip loss shares; each variant adds its own clip range and defaults."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: str = Field(description="the registered loss name; each variant narrows it to its own")
+    is_cap: float = Field(
+        2.0,
+        gt=0,
+        description="C in the truncated importance weight min(pi_old / pi_behav, C) that corrects for "
+        "rollouts sampled by an older policy",
+    )
+    kl_coef: float = Field(
+        0.0,
+        ge=0,
+        description="weight of a KL penalty to a frozen reference policy; only 0 is accepted (the "
+        "learner keeps no reference model)",
+    )
+
+    @field_validator("kl_coef")
+    @classmethod
+    def _no_reference_model(cls, v: float) -> float:
+        if v > 0:
+            raise ValueError(
+                f"got {v}; a KL penalty needs a frozen reference model, which this learner does not keep. "
+                "Set kl_coef: 0 (the clip and the truncated IS weight bound the update instead)"
+            )
+        return v
+
+
+class GRPOLossConfig(LossConfigBase):
+    """Token-level PPO-clip (GRPO / DAPO-style asymmetric clip)."""
+
+    type: Literal["grpo"] = Field("grpo", description="token-level PPO-clip")
+    clip_low: float = Field(
+        0.2, gt=0, lt=1, description="the token ratio is clipped below at 1 - clip_low"
+    )
+    clip_high: float = Field(
+        0.28, gt=0, description="the token ratio is clipped above at 1 + clip_high"
+    )
+    aggregation: Aggregation = Field(
+        "token-mean",
+        description="token-mean: mean over all kept tokens of the batch; seq-mean-token-mean: mean "
+        "over each sequence's kept tokens, then over sequences with a kept token",
+    )
+
+
+class GSPOLossConfig(LossConfigBase):
+    """Sequence-level PPO-clip (GSPO): one length-normalised ratio per sequence."""
+
+    type: Literal["gspo"] = Field("gspo", description="sequence-level PPO-clip")
+    clip_low: float = Field(
+        3e-4, gt=0, lt=1, description="the sequence ratio is clipped below at 1 - clip_low"
+    )
+    clip_high: float = Field(
+        4e-4, gt=0, description="the sequence ratio is clipped above at 1 + clip_high"
+    )
+
+
+def _loss_type(v: Any) -> str | None:
+    # A mapping without `type` means GRPO, so `--set learner.loss.clip_high=0.3` works alone.
+    if isinstance(v, dict):
+        return v.get("type", "grpo")
+    return getattr(v, "type", None)
+
+
+LossConfig = Annotated[
+    Annotated[GRPOLossConfig, Tag("grpo")] | Annotated[GSPOLossConfig, Tag("gspo")],
+    Discriminator(
+        _loss_type,
+        custom_error_type="loss_type",
+        custom_error_message="unknown loss type; choose from 'grpo', 'gspo'",
+    ),
+]
+"""Any registered loss's config, chosen by its ``type`` field."""
+
+
+def default_loss_config(name: str) -> LossConfigBase:
+    """The named loss's config with all its defaults."""
+    if name not in _VARIANTS:
+        raise ValueError(f"loss.type: unknown {name!r}; choose from {sorted(_VARIANTS)}")
+    return _VARIANTS[name]()
+
+
+_VARIANTS: dict[str, type[LossConfigBase]] = {"grpo": GRPOLossConfig, "gspo": GSPOLossConfig}
+# Every registered loss has a config variant and every variant a loss.
+assert set(_VARIANTS) == set(POLICY_LOSSES), (sorted(_VARIANTS), sorted(POLICY_LOSSES))
 
 
 class LearnerConfig(BaseModel):
@@ -79,21 +177,3 @@ class LearnerConfig(BaseModel):
     dist_timeout_s: int = Field(
         600, ge=10, description="timeout of the learner's collective operations, seconds"
     )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _legacy_policy_loss(cls, data: Any) -> Any:
-        # Transitional: `policy_loss: gspo` (the flat form) becomes `loss: {type: gspo}` while
-        # callers move to the typed loss section.
-        if isinstance(data, dict) and "policy_loss" in data:
-            data = dict(data)
-            name = data.pop("policy_loss")
-            loss = data.get("loss")
-            if loss is None or isinstance(loss, dict):
-                data["loss"] = {**(loss or {}), "type": name}
-        return data
-
-    @property
-    def policy_loss(self) -> str:
-        """The loss's registered name (read-only shortcut for ``loss.type``)."""
-        return self.loss.type

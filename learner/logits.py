@@ -90,15 +90,3 @@ def logprobs_and_entropy(
         flat, flat_labels, float(temperature), int(chunk_rows), with_entropy
     )
     return logp.reshape(n, t), ent.reshape(n, t) if with_entropy else None
-
-
-def entropy_from_logits(logits: torch.Tensor, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> torch.Tensor:
-    """Detached entropy [N, T] of the next-token distributions in logits [N, T, V], chunked."""
-    n, t, v = logits.shape
-    flat = logits.detach().reshape(n * t, v)
-    out = []
-    with torch.no_grad():
-        for start in range(0, n * t, chunk_rows):
-            x = flat[start : start + chunk_rows].float()
-            out.append(torch.logsumexp(x, -1) - (torch.softmax(x, -1) * x).sum(-1))
-    return torch.cat(out).reshape(n, t) if out else flat.new_zeros(n, t, dtype=torch.float32)

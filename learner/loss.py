@@ -22,89 +22,27 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Any, ClassVar, Literal
+from typing import ClassVar, Literal, Protocol
 
 import torch
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 
 Aggregation = Literal["token-mean", "seq-mean-token-mean"]
 
 
-class LossConfigBase(BaseModel):
-    """Settings every PPO-clip loss shares; each variant adds its own clip range and defaults."""
+class LossSettings(Protocol):
+    """What a loss reads from its config (``learner/config.py`` defines the typed variants,
+    with their defaults and bounds; a variant may add fields, e.g. GRPO's ``aggregation``)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    type: str = Field(description="the registered loss name; each variant narrows it to its own")
-    is_cap: float = Field(
-        2.0,
-        gt=0,
-        description="C in the truncated importance weight min(pi_old / pi_behav, C) that corrects for "
-        "rollouts sampled by an older policy",
-    )
-    kl_coef: float = Field(
-        0.0,
-        ge=0,
-        description="weight of a KL penalty to a frozen reference policy; only 0 is accepted (the "
-        "learner keeps no reference model)",
-    )
-
-    @field_validator("kl_coef")
-    @classmethod
-    def _no_reference_model(cls, v: float) -> float:
-        if v > 0:
-            raise ValueError(
-                f"got {v}; a KL penalty needs a frozen reference model, which this learner does not keep. "
-                "Set kl_coef: 0 (the clip and the truncated IS weight bound the update instead)"
-            )
-        return v
+    type: str
+    is_cap: float
+    clip_low: float
+    clip_high: float
 
 
-class GRPOLossConfig(LossConfigBase):
-    """Token-level PPO-clip (GRPO / DAPO-style asymmetric clip)."""
+class GRPOSettings(LossSettings, Protocol):
+    """GRPO's settings add how the token losses are averaged."""
 
-    type: Literal["grpo"] = Field("grpo", description="token-level PPO-clip")
-    clip_low: float = Field(
-        0.2, gt=0, lt=1, description="the token ratio is clipped below at 1 - clip_low"
-    )
-    clip_high: float = Field(
-        0.28, gt=0, description="the token ratio is clipped above at 1 + clip_high"
-    )
-    aggregation: Aggregation = Field(
-        "token-mean",
-        description="token-mean: mean over all kept tokens of the batch; seq-mean-token-mean: mean "
-        "over each sequence's kept tokens, then over sequences with a kept token",
-    )
-
-
-class GSPOLossConfig(LossConfigBase):
-    """Sequence-level PPO-clip (GSPO): one length-normalised ratio per sequence."""
-
-    type: Literal["gspo"] = Field("gspo", description="sequence-level PPO-clip")
-    clip_low: float = Field(
-        3e-4, gt=0, lt=1, description="the sequence ratio is clipped below at 1 - clip_low"
-    )
-    clip_high: float = Field(
-        4e-4, gt=0, description="the sequence ratio is clipped above at 1 + clip_high"
-    )
-
-
-def _loss_type(v: Any) -> str | None:
-    # A mapping without `type` means GRPO, so `--set learner.loss.clip_high=0.3` works alone.
-    if isinstance(v, dict):
-        return v.get("type", "grpo")
-    return getattr(v, "type", None)
-
-
-LossConfig = Annotated[
-    Annotated[GRPOLossConfig, Tag("grpo")] | Annotated[GSPOLossConfig, Tag("gspo")],
-    Discriminator(
-        _loss_type,
-        custom_error_type="loss_type",
-        custom_error_message="unknown loss type; choose from 'grpo', 'gspo'",
-    ),
-]
-"""Any registered loss's config, chosen by its ``type`` field."""
+    aggregation: Aggregation
 
 
 @dataclass
@@ -120,12 +58,12 @@ class PolicyLoss(ABC):
     """A registered loss bound to its config."""
 
     name: ClassVar[str]
-    config_cls: ClassVar[type[LossConfigBase]]
 
-    def __init__(self, cfg: LossConfigBase) -> None:
-        if not isinstance(cfg, self.config_cls):
+    def __init__(self, cfg: LossSettings) -> None:
+        if getattr(cfg, "type", None) != self.name:
             raise ValueError(
-                f"loss: {self.name} needs a {self.config_cls.__name__}, got {type(cfg).__name__}"
+                f"loss: {self.name} needs a {self.name} config, got one of type "
+                f"{getattr(cfg, 'type', None)!r}"
             )
         self.cfg = cfg
 
@@ -163,13 +101,11 @@ POLICY_LOSSES: dict[str, type[PolicyLoss]] = {}
 
 
 def register_policy_loss(name: str) -> Callable[[type[PolicyLoss]], type[PolicyLoss]]:
-    """Class decorator: register a loss under ``name``, the ``type`` of its config class."""
+    """Class decorator: register a loss under ``name``, the ``type`` its config carries."""
 
     def deco(cls: type[PolicyLoss]) -> type[PolicyLoss]:
         if name in POLICY_LOSSES:
             raise ValueError(f"policy loss {name!r} registered twice")
-        if cls.config_cls.model_fields["type"].default != name:
-            raise ValueError(f"policy loss {name!r}: its config's type defaults to something else")
         cls.name = name
         POLICY_LOSSES[name] = cls
         return cls
@@ -177,17 +113,8 @@ def register_policy_loss(name: str) -> Callable[[type[PolicyLoss]], type[PolicyL
     return deco
 
 
-def default_loss_config(name: str) -> LossConfigBase:
-    """The named loss's config with all its defaults."""
-    if name not in POLICY_LOSSES:
-        raise ValueError(f"loss.type: unknown {name!r}; choose from {sorted(POLICY_LOSSES)}")
-    return POLICY_LOSSES[name].config_cls()
-
-
-def get_policy_loss(cfg: LossConfigBase | str) -> PolicyLoss:
-    """The loss a config selects (a bare name takes that loss's defaults)."""
-    if isinstance(cfg, str):
-        cfg = default_loss_config(cfg)
+def get_policy_loss(cfg: LossSettings) -> PolicyLoss:
+    """The loss a config selects (``learner.config.default_loss_config`` gives a bare name's)."""
     name = getattr(cfg, "type", None)
     if name not in POLICY_LOSSES:
         raise ValueError(f"loss.type: unknown {name!r}; choose from {sorted(POLICY_LOSSES)}")
@@ -235,8 +162,7 @@ class GRPOLoss(PolicyLoss):
     averaged over kept tokens (token-mean) or per sequence, then over sequences.
     """
 
-    config_cls = GRPOLossConfig
-    cfg: GRPOLossConfig
+    cfg: GRPOSettings
 
     def units(self, mask: torch.Tensor) -> int:
         if self.cfg.aggregation == "token-mean":
@@ -275,8 +201,7 @@ class GSPOLoss(PolicyLoss):
     Sequences with no kept token are left out; the loss is the mean over the others.
     """
 
-    config_cls = GSPOLossConfig
-    cfg: GSPOLossConfig
+    cfg: LossSettings
 
     def units(self, mask: torch.Tensor) -> int:
         return _seq_units(mask)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,7 @@ class LearnerService:
         publish_weights: hands each version to the rollout actors; None publishes nothing but
             the audit trail.
         limits: the model's vocabulary and context; a batch outside them is dead-lettered.
+        logger_kwargs: passed to the run's metric logger (TensorBoard on/off, W&B settings).
         block_ms: how long one read waits for a batch.
         reclaim_idle_ms: batches another learner consumer held this long are taken over.
     """
@@ -89,6 +90,7 @@ class LearnerService:
         export: Exporter | None = None,
         publish_weights: WeightPublisher | None = None,
         limits: ModelLimits | None = None,
+        logger_kwargs: Mapping[str, Any] | None = None,
         block_ms: int = 1000,
         reclaim_idle_ms: int = 30_000,
     ) -> None:
@@ -101,6 +103,7 @@ class LearnerService:
         self.export = export
         self.publish_weights = publish_weights
         self.limits = limits
+        self.logger_kwargs = dict(logger_kwargs or {})
         self.block_ms = block_ms
         self.reclaim_idle_ms = reclaim_idle_ms
         self.waiter = WaitPolicy(transport.control, settings.wait_timeout_s, error=LearnerStalled)
@@ -130,7 +133,7 @@ class LearnerService:
         evaluate = (lambda: self.evaluate(self.engine.module)) if self.evaluate else None
         self.reporter = RunReporter(self.settings.run_dir, self.settings.total_steps,
                                     self.settings.eval_every, evaluate, self._to_redis,
-                                    resume_step=self.step)  # fmt: skip
+                                    resume_step=self.step, **self.logger_kwargs)  # fmt: skip
         try:
             # The checkpoint's version first (it may be older than what was published before a
             # crash), then the replayed steps publish the versions after it in order.

@@ -1,7 +1,7 @@
 """Token-level down-sampling: keep the top ceil(K * T) valid tokens by |A_i| x H_{i,t}.
 
 H is the detached entropy of the current policy at each response position (see
-``learner.logits.entropy_from_logits``), so this runs in the learner, after its forward pass.
+``learner.logits.logprobs_and_entropy``), so this runs in the learner, after its forward pass.
 
 Ties are broken by position (earlier flat index first) so the mask is a function of the inputs.
 """

@@ -6,7 +6,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from learner.loss import POLICY_LOSSES, GRPOLossConfig, GSPOLossConfig, get_policy_loss
+from learner.config import GRPOLossConfig, GSPOLossConfig, default_loss_config
+from learner.loss import POLICY_LOSSES, get_policy_loss
 
 GRPO = get_policy_loss(GRPOLossConfig())
 GSPO = get_policy_loss(GSPOLossConfig())
@@ -16,7 +17,7 @@ def test_registry():
     assert {"grpo", "gspo"} <= set(POLICY_LOSSES)
     with pytest.raises(ValueError, match="^loss.type:"):
         get_policy_loss("ppo2")
-    assert isinstance(get_policy_loss("gspo").cfg, GSPOLossConfig)
+    assert isinstance(get_policy_loss(default_loss_config("gspo")).cfg, GSPOLossConfig)
     with pytest.raises(ValueError, match="^loss:"):
         POLICY_LOSSES["gspo"](GRPOLossConfig())  # a loss refuses another loss's config
 
@@ -136,7 +137,7 @@ def test_gspo_hand_computed():
 def test_empty_mask_gives_zero_loss_with_graph():
     logp = torch.zeros(2, 3, requires_grad=True)
     for name in ("grpo", "gspo"):
-        loss, _ = get_policy_loss(name)(
+        loss, _ = get_policy_loss(default_loss_config(name))(
             logp, torch.zeros(2, 3), torch.ones(2), torch.zeros(2, 3, dtype=torch.bool)
         )
         assert loss.item() == 0.0
@@ -163,7 +164,7 @@ def test_invalid_config(cls, kwargs, arg):
 
 
 def test_shape_errors():
-    f = get_policy_loss("grpo")
+    f = get_policy_loss(default_loss_config("grpo"))
     with pytest.raises(ValueError, match="^adv:"):
         f(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(3), torch.ones(2, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="^mask:"):
