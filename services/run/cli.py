@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.logging import RichHandler
 
 from services.run.components import NOISY_LOGGERS
-from services.run.config import ConfigError, load_config
+from services.run.config import ConfigError, RunConfig, load_config
+from services.run.progress import ConsoleLines, quiet_terminal, terminal
 
 app = typer.Typer(
     add_completion=False,
@@ -25,16 +28,78 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 
-ConfigArg = Annotated[Path | None, typer.Argument(help="YAML run config (defaults apply to missing fields)")]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="override a field: --set train.total_steps=50")]
-VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")]
+ConfigArg = Annotated[
+    Path | None, typer.Argument(help="YAML run config (defaults apply to missing fields)")
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="override a field: --set train.total_steps=50"),
+]
+VerboseOpt = Annotated[
+    bool,
+    typer.Option(
+        "--verbose",
+        "-v",
+        help="debug logging; with run and train also "
+        "Ray, Serve, DeepSpeed and transformers output "
+        "on the terminal",
+    ),
+]
+DRIVER_LOG = "driver.log"
 
 
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(name)s: %(message)s",
-                        handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=True)], force=True)
+def _setup_logging(
+    verbose: bool, *, quiet: bool = False, log_file: Path | None = None, out: Console | None = None
+) -> None:
+    """Log records to the terminal (``quiet``: only the run's own few lines and this project's
+    warnings) and, with ``log_file``, every INFO record to that file as well."""
+    handlers: list[logging.Handler] = [ConsoleLines(out or terminal(), quiet=quiet)]
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        to_file = logging.FileHandler(log_file)
+        to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handlers.append(to_file)
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, handlers=handlers, force=True
+    )
+    # Python warnings (torch, transformers) become records: in the log file, not on the terminal.
+    logging.captureWarnings(True)
     for noisy in NOISY_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@contextlib.contextmanager
+def _run_terminal(cfg: RunConfig, verbose: bool) -> Iterator[tuple[Console, Console, Path]]:
+    """The consoles of ``d3s run``/``d3s train`` (results on stdout, progress on stderr) and the
+    driver's log file. Quiet unless ``verbose``: whatever this process and the processes it
+    starts write to stdout or stderr goes to ``run_dir/logs/driver.log`` instead."""
+    log_file = Path(cfg.train.run_dir).resolve() / "logs" / DRIVER_LOG
+    if verbose:
+        _setup_logging(True, log_file=log_file, out=console)
+        yield Console(), console, log_file
+        return
+    with quiet_terminal(log_file) as (out, err):
+        _setup_logging(False, quiet=True, log_file=log_file, out=err)
+        try:
+            yield out, err, log_file
+        finally:
+            root = logging.getLogger()
+            for handler in root.handlers:  # the file is complete before the streams come back
+                handler.close()
+            root.handlers.clear()
+
+
+def _finish(cfg: RunConfig, result: dict[str, Any], out: Console, *, mode: str, wall_seconds: float,
+            counters: dict[str, int] | None) -> None:  # fmt: skip
+    """The summary table on ``out``; the whole record in ``run_dir/summary.json``."""
+    from services.run.summary import build_summary, print_summary, write_summary
+
+    run_dir = Path(result.get("run_dir") or cfg.train.run_dir).resolve()
+    summary = build_summary(result, run_dir, total_steps=cfg.train.total_steps, mode=mode,
+                            preset=cfg.algorithm.preset, counters=counters,
+                            wall_seconds=wall_seconds)  # fmt: skip
+    write_summary(summary, run_dir)
+    print_summary(summary, out, title=f"{cfg.name}: done")
 
 
 def _load(config: Path | None, overrides: list[str] | None):
@@ -47,13 +112,29 @@ def _load(config: Path | None, overrides: list[str] | None):
 
 @app.command()
 def train(config: ConfigArg = None, set_: SetOpt = None, verbose: VerboseOpt = False) -> None:
-    """Synchronous training in one process (rollout, selection and learner in lock-step)."""
-    _setup_logging(verbose)
-    cfg = _load(config, set_)
-    from services.run.trainer import SyncTrainer
+    """Synchronous training in one process (rollout, selection and learner in lock-step).
 
-    summary = SyncTrainer(cfg).run()
-    console.print_json(json.dumps(summary))
+    Quiet like `d3s run`: a progress line and a summary table; the rest in run_dir/logs/."""
+    cfg = _load(config, set_)
+    with _run_terminal(cfg, verbose) as (out, err, _):
+        from services.run.trainer import SyncTrainer
+
+        t0 = time.perf_counter()
+        try:
+            result = SyncTrainer(cfg).run()
+        except KeyboardInterrupt:
+            err.print(
+                "[yellow]interrupted; `d3s train` again resumes from the last checkpoint[/yellow]"
+            )
+            raise typer.Exit(130) from None
+        _finish(
+            cfg,
+            {**result, "run_dir": str(Path(cfg.train.run_dir).resolve())},
+            out,
+            mode="d3s train, lock-step",
+            wall_seconds=time.perf_counter() - t0,
+            counters=None,
+        )
 
 
 @app.command()
@@ -61,30 +142,59 @@ def run(config: ConfigArg = None, set_: SetOpt = None, verbose: VerboseOpt = Fal
     """The asynchronous service on this machine (Redis, Ray, rollouts, selector, learner, API).
 
     Starts an embedded Redis and a local Ray unless service.redis_url / service.ray_address say
-    otherwise, shows a progress bar, and stops everything at the end or on Ctrl-C."""
-    _setup_logging(verbose)
+    otherwise, shows a progress line, and stops everything at the end or on Ctrl-C. The terminal
+    gets a few lines and a summary table; Ray, Serve, DeepSpeed and transformers write to
+    run_dir/logs/ (--verbose: to the terminal), the full summary goes to run_dir/summary.json."""
     cfg = _load(config, set_)
-    from services.run.orchestrator import ServiceError, run_service
+    with _run_terminal(cfg, verbose) as (out, err, log_file):
+        from services.run.orchestrator import ServiceError, run_service
 
-    try:
-        summary = run_service(cfg)
-    except ServiceError as e:
-        console.print(f"[red]run failed: {e}[/red]")
-        raise typer.Exit(1) from None
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted: everything was stopped; `d3s run` again resumes[/yellow]")
-        raise typer.Exit(130) from None
-    console.print_json(json.dumps(summary, default=str))
+        t0 = time.perf_counter()
+        try:
+            result = run_service(cfg, verbose=verbose)
+        except ServiceError as e:
+            err.print(f"[red]run failed: {e}[/red]", soft_wrap=True)
+            err.print(f"logs: {log_file.parent}/", soft_wrap=True, markup=False)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err.print(
+                "[yellow]interrupted: everything was stopped; `d3s run` again resumes[/yellow]"
+            )
+            raise typer.Exit(130) from None
+        _finish(
+            cfg,
+            result,
+            out,
+            mode=f"d3s run, {cfg.service.mode}",
+            wall_seconds=time.perf_counter() - t0,
+            counters=result.get("counters"),
+        )
 
 
-RedisOpt = Annotated[str | None, typer.Option("--redis-url", help="Redis of the run (default: service.redis_url, "
-                                                                   "then $D3S_REDIS_URL)")]
-RayOpt = Annotated[str | None, typer.Option("--ray-address", help="Ray cluster holding the weight store (default: "
-                                                                  "service.ray_address, then 'auto')")]
+RedisOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--redis-url", help="Redis of the run (default: service.redis_url, then $D3S_REDIS_URL)"
+    ),
+]
+RayOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--ray-address",
+        help="Ray cluster holding the weight store (default: service.ray_address, then 'auto')",
+    ),
+]
 
 
-def _component(kind: str, config: Path | None, set_: list[str] | None, redis_url: str | None,
-               ray_address: str | None, index: int, verbose: bool) -> None:
+def _component(
+    kind: str,
+    config: Path | None,
+    set_: list[str] | None,
+    redis_url: str | None,
+    ray_address: str | None,
+    index: int,
+    verbose: bool,
+) -> None:
     """Run one component of a run in this process, against an existing Redis (and Ray)."""
     _setup_logging(verbose)
     cfg = _load(config, set_)
@@ -93,8 +203,10 @@ def _component(kind: str, config: Path | None, set_: list[str] | None, redis_url
 
     url = resolve_url(redis_url, cfg.service.redis_url)
     if not url:
-        console.print("[red]--redis-url (or service.redis_url, or $D3S_REDIS_URL) is required: a "
-                      "component joins the Redis of a run[/red]")
+        console.print(
+            "[red]--redis-url (or service.redis_url, or $D3S_REDIS_URL) is required: a "
+            "component joins the Redis of a run[/red]"
+        )
         raise typer.Exit(2)
     policy_path = None
     if kind != "selector":
@@ -104,42 +216,69 @@ def _component(kind: str, config: Path | None, set_: list[str] | None, redis_url
         from services.weightsync.object_store import RAY_NAMESPACE
 
         policy_path = str(prepare_policy(cfg))
-        ray.init(address=ray_address or cfg.service.ray_address or "auto", namespace=RAY_NAMESPACE,
-                 include_dashboard=False, logging_level=logging.WARNING)
-    summary = run_component(kind, cfg, url, index=index, policy_path=policy_path,
-                            detached_store=kind == "learner")
+        ray.init(
+            address=ray_address or cfg.service.ray_address or "auto",
+            namespace=RAY_NAMESPACE,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+        )
+    summary = run_component(
+        kind, cfg, url, index=index, policy_path=policy_path, detached_store=kind == "learner"
+    )
     console.print_json(json.dumps(summary, default=str))
 
 
 @app.command()
-def rollout(config: ConfigArg = None, set_: SetOpt = None, redis_url: RedisOpt = None, ray_address: RayOpt = None,
-            index: Annotated[int, typer.Option("--index", help="actor index, 0..rollout.num_actors-1")] = 0,
-            verbose: VerboseOpt = False) -> None:
+def rollout(
+    config: ConfigArg = None,
+    set_: SetOpt = None,
+    redis_url: RedisOpt = None,
+    ray_address: RayOpt = None,
+    index: Annotated[int, typer.Option("--index", help="actor index, 0..rollout.num_actors-1")] = 0,
+    verbose: VerboseOpt = False,
+) -> None:
     """One rollout actor: generates scored groups into the run's groups stream."""
     _component("rollout", config, set_, redis_url, ray_address, index, verbose)
 
 
 @app.command()
-def selector(config: ConfigArg = None, set_: SetOpt = None, redis_url: RedisOpt = None,
-             index: Annotated[int, typer.Option("--index", help="consumer index (a standby takes over "
-                                                                "a dead one's pending groups)")] = 0,
-             verbose: VerboseOpt = False) -> None:
+def selector(
+    config: ConfigArg = None,
+    set_: SetOpt = None,
+    redis_url: RedisOpt = None,
+    index: Annotated[
+        int,
+        typer.Option(
+            "--index", help="consumer index (a standby takes over a dead one's pending groups)"
+        ),
+    ] = 0,
+    verbose: VerboseOpt = False,
+) -> None:
     """The selector: scored groups in, one curated batch per learner step out (needs only Redis)."""
     _component("selector", config, set_, redis_url, None, index, verbose)
 
 
 @app.command()
-def learner(config: ConfigArg = None, set_: SetOpt = None, redis_url: RedisOpt = None, ray_address: RayOpt = None,
-            verbose: VerboseOpt = False) -> None:
+def learner(
+    config: ConfigArg = None,
+    set_: SetOpt = None,
+    redis_url: RedisOpt = None,
+    ray_address: RayOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
     """The learner (learner.world_size ranks, rank 0 here): trains each curated batch, publishes weights."""
     _component("learner", config, set_, redis_url, ray_address, 0, verbose)
 
 
 @app.command()
-def api(config: ConfigArg = None, set_: SetOpt = None, redis_url: RedisOpt = None,
-        host: Annotated[str | None, typer.Option(help="bind address (default api.host)")] = None,
-        port: Annotated[int | None, typer.Option(help="port (default api.port)")] = None,
-        verbose: VerboseOpt = False) -> None:
+def api(
+    config: ConfigArg = None,
+    set_: SetOpt = None,
+    redis_url: RedisOpt = None,
+    host: Annotated[str | None, typer.Option(help="bind address (default api.host)")] = None,
+    port: Annotated[int | None, typer.Option(help="port (default api.port)")] = None,
+    verbose: VerboseOpt = False,
+) -> None:
     """The HTTP API under uvicorn, without Ray (docker-compose): reads the run's Redis."""
     _setup_logging(verbose)
     cfg = _load(config, set_)
@@ -147,12 +286,19 @@ def api(config: ConfigArg = None, set_: SetOpt = None, redis_url: RedisOpt = Non
 
     url = resolve_url(redis_url, cfg.service.redis_url)
     if not url:
-        console.print("[red]--redis-url (or service.redis_url, or $D3S_REDIS_URL) is required[/red]")
+        console.print(
+            "[red]--redis-url (or service.redis_url, or $D3S_REDIS_URL) is required[/red]"
+        )
         raise typer.Exit(2)
     from services.api.serve import run_standalone
 
-    run_standalone(url, cfg.service.namespace, host or cfg.api.host, port if port is not None else cfg.api.port,
-                   cfg.control_token())
+    run_standalone(
+        url,
+        cfg.service.namespace,
+        host or cfg.api.host,
+        port if port is not None else cfg.api.port,
+        cfg.control_token(),
+    )
 
 
 @app.command()
@@ -167,7 +313,9 @@ def warmstart(config: ConfigArg = None, set_: SetOpt = None, verbose: VerboseOpt
 
 
 @app.command()
-def status(url: Annotated[str, typer.Option("--url", help="the run's HTTP API")] = "http://127.0.0.1:8000") -> None:
+def status(
+    url: Annotated[str, typer.Option("--url", help="the run's HTTP API")] = "http://127.0.0.1:8000",
+) -> None:
     """A running (or finished) run at a glance: progress, schedule, actors, dead letters."""
     from services.api.status import print_status
 
@@ -191,8 +339,14 @@ def presets() -> None:
     t = Table("preset", "sample level", "token level", "schedule", "rho_s", "K")
     for p in PRESETS.values():
         s = p.schedule
-        t.add_row(p.name, p.sample_level + (" (renormalised)" if p.renormalize else ""), p.token_level, s.kind,
-                  f"{s.sample_init:g}->{s.sample_final:g}", f"{s.token_init:g}->{s.token_final:g}")
+        t.add_row(
+            p.name,
+            p.sample_level + (" (renormalised)" if p.renormalize else ""),
+            p.token_level,
+            s.kind,
+            f"{s.sample_init:g}->{s.sample_final:g}",
+            f"{s.token_init:g}->{s.token_final:g}",
+        )
     Console().print(t)
 
 

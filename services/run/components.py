@@ -33,23 +33,58 @@ def component_name(kind: str, index: int) -> str:
     return f"{kind}-{index}" if kind == "rollout" else kind
 
 
-def component_logging(run_dir: Path, name: str) -> Path:
-    """In a component's process: INFO to ``run_dir/logs/<name>.log``, WARNING to stderr."""
+def component_logging(run_dir: Path, name: str, capture_output: bool = False) -> Path:
+    """In a component's process: INFO to ``run_dir/logs/<name>.log``, WARNING also to stderr.
+
+    ``capture_output``: the process's stdout and stderr themselves (print, C++ logs, progress
+    bars of Ray, DeepSpeed, transformers) go to the same file, and nothing to stderr.
+    """
     log_dir = Path(run_dir) / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     path = log_dir / f"{name}.log"
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     file_handler = logging.FileHandler(path)
     file_handler.setFormatter(fmt)
-    err = logging.StreamHandler(sys.stderr)
-    err.setLevel(logging.WARNING)
-    err.setFormatter(fmt)
+    handlers: list[logging.Handler] = [file_handler]
+    if capture_output:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        sink = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(sink, 1)
+        os.dup2(sink, 2)
+        os.close(sink)
+    else:
+        err = logging.StreamHandler(sys.stderr)
+        err.setLevel(logging.WARNING)
+        err.setFormatter(fmt)
+        handlers.append(err)
     root = logging.getLogger()
-    root.handlers = [file_handler, err]
+    root.handlers = handlers
     root.setLevel(logging.INFO)
+    logging.captureWarnings(True)  # a library's warnings become records in the same file
     for noisy in NOISY_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     return path
+
+
+def link_ray_logs(log_dir: Path) -> Path | None:
+    """``log_dir/ray``: a link to this Ray session's log directory (the Serve controller, proxy
+    and API replica, the raylet), so every log of a run is found under its run directory.
+    Returns the link, or None when the session's directory is unknown (a Ray not started here)."""
+    try:
+        import ray
+
+        logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
+    except Exception:  # a private API: the link is a convenience, never worth failing a run
+        return None
+    link = Path(log_dir) / "ray"
+    link.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(OSError):
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(logs, target_is_directory=True)
+        return link
+    return None
 
 
 class Component:
@@ -196,6 +231,7 @@ def _build_learner(
         evaluate=build_evaluator(cfg, tokenizer),
         export=lambda module: save_policy(module, tokenizer, settings.run_dir / "final_policy"),
         publish_weights=publisher, limits=model_limits(policy_path),
+        logger_kwargs=cfg.logger_kwargs(),
     )  # fmt: skip
     return service, shutdown
 
@@ -205,11 +241,11 @@ class ComponentHost:
     :meth:`prepare` builds it, :meth:`run` runs it."""
 
     def __init__(self, kind: str, cfg: RunConfig, redis_url: str, run_dir: str, index: int,
-                 policy_path: str) -> None:  # fmt: skip
+                 policy_path: str, capture_output: bool = True) -> None:  # fmt: skip
         self.kind, self.cfg, self.redis_url = kind, cfg, redis_url
         self.run_dir, self.index, self.policy_path = run_dir, index, policy_path
         self.name = component_name(kind, index)
-        self.log_path = component_logging(Path(run_dir), self.name)
+        self.log_path = component_logging(Path(run_dir), self.name, capture_output)
         self._component: Component | None = None
 
     def prepare(self) -> int:

@@ -88,6 +88,31 @@ class ApiConfig(_Section):
     """Environment variable holding the bearer token for POST /control/*."""
 
 
+class WandbConfig(_Section):
+    """A Weights & Biases run fed the same per-step rows as TensorBoard."""
+
+    project: str = Field(..., min_length=1)
+    """W&B project the run is logged to."""
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    """``offline`` writes ``run_dir/wandb/`` and needs no network (``wandb sync`` uploads it
+    later); ``online`` streams to the W&B server (needs a login); ``disabled`` logs nothing."""
+    name: str | None = None
+    """The run's name in W&B; None: W&B picks one."""
+    group: str | None = None
+    """W&B group, to compare runs (e.g. the presets of an ablation)."""
+    tags: list[str] | None = None
+    """W&B tags of the run."""
+
+
+class LoggingConfig(_Section):
+    """Where each step's metric row goes besides ``run_dir/metrics.jsonl`` (always written)."""
+
+    tensorboard: bool = True
+    """Mirror the rows to TensorBoard in ``run_dir/tensorboard/``."""
+    wandb: WandbConfig | None = None
+    """Also log to Weights & Biases (needs the ``wandb`` extra); None: no W&B."""
+
+
 class RunConfig(_Section):
     """One run: every section, validated together."""
 
@@ -102,6 +127,7 @@ class RunConfig(_Section):
     train: TrainConfig = TrainConfig()
     service: ServiceConfig = ServiceConfig()
     api: ApiConfig = ApiConfig()
+    logging: LoggingConfig = LoggingConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
@@ -158,13 +184,21 @@ class RunConfig(_Section):
             samples_per_prompt=self.rollout.samples_per_prompt, num_actors=self.rollout.num_actors,
             total_steps=self.train.total_steps, seed=self.train.seed,
             lock_step=self.service.mode == "sync", max_group_backlog=self.service.max_group_backlog,
-            wait_timeout_s=self.service.wait_timeout_s,
+            wait_timeout_s=self.service.wait_timeout_s, max_staleness=self.service.max_staleness,
         )  # fmt: skip
 
     def redacted(self) -> dict[str, Any]:
-        """The config as JSON-ready data, for the API and the run directory (no secrets: the
-        control token lives in the environment, only its variable's name is here)."""
-        return self.model_dump(mode="json")
+        """The config as JSON-ready data, for the API, the run directory and W&B, with no
+        secrets: the control token lives in the environment (only its variable's name is here)
+        and a password in a URL (``service.redis_url``) is masked."""
+        from services.api.views import redact_config
+
+        return redact_config(self.model_dump(mode="json"))[0]
+
+    def logger_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of the run's metric logger (``RunReporter`` -> ``RunLogger``)."""
+        wandb = self.logging.wandb.model_dump(exclude_none=True) if self.logging.wandb else None
+        return {"tensorboard": self.logging.tensorboard, "wandb": wandb, "config": self.redacted()}
 
 
 def _format_error(err: ValidationError) -> str:

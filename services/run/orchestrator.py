@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import signal
 import threading
@@ -22,9 +23,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from services.run.components import ComponentHost, component_name
+from services.run.components import ComponentHost, component_name, link_ray_logs
 from services.run.config import RunConfig
-from services.run.progress import StepProgress
+from services.run.progress import StepProgress, warmstart_progress
 from services.transport.bundle import Transport
 from services.transport.queue import connect
 
@@ -35,15 +36,18 @@ class ServiceError(RuntimeError):
     """A component of the run failed; the message names it and says why."""
 
 
-def run_service(cfg: RunConfig, run_dir: Path | None = None) -> dict[str, Any]:
+def run_service(cfg: RunConfig, run_dir: Path | None = None, verbose: bool = False) -> dict[str, Any]:
     """Run the asynchronous (or lock-step) service to completion; returns a summary.
+
+    ``verbose``: the actors' output (Ray, Serve, DeepSpeed, transformers) is forwarded to this
+    process's terminal; otherwise each component's goes to ``run_dir/logs/<component>.log``.
 
     Raises :class:`ServiceError` when a component fails (after stopping everything), and
     re-raises KeyboardInterrupt after the same clean-up.
     """
     previous_sigterm = _sigterm_as_interrupt()
     try:
-        return _run_service(cfg, Path(run_dir or cfg.train.run_dir).resolve())
+        return _run_service(cfg, Path(run_dir or cfg.train.run_dir).resolve(), verbose)
     finally:
         if previous_sigterm is not None:
             signal.signal(signal.SIGTERM, previous_sigterm)
@@ -63,7 +67,7 @@ def _sigterm_as_interrupt() -> Any:
     return signal.signal(signal.SIGTERM, _interrupt)
 
 
-def _run_service(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
+def _run_service(cfg: RunConfig, run_dir: Path, verbose: bool = False) -> dict[str, Any]:
     import ray
 
     from services.api.serve import start_api, stop_api
@@ -83,13 +87,15 @@ def _run_service(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         try:
             # Flags of an earlier session of the same run (its stop on exit) must not end this one.
             transport.control.clear_run_flags()
-            transport.state.set_config(cfg.model_dump_json())
-            policy_path = str(prepare_policy(cfg))
+            transport.state.set_config(json.dumps(cfg.redacted()))
+            with warmstart_progress(enabled=cfg.train.progress_bar) as progress:
+                policy_path = str(prepare_policy(cfg, progress))
             if not ray.is_initialized():
                 ray.init(address=svc.ray_address, namespace=RAY_NAMESPACE, include_dashboard=False,
-                         log_to_driver=True, logging_level=logging.WARNING)  # fmt: skip
+                         log_to_driver=verbose, logging_level=logging.WARNING)  # fmt: skip
                 stack.callback(ray.shutdown)
                 _sigterm_as_interrupt()  # ray.init installs its own SIGTERM handler; ours first
+            link_ray_logs(run_dir / "logs")
             log.info("run %s (%s, preset %s): %d prompts x %d samples per step, %d steps, %d "
                      "rollout actors, max_staleness %d; Redis %s, run dir %s", cfg.name, svc.mode,
                      cfg.algorithm.preset, cfg.rollout.prompts_per_step,
@@ -100,13 +106,13 @@ def _run_service(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
                 api_url = start_api(redis_url, svc.namespace, cfg.api.host, cfg.api.port,
                                     cfg.control_token())  # fmt: skip
                 stack.callback(_best_effort, "stopping the API", stop_api)
-                log.info("HTTP API at %s", api_url)
+                log.info("HTTP API and dashboard at %s/", api_url)
             # A store left by an earlier run in this Ray would hand out that run's weights.
             with contextlib.suppress(ValueError):
                 ray.kill(ray.get_actor(store_name(svc.namespace), namespace=RAY_NAMESPACE))
             actors = {"weight store": get_or_create_store(svc.namespace)}
             stack.callback(_kill_all, actors)
-            actors.update(_start_hosts(cfg, redis_url, run_dir, policy_path))
+            actors.update(_start_hosts(cfg, redis_url, run_dir, policy_path, capture_output=not verbose))
             hosts = {name: a for name, a in actors.items() if name != "weight store"}
             log.info("starting %s; logs in %s", ", ".join(hosts), run_dir / "logs")
             _prepare_all(hosts, svc.wait_timeout_s)
@@ -126,7 +132,8 @@ def _run_service(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _start_hosts(cfg: RunConfig, redis_url: str, run_dir: Path, policy_path: str) -> dict[str, Any]:
+def _start_hosts(cfg: RunConfig, redis_url: str, run_dir: Path, policy_path: str,
+                 capture_output: bool = True) -> dict[str, Any]:  # fmt: skip
     """One Ray actor per component. None reserves a CPU (``num_cpus=0``): on a small machine
     reserved CPUs would leave no room for all of them, and they take turns anyway."""
     import ray
@@ -143,7 +150,7 @@ def _start_hosts(cfg: RunConfig, redis_url: str, run_dir: Path, policy_path: str
         if kind == "learner":
             opts["num_gpus"] = learner_gpus
         hosts[name] = host_cls.options(**opts).remote(kind, cfg, redis_url, str(run_dir), index,
-                                                      policy_path)  # fmt: skip
+                                                      policy_path, capture_output)  # fmt: skip
     return hosts
 
 
@@ -226,8 +233,15 @@ def _supervise(cfg: RunConfig, transport: Transport, actors: dict[str, Any]) -> 
 def _short(result: Any) -> str:
     if isinstance(result, dict):
         keys = ("steps", "step", "batches_written", "groups_published", "versions_loaded")
-        return ", ".join(f"{k}={result[k]}" for k in keys if k in result) or "ok"
+        return ", ".join(f"{k}={_brief(result[k])}" for k in keys if k in result) or "ok"
     return str(result)
+
+
+def _brief(value: Any) -> str:
+    """A list as its length and ends (one terminal line for a run of any length)."""
+    if isinstance(value, list) and len(value) > 3:
+        return f"{len(value)} ({value[0]}..{value[-1]})"
+    return str(value)
 
 
 def _kill_all(actors: dict[str, Any]) -> None:

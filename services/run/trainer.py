@@ -26,7 +26,7 @@ from services.rollout.worker import RolloutWorker
 from services.run.components import build_evaluator, build_worker
 from services.run.config import RunConfig
 from services.run.prepare import prepare_policy
-from services.run.progress import StepProgress
+from services.run.progress import StepProgress, warmstart_progress
 from services.telemetry.reporter import RunReporter
 from services.weightsync.checksum import state_checksum, verify_sync
 
@@ -56,7 +56,8 @@ class SyncTrainer:
         cfg = self.cfg
         total = cfg.train.total_steps
         torch.manual_seed(cfg.train.seed)
-        model, tokenizer = load_policy(prepare_policy(cfg))
+        with warmstart_progress(enabled=cfg.train.progress_bar and distributed.rank() == 0) as progress:
+            model, tokenizer = load_policy(prepare_policy(cfg, progress))
         rollout_model = copy.deepcopy(model)
         learner = LearnerEngine(model, cfg.learner, total)
         lead = learner.rank == 0
@@ -74,7 +75,8 @@ class SyncTrainer:
         if lead:
             evaluate = build_evaluator(cfg, tokenizer)
             reporter = RunReporter(self.run_dir, total, cfg.train.eval_every,
-                                   lambda: evaluate(rollout_model), resume_step=start)  # fmt: skip
+                                   lambda: evaluate(rollout_model), resume_step=start,
+                                   **cfg.logger_kwargs())  # fmt: skip
             log.info("run %s: preset=%s, %d prompts x %d samples per step (%d samples), steps "
                      "%d..%d, run dir %s", cfg.name, self.preset.name, cfg.rollout.prompts_per_step,
                      cfg.rollout.samples_per_prompt,

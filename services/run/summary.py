@@ -1,0 +1,215 @@
+"""The end of a run: a short table on the terminal, the whole record in ``run_dir/summary.json``.
+
+Both entry points (``d3s run`` and ``d3s train``) end here. The table is built from the run's
+result and its ``metrics.jsonl`` rows, so the two report the same quantities the same way.
+
+Token accounting (every count is summed over the run's trained steps):
+
+* **kept** — response tokens that carried a gradient after both levels of D3S
+  (``learner_tokens_total``, the sum of each step's ``tokens_kept``);
+* **forward** — tokens the learner's gradient pass ran through the model, prompts and padding
+  up to each row's last kept token included (``learner_forward_tokens_total``);
+* **GRPO-equivalent** — the response tokens a GRPO step would have trained on the same rollouts:
+  every response token of every sample generated for the step. A step's row counts the
+  response tokens of the samples it kept (``tokens_valid``) and how many samples were generated
+  and kept (``samples_before``, ``samples_kept``), so the GRPO count is estimated per step as
+  ``tokens_valid * samples_before / samples_kept`` (the kept samples' mean response length
+  times every sample). With no sample-level selection it is exact.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from services.telemetry.run_log import read_metrics
+
+__all__ = ["SUMMARY_FILE", "build_summary", "print_summary", "token_totals", "write_summary"]
+
+SUMMARY_FILE = "summary.json"
+# Metric rows' held-out fields: the learner's evaluator writes ``heldout_*``, the evaluation
+# suite ``eval/*``.
+_HELDOUT_PREFIXES = ("heldout_", "eval/")
+
+
+def token_totals(rows: Iterable[Mapping[str, Any]]) -> dict[str, float]:
+    """Kept, forward and GRPO-equivalent token counts of a run's metric rows (see the module
+    docstring); ``kept_fraction`` is kept / GRPO-equivalent (NaN when nothing was trained)."""
+    kept = forward = grpo = 0.0
+    for row in rows:
+        valid, before, after = (
+            row.get("tokens_valid"),
+            row.get("samples_before"),
+            row.get("samples_kept"),
+        )
+        if valid is None:
+            continue  # not a trained step (step 0, a skipped batch)
+        kept += float(row.get("tokens_kept", 0.0))
+        forward += float(row.get("tokens_forward", 0.0))
+        grpo += float(valid) * (float(before) / float(after) if before and after else 1.0)
+    return {
+        "kept": kept,
+        "forward": forward,
+        "grpo_equivalent": grpo,
+        "kept_fraction": kept / grpo if grpo > 0 else math.nan,
+    }
+
+
+def _heldout(rows: list[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
+    """Each held-out metric's first and last evaluated value, with their steps."""
+    out: dict[str, dict[str, float]] = {}
+    for row in rows:
+        for key, value in row.items():
+            if key.startswith(_HELDOUT_PREFIXES) and isinstance(value, (int, float)):
+                entry = out.setdefault(key, {"first": float(value), "first_step": row["step"]})
+                entry["final"], entry["final_step"] = float(value), row["step"]
+    return out
+
+
+def build_summary(
+    result: Mapping[str, Any],
+    run_dir: Path,
+    *,
+    total_steps: int,
+    mode: str,
+    preset: str,
+    counters: Mapping[str, int] | None = None,
+    wall_seconds: float | None = None,
+) -> dict[str, Any]:
+    """The run's summary: ``result`` (what ``run_service`` or ``SyncTrainer.run`` returned)
+    under ``result``, with the numbers the table shows computed from ``run_dir``'s metric rows.
+
+    ``counters``: the service's Redis counters (groups written/used/stale, dead letters); None
+    for the synchronous trainer, which drops nothing. ``wall_seconds``: the whole command's time
+    (default: the result's ``wall_seconds``).
+    """
+    run_dir = Path(run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    rows = read_metrics(metrics) if metrics.exists() else []
+    trained = [r for r in rows if r.get("tokens_valid") is not None]
+    generated = sum(float(r.get("samples_before", 0.0)) for r in trained)
+    kept = sum(float(r.get("samples_kept", 0.0)) for r in trained)
+    counters = dict(counters) if counters is not None else None
+    paths = {
+        "run_dir": run_dir,
+        "metrics": metrics,
+        "tensorboard": run_dir / "tensorboard",
+        "wandb": run_dir / "wandb",
+        "plot": run_dir / "learning_curve.png",
+        "logs": run_dir / "logs",
+        "checkpoints": run_dir / "checkpoints",
+        "final_policy": run_dir / "final_policy",
+        "summary": run_dir / SUMMARY_FILE,
+    }
+    return {
+        "mode": mode,
+        "preset": preset,
+        "steps": int(result.get("steps") or 0),
+        "total_steps": total_steps,
+        "wall_seconds": float(
+            wall_seconds if wall_seconds is not None else result.get("wall_seconds") or 0.0
+        ),
+        "heldout": _heldout(rows),
+        "last_reward_mean": trained[-1].get("reward_mean") if trained else None,
+        "tokens": token_totals(rows),
+        "samples": {"generated": generated, "kept": kept},
+        "groups": None
+        if counters is None
+        else {
+            "written": counters.get("groups_written", 0),
+            "used": counters.get("groups_used", 0),
+            "stale": counters.get("groups_stale", 0),
+            "skipped": counters.get("groups_skipped", 0),
+            "dead_lettered": counters.get("dead", 0),
+        },
+        "api_url": result.get("api_url"),
+        "paths": {k: str(v) for k, v in paths.items() if k in ("run_dir", "summary") or v.exists()},
+        "result": dict(result),
+    }
+
+
+def write_summary(summary: Mapping[str, Any], run_dir: Path) -> Path:
+    """Write ``summary`` as ``run_dir/summary.json`` (non-JSON values as strings); returns the
+    path."""
+    path = Path(run_dir) / SUMMARY_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(summary, indent=2, default=str, allow_nan=True) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def _count(x: float) -> str:
+    return f"{x:,.0f}"
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(round(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{seconds:.1f}s"
+
+
+def _rel(path: str) -> str:
+    """A path relative to the working directory when under it (shorter to read and copy)."""
+    p = Path(path)
+    try:
+        return str(p.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(p)
+
+
+def summary_table(summary: Mapping[str, Any], title: str) -> Table:
+    """The rows a user reads at the end of a run."""
+    t = Table(
+        title=title, title_justify="left", show_header=False, box=box.SIMPLE_HEAD, pad_edge=False
+    )
+    t.add_column(style="bold")
+    t.add_column(overflow="fold")
+    t.add_row(
+        "steps",
+        f"{summary['steps']} / {summary['total_steps']} ({summary['mode']}; preset {summary['preset']})",
+    )
+    for name, h in summary["heldout"].items():
+        label = name.removeprefix("heldout_").replace("_", " ")
+        t.add_row(
+            f"held-out {label}",
+            f"{h['final']:.3f} at step {h['final_step']} (step {h['first_step']}: {h['first']:.3f})",
+        )
+    if summary.get("last_reward_mean") is not None:
+        t.add_row("reward (last step)", f"{summary['last_reward_mean']:.3f}")
+    tok = summary["tokens"]
+    if tok["grpo_equivalent"] > 0:
+        t.add_row("learner tokens", f"{_count(tok['kept'])} kept of ~{_count(tok['grpo_equivalent'])} "
+                  f"GRPO-equivalent ({tok['kept_fraction']:.0%}); {_count(tok['forward'])} forward")  # fmt: skip
+    s = summary["samples"]
+    if s["generated"]:
+        t.add_row("samples", f"{_count(s['kept'])} kept of {_count(s['generated'])} generated")
+    g = summary.get("groups")
+    if g is not None:
+        t.add_row("groups", f"{g['written']} written, {g['used']} used, {g['stale']} stale, "
+                  f"{g['skipped']} skipped, {g['dead_lettered']} dead-lettered")  # fmt: skip
+    else:
+        t.add_row("stale / dead-lettered", "0 / 0 (lock-step: nothing is queued)")
+    t.add_row("wall time", _duration(summary["wall_seconds"]))
+    paths = summary["paths"]
+    t.add_row("run dir", _rel(paths["run_dir"]))
+    metrics = [paths[k] for k in ("metrics", "tensorboard", "wandb") if k in paths]
+    if metrics:
+        t.add_row("metrics", ", ".join(Path(p).name for p in metrics))
+    if "plot" in paths:
+        t.add_row("plot", _rel(paths["plot"]))
+    if "logs" in paths:
+        t.add_row("logs", _rel(paths["logs"]) + "/")
+    t.add_row("summary", _rel(paths["summary"]))
+    return t
+
+
+def print_summary(summary: Mapping[str, Any], console: Console, title: str) -> None:
+    console.print(summary_table(summary, title))
