@@ -45,7 +45,7 @@ Evaluator = Callable[[torch.nn.Module], dict[str, float]]
 Exporter = Callable[[torch.nn.Module], Path]
 
 _TOTALS = ("learner_tokens_total", "learner_forward_tokens_total", "learner_seconds_total",
-           "samples_total", "weight_sync_seconds_total")  # fmt: skip
+           "samples_total", "weight_sync_seconds_total", "learner_wait_seconds_total")  # fmt: skip
 
 __all__ = ["GROUP", "BatchGap", "LearnerService", "LearnerStalled", "learner_batch"]
 
@@ -111,6 +111,7 @@ class LearnerService:
         self.totals: dict[str, float] = dict.fromkeys(_TOTALS, 0.0)
         self.reporter: RunReporter | None = None
         self._last_ckpt_step = -1
+        self._idle_since: float | None = None  # replayed steps wait for nothing
         self.summary: dict[str, Any] = {"batches_trained": 0, "batches_replayed": 0,
                                         "batches_duplicate": 0}  # fmt: skip
 
@@ -149,6 +150,7 @@ class LearnerService:
                 "final_heldout_accuracy": self.reporter.last_eval.get("heldout_accuracy")}  # fmt: skip
 
     def _train_loop(self) -> bool:
+        self._idle_since = time.perf_counter()
         queue = self.t.queue.read(self.t.keys.batches, GROUP, self.consumer, 1000, pending=True)
         if queue:
             log.info("learner %s: %d batches were pending from before a restart", self.consumer,
@@ -167,6 +169,7 @@ class LearnerService:
             queue.sort(key=lambda d: d.record.step if isinstance(d.record, CuratedBatch) else -1)
             self._handle(queue.pop(0))
             self.waiter.progressed()
+            self._idle_since = time.perf_counter()
         return True
 
     def _take(self) -> list[Delivery]:
@@ -243,6 +246,10 @@ class LearnerService:
 
     def _train(self, batch: CuratedBatch) -> dict[str, Any]:
         """Train ``batch`` and publish the new weights; returns the step's row."""
+        # Idle time: from the end of the previous step (or the start) until this batch was in hand.
+        waited = time.perf_counter() - self._idle_since if self._idle_since is not None else 0.0
+        self.totals["learner_wait_seconds_total"] += waited
+        depth = self.t.backlogs()
         gen = torch.Generator().manual_seed(step_seed(self.settings.seed, batch.step) + 1)
         m = self.engine.train_step(learner_batch(batch), self.settings.preset, batch.token_ratio, gen)
         sync_s = self._publish(rewind=False)
@@ -258,6 +265,8 @@ class LearnerService:
             m["loss"], batch.stats.get("reward_mean", math.nan), m["learner_seconds"], sync_s,
         )  # fmt: skip
         return {**batch.stats, **m, **self.totals, "weight_sync_seconds": sync_s,
+                "learner_wait_seconds": waited, "queue_groups": float(depth["groups"]),
+                "queue_batches": float(depth["batches"]), "dead_letters": float(depth["dead"]),
                 "policy_version_mean": float(batch.policy_versions.mean()),
                 "learner_version": float(self.step)}  # fmt: skip
 

@@ -170,9 +170,11 @@ class SelectorService:
     def _commit_step(self, chosen: list[Delivery], held: Held) -> str:
         """Curate ``chosen`` for the current step and commit; returns batch|skipped|refused."""
         step = self.step
+        t0 = time.perf_counter()
         groups: list[ScoredGroup] = [d.record for d in chosen]  # type: ignore[misc]
         gen = torch.Generator().manual_seed(step_seed(self.settings.seed, step))
         res = curate(groups, self.preset, step, self.settings.total_steps, self.settings.adv_eps, gen)
+        res.stats["selector_seconds"] = time.perf_counter() - t0  # curate and pack, not the commit
         result = self._commit(held.stale, held.duplicate, chosen, res)
         if not result.committed:
             log.warning("selector %s: step %d commit refused; %d groups now belong to another "

@@ -81,6 +81,9 @@ class RolloutActor:
         self.rounds = 0
         self.groups_published = 0
         self.gen_seconds = 0.0
+        self.samples_generated = 0
+        self.admission_wait_seconds = 0.0
+        self.load_seconds = 0.0
 
     # ---- the loop ------------------------------------------------------------------------------
 
@@ -115,6 +118,17 @@ class RolloutActor:
             self._sync_weights()
             if self.waiter.stop_reason() is not None:
                 return  # the new weights may be the final ones: nothing left to do
+            if not self.settings.lock_step and not self._admitted():
+                # Generating now would only make groups the selector drops as stale: wait for
+                # newer weights (or for the queue ahead to drain), then look again.
+                t0 = time.perf_counter()
+                if not self.waiter.until(
+                    lambda v=self.version: self.weights.latest_version() > v or self._admitted(),
+                    f"weights fresh enough to generate with (version {self.version})",
+                ):
+                    return
+                self.admission_wait_seconds += time.perf_counter() - t0
+                continue
             produced_with = self.version
             self._produce_round()
             if self.settings.lock_step:
@@ -126,7 +140,9 @@ class RolloutActor:
     def report(self) -> dict[str, Any]:
         return {"name": self.name, "rounds": self.rounds, "groups_published": self.groups_published,
                 "versions_loaded": list(self.loaded), "version": self.version,
-                "gen_seconds": self.gen_seconds}  # fmt: skip
+                "gen_seconds": self.gen_seconds, "samples_generated": self.samples_generated,
+                "admission_wait_seconds": self.admission_wait_seconds,
+                "load_seconds": self.load_seconds}  # fmt: skip
 
     def _produce_round(self) -> None:
         seed = step_seed(self.settings.seed, self.index * 1_000_000 + self.rounds)
@@ -135,12 +151,15 @@ class RolloutActor:
             self.t.queue.publish(self.t.keys.groups, g, incr={"groups_written": 1}, key=g.group_id)
         self.rounds += 1
         self.groups_published += len(groups)
+        self.samples_generated += sum(g.group_size for g in groups)
         self.gen_seconds += gen_s
         self.t.state.set_rollout_rounds(self.name, self.rounds)
         self.t.state.set_metrics({"gen_seconds": gen_s})
         self.t.state.record_heartbeat(self.name, {
             "weight_version": self.version, "rounds": self.rounds, "groups_published": self.groups_published,
-            "gen_seconds_total": self.gen_seconds, "last_round_seconds": gen_s})  # fmt: skip
+            "gen_seconds_total": self.gen_seconds, "last_round_seconds": gen_s,
+            "samples_generated": self.samples_generated, "load_seconds_total": self.load_seconds,
+            "admission_wait_seconds_total": self.admission_wait_seconds})  # fmt: skip
         log.debug("%s: round %d, %d groups with version %d in %.2fs", self.name, self.rounds,
                   len(groups), self.version, gen_s)  # fmt: skip
 
@@ -160,6 +179,7 @@ class RolloutActor:
         self.version = version
         self.loaded.append(version)
         self.t.state.record_loaded_version(self.name, version)
+        self.load_seconds += time.perf_counter() - t0
         log.info("%s: loaded weights version %d (%.3fs, checksum ok)", self.name, version,
                  time.perf_counter() - t0)  # fmt: skip
 
@@ -178,6 +198,20 @@ class RolloutActor:
         if self.t.control.paused():
             return False
         return self.t.queue.backlog(self.t.keys.groups) < self.settings.max_group_backlog
+
+    def _admitted(self) -> bool:
+        """Whether a round generated now with the loaded weights can still be trained within
+        ``max_staleness`` (version-aware admission, bounded off-policyness).
+
+        The selector builds step S next and Q groups are queued ahead of this round, so the
+        round's last group is used at step S + (Q + share - 1) // P at the earliest (P groups
+        per step); it is fresh if the loaded version is at least that step minus max_staleness.
+        Queued groups that will be dropped still count, which errs towards waiting.
+        """
+        step = self.t.state.schedule_step() or 0
+        queued = self.t.queue.backlog(self.t.keys.groups)
+        used_at = step + (queued + self.share - 1) // self.settings.prompts_per_step
+        return self.version >= used_at - self.settings.max_staleness
 
     def _skips(self) -> int:
         return self.t.state.counter("batches_skipped")

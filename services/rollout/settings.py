@@ -11,7 +11,8 @@ class RolloutSettings:
 
     ``prompts_per_step`` is shared by ``num_actors`` actors; ``lock_step`` (``mode: sync``)
     makes each actor generate exactly one round per weight version; ``max_group_backlog`` is
-    the groups stream's bound (backpressure); ``wait_timeout_s`` bounds every wait.
+    the groups stream's bound (backpressure); ``wait_timeout_s`` bounds every wait;
+    ``max_staleness`` lets an actor start a round only if its groups can still be trained.
     """
 
     prompts_per_step: int
@@ -22,3 +23,4 @@ class RolloutSettings:
     lock_step: bool
     max_group_backlog: int
     wait_timeout_s: float
+    max_staleness: int = 1

@@ -147,3 +147,27 @@ def test_a_corrupted_weight_sync_stops_the_run(transport: Transport, policy) -> 
     assert transport.queue.backlog(transport.keys.groups) == 0  # nothing generated with bad weights
     reason = transport.control.stop_reason()
     assert reason is not None and "rollout-0" in reason and "corrupted" in reason
+
+
+def test_admission_waits_for_weights_fresh_enough_to_be_trained(transport: Transport, policy) -> None:
+    # The selector builds step 2 next and nothing is queued: with max_staleness 0 a round from
+    # version 0 would be dropped as stale, so the actor waits for version 2 instead.
+    path, model = policy
+    cfg = make_cfg()
+    cfg = cfg.model_copy(update={"service": cfg.service.model_copy(update={"max_staleness": 0})})
+    transport.state.write_schedule({"step": 2})
+    store = FakeStore(model)
+    stop = threading.Event()
+    actor = make_actor(cfg, transport, store, path)
+    thread, result = start(actor, stop)
+    time.sleep(1.0)
+    assert groups(transport) == []  # nothing generated that would be thrown away
+    store.version = 1
+    time.sleep(0.7)
+    assert groups(transport) == []  # still one version short
+    store.version = 2
+    wait_until(lambda: len(groups(transport)) >= 4)
+    stop.set()
+    thread.join(10)
+    assert {g.policy_version for g in groups(transport)} == {2}
+    assert result["report"]["admission_wait_seconds"] > 1.0
