@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import IM_END, build_model
+from tiny_qwen import IM_END, build_model
 
 from services.rollout.engine import NO_STOP, RolloutEngine
 from services.rollout.hf_engine import HFRolloutEngine, process_logits
