@@ -34,6 +34,9 @@ class AlgorithmConfig(BaseModel):
     """Token keep ratio K at the last step."""
     token_pool: Literal["batch", "sequence"] | None = None
     """Rank tokens across the whole batch or within each response."""
+    token_score: Literal["adv_entropy", "entropy", "adv"] | None = None
+    """Token-level ranking: ``adv_entropy`` |A| x H (the paper's), ``entropy`` H alone (the
+    80/20 high-entropy-token criterion), ``adv`` |A| alone; None: the preset's (adv_entropy)."""
     renormalize: bool | None = None
     """Re-normalise advantages after sample selection (PODS); D3S does not."""
     adv_eps: float = Field(1e-6, gt=0)
@@ -62,6 +65,8 @@ class AlgorithmConfig(BaseModel):
             changes["token_pool"] = self.token_pool
         if self.renormalize is not None:
             changes["renormalize"] = self.renormalize
+        if self.token_score is not None:
+            changes["token_score"] = self.token_score
         return base.with_overrides(**changes)
 
 

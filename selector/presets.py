@@ -16,7 +16,7 @@ from selector._checks import check_dim, require
 from selector.advantages import DEFAULT_EPS, group_advantages, renormalized_advantages
 from selector.sample import select_cross, select_intra, select_random
 from selector.schedule import Schedule
-from selector.token import Pool, random_token_mask, token_mask
+from selector.token import TOKEN_SCORES, Pool, TokenScore, random_token_mask, token_mask
 
 SampleLevel = Literal["none", "intra", "cross", "random"]
 TokenLevel = Literal["none", "topk", "random"]
@@ -24,10 +24,14 @@ SAMPLE_LEVELS = ("none", "intra", "cross", "random")
 TOKEN_LEVELS = ("none", "topk", "random")
 POOLS = ("batch", "sequence")
 
-_DYNAMIC = Schedule(kind="linear", sample_init=0.25, sample_final=0.5, token_init=0.2, token_final=0.5)
+_DYNAMIC = Schedule(
+    kind="linear", sample_init=0.25, sample_final=0.5, token_init=0.2, token_final=0.5
+)
 # Presets "without the schedule" hold D3S's aggressive starting ratios for the whole run: that is
 # the regime the paper says learns fast early and overfits later.
-_CONSTANT = Schedule(kind="constant", sample_init=0.25, sample_final=0.25, token_init=0.2, token_final=0.2)
+_CONSTANT = Schedule(
+    kind="constant", sample_init=0.25, sample_final=0.25, token_init=0.2, token_final=0.2
+)
 
 
 @dataclass(frozen=True)
@@ -38,15 +42,34 @@ class Preset:
     renormalize: bool = False
     token_pool: Pool = "batch"
     schedule: Schedule = field(default_factory=Schedule)
+    token_score: TokenScore = "adv_entropy"
 
     def __post_init__(self) -> None:
-        require(self.sample_level in SAMPLE_LEVELS, "sample_level",
-                f"must be one of {SAMPLE_LEVELS}, got {self.sample_level!r}")
-        require(self.token_level in TOKEN_LEVELS, "token_level",
-                f"must be one of {TOKEN_LEVELS}, got {self.token_level!r}")
-        require(self.token_pool in POOLS, "token_pool", f"must be one of {POOLS}, got {self.token_pool!r}")
-        require(not (self.renormalize and self.sample_level == "none"), "renormalize",
-                "needs a sample-level selection to re-normalise after")
+        require(
+            self.sample_level in SAMPLE_LEVELS,
+            "sample_level",
+            f"must be one of {SAMPLE_LEVELS}, got {self.sample_level!r}",
+        )
+        require(
+            self.token_level in TOKEN_LEVELS,
+            "token_level",
+            f"must be one of {TOKEN_LEVELS}, got {self.token_level!r}",
+        )
+        require(
+            self.token_pool in POOLS,
+            "token_pool",
+            f"must be one of {POOLS}, got {self.token_pool!r}",
+        )
+        require(
+            self.token_score in TOKEN_SCORES,
+            "token_score",
+            f"must be one of {TOKEN_SCORES}, got {self.token_score!r}",
+        )
+        require(
+            not (self.renormalize and self.sample_level == "none"),
+            "renormalize",
+            "needs a sample-level selection to re-normalise after",
+        )
 
     def ratios(self, step: int, total_steps: int) -> tuple[float, float]:
         """(sample_ratio, token_ratio) this preset uses at a step; 1.0 where a level is off."""
@@ -127,9 +150,12 @@ def select_tokens(
     token_ratio: float,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Token level of a preset. Shapes: adv [N], entropy [N, T], response_mask [N, T] -> [N, T]."""
+    """Token level of a preset: the top-K tokens by the preset's ``token_score``, a random K,
+    or all. Shapes: adv [N], entropy [N, T], response_mask [N, T] bool -> [N, T] bool."""
     if preset.token_level == "none" or token_ratio >= 1.0:
         return response_mask.clone()
     if preset.token_level == "random":
         return random_token_mask(response_mask, token_ratio, preset.token_pool, generator)
-    return token_mask(adv, entropy, response_mask, token_ratio, preset.token_pool)
+    return token_mask(
+        adv, entropy, response_mask, token_ratio, preset.token_pool, preset.token_score
+    )

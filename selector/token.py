@@ -1,4 +1,6 @@
-"""Token-level down-sampling: keep the top ceil(K * T) valid tokens by |A_i| x H_{i,t}.
+"""Token-level down-sampling: keep the top ceil(K * T) valid tokens by a score, |A_i| x H_{i,t}
+by default (the paper's criterion); ``H`` alone (high-entropy "forking" tokens, as in the 80/20
+study) and ``|A|`` alone (the sample's advantage for every one of its tokens) are the alternatives.
 
 H is the detached entropy of the current policy at each response position (see
 ``learner.logits.logprobs_and_entropy``), so this runs in the learner, after its forward pass.
@@ -16,6 +18,8 @@ import torch
 from selector._checks import check_dim, check_ratio, require
 
 Pool = Literal["batch", "sequence"]
+TokenScore = Literal["adv_entropy", "entropy", "adv"]
+TOKEN_SCORES: tuple[str, ...] = ("adv_entropy", "entropy", "adv")
 
 
 def keep_count(keep_ratio: float, total: int) -> int:
@@ -23,10 +27,33 @@ def keep_count(keep_ratio: float, total: int) -> int:
     return min(total, math.ceil(round(keep_ratio * total, 6)))
 
 
-def token_scores(adv: torch.Tensor, entropy: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """|A_i| x H_{i,t} in float32 with -inf at padding. Shapes: [N], [N, T], [N, T] -> [N, T]."""
-    score = adv.detach().abs().to(torch.float32).unsqueeze(1) * entropy.detach().to(torch.float32)
-    return score.masked_fill(~response_mask, float("-inf"))
+def token_scores(
+    adv: torch.Tensor,
+    entropy: torch.Tensor,
+    response_mask: torch.Tensor,
+    score: TokenScore = "adv_entropy",
+) -> torch.Tensor:
+    """The ranking score of every token in float32, -inf at padding.
+
+    Args:
+        adv: [N] advantage of each sample.
+        entropy: [N, T] detached entropy at each response position.
+        response_mask: [N, T] bool, True at valid response tokens.
+        score: ``adv_entropy``: |A_i| x H_{i,t}; ``entropy``: H_{i,t}; ``adv``: |A_i| (every
+            token of a sample ties, so the earliest positions of the largest-|A| samples win).
+    Returns:
+        [N, T] float32.
+    """
+    require(score in TOKEN_SCORES, "score", f"must be one of {TOKEN_SCORES}, got {score!r}")
+    a = adv.detach().abs().to(torch.float32).unsqueeze(1)  # [N, 1]
+    h = entropy.detach().to(torch.float32)  # [N, T]
+    if score == "adv_entropy":
+        out = a * h
+    elif score == "entropy":
+        out = h.clone()
+    else:
+        out = a.expand_as(h).clone()
+    return out.masked_fill(~response_mask, float("-inf"))
 
 
 def _top_count_batch(score: torch.Tensor, n_keep: int) -> torch.Tensor:
@@ -59,8 +86,9 @@ def token_mask(
     response_mask: torch.Tensor,
     keep_ratio: float,
     pool: Pool = "batch",
+    score: TokenScore = "adv_entropy",
 ) -> torch.Tensor:
-    """Mask of the tokens the loss keeps: top ceil(K * T) by |A| x entropy among valid tokens.
+    """Mask of the tokens the loss keeps: top ceil(K * T) by ``score`` among valid tokens.
 
     Args:
         adv: [N] advantage of each (kept) sample.
@@ -69,31 +97,46 @@ def token_mask(
         keep_ratio: K in (0, 1]; K = 1 keeps every valid token.
         pool: "batch" ranks all valid tokens of the batch together (T = their count);
             "sequence" ranks within each response (T_i = its valid length).
+        score: the ranking criterion (see :func:`token_scores`), |A| x entropy by default.
     Returns:
         mask: [N, T] bool, a subset of response_mask. Padding is never kept.
     """
     check_dim(adv, 1, "adv")
     check_dim(entropy, 2, "entropy")
     check_dim(response_mask, 2, "response_mask")
-    require(response_mask.dtype == torch.bool, "response_mask", f"must be bool, got {response_mask.dtype}")
-    require(entropy.shape == response_mask.shape, "entropy",
-            f"shape {tuple(entropy.shape)} != response_mask {tuple(response_mask.shape)}")
-    require(adv.shape[0] == entropy.shape[0], "adv",
-            f"length {adv.shape[0]} != number of rows in entropy {entropy.shape[0]}")
+    require(
+        response_mask.dtype == torch.bool,
+        "response_mask",
+        f"must be bool, got {response_mask.dtype}",
+    )
+    require(
+        entropy.shape == response_mask.shape,
+        "entropy",
+        f"shape {tuple(entropy.shape)} != response_mask {tuple(response_mask.shape)}",
+    )
+    require(
+        adv.shape[0] == entropy.shape[0],
+        "adv",
+        f"length {adv.shape[0]} != number of rows in entropy {entropy.shape[0]}",
+    )
     require(pool in ("batch", "sequence"), "pool", f"must be 'batch' or 'sequence', got {pool!r}")
+    require(score in TOKEN_SCORES, "score", f"must be one of {TOKEN_SCORES}, got {score!r}")
     keep_ratio = check_ratio(keep_ratio, "keep_ratio")
     require(bool(torch.isfinite(adv).all()), "adv", "contains NaN or infinite values")
-    require(not bool((~torch.isfinite(entropy) & response_mask).any()), "entropy",
-            "contains NaN or infinite values at valid tokens")
+    require(
+        not bool((~torch.isfinite(entropy) & response_mask).any()),
+        "entropy",
+        "contains NaN or infinite values at valid tokens",
+    )
     if keep_ratio == 1.0:
         return response_mask.clone()
-    score = token_scores(adv, entropy, response_mask)
+    ranked = token_scores(adv, entropy, response_mask, score)
     if pool == "batch":
         n_valid = int(response_mask.sum())
-        return _top_count_batch(score, keep_count(keep_ratio, n_valid))
+        return _top_count_batch(ranked, keep_count(keep_ratio, n_valid))
     lengths = response_mask.sum(dim=1).to(torch.float64)
     n_keep = torch.ceil(torch.round(keep_ratio * lengths, decimals=6)).to(torch.long)
-    return _top_count_rows(score, n_keep)
+    return _top_count_rows(ranked, n_keep)
 
 
 def random_token_mask(
@@ -107,4 +150,4 @@ def random_token_mask(
     keep_ratio = check_ratio(keep_ratio, "keep_ratio")
     noise = torch.rand(response_mask.shape, generator=generator).to(response_mask.device)
     ones = torch.ones(response_mask.shape[0], device=response_mask.device)
-    return token_mask(ones, noise, response_mask, keep_ratio, pool)
+    return token_mask(ones, noise, response_mask, keep_ratio, pool, "adv_entropy")
