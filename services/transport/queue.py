@@ -510,7 +510,9 @@ class StreamQueue:
         """
         return int(self.client.xlen(stream))
 
-    def dead_letter(self, stream: str, group: str, consumer: str, entry_id: str, reason: str) -> bool:
+    def dead_letter(
+        self, stream: str, group: str, consumer: str, entry_id: str, reason: str
+    ) -> bool:
         """Move a pending entry that decoded but cannot be used (e.g. a group size the run does
         not use) to the dead stream with ``reason``, atomically, like a malformed record.
 

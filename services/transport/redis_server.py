@@ -17,8 +17,8 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
-import logging
 import ipaddress
+import logging
 import os
 import secrets
 import shutil
