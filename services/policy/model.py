@@ -1,7 +1,8 @@
 """The tiny CPU policy: GPT-2 architecture from a config (no hub), plus HF-format save/load.
 
-``load_policy`` is also the path for a real model: any local directory ``from_pretrained``
-can read, with our CharTokenizer if its JSON is there, else the directory's own tokenizer.
+``load_policy`` is the path for every model, built-in or real: any local directory
+``from_pretrained`` can read, with the tokenizer saved in it (``AutoTokenizer``; the built-in
+policy's character tokenizer is a Hugging Face fast tokenizer too).
 """
 
 from __future__ import annotations
@@ -13,12 +14,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from services.policy.config import PolicySpec
-from services.policy.tokenizer import CharTokenizer
 
 logger = logging.getLogger(__name__)
 
 
-def build_policy(spec: PolicySpec, tokenizer: CharTokenizer, seed: int = 0) -> GPT2LMHeadModel:
+def build_policy(spec: PolicySpec, tokenizer, seed: int = 0) -> GPT2LMHeadModel:
     """A freshly initialised GPT-2 LM for ``tokenizer``'s vocabulary (float32, eval mode).
 
     Dropout is 0 everywhere: RL compares the learner's log-probs with the rollout engine's
@@ -26,7 +26,7 @@ def build_policy(spec: PolicySpec, tokenizer: CharTokenizer, seed: int = 0) -> G
     this scale. Initialisation depends only on ``seed`` (the global RNG is restored after).
     """
     config = GPT2Config(
-        vocab_size=tokenizer.vocab_size,
+        vocab_size=len(tokenizer),
         n_positions=spec.n_positions,
         n_embd=spec.n_embd,
         n_layer=spec.n_layer,
@@ -34,29 +34,27 @@ def build_policy(spec: PolicySpec, tokenizer: CharTokenizer, seed: int = 0) -> G
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,
-        bos_token_id=tokenizer.bos_id,
-        eos_token_id=tokenizer.eos_id,
-        pad_token_id=tokenizer.pad_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = GPT2LMHeadModel(config)
-    model.generation_config.pad_token_id = tokenizer.pad_id
-    model.generation_config.eos_token_id = tokenizer.eos_id
-    model.generation_config.bos_token_id = tokenizer.bos_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
     return model.eval()
 
 
 def save_policy(model: torch.nn.Module, tokenizer, directory: str | Path) -> Path:
-    """Write ``model`` (HF format, safetensors) and its tokenizer into ``directory``."""
+    """Write ``model`` (HF format, safetensors) and its tokenizer (``save_pretrained``, chat
+    template included) into ``directory``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory, safe_serialization=True)
-    if isinstance(tokenizer, CharTokenizer):
-        tokenizer.save(directory)
-    else:
-        tokenizer.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
     return directory
 
 
@@ -69,8 +67,7 @@ def load_policy(path: str | Path, dtype: torch.dtype | None = torch.float32):
             it. ``None`` keeps what the checkpoint says.
 
     Returns:
-        The causal LM in eval mode, and a :class:`CharTokenizer` if ``char_tokenizer.json`` is
-        present, else ``AutoTokenizer.from_pretrained(path)``.
+        The causal LM in eval mode, and ``AutoTokenizer.from_pretrained(path)``.
     """
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -79,10 +76,7 @@ def load_policy(path: str | Path, dtype: torch.dtype | None = torch.float32):
     if dtype is not None:
         kwargs["dtype"] = dtype
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if CharTokenizer.exists(path):
-        tokenizer = CharTokenizer.load(path)
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return model.eval(), tokenizer
 
 

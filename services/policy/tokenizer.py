@@ -1,148 +1,114 @@
-"""Character-level tokenizer shipped with the project (no hub access needed).
+"""The built-in policy's character tokenizer, as a Hugging Face fast tokenizer.
 
-Ids 0, 1, 2 are the special tokens pad, bos, eos; the alphabet follows in order. The default
-alphabet is the arithmetic task's: ``0123456789+=`` -> 15 symbols. There is no
-unknown token: encoding a character outside the alphabet raises, because silently mapping it
-would let a prompt the model cannot represent through to training. ``from_texts`` builds an
-alphabet covering a corpus (e.g. JSONL prompts and answers).
+The tiny policy and a real model go through one code path: both tokenizers are
+``PreTrainedTokenizerFast`` objects, saved beside the weights with ``save_pretrained`` and
+loaded with ``AutoTokenizer``. The character tokenizer is built with the ``tokenizers`` library:
+a word-level model over single characters (every character is its own pre-token), so each
+character of the alphabet is one id.
+
+Ids 0, 1, 2 are the special tokens ``<pad>``, ``<bos>``, ``<eos>``; the alphabet follows in
+order. The default alphabet is the arithmetic task's, ``0123456789+=``: 15 ids. There is no
+unknown token: text with a character outside the alphabet cannot be encoded (a prompt the model
+cannot represent must not reach training), and :func:`encode_text` names the character. Special
+tokens are never parsed out of text (``split_special_tokens``): ``"<eos>"`` in a prompt is five
+characters, not an end of sequence.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
-TOKENIZER_FILE = "char_tokenizer.json"
+from transformers import PreTrainedTokenizerFast
+
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")
 ARITHMETIC_ALPHABET = "0123456789+="
 
 
-class CharTokenizer:
-    """Maps each character of a fixed alphabet to one id.
+def char_tokenizer(alphabet: str = ARITHMETIC_ALPHABET) -> PreTrainedTokenizerFast:
+    """A fast tokenizer with one id per character of ``alphabet`` (ids from 3, in order).
 
-    Attributes:
-        alphabet: The ordinary characters, in id order (ids start at ``len(SPECIAL_TOKENS)``).
+    Raises:
+        ValueError: on an empty alphabet or a repeated character.
     """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
-    def __init__(self, alphabet: str = ARITHMETIC_ALPHABET) -> None:
-        if len(set(alphabet)) != len(alphabet):
-            raise ValueError("alphabet has repeated characters")
-        if not alphabet:
-            raise ValueError("alphabet is empty")
-        self.alphabet = alphabet
-        self._offset = len(SPECIAL_TOKENS)
-        self._to_id = {c: i + self._offset for i, c in enumerate(alphabet)}
-
-    # Special ids, under both our names and the Hugging Face names so code written against
-    # an HF tokenizer (generation configs, the rollout engine) works with this one too.
-    pad_id = pad_token_id = 0
-    bos_id = bos_token_id = 1
-    eos_id = eos_token_id = 2
-
-    @property
-    def vocab_size(self) -> int:
-        return self._offset + len(self.alphabet)
-
-    def __len__(self) -> int:
-        return self.vocab_size
-
-    @classmethod
-    def from_texts(cls, texts: Iterable[str]) -> CharTokenizer:
-        """A tokenizer whose alphabet is every character in ``texts``, sorted by code point."""
-        chars: set[str] = set()
-        for t in texts:
-            chars.update(t)
-        return cls("".join(sorted(chars)))
-
-    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
-        """Ids of ``text`` (no special tokens unless asked).
-
-        Raises:
-            ValueError: on a character outside the alphabet.
-        """
-        try:
-            ids = [self._to_id[c] for c in text]
-        except KeyError as e:
-            raise ValueError(f"character {e.args[0]!r} is not in the tokenizer's alphabet") from None
-        if add_bos:
-            ids.insert(0, self.bos_id)
-        if add_eos:
-            ids.append(self.eos_id)
-        return ids
-
-    def decode(self, ids: Sequence[int] | Iterable[int], skip_special: bool = True) -> str:
-        """Text of ``ids`` (a list or a 1-D tensor). Special tokens are dropped, or written as
-        ``<pad>``/``<bos>``/``<eos>`` with ``skip_special=False``.
-
-        Raises:
-            ValueError: on an id outside the vocabulary.
-        """
-        out: list[str] = []
-        for i in ids:
-            i = int(i)
-            if 0 <= i < self._offset:
-                if not skip_special:
-                    out.append(SPECIAL_TOKENS[i])
-            elif self._offset <= i < self.vocab_size:
-                out.append(self.alphabet[i - self._offset])
-            else:
-                raise ValueError(f"token id {i} outside vocabulary of size {self.vocab_size}")
-        return "".join(out)
-
-    def save(self, directory: str | Path) -> Path:
-        """Write ``char_tokenizer.json`` into ``directory`` (created if needed); returns its path."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        path = directory / TOKENIZER_FILE
-        payload = {"type": "CharTokenizer", "version": 1, "special_tokens": list(SPECIAL_TOKENS),
-                   "alphabet": self.alphabet}
-        path.write_text(json.dumps(payload, ensure_ascii=False, indent=1), encoding="utf-8")
-        return path
-
-    @classmethod
-    def load(cls, directory: str | Path) -> CharTokenizer:
-        """Read the tokenizer that :meth:`save` wrote into ``directory``."""
-        path = Path(directory) / TOKENIZER_FILE
-        payload = json.loads(path.read_text(encoding="utf-8"))
-        if payload.get("type") != "CharTokenizer" or payload.get("special_tokens") != list(SPECIAL_TOKENS):
-            raise ValueError(f"{path}: not a CharTokenizer file this version can read")
-        return cls(payload["alphabet"])
-
-    @classmethod
-    def exists(cls, directory: str | Path) -> bool:
-        return (Path(directory) / TOKENIZER_FILE).is_file()
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, CharTokenizer) and other.alphabet == self.alphabet
-
-    def __hash__(self) -> int:
-        return hash(self.alphabet)
-
-    def __repr__(self) -> str:
-        return f"CharTokenizer(vocab_size={self.vocab_size}, alphabet={self.alphabet!r})"
+    if not alphabet:
+        raise ValueError("alphabet is empty")
+    if len(set(alphabet)) != len(alphabet):
+        raise ValueError("alphabet has repeated characters")
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    vocab.update({c: i + len(SPECIAL_TOKENS) for i, c in enumerate(alphabet)})
+    raw = Tokenizer(models.WordLevel(vocab=vocab, unk_token=None))
+    # Every character, newlines included, is its own pre-token; Fuse joins ids back without
+    # the spaces a word-level decoder would put between them.
+    raw.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    raw.decoder = decoders.Fuse()
+    pad, bos, eos = SPECIAL_TOKENS
+    return PreTrainedTokenizerFast(
+        tokenizer_object=raw,
+        pad_token=pad,
+        bos_token=bos,
+        eos_token=eos,
+        clean_up_tokenization_spaces=False,
+        split_special_tokens=True,
+    )
 
 
-# Helpers that accept either a CharTokenizer or a Hugging Face tokenizer, so the rollout engine
-# and evaluation run unchanged on a real model loaded from a local path.
+def char_tokenizer_from_texts(texts: Iterable[str]) -> PreTrainedTokenizerFast:
+    """A character tokenizer whose alphabet is every character in ``texts``, by code point."""
+    chars: set[str] = set()
+    for t in texts:
+        chars.update(t)
+    return char_tokenizer("".join(sorted(chars)))
+
+
+# The old name: ``CharTokenizer(alphabet)`` still builds the character tokenizer.
+CharTokenizer = char_tokenizer
+
+
+def char_alphabet(tokenizer) -> str | None:
+    """The alphabet of a character tokenizer built here (also after a save/load round trip),
+    or None for any other tokenizer."""
+    vocab = tokenizer.get_vocab()
+    if any(vocab.get(tok) != i for i, tok in enumerate(SPECIAL_TOKENS)):
+        return None
+    rest = sorted((i, t) for t, i in vocab.items() if t not in SPECIAL_TOKENS)
+    if any(len(t) != 1 or i != k + len(SPECIAL_TOKENS) for k, (i, t) in enumerate(rest)):
+        return None
+    return "".join(t for _, t in rest)
+
+
+# Helpers every engine and evaluation use, so prompt encoding and response decoding are the
+# same everywhere.
 
 
 def encode_text(tokenizer, text: str) -> list[int]:
-    """Ids of ``text`` without special tokens."""
-    if isinstance(tokenizer, CharTokenizer):
-        return tokenizer.encode(text)
-    return list(tokenizer.encode(text, add_special_tokens=False))
+    """Ids of ``text`` without special tokens added (a chat template's markers, already in the
+    text, are encoded as the special tokens they are).
+
+    Raises:
+        ValueError: when the tokenizer cannot encode ``text`` (a character outside a character
+            tokenizer's alphabet), naming the characters.
+    """
+    try:
+        return list(tokenizer.encode(text, add_special_tokens=False))
+    except Exception as exc:  # the tokenizers library raises a bare Exception here
+        alphabet = char_alphabet(tokenizer)
+        if alphabet is None:
+            raise ValueError(f"the tokenizer cannot encode {text[:80]!r}: {exc}") from None
+        missing = sorted(set(text) - set(alphabet))
+        raise ValueError(
+            f"characters {''.join(missing)!r} are not in the tokenizer's alphabet {alphabet!r}"
+        ) from None
 
 
 def decode_ids(tokenizer, ids: Sequence[int]) -> str:
-    """Text of ``ids`` with special tokens skipped."""
-    if isinstance(tokenizer, CharTokenizer):
-        return tokenizer.decode(ids)
-    return tokenizer.decode(list(ids), skip_special_tokens=True)
+    """Text of ``ids`` (a list or a 1-D tensor) with special tokens skipped."""
+    return tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
 
 
 def special_ids(tokenizer) -> tuple[int, int]:
-    """``(pad_id, eos_id)``; an HF tokenizer without a pad token pads with EOS."""
+    """``(pad_id, eos_id)``; a tokenizer without a pad token pads with EOS."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("tokenizer has no EOS token; generation could not stop")

@@ -55,9 +55,9 @@ def _train(model, tok: CharTokenizer, prompts: list[Prompt], steps: int) -> None
     model.train()
     for _ in range(steps):
         batch = [prompts[i] for i in rng.integers(0, len(prompts), size=64)]
-        seqs = [tok.encode(p.text) + tok.encode(p.answer) + [tok.eos_id] for p in batch]
+        seqs = [tok.encode(p.text) + tok.encode(p.answer) + [tok.eos_token_id] for p in batch]
         width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), tok.pad_id)
+        ids = torch.full((len(seqs), width), tok.pad_token_id)
         labels = torch.full((len(seqs), width), -100)
         for i, (s, p) in enumerate(zip(seqs, batch, strict=True)):
             ids[i, : len(s)] = torch.tensor(s)

@@ -17,7 +17,15 @@ from services.policy.model import (
     num_parameters,
     save_policy,
 )
-from services.policy.tokenizer import CharTokenizer
+from services.policy.tokenizer import (
+    ARITHMETIC_ALPHABET,
+    CharTokenizer,
+    char_alphabet,
+    char_tokenizer,
+    char_tokenizer_from_texts,
+    decode_ids,
+    encode_text,
+)
 from services.policy.warmstart import (
     METADATA_FILE,
     demonstration_batch,
@@ -31,30 +39,41 @@ TINY = PolicySpec(n_layer=1, n_embd=16, n_head=2, n_positions=16)
 
 
 def test_char_tokenizer_default_alphabet_and_round_trip(tmp_path):
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
     tok = CharTokenizer()
-    assert tok.vocab_size == 15  # 10 digits, '+', '=', pad, bos, eos
-    assert len({tok.pad_id, tok.bos_id, tok.eos_id}) == 3
+    assert isinstance(tok, PreTrainedTokenizerFast)
+    assert tok.vocab_size == len(tok) == 15  # 10 digits, '+', '=', pad, bos, eos
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
     ids = tok.encode("123+045=")
-    assert len(ids) == 8 and min(ids) >= 3 and max(ids) < 15
+    assert ids == [4, 5, 6, 13, 3, 7, 8, 14]  # one id per character, the alphabet from id 3
     assert tok.decode(ids) == "123+045="
-    with_special = tok.encode("12", add_bos=True, add_eos=True)
-    assert with_special[0] == tok.bos_id and with_special[-1] == tok.eos_id
-    assert tok.decode(with_special) == "12"
-    assert tok.decode([*with_special, tok.pad_id], skip_special=False) == "<bos>12<eos><pad>"
+    specials = [tok.bos_token_id, *tok.encode("12"), tok.eos_token_id, tok.pad_token_id]
+    assert tok.decode(specials, skip_special_tokens=True) == "12"
+    assert tok.decode(specials) == "<bos>12<eos><pad>"
     assert tok.decode(torch.tensor(ids)) == "123+045="
     with pytest.raises(ValueError, match="'x'"):
-        tok.encode("1x")
-    with pytest.raises(ValueError):
-        tok.decode([15])
-    tok.save(tmp_path)
-    assert CharTokenizer.load(tmp_path) == tok
+        encode_text(tok, "1x")
+    # Saved and loaded the Hugging Face way, it is the same tokenizer.
+    tok.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path, local_files_only=True)
+    assert loaded.get_vocab() == tok.get_vocab()
+    assert char_alphabet(loaded) == ARITHMETIC_ALPHABET
+    assert loaded.encode("99+1=") == tok.encode("99+1=")
+    assert loaded.eos_token_id == 2 and loaded.pad_token_id == 0
 
 
-def test_char_tokenizer_from_texts():
-    tok = CharTokenizer.from_texts(["What is 2+2?", "Ünïcode ✓"])
-    text = "What is 2+2? ✓"
-    assert tok.decode(tok.encode(text)) == text
-    assert tok.vocab_size == 3 + len(set("What is 2+2?Ünïcode ✓"))
+def test_char_tokenizer_keeps_spaces_newlines_and_never_parses_special_tokens():
+    tok = char_tokenizer_from_texts(["What is 2+2?\n", "Ünïcode ✓ <eos>"])
+    text = "What is 2+2?\n ✓ <eos>"
+    ids = encode_text(tok, text)
+    assert len(ids) == len(text) and tok.eos_token_id not in ids
+    assert decode_ids(tok, ids) == text
+    assert len(tok) == 3 + len(set("What is 2+2?\nÜnïcode ✓ <eos>"))
+    with pytest.raises(ValueError, match="repeated"):
+        char_tokenizer("aa")
+    with pytest.raises(ValueError, match="empty"):
+        char_tokenizer("")
 
 
 # --- model --------------------------------------------------------------------------------
@@ -77,14 +96,14 @@ def test_save_load_round_trip_identical_logits(tmp_path):
     save_policy(model, tok, tmp_path / "ckpt")
     assert (tmp_path / "ckpt" / "model.safetensors").is_file()
     loaded, ltok = load_policy(tmp_path / "ckpt")
-    assert ltok == tok and not loaded.training
+    assert ltok.get_vocab() == tok.get_vocab() and not loaded.training
     x = torch.tensor([tok.encode("12+34="), tok.encode("99+01=")])
     assert torch.equal(model(x).logits, loaded(x).logits)
     # The tied head survives the round trip (a broken tie would still give equal logits once).
     assert loaded.lm_head.weight.data_ptr() == loaded.transformer.wte.weight.data_ptr()
 
 
-def test_load_policy_falls_back_to_hf_tokenizer(tmp_path):
+def test_load_policy_loads_the_directory_tokenizer(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -96,7 +115,7 @@ def test_load_policy_falls_back_to_hf_tokenizer(tmp_path):
     model = build_policy(TINY, char_tok, seed=0)
     save_policy(model, hf_tok, tmp_path)
     _, tok = load_policy(tmp_path)
-    assert not isinstance(tok, CharTokenizer)
+    assert char_alphabet(tok) is None
     assert tok.encode("a b", add_special_tokens=False) == [3, 4]
 
 
@@ -120,15 +139,23 @@ def test_demonstration_batch_masks_prompt_and_padding():
     ids, labels, mask = demonstration_batch(tok, prompts, ["46", "3"])
     # Row 0: 6 prompt chars + "46" + EOS = 9 tokens -> 8 inputs; only "4", "6", EOS are learnt.
     assert ids.shape == labels.shape == mask.shape == (2, 8)
-    assert tok.decode(labels[0][labels[0] >= 0]) == "46"
-    assert labels[0][labels[0] >= 0].tolist()[-1] == tok.eos_id
+    assert decode_ids(tok, labels[0][labels[0] >= 0]) == "46"
+    assert labels[0][labels[0] >= 0].tolist()[-1] == tok.eos_token_id
     assert (labels[0] >= 0).sum() == 3 and (labels[1] >= 0).sum() == 2
     assert labels[0, :5].eq(-100).all()
 
 
 def _tiny_spec(cache_dir, **kw) -> WarmstartConfig:
-    base = dict(steps=4, batch_size=8, lr=1e-3, min_accuracy=0.0, eval_prompts=16, dev_prompts=16,
-                warmup_steps=2, cache_dir=cache_dir)
+    base = dict(
+        steps=4,
+        batch_size=8,
+        lr=1e-3,
+        min_accuracy=0.0,
+        eval_prompts=16,
+        dev_prompts=16,
+        warmup_steps=2,
+        cache_dir=cache_dir,
+    )
     base.update(kw)
     return WarmstartConfig(**base)
 
@@ -145,7 +172,7 @@ def test_warmstart_caches_and_does_not_retrain(tmp_path):
     meta = json.loads((path / METADATA_FILE).read_text())
     assert meta["steps_run"] == 4 and 0.0 <= meta["heldout_accuracy"] <= 1.0
     _, tok = load_policy(path)
-    assert isinstance(tok, CharTokenizer)
+    assert char_alphabet(tok) == ARITHMETIC_ALPHABET
     mtime = (path / "model.safetensors").stat().st_mtime_ns
     again = warmstart(_tiny_spec(tmp_path), TINY, 2, progress=lambda s, t, loss: calls.append(s))
     assert again == path and calls == [1, 2, 3, 4]  # no training the second time
@@ -154,11 +181,15 @@ def test_warmstart_caches_and_does_not_retrain(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
     # Any change to the spec is a different checkpoint; clean ignores wrong_fraction.
     assert _key(_tiny_spec(tmp_path, seed=1)) != _key(spec)
-    assert _key(_tiny_spec(tmp_path, clean=True)) == _key(_tiny_spec(tmp_path, clean=True, wrong_fraction=0.0))
+    assert _key(_tiny_spec(tmp_path, clean=True)) == _key(
+        _tiny_spec(tmp_path, clean=True, wrong_fraction=0.0)
+    )
     assert _key(_tiny_spec(tmp_path, clean=True)) != _key(spec)
     # The architecture and the task are part of what was trained; the cache location is not.
     assert spec.cache_key(TINY, 3) != _key(spec)
-    assert spec.cache_key(PolicySpec(n_layer=2, n_embd=16, n_head=2, n_positions=16), 2) != _key(spec)
+    assert spec.cache_key(PolicySpec(n_layer=2, n_embd=16, n_head=2, n_positions=16), 2) != _key(
+        spec
+    )
     assert _key(_tiny_spec(tmp_path / "elsewhere")) == _key(spec)
 
 
@@ -184,7 +215,7 @@ def test_evaluate_greedy_matches_unbatched_decoding(monkeypatch):
         with torch.no_grad():
             for _ in range(steps):
                 nxt = int(model(torch.tensor([ids + out])).logits[0, -1].argmax())
-                if nxt == tok.eos_id:
+                if nxt == tok.eos_token_id:
                     break
                 out.append(nxt)
         return tok.decode(out)
@@ -192,9 +223,13 @@ def test_evaluate_greedy_matches_unbatched_decoding(monkeypatch):
     refs = [greedy(t) for t in texts]
     monkeypatch.setitem(VERIFIERS, "echo", lambda r, a: float(r == a))
     # Answers right for the first 3 prompts, wrong for the last 2: accuracy must be exactly 0.6.
-    prompts = [Prompt(str(i), t, refs[i] if i < 3 else refs[i] + "x", "echo") for i, t in enumerate(texts)]
+    prompts = [
+        Prompt(str(i), t, refs[i] if i < 3 else refs[i] + "x", "echo") for i, t in enumerate(texts)
+    ]
     model.train()
-    assert evaluate_greedy(model, tok, prompts, max_new_tokens=5, batch_size=2) == pytest.approx(0.6)
+    assert evaluate_greedy(model, tok, prompts, max_new_tokens=5, batch_size=2) == pytest.approx(
+        0.6
+    )
     assert model.training  # mode restored
 
 

@@ -73,7 +73,7 @@ def test_shapes_and_types(model):
     assert t == int(b.response_lengths.max())
     for row, text in enumerate(b.texts):
         k = int(b.response_lengths[row])
-        assert text == TOK.decode(b.responses[row, :k])
+        assert text == TOK.decode(b.responses[row, :k], skip_special_tokens=True)
     assert b.n == 4 and b.policy_version == 0
 
 
@@ -115,13 +115,13 @@ def test_padding_after_eos(model):
     for row in range(len(b)):
         k = int(lengths[row])
         resp = b.responses[row]
-        eos_at = (resp[:k] == TOK.eos_id).nonzero().flatten().tolist()
+        eos_at = (resp[:k] == TOK.eos_token_id).nonzero().flatten().tolist()
         if k < 5:
             assert eos_at == [k - 1]  # EOS is the last response token, and counted
             ended += 1
         else:
             assert eos_at in ([], [4])
-        assert (resp[k:] == TOK.pad_id).all()
+        assert (resp[k:] == TOK.pad_token_id).all()
         assert (b.behav_logp[row, k:] == 0).all() and not b.response_mask[row, k:].any()
         assert b.behav_logp[row, k - 1] != 0
     assert ended > 0 and (lengths == 5).any()
@@ -234,26 +234,31 @@ class LargestTensor(TorchDispatchMode):
         return out
 
 
-class _WideTokenizer(CharTokenizer):
+class _WideTokenizer:
     """The arithmetic char tokenizer inside a ``vocab``-token vocabulary (ids past the
-    alphabet decode as their number)."""
+    alphabet decode as their number): what the engine asks of a tokenizer, no more."""
+
+    chat_template = None
+    eos_token_id, pad_token_id = TOK.eos_token_id, TOK.pad_token_id
 
     def __init__(self, vocab: int) -> None:
-        super().__init__()
         self.wide = vocab
 
     def __len__(self) -> int:
         return self.wide
 
-    def decode(self, ids, skip_special: bool = True) -> str:
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return TOK.encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return " ".join(str(int(i)) for i in ids)
 
 
 def _wide_vocab_model(vocab: int) -> GPT2LMHeadModel:
     """A 1-layer GPT-2 whose vocabulary dwarfs everything else (CharTokenizer ids fit in it)."""
     config = GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=1, n_head=2,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=TOK.bos_id,
-                        eos_token_id=TOK.eos_id, pad_token_id=TOK.pad_id)  # fmt: skip
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=TOK.bos_token_id,
+                        eos_token_id=TOK.eos_token_id, pad_token_id=TOK.pad_token_id)  # fmt: skip
     torch.manual_seed(0)
     return GPT2LMHeadModel(config).eval()
 
@@ -278,7 +283,7 @@ def test_no_tensor_grows_with_length_times_vocabulary():
     with LargestTensor(params) as probe, torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, max_new_tokens=32,
                              min_new_tokens=32, output_scores=True, return_dict_in_generate=True,
-                             pad_token_id=TOK.pad_id)  # fmt: skip
+                             pad_token_id=TOK.pad_token_id)  # fmt: skip
         torch.stack(out.scores, dim=1)
     assert probe.largest >= rows * 32 * vocab
 
@@ -288,7 +293,7 @@ def test_no_tensor_grows_with_length_times_vocabulary():
 
 def test_stops_on_any_stop_token_and_records_which(model):
     plus, eq = TOK.encode("+")[0], TOK.encode("=")[0]
-    stops = [TOK.eos_id, plus, eq]
+    stops = [TOK.eos_token_id, plus, eq]
     eng = HFRolloutEngine(model, TOK, max_new_tokens=5, stop_token_ids=stops)
     assert eng.stop_token_ids == stops
     b = eng.generate(PROMPTS * 8, n=4, seed=2)
@@ -309,9 +314,9 @@ def test_stops_on_any_stop_token_and_records_which(model):
 
 def test_default_stop_is_eos_for_the_char_tokenizer(model):
     eng = HFRolloutEngine(model, TOK)
-    assert eng.stop_token_ids == [TOK.eos_id]
+    assert eng.stop_token_ids == [TOK.eos_token_id]
     b = eng.generate(PROMPTS * 8, n=4, seed=2)
-    assert set(b.stop_token.tolist()) <= {TOK.eos_id, NO_STOP}
+    assert set(b.stop_token.tolist()) <= {TOK.eos_token_id, NO_STOP}
 
 
 def test_generation_emits_no_warnings(model, caplog):
@@ -341,7 +346,7 @@ def test_greedy_is_the_argmax_continuation(model):
                 expect.append(tok)
                 logps.append(float(logp[tok]))
                 ids.append(tok)
-                if tok == TOK.eos_id:
+                if tok == TOK.eos_token_id:
                     break
             k = int(b.response_lengths[row])
             assert b.responses[row, :k].tolist() == expect
@@ -420,7 +425,7 @@ def test_default_stops_add_the_chat_templates_end_of_turn():
 
 def test_resolve_stop_token_ids_checks_the_vocabulary():
     assert resolve_stop_token_ids(TOK, [2, 5, 2]) == [2, 5]
-    assert resolve_stop_token_ids(TOK, None) == [TOK.eos_id]
+    assert resolve_stop_token_ids(TOK, None) == [TOK.eos_token_id]
     with pytest.raises(ValueError, match="empty"):
         resolve_stop_token_ids(TOK, [])
     with pytest.raises(ValueError, match="outside"):
