@@ -241,6 +241,9 @@ class LearnerEngine:
                 acc = stats.setdefault(k, [0.0, 0.0])
                 acc[0] += v
                 acc[1] += c
+        # The policy-gradient norm before clipping. ZeRO's optimizers record it in step();
+        # stage 0 clips in place inside step() and records nothing, so measure it first.
+        pre_clip = self._local_grad_norm() if self.cfg.zero_stage == 0 else None
         self.engine.step()
         self.steps_done += 1
 
@@ -259,9 +262,10 @@ class LearnerEngine:
         )
         kept_tok, valid_tok, ent_sum, glob_loss, fwd_sum = reduced[:5]
         stat_sums, stat_counts = reduced[5 : 5 + len(names)], reduced[5 + len(names) :]
-        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = pre_clip if pre_clip is not None else self.engine.get_global_grad_norm()
         metrics = {
             "loss": glob_loss / glob_units if glob_units > 0 else 0.0,
+            # before clipping (learner.grad_clip), the quantity the paper bounds with Var(A)
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "lr": float(self.scheduler.get_last_lr()[0]),
             "entropy": ent_sum / max(valid_tok, 1.0),
@@ -276,6 +280,13 @@ class LearnerEngine:
             {k: s / max(c, 1.0) for k, s, c in zip(names, stat_sums, stat_counts, strict=True)}
         )
         return metrics
+
+    def _local_grad_norm(self) -> float | None:
+        """L2 norm of the module's gradients as they are now (whole, already averaged over ranks
+        without ZeRO); None when no parameter has one."""
+        norms = [p.grad.detach().float().norm() for p in self.engine.module.parameters()
+                 if p.grad is not None]  # fmt: skip
+        return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else None
 
     # -- weights and checkpoints -------------------------------------------------------------
 

@@ -77,7 +77,8 @@ def curate(
     """Select the samples of ``groups`` the learner will see at ``step``.
 
     All groups must have the same G. Statistics: Var(A) over all rollouts and over the kept
-    ones, the groups whose rewards were all equal, and the ratios used.
+    ones, the L2 norm of the advantages of both, the groups whose rewards were all equal, and
+    the ratios used.
     """
     if not groups:
         raise ValueError("groups: need at least one scored group")
@@ -98,6 +99,10 @@ def curate(
         "samples_kept": float(keep.sum()),
         "var_adv_before": float(adv.var(unbiased=False)),
         "var_adv_after": float(kept_adv.var(unbiased=False)) if kept_adv.numel() else 0.0,
+        # The L2 norms of the advantages: the policy gradient is a sum of per-sample gradients
+        # weighted by A_i, so these bound its size (with Var(A), the paper's mechanism).
+        "adv_norm_before": float(adv.norm()),
+        "adv_norm_kept": float(kept_adv.norm()) if kept_adv.numel() else 0.0,
         "reward_mean": float(rewards.mean()),
         "sample_ratio": sample_ratio,
         "token_ratio": token_ratio,

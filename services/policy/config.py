@@ -5,11 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 # Bump when the warm-start procedure changes, so old cached checkpoints are not reused.
-WARMSTART_FORMAT = 1
+WARMSTART_FORMAT = 2  # 2: the char tokenizer is saved as a Hugging Face fast tokenizer
 
 
 class PolicySpec(BaseModel):
@@ -81,12 +82,20 @@ class WarmstartConfig(BaseModel):
     def effective_wrong_fraction(self) -> float:
         return 0.0 if self.clean else self.wrong_fraction
 
-    def cache_key(self, policy: PolicySpec, digits: int) -> str:
-        """Stable hash of what is trained (clean normalised, so equivalent specs share one)."""
+    def cache_key(self, policy: PolicySpec, task: int | dict[str, Any]) -> str:
+        """Stable hash of what is trained (clean normalised, so equivalent specs share one).
+
+        ``task``: the addition task's operand digits (an int: the key every addition warm start
+        has always had), or the identity of another built-in task as a JSON-ready dict (e.g.
+        ``{"type": "mixed", "levels": [1, 2]}``).
+        """
         d = self.model_dump(mode="json", exclude={"cache_dir"})
         d["wrong_fraction"] = self.effective_wrong_fraction
         d["clean"] = d["wrong_fraction"] == 0.0
-        d["digits"] = digits
+        if isinstance(task, int):
+            d["digits"] = task
+        else:
+            d["task"] = task
         d["model"] = policy.model_dump(mode="json")
         payload = json.dumps({"format": WARMSTART_FORMAT, "spec": d}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]

@@ -1,4 +1,5 @@
-"""Supervised warm start of the tiny policy on (imperfect) arithmetic demonstrations.
+"""Supervised warm start of the tiny policy on (imperfect) demonstrations of a built-in task
+(addition or mixed arithmetic), with the char tokenizer of that task's alphabet.
 
 RL needs headroom. A random model gets zero reward; a model warm-started on clean
 data is already near what RL can reach at this size. Training on demonstrations where
@@ -26,12 +27,16 @@ from services.policy.config import WARMSTART_FORMAT, PolicySpec, WarmstartConfig
 from services.policy.evaluate import evaluate_greedy
 from services.policy.model import build_policy, save_policy
 from services.policy.tokenizer import CharTokenizer
-from services.tasks.arithmetic import ArithmeticTask
 from services.tasks.base import Prompt
+from services.tasks.config import ArithmeticTaskConfig, SyntheticTaskConfig
+from services.tasks.source import synthetic_task
 
 logger = logging.getLogger(__name__)
 
 METADATA_FILE = "warmstart.json"
+
+TaskSpec = SyntheticTaskConfig | int
+"""A built-in task config, or an int: the addition task's operand digits."""
 
 ProgressFn = Callable[[int, int, float], None]
 """``progress(step, total_steps, loss)``, called after every optimiser step; ``total_steps`` is
@@ -40,6 +45,16 @@ the upper bound (``max_steps`` when ``min_accuracy`` may extend training)."""
 
 def _lr_factor(step: int, spec: WarmstartConfig) -> float:
     return min(1.0, (step + 1) / max(1, spec.warmup_steps))
+
+
+def task_identity(task: TaskSpec) -> int | dict:
+    """What of ``task`` the warm start's cache key depends on: the digits for addition (so its
+    key is what it always was), else the task's fields minus evaluation-only ones."""
+    if isinstance(task, int):
+        return task
+    if isinstance(task, ArithmeticTaskConfig):
+        return task.digits
+    return task.model_dump(mode="json", exclude={"heldout_size", "verifier_timeout_s"})
 
 
 def demonstration_batch(
@@ -56,10 +71,10 @@ def demonstration_batch(
     seqs, n_prompt = [], []
     for p, t in zip(prompts, targets, strict=True):
         pi = tokenizer.encode(p.text)
-        seqs.append(pi + tokenizer.encode(t) + [tokenizer.eos_id])
+        seqs.append(pi + tokenizer.encode(t) + [tokenizer.eos_token_id])
         n_prompt.append(len(pi))
     width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), tokenizer.pad_id, dtype=torch.long)
+    ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
     labels = torch.full((len(seqs), width), -100, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, (s, k) in enumerate(zip(seqs, n_prompt, strict=True)):
@@ -70,12 +85,12 @@ def demonstration_batch(
 
 
 def train_demonstrations(
-    spec: WarmstartConfig, policy: PolicySpec, digits: int, progress: ProgressFn | None = None
+    spec: WarmstartConfig, policy: PolicySpec, task_spec: TaskSpec, progress: ProgressFn | None = None
 ) -> tuple[torch.nn.Module, CharTokenizer, dict]:
     """Run the supervised training in memory. Returns (model in eval mode, tokenizer, stats)."""
-    tokenizer = CharTokenizer()
+    task, alphabet = synthetic_task(task_spec, seed=spec.seed)
+    tokenizer = CharTokenizer(alphabet)
     model = build_policy(policy, tokenizer, seed=spec.seed)
-    task = ArithmeticTask(digits=digits, seed=spec.seed)
     rng = np.random.default_rng([spec.seed, 0x5F7])
     dev = task.train_prompts(spec.dev_prompts, np.random.default_rng([spec.seed, 0xDE5]))
     max_new = task.max_answer_len + 1
@@ -125,30 +140,31 @@ def train_demonstrations(
 def warmstart(
     spec: WarmstartConfig,
     policy: PolicySpec,
-    digits: int,
+    task: TaskSpec,
     progress: ProgressFn | None = None,
 ) -> Path:
-    """Path of a warm-started checkpoint of ``policy`` on ``digits``-digit arithmetic, trained
-    as ``spec`` says, training it only if not cached.
+    """Path of a warm-started checkpoint of ``policy`` on ``task`` (a built-in task config, or
+    the addition task's digits), trained as ``spec`` says, training it only if not cached.
 
-    The checkpoint lives in ``spec.cache_dir/<cache key>/`` (HF format + ``char_tokenizer.json``
+    The checkpoint lives in ``spec.cache_dir/<cache key>/`` (HF format, tokenizer included,
     + ``warmstart.json`` with the spec, timings and held-out accuracy). Training writes into a
     temporary directory that is renamed into place, so a crash never leaves a half checkpoint
     and concurrent callers end up with one complete copy.
     """
     cache_dir = Path(spec.cache_dir)
-    final = cache_dir / spec.cache_key(policy, digits)
+    identity = task_identity(task)
+    final = cache_dir / spec.cache_key(policy, identity)
     if (final / METADATA_FILE).is_file():
         logger.info("warm start cached at %s", final)
         return final
     cache_dir.mkdir(parents=True, exist_ok=True)
     logger.info("warm start: training %s into %s", spec, final)
-    model, tokenizer, stats = train_demonstrations(spec, policy, digits, progress)
+    model, tokenizer, stats = train_demonstrations(spec, policy, task, progress)
     if spec.eval_prompts > 0:
-        task = ArithmeticTask(digits=digits, seed=spec.seed)
+        built, _ = synthetic_task(task, seed=spec.seed)
         t0 = time.perf_counter()
         stats["heldout_accuracy"] = evaluate_greedy(
-            model, tokenizer, task.heldout(spec.eval_prompts), task.max_answer_len + 1
+            model, tokenizer, built.heldout(spec.eval_prompts), built.max_answer_len + 1
         )
         stats["eval_seconds"] = time.perf_counter() - t0
         logger.info("warm start held-out greedy accuracy %.3f", stats["heldout_accuracy"])
@@ -156,7 +172,9 @@ def warmstart(
     try:
         save_policy(model, tokenizer, tmp)
         meta = {"spec": spec.model_dump(mode="json", exclude={"cache_dir"}), "model": policy.model_dump(),
-                "digits": digits, "format": WARMSTART_FORMAT, **stats}
+                "task": identity, "format": WARMSTART_FORMAT, **stats}
+        if isinstance(identity, int):
+            meta["digits"] = identity
         # Metadata last: its presence marks a complete checkpoint.
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=1))
         try:

@@ -132,7 +132,9 @@ def build_component(
         raise ValueError(f"unknown component {kind!r}; one of {COMPONENTS}")
     # Cores are shared by every component of a run: intra-op threads would only fight.
     torch.set_num_threads(1)
-    transport = Transport.open(connect(redis_url), cfg.service.namespace)
+    # A Redis restart is waited out, not fatal (the supervisor brings the embedded one back).
+    transport = Transport.open(connect(redis_url, outage_s=cfg.service.redis_outage_s),
+                               cfg.service.namespace)  # fmt: skip
     name = component_name(kind, index)
     with stop_run_on_failure(transport, name):
         if kind == "selector":
@@ -145,7 +147,15 @@ def build_component(
         if policy_path is None:
             raise ValueError(f"{kind}: needs the policy path")
         if kind == "rollout":
-            return Component(name, transport, _build_rollout(cfg, transport, policy_path, index).run)
+            actor = _build_rollout(cfg, transport, policy_path, index)
+
+            def roll() -> dict[str, Any]:
+                try:
+                    return actor.run()
+                finally:
+                    actor.weights.close()  # leave the broadcast group, release sockets
+
+            return Component(name, transport, roll)
         learner, shutdown = _build_learner(cfg, transport, policy_path, run_dir, index, detached_store)
 
         def learn() -> dict[str, Any]:
@@ -163,27 +173,57 @@ def run_component(kind: str, cfg: RunConfig, redis_url: str, **kwargs: Any) -> d
     return build_component(kind, cfg, redis_url, **kwargs).run()
 
 
-def build_worker(cfg: RunConfig, model: Any, tokenizer: Any, name: str) -> Any:
-    """A rollout worker (engine + tasks) around ``model``."""
+def build_worker(cfg: RunConfig, model: Any, tokenizer: Any, name: str, device: str | None = None) -> Any:
+    """A rollout worker (engine + tasks) around ``model``; ``device``: where the engine runs
+    (None: where the model is)."""
     from services.rollout.hf_engine import HFRolloutEngine
     from services.rollout.worker import RolloutWorker
     from services.tasks.source import TaskSource
 
     r = cfg.rollout
-    engine = HFRolloutEngine(model, tokenizer, r.max_new_tokens, r.temperature, r.top_p)
+    engine = HFRolloutEngine(model, tokenizer, r.max_new_tokens, r.temperature, r.top_p, device=device)
     return RolloutWorker(engine, TaskSource.from_config(cfg.task), r.samples_per_prompt, name=name)
 
 
-def build_evaluator(cfg: RunConfig, tokenizer: Any) -> Callable[[Any], dict[str, float]]:
-    """Held-out evaluation of a policy module, as every run reports it."""
-    from services.policy.evaluate import evaluate_greedy
+def evaluation_metrics(result: Any) -> dict[str, float]:
+    """The metric row of an :class:`EvalResult`: ``eval/*`` (greedy, pass@k, maj@k, mean length,
+    per difficulty) and ``heldout_accuracy``, the greedy accuracy (pass@1 when greedy is off)."""
+    row = result.metrics(prefix="eval/")
+    greedy = result.greedy_accuracy
+    row["heldout_accuracy"] = greedy if greedy is not None else result.pass_at_k.get(1, 0.0)
+    return row
+
+
+def run_evaluation(cfg: RunConfig, model: Any, tokenizer: Any, prompts: list | None = None,
+                   verifiers: Any = None, **changes: Any) -> Any:  # fmt: skip
+    """Evaluate ``model`` on the task's held-out prompts as ``cfg.eval`` says (``changes``
+    override its fields, e.g. ``n_samples``); returns the :class:`EvalResult`."""
+    from services.evaluation.evaluate import evaluate_policy
     from services.tasks.source import TaskSource
 
-    heldout = TaskSource.from_config(cfg.task).heldout()
+    if prompts is None:
+        source = TaskSource.from_config(cfg.task)
+        prompts, verifiers = source.heldout(), source.verifiers
+    e = cfg.eval.model_copy(update=changes)
+    return evaluate_policy(
+        model, tokenizer, prompts, verifiers, n_samples=e.n_samples, ks=e.ks,
+        temperature=e.temperature if e.temperature is not None else cfg.rollout.temperature,
+        top_p=e.top_p if e.top_p is not None else cfg.rollout.top_p,
+        max_new_tokens=cfg.rollout.max_new_tokens, seed=e.seed, greedy=e.greedy,
+        batch_size=e.batch_size,
+    )  # fmt: skip
+
+
+def build_evaluator(cfg: RunConfig, tokenizer: Any) -> Callable[[Any], dict[str, float]]:
+    """Held-out evaluation of a policy module, as every run reports it (``cfg.eval``): greedy
+    accuracy as ``heldout_accuracy``, pass@k, maj@k and mean response length as ``eval/*``."""
+    from services.tasks.source import TaskSource
+
+    source = TaskSource.from_config(cfg.task)
+    heldout, verifiers = source.heldout(), source.verifiers
 
     def evaluate(model: Any) -> dict[str, float]:
-        acc = evaluate_greedy(model, tokenizer, heldout, cfg.rollout.max_new_tokens)
-        return {"heldout_accuracy": acc}
+        return evaluation_metrics(run_evaluation(cfg, model, tokenizer, heldout, verifiers))
 
     return evaluate
 
@@ -191,12 +231,25 @@ def build_evaluator(cfg: RunConfig, tokenizer: Any) -> Callable[[Any], dict[str,
 def _build_rollout(cfg: RunConfig, transport: Transport, policy_path: str, index: int) -> Any:
     from services.policy.model import load_policy
     from services.rollout.actor import RolloutActor
-    from services.weightsync.object_store import RayWeightSource
+    from services.weightsync.factory import make_receiver
 
+    name = component_name("rollout", index)
     model, tokenizer = load_policy(policy_path)
-    worker = build_worker(cfg, model, tokenizer, component_name("rollout", index))
-    source = RayWeightSource(cfg.service.namespace, cfg.service.wait_timeout_s)
-    return RolloutActor(cfg.rollout_settings(), transport, source, worker, index)
+    worker = build_worker(cfg, model, tokenizer, name, device=rollout_device(cfg))
+    # The learner publishes CPU tensors (gloo for the collective transport); each engine copies
+    # them onto its own device.
+    receiver = make_receiver(cfg.weight_sync, cfg.service.namespace, name, device="cpu",
+                             redis_client=transport.client)  # fmt: skip
+    log.info("%s: engine on %s, weights by %s", name, worker.engine.device, cfg.weight_sync.transport)
+    return RolloutActor(cfg.rollout_settings(), transport, receiver, worker, index)
+
+
+def rollout_device(cfg: RunConfig) -> str | None:
+    """``cuda`` when the rollout actors reserve GPUs (``rollout.num_gpus``) and one is visible
+    (Ray's CUDA_VISIBLE_DEVICES makes the reserved one ``cuda:0``); None keeps the CPU."""
+    import torch
+
+    return "cuda" if cfg.rollout.num_gpus > 0 and torch.cuda.is_available() else None
 
 
 def _build_learner(
@@ -211,26 +264,48 @@ def _build_learner(
     from learner.service import LearnerService
     from services.policy.limits import model_limits
     from services.policy.model import load_policy, save_policy
-    from services.weightsync.object_store import RayWeightPublisher, get_or_create_store
+    from services.run.placement import in_placement_group, node_address, start_followers
+    from services.weightsync.factory import make_publisher
 
     model, tokenizer = load_policy(policy_path)
-    shutdown: Callable[[], None] = lambda: None  # noqa: E731
+    settings = cfg.learner_settings(Path(run_dir) if run_dir else None)
+    stop_followers: Callable[[], None] = lambda: None  # noqa: E731
     if cfg.learner.world_size > 1:
         from learner.multirank import start_ranks, stop_ranks
 
-        engine, procs = start_ranks(cfg.learner, cfg.train.total_steps, policy_path, model)
+        launch = None
+        if in_placement_group():  # under d3s run: followers in the learner's other bundles
+            log_dir = str(settings.run_dir / "logs")
 
-        def shutdown() -> None:
+            def launch(world: int, port: int) -> tuple[str, list[Any]]:
+                return start_followers(world, port, cfg.learner, cfg.train.total_steps,
+                                       policy_path, log_dir)  # fmt: skip
+
+        engine, procs = start_ranks(cfg.learner, cfg.train.total_steps, policy_path, model,
+                                    launch=launch, master_addr=node_address())  # fmt: skip
+
+        def stop_followers() -> None:
             stop_ranks(engine, procs)
     else:
         engine = LearnerEngine(model, cfg.learner, cfg.train.total_steps)
-    settings = cfg.learner_settings(Path(run_dir) if run_dir else None)
-    publisher = RayWeightPublisher(get_or_create_store(cfg.service.namespace, detached_store))
+    ns = cfg.service.namespace
+    if cfg.weight_sync.transport == "object_store":
+        from services.weightsync.object_store import get_or_create_store
+
+        get_or_create_store(ns, detached_store)  # the publisher below finds it
+    publisher = make_publisher(cfg.weight_sync, ns, host=node_address(), redis_client=transport.client)
+
+    def shutdown() -> None:
+        try:
+            stop_followers()
+        finally:
+            publisher.close()  # a catch-up write in flight finishes first
+
     service = LearnerService(
         transport, engine, settings, consumer=f"learner-{index}",
         evaluate=build_evaluator(cfg, tokenizer),
         export=lambda module: save_policy(module, tokenizer, settings.run_dir / "final_policy"),
-        publish_weights=publisher, limits=model_limits(policy_path),
+        publisher=publisher, limits=model_limits(policy_path),
         logger_kwargs=cfg.logger_kwargs(),
     )  # fmt: skip
     return service, shutdown

@@ -22,7 +22,8 @@ from services.policy.config import PolicyConfig, WarmstartConfig
 from services.policy.limits import ModelLimits
 from services.rollout.config import RolloutConfig
 from services.rollout.settings import RolloutSettings
-from services.tasks.config import ArithmeticTaskConfig, TaskConfig
+from services.tasks.config import ArithmeticTaskConfig, MixedTaskConfig, TaskConfig
+from services.weightsync.config import WeightSyncConfig
 
 
 class ConfigError(ValueError):
@@ -52,6 +53,45 @@ class TrainConfig(_Section):
     """One live progress line on the terminal."""
 
 
+class EvalConfig(_Section):
+    """The held-out evaluation every run logs every ``train.eval_every`` steps (and ``d3s eval``).
+
+    Greedy accuracy (logged as ``heldout_accuracy`` and ``eval/greedy_accuracy``), then
+    ``n_samples`` sampled responses per held-out prompt give the unbiased pass@k, maj@k and the
+    mean response length (``eval/pass@k``, ``eval/maj@k``, ``eval/mean_response_length``; per
+    difficulty with a ``/d<level>`` suffix on the mixed task). Its cost is
+    ``task.heldout_size x n_samples`` sampled responses per evaluation.
+    """
+
+    n_samples: int = Field(16, ge=0, le=1024)
+    """Responses sampled per held-out prompt; 0: greedy accuracy only (then ``ks`` must be empty)."""
+    ks: list[int] = Field(default_factory=lambda: [1, 8], max_length=8)
+    """The k of pass@k and maj@k; each in 1..n_samples (the unbiased estimator needs n >= k)."""
+    temperature: float | None = Field(None, gt=0)
+    """Sampling temperature; None: ``rollout.temperature`` (what training samples at)."""
+    top_p: float | None = Field(None, gt=0, le=1)
+    """Nucleus threshold; None: ``rollout.top_p``."""
+    greedy: bool = True
+    """Also measure greedy accuracy. Without it ``heldout_accuracy`` is pass@1 (sampled)."""
+    seed: int = Field(0, ge=0)
+    """Sampling seed: the same at every evaluation, so curves compare policies, not draws."""
+    batch_size: int = Field(64, ge=1)
+    """Prompts per generation call (``batch_size x n_samples`` rows)."""
+
+    @model_validator(mode="after")
+    def _ks_fit(self) -> EvalConfig:
+        if any(k < 1 for k in self.ks):
+            raise ValueError(f"ks: each k must be >= 1, got {self.ks}")
+        if self.n_samples == 0 and self.ks:
+            raise ValueError("ks: must be empty when n_samples is 0 (greedy only)")
+        if self.ks and max(self.ks) > self.n_samples:
+            raise ValueError(f"n_samples: {self.n_samples} is below max(ks)={max(self.ks)}; "
+                             "pass@k needs at least k samples per prompt")
+        if not self.greedy and self.n_samples == 0:
+            raise ValueError("greedy: false with n_samples 0 measures nothing")
+        return self
+
+
 class ServiceConfig(_Section):
     """The asynchronous service: Redis, Ray, and the bounds between components."""
 
@@ -73,6 +113,18 @@ class ServiceConfig(_Section):
     """Every wait without progress fails with a message after this long."""
     max_abs_reward: float = Field(1e6, gt=0)
     """A group with a reward beyond +-this is dead-lettered (a verifier gone wrong)."""
+    max_restarts: int = Field(5, ge=0, le=1000)
+    """Times the supervisor re-creates each component (selector, learner, each rollout actor)
+    whose process died (kill -9, out of memory) before it stops the run; 0: never. A component
+    that raises an error is not restarted: the run stops with that error."""
+    restart_backoff_s: float = Field(1.0, ge=0, le=600)
+    """Wait before a component's first restart; doubled for each further one (at most 60 s)."""
+    redis_outage_s: float = Field(60.0, gt=0, le=86_400)
+    """How long a lost Redis is waited out (the embedded one is restarted from its AOF; every
+    client reconnects with back-off) before the run stops; ``d3s run`` again resumes it."""
+    redis_maxmemory_mb: int = Field(1024, ge=0)
+    """``maxmemory`` of the embedded Redis (policy ``noeviction``: when full it refuses writes
+    and never evicts run state); 0: no limit."""
 
 
 class ApiConfig(_Section):
@@ -124,19 +176,23 @@ class RunConfig(_Section):
     rollout: RolloutConfig = RolloutConfig()
     algorithm: AlgorithmConfig = AlgorithmConfig()
     learner: LearnerConfig = LearnerConfig()
+    eval: EvalConfig = EvalConfig()
     train: TrainConfig = TrainConfig()
     service: ServiceConfig = ServiceConfig()
     api: ApiConfig = ApiConfig()
     logging: LoggingConfig = LoggingConfig()
+    weight_sync: WeightSyncConfig = WeightSyncConfig()
+    """How the learner's weights reach the rollout engines: the Ray object store (default),
+    a bucketed collective broadcast, or safetensors files on a shared path."""
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
         if abs(self.learner.temperature - self.rollout.temperature) > 1e-12:
             raise ValueError("learner.temperature must equal rollout.temperature: the learner must "
                              "score the distribution the rollouts were sampled from")
-        if self.policy.path is None and not isinstance(self.task, ArithmeticTaskConfig):
-            raise ValueError("policy.path: required unless task.type is 'arithmetic' (the "
-                             "built-in warm start only knows arithmetic)")
+        if self.policy.path is None and not isinstance(self.task, ArithmeticTaskConfig | MixedTaskConfig):
+            raise ValueError("policy.path: required unless task.type is 'arithmetic' or 'mixed' "
+                             "(the built-in warm start only knows the built-in tasks)")
         if self.policy.path is not None and not (Path(self.policy.path) / "config.json").is_file():
             raise ValueError(f"policy.path: {self.policy.path} is not a model directory "
                              "(no config.json)")

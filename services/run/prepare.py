@@ -7,7 +7,7 @@ from pathlib import Path
 
 from services.policy.warmstart import ProgressFn, warmstart
 from services.run.config import RunConfig
-from services.tasks.config import ArithmeticTaskConfig
+from services.tasks.config import ArithmeticTaskConfig, MixedTaskConfig
 
 log = logging.getLogger(__name__)
 
@@ -17,7 +17,8 @@ def prepare_policy(cfg: RunConfig, progress: ProgressFn | None = None) -> Path:
     if cfg.policy.path is not None:
         log.info("policy: %s", cfg.policy.path)
         return Path(cfg.policy.path)
-    assert isinstance(cfg.task, ArithmeticTaskConfig)  # the config validator guarantees it
-    path = warmstart(cfg.warmstart, cfg.policy.spec(), cfg.task.digits, progress=progress)
+    # The config validator guarantees a built-in task here.
+    assert isinstance(cfg.task, ArithmeticTaskConfig | MixedTaskConfig)
+    path = warmstart(cfg.warmstart, cfg.policy.spec(), cfg.task, progress=progress)
     log.info("policy: warm start %s", path)
     return path

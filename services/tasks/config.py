@@ -28,6 +28,27 @@ class ArithmeticTaskConfig(_TaskBase):
     """Operand digits."""
 
 
+class MixedTaskConfig(_TaskBase):
+    """Mixed-operation arithmetic (``+ - *``, operand lengths, multi-step) at graded difficulty
+    (``services/tasks/mixed.py``); each prompt records its level, and evaluation reports
+    accuracy per level. Built in, no files."""
+
+    type: Literal["mixed"] = "mixed"
+    levels: list[int] = Field(default_factory=lambda: [1, 2], min_length=1)
+    """Difficulty levels to draw from (keys of ``services.tasks.mixed.LEVELS``, 1..8)."""
+
+    @model_validator(mode="after")
+    def _known_levels(self) -> MixedTaskConfig:
+        from services.tasks.mixed import LEVELS
+
+        bad = [lv for lv in self.levels if lv not in LEVELS]
+        if bad or len(set(self.levels)) != len(self.levels):
+            raise ValueError(
+                f"levels: must be distinct values of {sorted(LEVELS)}, got {self.levels}"
+            )
+        return self
+
+
 class JsonlTaskConfig(_TaskBase):
     """GSM8K- or MATH-style JSONL files: one object per line with a question and an answer."""
 
@@ -53,8 +74,11 @@ def _default_type(value: Any) -> Any:
     return value
 
 
+SyntheticTaskConfig = ArithmeticTaskConfig | MixedTaskConfig
+"""The built-in tasks: no files, and the warm start can train the built-in policy on them."""
+
 TaskConfig = Annotated[
-    ArithmeticTaskConfig | JsonlTaskConfig,
+    ArithmeticTaskConfig | MixedTaskConfig | JsonlTaskConfig,
     Field(discriminator="type"),
     BeforeValidator(_default_type),
 ]

@@ -2,41 +2,84 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
+from services.policy.tokenizer import ARITHMETIC_ALPHABET
 from services.tasks.arithmetic import ArithmeticTask
 from services.tasks.base import Prompt
-from services.tasks.config import ArithmeticTaskConfig, TaskConfig
+from services.tasks.config import (
+    ArithmeticTaskConfig,
+    JsonlTaskConfig,
+    MixedTaskConfig,
+    SyntheticTaskConfig,
+    TaskConfig,
+)
 from services.tasks.jsonl import load_jsonl
+from services.tasks.mixed import ALPHABET as MIXED_ALPHABET
+from services.tasks.mixed import MixedTask
 from services.tasks.verify import VERIFIERS, SafeVerifier
+
+SyntheticTask = ArithmeticTask | MixedTask
+
+
+def synthetic_task(task: SyntheticTaskConfig | int, seed: int = 0) -> tuple[SyntheticTask, str]:
+    """The built-in task a config names (an int: ``digits`` of the addition task) and the
+    character alphabet its prompts and answers use (the char tokenizer's)."""
+    if isinstance(task, int):
+        return ArithmeticTask(digits=task, seed=seed), ARITHMETIC_ALPHABET
+    if isinstance(task, ArithmeticTaskConfig):
+        return ArithmeticTask(digits=task.digits, seed=seed), ARITHMETIC_ALPHABET
+    if isinstance(task, MixedTaskConfig):
+        return MixedTask(levels=task.levels, seed=seed), MIXED_ALPHABET
+    raise ValueError(f"task: {type(task).__name__} is not a built-in task")
 
 
 class TaskSource:
-    """Training prompts (sampled with a seed), fixed held-out prompts, and safe verifiers."""
+    """Training prompts (sampled with a seed), fixed held-out prompts, and safe verifiers.
 
-    def __init__(self, kind: str = "arithmetic", digits: int = 3, train_path=None, eval_path=None,
-                 heldout_size: int = 500, verifier_timeout_s: float = 2.0) -> None:  # fmt: skip
-        self.kind = kind
-        self._arith = ArithmeticTask(digits=digits) if kind == "arithmetic" else None
-        if kind == "jsonl":
-            self._train = load_jsonl(train_path)
-            self._heldout = load_jsonl(eval_path)[:heldout_size] if eval_path else self._train[:heldout_size]
+    Built-in tasks (addition, mixed) generate prompts; JSONL tasks read them. Held-out prompts
+    of the mixed task carry their ``difficulty``, which evaluation reports per level.
+    """
+
+    def __init__(
+        self,
+        synthetic: SyntheticTask | None = None,
+        train: list[Prompt] | None = None,
+        heldout: list[Prompt] | None = None,
+        heldout_size: int = 500,
+        verifier_timeout_s: float = 2.0,
+    ) -> None:
+        self._task = synthetic
+        if synthetic is not None:
+            self.kind = "mixed" if isinstance(synthetic, MixedTask) else "arithmetic"
+            self._train: list[Prompt] = []
+            self._heldout = list(synthetic.heldout(heldout_size))
         else:
-            self._train = []
-            self._heldout = self._arith.heldout(heldout_size)
-        self.verifiers = {name: SafeVerifier(fn, verifier_timeout_s) for name, fn in VERIFIERS.items()}
+            if not train:
+                raise ValueError("train: a JSONL task needs training prompts")
+            self.kind = "jsonl"
+            self._train = train
+            self._heldout = (heldout or train)[:heldout_size]
+        self.verifiers = {
+            name: SafeVerifier(fn, verifier_timeout_s) for name, fn in VERIFIERS.items()
+        }
 
     @classmethod
     def from_config(cls, task: TaskConfig) -> TaskSource:
-        if isinstance(task, ArithmeticTaskConfig):
-            return cls("arithmetic", digits=task.digits, heldout_size=task.heldout_size,
-                       verifier_timeout_s=task.verifier_timeout_s)  # fmt: skip
-        return cls("jsonl", train_path=task.train_path, eval_path=task.eval_path,
-                   heldout_size=task.heldout_size, verifier_timeout_s=task.verifier_timeout_s)  # fmt: skip
+        if isinstance(task, JsonlTaskConfig):
+            train = load_jsonl(Path(task.train_path))
+            heldout = load_jsonl(Path(task.eval_path)) if task.eval_path else None
+            return cls(None, train, heldout, task.heldout_size, task.verifier_timeout_s)
+        synthetic, _ = synthetic_task(task)
+        return cls(
+            synthetic, heldout_size=task.heldout_size, verifier_timeout_s=task.verifier_timeout_s
+        )
 
     def train_prompts(self, n: int, rng: np.random.Generator) -> list[Prompt]:
-        if self._arith is not None:
-            return self._arith.train_prompts(n, rng)
+        if self._task is not None:
+            return list(self._task.train_prompts(n, rng))
         idx = rng.integers(0, len(self._train), size=n)
         return [self._train[i] for i in idx]
 
