@@ -1,5 +1,10 @@
 """A learner of N ranks behind one service: rank 0 runs the service, ranks 1..N-1 follow.
 
+Ranks 1..N-1 are either local processes (``d3s learner`` started by hand, which sees its node's
+GPUs) or, under ``d3s run``, Ray actors in the learner's placement group that the caller's
+``launch`` starts (``services.run.placement.start_followers``), with rank 0's node address as
+``MASTER_ADDR``, so a learner may span nodes.
+
 Only rank 0 talks to Redis and the rollout actors. Every engine call that is collective
 (train_step's all-reduces, ZeRO-3 gathers, checkpoint save/load) is announced to the followers
 by a broadcast first, so all ranks enter it together. Followers wait in that broadcast between
@@ -10,6 +15,9 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -73,9 +81,10 @@ def follow(engine: LearnerEngine) -> int:
             getattr(engine, cmd)(*args)
 
 
-def _follower_main(rank: int, world: int, port: int, learner_cfg, total_steps: int, policy_path: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _follower_main(rank: int, world: int, port: int, learner_cfg, total_steps: int, policy_path: str,
+                   master_addr: str = "127.0.0.1", local_rank: int | None = None) -> int:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank if local_rank is None else local_rank),
+                      WORLD_SIZE=str(world), MASTER_ADDR=master_addr, MASTER_PORT=str(port))
     torch.set_num_threads(1)
     from services.policy.model import load_policy
 
@@ -83,26 +92,75 @@ def _follower_main(rank: int, world: int, port: int, learner_cfg, total_steps: i
     engine = LearnerEngine(model, learner_cfg, total_steps)
     steps = follow(engine)
     log.info("follower rank %d done after %d steps", rank, steps)
+    return steps
 
 
-def start_ranks(learner_cfg, total_steps: int, policy_path: str, model: torch.nn.Module
-                ) -> tuple[LeaderEngine, list[mp.Process]]:
-    """Start ranks 1..N-1 as processes and join them as rank 0 in this process."""
+class FollowerRank:
+    """One follower rank in a process of its own that a Ray actor hosts (``ray.remote`` is
+    applied by the caller, which places it). ``log_dir``: its log, stdout and stderr go to
+    ``log_dir/learner-rank<r>.log``."""
+
+    def __init__(self, log_dir: str | None = None) -> None:
+        self.log_dir = log_dir
+
+    def run(self, rank: int, world: int, master_addr: str, port: int, learner_cfg, total_steps: int,
+            policy_path: str) -> int:  # fmt: skip
+        """Join rank 0 at ``master_addr:port`` and follow it until it says stop; returns the steps
+        trained. With a GPU of its own (Ray sets CUDA_VISIBLE_DEVICES to it) the rank's device
+        is ``cuda:0``."""
+        if self.log_dir is not None:
+            _log_to(Path(self.log_dir) / f"learner-rank{rank}.log")
+        import ray
+
+        local_rank = 0 if ray.get_gpu_ids() else rank
+        return _follower_main(rank, world, port, learner_cfg, total_steps, policy_path, master_addr,
+                              local_rank)  # fmt: skip
+
+
+def _log_to(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    sink = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(sink, 1)
+    os.dup2(sink, 2)
+    os.close(sink)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().handlers = [handler]
+    logging.getLogger().setLevel(logging.INFO)
+
+
+# (world, port) -> (MASTER_ADDR, followers): starts ranks 1..world-1 somewhere else (Ray actors);
+# each follower has join(timeout), is_alive() and kill() like a process.
+Launcher = Callable[[int, int], tuple[str, list[Any]]]
+
+
+def start_ranks(learner_cfg, total_steps: int, policy_path: str, model: torch.nn.Module,
+                launch: Launcher | None = None, master_addr: str = "127.0.0.1"
+                ) -> tuple[LeaderEngine, list[Any]]:
+    """Start ranks 1..N-1 (local processes, or whatever ``launch`` starts) and join them as rank
+    0 in this process. ``master_addr``: this node's address for local followers (loopback);
+    a launcher returns its own."""
     world = learner_cfg.world_size
-    port = free_port()
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_follower_main, args=(r, world, port, learner_cfg, total_steps, policy_path),
-                         daemon=True) for r in range(1, world)]
-    for p in procs:
-        p.start()
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+    if launch is not None:
+        master_addr, procs = launch(world, port := free_port(master_addr))
+    else:
+        port = free_port()
+        ctx = mp.get_context("spawn")
+        procs = [ctx.Process(target=_follower_main, args=(r, world, port, learner_cfg, total_steps, policy_path),
+                             daemon=True) for r in range(1, world)]
+        for p in procs:
+            p.start()
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE=str(world), MASTER_ADDR=master_addr,
                       MASTER_PORT=str(port))
     engine = LearnerEngine(model, learner_cfg, total_steps)
-    log.info("learner: rank 0 of %d leads; followers pids %s", world, [p.pid for p in procs])
+    log.info("learner: rank 0 of %d leads at %s:%d; followers %s", world, master_addr, port,
+             [p.pid for p in procs])
     return LeaderEngine(engine), procs
 
 
-def stop_ranks(leader: LeaderEngine, procs: list[mp.Process], timeout_s: float = 60.0) -> None:
+def stop_ranks(leader: LeaderEngine, procs: list[Any], timeout_s: float = 60.0) -> None:
     leader.stop()
     for p in procs:
         p.join(timeout_s)

@@ -30,15 +30,12 @@ from services.transport.bundle import Transport
 from services.transport.queue import Delivery
 from services.transport.records import CuratedBatch
 from services.transport.waiting import Stalled, WaitPolicy
-from services.weightsync.checksum import state_checksum
+from services.weightsync.base import WeightPublisher
 
 log = logging.getLogger(__name__)
 
 GROUP = "learner"
 
-# (version, state_dict, checksum, rewind) -> None; rewind: a resumed learner republishes an
-# older version than it had published before the crash.
-WeightPublisher = Callable[[int, dict[str, torch.Tensor], str, bool], None]
 # The policy module -> held-out metrics.
 Evaluator = Callable[[torch.nn.Module], dict[str, float]]
 # The policy module -> the directory it was exported to.
@@ -71,8 +68,9 @@ class LearnerService:
         consumer: consumer name in the ``learner`` group.
         evaluate: held-out evaluation of the policy (every ``eval_every`` steps); None: none.
         export: writes the final policy; None: no export.
-        publish_weights: hands each version to the rollout actors; None publishes nothing but
-            the audit trail.
+        publisher: hands each version to the rollout engines (the configured weight-sync
+            transport, :mod:`services.weightsync`); None publishes nothing but the audit trail.
+            A resumed learner republishes its checkpoint's version with ``rewind=True``.
         limits: the model's vocabulary and context; a batch outside them is dead-lettered.
         logger_kwargs: passed to the run's metric logger (TensorBoard on/off, W&B settings).
         block_ms: how long one read waits for a batch.
@@ -88,7 +86,7 @@ class LearnerService:
         *,
         evaluate: Evaluator | None = None,
         export: Exporter | None = None,
-        publish_weights: WeightPublisher | None = None,
+        publisher: WeightPublisher | None = None,
         limits: ModelLimits | None = None,
         logger_kwargs: Mapping[str, Any] | None = None,
         block_ms: int = 1000,
@@ -101,7 +99,7 @@ class LearnerService:
         self.ckpt_dir = Path(settings.run_dir) / "checkpoints"
         self.evaluate = evaluate
         self.export = export
-        self.publish_weights = publish_weights
+        self.publisher = publisher
         self.limits = limits
         self.logger_kwargs = dict(logger_kwargs or {})
         self.block_ms = block_ms
@@ -282,9 +280,8 @@ class LearnerService:
     def _publish(self, rewind: bool) -> float:
         """Publish the current weights as version ``self.step``; returns the seconds it took."""
         t0 = time.perf_counter()
-        if self.publish_weights is not None:
-            state = self.engine.state_dict_cpu()
-            self.publish_weights(self.step, state, state_checksum(state), rewind)
+        if self.publisher is not None:
+            self.publisher.publish(self.step, self.engine.state_dict_cpu(), rewind=rewind)
         self.t.state.record_published_version(self.step)
         return time.perf_counter() - t0
 

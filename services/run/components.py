@@ -173,16 +173,60 @@ def run_component(kind: str, cfg: RunConfig, redis_url: str, **kwargs: Any) -> d
     return build_component(kind, cfg, redis_url, **kwargs).run()
 
 
-def build_worker(cfg: RunConfig, model: Any, tokenizer: Any, name: str, device: str | None = None) -> Any:
-    """A rollout worker (engine + tasks) around ``model``; ``device``: where the engine runs
-    (None: where the model is)."""
-    from services.rollout.hf_engine import HFRolloutEngine
+def build_worker(cfg: RunConfig, model: Any, tokenizer: Any, name: str, device: str | None = None,
+                 *, model_path: str | Path | None = None) -> Any:  # fmt: skip
+    """A rollout worker (engine + tasks + prompt rendering and length limit). The engine is the
+    HF one around ``model`` (``device``: where it runs, None: where the model is), or with
+    ``rollout.engine: vllm`` a vLLM engine that loads ``model_path`` (``model`` unused)."""
     from services.rollout.worker import RolloutWorker
+    from services.tasks.prompting import PromptFormat
     from services.tasks.source import TaskSource
 
     r = cfg.rollout
-    engine = HFRolloutEngine(model, tokenizer, r.max_new_tokens, r.temperature, r.top_p, device=device)
-    return RolloutWorker(engine, TaskSource.from_config(cfg.task), r.samples_per_prompt, name=name)
+    if r.engine == "vllm":
+        from services.rollout.vllm_engine import VLLMRolloutEngine
+
+        if model_path is None:
+            raise ValueError("rollout.engine: vllm needs the policy's model directory")
+        v = r.vllm_settings
+        engine: Any = VLLMRolloutEngine(
+            model_path, tokenizer, r.max_new_tokens, r.temperature, r.top_p,
+            gpu_memory_utilization=v.gpu_memory_utilization,
+            tensor_parallel_size=v.tensor_parallel_size, enforce_eager=v.enforce_eager,
+            max_model_len=v.max_model_len, dtype=v.dtype, seed=cfg.train.seed,
+        )  # fmt: skip
+    else:
+        from services.rollout.hf_engine import HFRolloutEngine
+
+        engine = HFRolloutEngine(model, tokenizer, r.max_new_tokens, r.temperature, r.top_p, device=device)
+    return RolloutWorker(engine, TaskSource.from_config(cfg.task), r.samples_per_prompt, name=name,
+                         prompt_format=PromptFormat.from_task(cfg.task),
+                         max_prompt_tokens=r.max_prompt_tokens)  # fmt: skip
+
+
+def heldout_prompts(cfg: RunConfig, tokenizer: Any) -> tuple[list, dict]:
+    """The task's held-out prompts rendered as the rollouts render them (instruction, chat
+    template), without those over ``rollout.max_prompt_tokens``, and the task's verifiers.
+
+    Raises:
+        ValueError: when no held-out prompt is within ``rollout.max_prompt_tokens``.
+    """
+    from services.policy.tokenizer import encode_text
+    from services.tasks.prompting import PromptFormat
+    from services.tasks.source import TaskSource
+
+    source = TaskSource.from_config(cfg.task)
+    prompts = PromptFormat.from_task(cfg.task).apply(tokenizer, source.heldout())
+    limit = cfg.rollout.max_prompt_tokens
+    if limit is not None:
+        kept = [p for p in prompts if len(encode_text(tokenizer, p.text)) <= limit]
+        if not kept:
+            raise ValueError(f"rollout.max_prompt_tokens: {limit} is below every held-out prompt")
+        if len(kept) < len(prompts):
+            log.info("evaluation: %d of %d held-out prompts exceed rollout.max_prompt_tokens=%d "
+                     "and are left out", len(prompts) - len(kept), len(prompts), limit)  # fmt: skip
+        prompts = kept
+    return prompts, source.verifiers
 
 
 def evaluation_metrics(result: Any) -> dict[str, float]:
@@ -199,11 +243,9 @@ def run_evaluation(cfg: RunConfig, model: Any, tokenizer: Any, prompts: list | N
     """Evaluate ``model`` on the task's held-out prompts as ``cfg.eval`` says (``changes``
     override its fields, e.g. ``n_samples``); returns the :class:`EvalResult`."""
     from services.evaluation.evaluate import evaluate_policy
-    from services.tasks.source import TaskSource
 
     if prompts is None:
-        source = TaskSource.from_config(cfg.task)
-        prompts, verifiers = source.heldout(), source.verifiers
+        prompts, verifiers = heldout_prompts(cfg, tokenizer)
     e = cfg.eval.model_copy(update=changes)
     return evaluate_policy(
         model, tokenizer, prompts, verifiers, n_samples=e.n_samples, ks=e.ks,
@@ -217,10 +259,7 @@ def run_evaluation(cfg: RunConfig, model: Any, tokenizer: Any, prompts: list | N
 def build_evaluator(cfg: RunConfig, tokenizer: Any) -> Callable[[Any], dict[str, float]]:
     """Held-out evaluation of a policy module, as every run reports it (``cfg.eval``): greedy
     accuracy as ``heldout_accuracy``, pass@k, maj@k and mean response length as ``eval/*``."""
-    from services.tasks.source import TaskSource
-
-    source = TaskSource.from_config(cfg.task)
-    heldout, verifiers = source.heldout(), source.verifiers
+    heldout, verifiers = heldout_prompts(cfg, tokenizer)
 
     def evaluate(model: Any) -> dict[str, float]:
         return evaluation_metrics(run_evaluation(cfg, model, tokenizer, heldout, verifiers))
@@ -229,18 +268,22 @@ def build_evaluator(cfg: RunConfig, tokenizer: Any) -> Callable[[Any], dict[str,
 
 
 def _build_rollout(cfg: RunConfig, transport: Transport, policy_path: str, index: int) -> Any:
-    from services.policy.model import load_policy
+    from services.policy.model import load_policy, load_tokenizer
     from services.rollout.actor import RolloutActor
     from services.weightsync.factory import make_receiver
 
     name = component_name("rollout", index)
-    model, tokenizer = load_policy(policy_path)
-    worker = build_worker(cfg, model, tokenizer, name, device=rollout_device(cfg))
+    if cfg.rollout.engine == "vllm":  # vLLM loads the weights itself, in its own workers
+        model, tokenizer = None, load_tokenizer(policy_path)
+    else:
+        model, tokenizer = load_policy(policy_path)
+    worker = build_worker(cfg, model, tokenizer, name, device=rollout_device(cfg), model_path=policy_path)
     # The learner publishes CPU tensors (gloo for the collective transport); each engine copies
     # them onto its own device.
     receiver = make_receiver(cfg.weight_sync, cfg.service.namespace, name, device="cpu",
                              redis_client=transport.client)  # fmt: skip
-    log.info("%s: engine on %s, weights by %s", name, worker.engine.device, cfg.weight_sync.transport)
+    log.info("%s: engine on %s, weights by %s", name, getattr(worker.engine, "device", cfg.rollout.engine),
+             cfg.weight_sync.transport)  # fmt: skip
     return RolloutActor(cfg.rollout_settings(), transport, receiver, worker, index)
 
 

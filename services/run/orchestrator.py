@@ -25,15 +25,25 @@ from typing import Any
 
 from services.run.components import ComponentHost, component_name, link_ray_logs
 from services.run.config import RunConfig
-from services.run.progress import StepProgress, warmstart_progress
+from services.run.lockdown import loopback_ray_options
+from services.run.placement import (
+    PlacementPlan,
+    host_options,
+    learner_placement_group,
+    plan_placement,
+    remove_group,
+)
+from services.run.progress import warmstart_progress
+from services.run.supervisor import RedisLost, RedisWatch, ServiceError, Supervisor
 from services.transport.bundle import Transport
 from services.transport.queue import connect
+from services.transport.redis_server import mask_url
+from services.weightsync.factory import rendezvous_key
 
 log = logging.getLogger(__name__)
 
 
-class ServiceError(RuntimeError):
-    """A component of the run failed; the message names it and says why."""
+# ServiceError is defined beside the supervisor (which raises most of them) and re-exported here.
 
 
 def run_service(cfg: RunConfig, run_dir: Path | None = None, verbose: bool = False) -> dict[str, Any]:
@@ -79,7 +89,7 @@ def _run_service(cfg: RunConfig, run_dir: Path, verbose: bool = False) -> dict[s
     svc = cfg.service
     t_start = time.perf_counter()
     with contextlib.ExitStack() as stack:
-        redis_url, embedded = connect_or_start(svc.redis_url, run_dir)
+        redis_url, embedded = connect_or_start(svc.redis_url, run_dir, svc.redis_maxmemory_mb)
         if embedded is not None:
             stack.callback(embedded.stop)
         transport = Transport.open(connect(redis_url), svc.namespace)
@@ -91,8 +101,10 @@ def _run_service(cfg: RunConfig, run_dir: Path, verbose: bool = False) -> dict[s
             with warmstart_progress(enabled=cfg.train.progress_bar) as progress:
                 policy_path = str(prepare_policy(cfg, progress))
             if not ray.is_initialized():
+                # A local Ray listens on loopback only; a cluster's listeners are its own.
+                local = loopback_ray_options() if svc.ray_address is None else {}
                 ray.init(address=svc.ray_address, namespace=RAY_NAMESPACE, include_dashboard=False,
-                         log_to_driver=verbose, logging_level=logging.WARNING)  # fmt: skip
+                         log_to_driver=verbose, logging_level=logging.WARNING, **local)  # fmt: skip
                 stack.callback(ray.shutdown)
                 _sigterm_as_interrupt()  # ray.init installs its own SIGTERM handler; ours first
             link_ray_logs(run_dir / "logs")
@@ -100,7 +112,7 @@ def _run_service(cfg: RunConfig, run_dir: Path, verbose: bool = False) -> dict[s
                      "rollout actors, max_staleness %d; Redis %s, run dir %s", cfg.name, svc.mode,
                      cfg.algorithm.preset, cfg.rollout.prompts_per_step,
                      cfg.rollout.samples_per_prompt, cfg.train.total_steps,
-                     cfg.rollout.num_actors, svc.max_staleness, redis_url, run_dir)  # fmt: skip
+                     cfg.rollout.num_actors, svc.max_staleness, mask_url(redis_url), run_dir)  # fmt: skip
             api_url = None
             if cfg.api.enabled:
                 api_url = start_api(redis_url, svc.namespace, cfg.api.host, cfg.api.port,
@@ -112,14 +124,33 @@ def _run_service(cfg: RunConfig, run_dir: Path, verbose: bool = False) -> dict[s
                 ray.kill(ray.get_actor(store_name(svc.namespace), namespace=RAY_NAMESPACE))
             actors = {"weight store": get_or_create_store(svc.namespace)}
             stack.callback(_kill_all, actors)
-            actors.update(_start_hosts(cfg, redis_url, run_dir, policy_path, capture_output=not verbose))
+            # A rendezvous left by an earlier session would send the engines to a dead learner.
+            transport.client.delete(rendezvous_key(svc.namespace))
+            plan = plan_placement(cfg.learner.world_size, _learner_gpu(cfg), cfg.rollout.num_gpus,
+                                  ray.cluster_resources())  # fmt: skip
+            learner_group = learner_placement_group(plan, svc.wait_timeout_s)
+            stack.callback(_best_effort, "removing the learner's placement group", remove_group,
+                           learner_group)  # fmt: skip
+            actors.update(_start_hosts(cfg, redis_url, run_dir, policy_path, capture_output=not verbose,
+                                       plan=plan, learner_group=learner_group))  # fmt: skip
             hosts = {name: a for name, a in actors.items() if name != "weight store"}
             log.info("starting %s; logs in %s", ", ".join(hosts), run_dir / "logs")
             _prepare_all(hosts, svc.wait_timeout_s)
-            results = _supervise(cfg, transport, hosts)
+
+            def respawn(name: str) -> Any:  # a dead component's replacement, placed the same way
+                actors[name] = _start_hosts(cfg, redis_url, run_dir, policy_path, not verbose,
+                                            plan=plan, learner_group=learner_group, only=name)[name]  # fmt: skip
+                return actors[name]
+
+            watch = RedisWatch(redis_url, embedded, svc.redis_outage_s)
+            stack.callback(watch.close)
+            supervisor = Supervisor(cfg, transport, hosts, respawn, watch, _progress_row)
+            results = supervisor.run()
         except BaseException as exc:
             reason = "interrupted (Ctrl-C)" if isinstance(exc, KeyboardInterrupt) else f"{exc}"
-            _best_effort("requesting stop", transport.control.request_stop, f"orchestrator: {reason}")
+            if not isinstance(exc, RedisLost):  # nobody to tell: Redis is gone
+                _best_effort("requesting stop", transport.control.request_stop,
+                             f"orchestrator: {reason}")  # fmt: skip
             raise
         counters = transport.state.stats()
     learner = results["learner"]
@@ -127,28 +158,30 @@ def _run_service(cfg: RunConfig, run_dir: Path, verbose: bool = False) -> dict[s
         "mode": svc.mode, "steps": learner.get("steps"),
         "final_heldout_accuracy": learner.get("final_heldout_accuracy"),
         "wall_seconds": time.perf_counter() - t_start, "run_dir": str(run_dir),
-        "redis_url": redis_url if embedded is None else None, "api_url": api_url,
-        "counters": counters, "components": results,
+        "redis_url": mask_url(redis_url) if embedded is None else None, "api_url": api_url,
+        "counters": counters, "components": results, "supervision": supervisor.summary(),
     }  # fmt: skip
 
 
 def _start_hosts(cfg: RunConfig, redis_url: str, run_dir: Path, policy_path: str,
-                 capture_output: bool = True) -> dict[str, Any]:  # fmt: skip
-    """One Ray actor per component. None reserves a CPU (``num_cpus=0``): on a small machine
-    reserved CPUs would leave no room for all of them, and they take turns anyway."""
+                 capture_output: bool = True, *, plan: PlacementPlan,
+                 learner_group: Any, only: str | None = None) -> dict[str, Any]:  # fmt: skip
+    """One Ray actor per component, placed by ``plan`` (:mod:`services.run.placement`): the
+    learner in bundle 0 of ``learner_group``, rollout actors with ``rollout.num_gpus``, the
+    selector on CPU; role resources where the cluster defines them."""
     import ray
 
     from services.weightsync.object_store import RAY_NAMESPACE
 
     host_cls = ray.remote(num_cpus=0, max_restarts=0)(ComponentHost)
-    learner_gpus = 1 if cfg.learner.device != "cpu" and _cuda_available() else 0
     specs = [("learner", 0), ("selector", 0)] + [("rollout", i) for i in range(cfg.rollout.num_actors)]
     hosts = {}
     for kind, index in specs:
         name = component_name(kind, index)
+        if only is not None and name != only:  # ``only``: re-create that one (the supervisor)
+            continue
         opts: dict[str, Any] = {"name": f"{cfg.service.namespace}-{name}", "namespace": RAY_NAMESPACE}
-        if kind == "learner":
-            opts["num_gpus"] = learner_gpus
+        opts.update(host_options(kind, plan, learner_group))
         hosts[name] = host_cls.options(**opts).remote(kind, cfg, redis_url, str(run_dir), index,
                                                       policy_path, capture_output)  # fmt: skip
     return hosts
@@ -187,63 +220,6 @@ def _progress_row(t: Transport) -> tuple[int, dict[str, float], float | None, st
     return int(row.get("learner_version", 0)), row, row.get("heldout_accuracy"), extra
 
 
-def _supervise(cfg: RunConfig, transport: Transport, actors: dict[str, Any]) -> dict[str, Any]:
-    """Wait for the learner, showing progress; on a failure stop everything and raise."""
-    import ray
-
-    pending = {actors[name].run.remote(): name for name in actors}
-    results: dict[str, Any] = {}
-    bar = StepProgress(cfg.train.total_steps, 0, enabled=cfg.train.progress_bar,
-                       description=f"{cfg.name} ({cfg.service.mode})")  # fmt: skip
-    try:
-        while "learner" not in results:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
-            for ref in ready:
-                name = pending.pop(ref)
-                try:
-                    results[name] = ray.get(ref)
-                except ray.exceptions.RayError as exc:
-                    cause = getattr(exc, "cause", None) or exc
-                    _best_effort("requesting stop", transport.control.request_stop, f"{name} failed")
-                    raise ServiceError(f"{name} failed: {type(cause).__name__}: {cause}") from exc
-                log.info("%s finished: %s", name, _short(results[name]))
-            bar.update(*_progress_row(transport))
-        if not transport.control.is_done():
-            reason = transport.control.stop_reason() or "unknown reason"
-            raise ServiceError(f"the learner stopped before the run was done: {reason}")
-        bar.update(*_progress_row(transport))
-    finally:
-        bar.close()
-    # The learner is done: rollouts and the selector see it and return their reports.
-    transport.control.request_stop("run complete")
-    deadline = time.monotonic() + 30.0
-    while pending and time.monotonic() < deadline:
-        ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.1, deadline - time.monotonic()))
-        for ref in ready:
-            name = pending.pop(ref)
-            try:
-                results[name] = ray.get(ref)
-            except ray.exceptions.RayError as exc:
-                log.warning("%s failed while stopping: %s", name, exc)
-    for name in pending.values():
-        log.warning("%s did not stop within 30s; it will be killed", name)
-    return results
-
-
-def _short(result: Any) -> str:
-    if isinstance(result, dict):
-        keys = ("steps", "step", "batches_written", "groups_published", "versions_loaded")
-        return ", ".join(f"{k}={_brief(result[k])}" for k in keys if k in result) or "ok"
-    return str(result)
-
-
-def _brief(value: Any) -> str:
-    """A list as its length and ends (one terminal line for a run of any length)."""
-    if isinstance(value, list) and len(value) > 3:
-        return f"{len(value)} ({value[0]}..{value[-1]})"
-    return str(value)
-
-
 def _kill_all(actors: dict[str, Any]) -> None:
     """Leave no actor process behind; every kill is tried even if an earlier one fails."""
     import ray
@@ -261,6 +237,16 @@ def _best_effort(what: str, fn: Any, *args: Any) -> None:
         fn(*args)
     except Exception as exc:
         log.warning("%s: %s", what, exc)
+
+
+def _learner_gpu(cfg: RunConfig) -> bool:
+    """Whether each learner rank gets a GPU: ``learner.device`` is not cpu and the cluster has
+    GPUs (asked of Ray, not of this process: the driver may sit on a CPU-only head)."""
+    import ray
+
+    if cfg.learner.device == "cpu":
+        return False
+    return ray.cluster_resources().get("GPU", 0.0) > 0
 
 
 def _cuda_available() -> bool:

@@ -236,3 +236,39 @@ def test_sync_run_with_a_two_rank_learner(tmp_path: Path, warmstart_cache: Path,
     assert books["stale"] == 0
     assert "rank 0 of 2 leads" in (run_dir / "logs" / "learner.log").read_text()
     assert not _processes_mentioning("ComponentHost")
+
+
+@pytest.mark.parametrize("transport", ["files", "collective"])
+def test_async_run_with_each_weight_sync_transport(tmp_path: Path, warmstart_cache: Path,
+                                                   external_redis: EmbeddedRedis, run_config,
+                                                   transport: str) -> None:  # fmt: skip
+    """The async run with weights through safetensors files, or a bucketed gloo broadcast from
+    the learner into both rollout engines (catch-up files for late joiners): same books."""
+    run_dir = tmp_path / "run"
+    base = run_config(run_dir, warmstart_cache,
+                      {"mode": "async", "max_staleness": 1, "redis_url": external_redis.url})  # fmt: skip
+    data = base.model_dump(mode="json")
+    # A tiny bucket, so the broadcast really is several buckets per version.
+    data["weight_sync"] = {"transport": transport, "path": str(tmp_path / "weights"),
+                           "bucket_mb": 0.02, "timeout_s": 60}  # fmt: skip
+    cfg = parse_config(data)
+
+    summary = run_service(cfg)
+
+    assert summary["steps"] == STEPS
+    client = redis.Redis.from_url(external_redis.url)
+    books = audit(client, cfg)
+    check_run_dir(run_dir, max_staleness=1)
+    for name, seen in books["loaded"].items():
+        assert summary["components"][name]["versions_loaded"] == seen
+    # Every engine ends on the last version (rollouts keep receiving until the learner is done).
+    assert {s["version"] for n, s in summary["components"].items() if n.startswith("rollout")} == {STEPS}
+    on_disk = sorted(p.name for p in (tmp_path / "weights").glob("weights-v*.safetensors"))
+    assert on_disk[-1] == f"weights-v{STEPS:010d}.safetensors" and len(on_disk) <= 2
+    learner_log = (run_dir / "logs" / "learner.log").read_text()
+    if transport == "collective":
+        assert "with 2 engines (gloo)" in learner_log
+        assert "broadcast of version" not in learner_log  # no failed broadcast
+        for i in range(ACTORS):
+            assert "is rank" in (run_dir / "logs" / f"rollout-{i}.log").read_text()
+    assert not _processes_mentioning("ComponentHost")

@@ -22,6 +22,8 @@ from services.policy.limits import ModelLimits
 from services.run.config import RunConfig, parse_config
 from services.transport.bundle import Transport
 from services.transport.records import CuratedBatch, ScoredGroup
+from services.weightsync.base import WeightPublisher
+from services.weightsync.checksum import sample_checksum
 
 pytestmark = pytest.mark.integration
 
@@ -64,19 +66,20 @@ def make_batch(step: int, cfg: RunConfig) -> CuratedBatch:
     return batch_record(step, STEPS, preset.name, groups, curate(groups, preset, step, STEPS))
 
 
-class Published:
-    """Records what the learner publishes (stands in for the Ray weight store)."""
+class Published(WeightPublisher):
+    """Records what the learner publishes: (version, sampled checksum, rewind)."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[int, str, bool]] = []
 
-    def __call__(self, version: int, state: dict, checksum: str, rewind: bool) -> None:
-        self.calls.append((version, checksum, rewind))
+    def publish(self, version: int, named_tensors, *, rewind: bool = False) -> float:
+        self.calls.append((version, sample_checksum(dict(named_tensors)), rewind))
+        return 0.0
 
 
 def service(t: Transport, cfg: RunConfig, run_dir: Path, pub: Published) -> LearnerService:
     engine = LearnerEngine(tiny_model(), cfg.learner, STEPS)
-    return LearnerService(t, engine, cfg.learner_settings(run_dir), publish_weights=pub, block_ms=100)
+    return LearnerService(t, engine, cfg.learner_settings(run_dir), publisher=pub, block_ms=100)
 
 
 def feed(t: Transport, cfg: RunConfig, steps: range) -> None:
@@ -85,7 +88,9 @@ def feed(t: Transport, cfg: RunConfig, steps: range) -> None:
         t.queue.commit(t.keys.batches, "", [], outputs=[(t.keys.batches, b.batch_id, b)])
 
 
-def test_a_crash_between_checkpoints_loses_no_step(tmp_path: Path, transport: Transport, redis_client) -> None:
+def test_a_crash_between_checkpoints_loses_no_step(
+    tmp_path: Path, transport: Transport, redis_client
+) -> None:
     # Reference: the five steps straight through, in a namespace of its own.
     ref_t = Transport.open(redis_client, transport.namespace + "ref")
     ref_cfg = make_cfg(tmp_path / "ref")
@@ -137,7 +142,9 @@ def test_a_crash_between_checkpoints_loses_no_step(tmp_path: Path, transport: Tr
     assert [r["step"] for r in transport.state.history()] == list(range(STEPS + 1))
 
 
-def test_a_batch_the_model_cannot_take_is_dead_lettered(tmp_path: Path, transport: Transport) -> None:
+def test_a_batch_the_model_cannot_take_is_dead_lettered(
+    tmp_path: Path, transport: Transport
+) -> None:
     cfg = make_cfg(tmp_path / "run")
     bad = make_batch(0, cfg)
     ids = bad.input_ids.copy()

@@ -1,8 +1,10 @@
-"""The rollout actor loop against a real Redis (weights from a stand-in store, no Ray):
-backpressure, lock-step generation in sync mode, and a corrupted weight sync stopping the run."""
+"""The rollout actor loop against a real Redis, with weights through the files transport (no
+Ray): backpressure, lock-step generation in sync mode, weights taken while waiting, a learner's
+rewind, and a corrupted weight sync stopping the run."""
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from pathlib import Path
@@ -17,29 +19,34 @@ from services.run.components import build_worker
 from services.run.config import RunConfig, parse_config
 from services.transport.bundle import Transport
 from services.transport.records import ScoredGroup, decode
-from services.weightsync.checksum import WeightSyncError, state_checksum
+from services.weightsync.checksum import WeightSyncError
+from services.weightsync.files import FilesPublisher, FilesReceiver, version_file
 
 pytestmark = pytest.mark.integration
 
 
-class FakeStore:
-    """Versions of one model's weights, optionally with a wrong checksum."""
+class Weights:
+    """The learner's side: versions of one model's weights published as safetensors files;
+    ``corrupt`` overwrites part of each file after it was written (what the actor reads then
+    differs from what the learner checksummed)."""
 
-    def __init__(self, model: torch.nn.Module, corrupt: bool = False) -> None:
-        self.model = model
-        self.version = 0
-        self.corrupt = corrupt
+    def __init__(self, model: torch.nn.Module, directory: Path, corrupt: bool = False) -> None:
+        self.model, self.directory, self.corrupt = model, directory, corrupt
+        self.publisher = FilesPublisher(directory, keep_last=2)
+        self.publish(0)
 
-    def latest_version(self) -> int:
-        return self.version
-
-    def fetch(self) -> tuple[int, dict[str, torch.Tensor], str]:
-        state = {k: v.clone() for k, v in self.model.state_dict().items()}
-        digest = state_checksum(state)
+    def publish(self, version: int, rewind: bool = False) -> None:
+        self.publisher.publish(version, self.model.state_dict(), rewind=rewind)
         if self.corrupt:
-            # What the actor receives differs from what the learner checksummed.
-            state["transformer.h.0.attn.c_attn.weight"][0, 0] += 1.0
-        return self.version, state, digest
+            path = version_file(self.directory, version)
+            raw = bytearray(path.read_bytes())
+            header = 8 + int.from_bytes(raw[:8], "little")
+            middle = header + (len(raw) - header) // 2
+            raw[middle : middle + 256] = b"A" * 256
+            path.write_bytes(bytes(raw))
+
+    def receiver(self) -> FilesReceiver:
+        return FilesReceiver(self.directory, timeout_s=5)
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +66,10 @@ def make_cfg(mode: str = "async") -> RunConfig:
     })  # fmt: skip
 
 
-def make_actor(cfg: RunConfig, transport: Transport, store: FakeStore, path: Path) -> RolloutActor:
+def make_actor(cfg: RunConfig, transport: Transport, weights: Weights, path: Path) -> RolloutActor:
     model, tok = load_policy(path)
     worker = build_worker(cfg, model, tok, "rollout-0")
-    return RolloutActor(cfg.rollout_settings(), transport, store, worker, 0)
+    return RolloutActor(cfg.rollout_settings(), transport, weights.receiver(), worker, 0)
 
 
 def groups(t: Transport) -> list[ScoredGroup]:
@@ -97,10 +104,12 @@ def test_shares_of_a_step_add_up() -> None:
     assert [groups_per_round(2, 3, i) for i in range(3)] == [1, 1, 1]  # at least one each
 
 
-def test_backpressure_stops_generation_at_the_bound(transport: Transport, policy) -> None:
+def test_backpressure_stops_generation_at_the_bound(
+    transport: Transport, policy, tmp_path: Path
+) -> None:
     path, model = policy
     stop = threading.Event()
-    actor = make_actor(make_cfg(), transport, FakeStore(model), path)
+    actor = make_actor(make_cfg(), transport, Weights(model, tmp_path), path)
     thread, result = start(actor, stop)
     wait_until(lambda: transport.queue.backlog(transport.keys.groups) >= 4)
     time.sleep(0.5)  # time enough for several more rounds, were it not waiting
@@ -111,18 +120,21 @@ def test_backpressure_stops_generation_at_the_bound(transport: Transport, policy
     assert result["report"]["versions_loaded"] == [0]
 
 
-def test_sync_mode_generates_one_round_per_weight_version(transport: Transport, policy) -> None:
+def test_sync_mode_generates_one_round_per_weight_version(
+    transport: Transport, policy, tmp_path: Path
+) -> None:
     path, model = policy
-    cfg = make_cfg("sync").model_copy(update={"service": make_cfg("sync").service.model_copy(
-        update={"max_group_backlog": 100})})
-    store = FakeStore(model)
+    cfg = make_cfg("sync").model_copy(
+        update={"service": make_cfg("sync").service.model_copy(update={"max_group_backlog": 100})}
+    )
+    store = Weights(model, tmp_path)
     stop = threading.Event()
     actor = make_actor(cfg, transport, store, path)
     thread, result = start(actor, stop)
     wait_until(lambda: len(groups(transport)) >= 4)
     time.sleep(0.5)
     assert len(groups(transport)) == 4  # waits for the learner's next version
-    store.version = 1
+    store.publish(1)
     wait_until(lambda: len(groups(transport)) >= 8)
     time.sleep(0.5)
     assert len(groups(transport)) == 8
@@ -139,9 +151,11 @@ def test_sync_mode_generates_one_round_per_weight_version(transport: Transport, 
     assert result["report"]["rounds"] == 3
 
 
-def test_a_corrupted_weight_sync_stops_the_run(transport: Transport, policy) -> None:
+def test_a_corrupted_weight_sync_stops_the_run(
+    transport: Transport, policy, tmp_path: Path
+) -> None:
     path, model = policy
-    actor = make_actor(make_cfg(), transport, FakeStore(model, corrupt=True), path)
+    actor = make_actor(make_cfg(), transport, Weights(model, tmp_path, corrupt=True), path)
     with pytest.raises(WeightSyncError, match="version 0 arrived corrupted"):
         actor.run()
     assert transport.queue.backlog(transport.keys.groups) == 0  # nothing generated with bad weights
@@ -149,25 +163,54 @@ def test_a_corrupted_weight_sync_stops_the_run(transport: Transport, policy) -> 
     assert reason is not None and "rollout-0" in reason and "corrupted" in reason
 
 
-def test_admission_waits_for_weights_fresh_enough_to_be_trained(transport: Transport, policy) -> None:
+def test_admission_waits_for_weights_fresh_enough_to_be_trained(
+    transport: Transport, policy, tmp_path: Path
+) -> None:
     # The selector builds step 2 next and nothing is queued: with max_staleness 0 a round from
     # version 0 would be dropped as stale, so the actor waits for version 2 instead.
     path, model = policy
     cfg = make_cfg()
     cfg = cfg.model_copy(update={"service": cfg.service.model_copy(update={"max_staleness": 0})})
     transport.state.write_schedule({"step": 2})
-    store = FakeStore(model)
+    store = Weights(model, tmp_path)
     stop = threading.Event()
     actor = make_actor(cfg, transport, store, path)
     thread, result = start(actor, stop)
     time.sleep(1.0)
     assert groups(transport) == []  # nothing generated that would be thrown away
-    store.version = 1
+    store.publish(1)
     time.sleep(0.7)
     assert groups(transport) == []  # still one version short
-    store.version = 2
+    store.publish(2)
     wait_until(lambda: len(groups(transport)) >= 4)
     stop.set()
     thread.join(10)
     assert {g.policy_version for g in groups(transport)} == {2}
     assert result["report"]["admission_wait_seconds"] > 1.0
+
+
+def test_weights_are_taken_while_waiting_and_a_rewind_is_loaded(transport: Transport, policy,
+                                                               tmp_path: Path) -> None:  # fmt: skip
+    # The actor sits in its backpressure wait (the queue is full) and still loads each version
+    # the learner publishes (a collective publish would block until it did), including an
+    # older version republished by a resumed learner.
+    path, model = policy
+    store = Weights(copy.deepcopy(model), tmp_path)  # its weights change below
+    stop = threading.Event()
+    actor = make_actor(make_cfg(), transport, store, path)
+    thread, result = start(actor, stop)
+    wait_until(lambda: transport.queue.backlog(transport.keys.groups) >= 4)
+    store.publish(1)
+    wait_until(lambda: transport.state.loaded_versions("rollout-0") == [0, 1])
+    with torch.no_grad():
+        for p in store.model.parameters():
+            p.add_(0.25)
+    store.publish(0, rewind=True)
+    wait_until(lambda: transport.state.loaded_versions("rollout-0") == [0, 1, 0])
+    held = actor.worker.engine.model.state_dict()
+    for name, value in store.model.state_dict().items():
+        assert torch.equal(held[name], value.to(held[name].dtype)), name
+    assert transport.queue.backlog(transport.keys.groups) == 4  # nothing generated meanwhile
+    stop.set()
+    thread.join(10)
+    assert "error" not in result and result["report"]["version"] == 0
