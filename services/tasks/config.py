@@ -57,6 +57,21 @@ class JsonlTaskConfig(_TaskBase):
     """Training prompts (JSONL)."""
     eval_path: Path | None = None
     """Held-out prompts (JSONL); None: the first ``heldout_size`` training prompts."""
+    verifier: str = Field("math", min_length=1)
+    """How a response is scored: a registered verifier (``math``: math-verify equivalence with
+    the reference; ``gsm8k``: the number after the response's last ``####``; ``arithmetic``: the
+    whole response is the integer), or an import path ``package.module:function`` taking
+    (response text, reference answer) and returning a float reward. Run under the timeout
+    guard (``verifier_timeout_s``); the import is checked when the config is validated."""
+    instruction: str = Field("{question}", min_length=1)
+    """The prompt's text: ``{question}`` is replaced by the question (the only placeholder;
+    other braces are kept), e.g. ``"{question}\nPut the final answer after ####."``."""
+    chat_template: bool = False
+    """Render the prompt with the tokenizer's chat template (an optional system turn, the
+    instruction as the user turn, then the assistant turn opened), as instruct models expect.
+    False: the instruction text alone. The rendered text is what the rollout engines encode."""
+    system_prompt: str | None = Field(None, min_length=1)
+    """The system turn before the user turn; needs ``chat_template``."""
 
     @model_validator(mode="after")
     def _files_exist(self) -> JsonlTaskConfig:
@@ -64,6 +79,16 @@ class JsonlTaskConfig(_TaskBase):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
                 raise ValueError(f"{name}: no such file: {path}")
+        if "{question}" not in self.instruction:
+            raise ValueError(f"instruction: must contain {{question}}, got {self.instruction!r}")
+        if self.system_prompt is not None and not self.chat_template:
+            raise ValueError("system_prompt: needs chat_template: true (a system turn is a chat turn)")
+        from services.tasks.verify import resolve_verifier
+
+        try:
+            resolve_verifier(self.verifier)
+        except ValueError as exc:
+            raise ValueError(f"verifier: {exc}") from None
         return self
 
 
