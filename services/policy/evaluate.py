@@ -7,8 +7,9 @@ from transformers import GenerationConfig
 
 from services.policy.model import left_pad
 from services.policy.tokenizer import decode_ids, encode_text, special_ids
+from services.rollout.engine import default_stop_token_ids
 from services.tasks.base import Prompt
-from services.tasks.verify import VERIFIERS
+from services.tasks.verify import resolve_verifier
 
 
 @torch.no_grad()
@@ -21,14 +22,15 @@ def evaluate_greedy(
 ) -> float:
     """Mean verifier reward of greedy responses (held-out accuracy for arithmetic).
 
-    Each prompt is scored with ``VERIFIERS[prompt.task]``; a response ends at the first EOS or
-    after ``max_new_tokens``. Batched with left padding; the model's train/eval mode is restored.
+    Each prompt is scored with the verifier ``prompt.task`` names; a response ends at the first
+    stop token (EOS, or the chat template's end-of-turn) or after ``max_new_tokens``. Batched with left padding; the model's train/eval mode is restored.
     """
     if not prompts:
         raise ValueError("no prompts to evaluate")
-    pad_id, eos_id = special_ids(tokenizer)
+    pad_id, _ = special_ids(tokenizer)
+    stops = default_stop_token_ids(tokenizer)
     config = GenerationConfig(
-        do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id
+        do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=stops
     )
     was_training = model.training
     model.eval()
@@ -42,9 +44,10 @@ def evaluate_greedy(
                 input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config
             )
             for p, row in zip(chunk, out[:, ids.shape[1] :].tolist(), strict=True):
-                if eos_id in row:
-                    row = row[: row.index(eos_id)]
-                total += VERIFIERS[p.task](decode_ids(tokenizer, row), p.answer)
+                ends = [i for i, t in enumerate(row) if t in stops]
+                if ends:
+                    row = row[: ends[0]]
+                total += resolve_verifier(p.task)(decode_ids(tokenizer, row), p.answer)
     finally:
         model.train(was_training)
     return total / len(prompts)

@@ -76,8 +76,13 @@ def load_policy(path: str | Path, dtype: torch.dtype | None = torch.float32):
     if dtype is not None:
         kwargs["dtype"] = dtype
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    return model.eval(), tokenizer
+    return model.eval(), load_tokenizer(path)
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer saved in the local model directory ``path`` (``AutoTokenizer``, no network),
+    for a process that needs no model of its own (a vLLM rollout actor)."""
+    return AutoTokenizer.from_pretrained(Path(path), local_files_only=True)
 
 
 def num_parameters(model: torch.nn.Module) -> int:

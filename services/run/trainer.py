@@ -57,7 +57,8 @@ class SyncTrainer:
         total = cfg.train.total_steps
         torch.manual_seed(cfg.train.seed)
         with warmstart_progress(enabled=cfg.train.progress_bar and distributed.rank() == 0) as progress:
-            model, tokenizer = load_policy(prepare_policy(cfg, progress))
+            policy_path = prepare_policy(cfg, progress)
+            model, tokenizer = load_policy(policy_path)
         rollout_model = copy.deepcopy(model)
         learner = LearnerEngine(model, cfg.learner, total)
         lead = learner.rank == 0
@@ -69,7 +70,7 @@ class SyncTrainer:
             if state is not None:
                 start = int(state["step"])
                 totals.update(state.get("totals", {}))
-        worker = build_worker(cfg, rollout_model, tokenizer, "sync")
+        worker = build_worker(cfg, rollout_model, tokenizer, "sync", model_path=policy_path)
         self._publish(learner, worker, version=start)
         reporter = None
         if lead:
@@ -92,6 +93,7 @@ class SyncTrainer:
                 row = self._step(step, learner, worker, totals)
                 if reporter is not None:
                     row["verifier_errors"] = float(worker.tasks.verifier_errors)
+                    row["prompts_skipped_too_long"] = float(worker.prompts_skipped_too_long)
                     reporter.record(step + 1, row)
                     bar.update(step + 1, row, reporter.last_eval.get("heldout_accuracy"))
                 if (step + 1) % cfg.train.checkpoint_every == 0 or step + 1 == end:
@@ -149,7 +151,8 @@ class SyncTrainer:
         if learner.rank == 0:
             digest = state_checksum(state)
             worker.load_weights(state, version)
-            verify_sync(digest, worker.engine.model, version)
+            if worker.engine.model is not None:  # vLLM holds its model in its own workers
+                verify_sync(digest, worker.engine.model, version)
 
 
 def _rank_main(cfg: RunConfig, run_dir: str, stop_at: int | None) -> dict[str, Any]:

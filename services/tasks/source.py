@@ -19,7 +19,7 @@ from services.tasks.config import (
 from services.tasks.jsonl import load_jsonl
 from services.tasks.mixed import ALPHABET as MIXED_ALPHABET
 from services.tasks.mixed import MixedTask
-from services.tasks.verify import VERIFIERS, SafeVerifier
+from services.tasks.verify import VERIFIERS, SafeVerifier, resolve_verifier
 
 SyntheticTask = ArithmeticTask | MixedTask
 
@@ -65,12 +65,17 @@ class TaskSource:
         self.verifiers = {
             name: SafeVerifier(fn, verifier_timeout_s) for name, fn in VERIFIERS.items()
         }
+        # A task may name its verifier by import path: guard it like the registered ones.
+        for key in {p.task for p in (*self._train, *self._heldout)} - set(self.verifiers):
+            self.verifiers[key] = SafeVerifier(resolve_verifier(key), verifier_timeout_s)
 
     @classmethod
     def from_config(cls, task: TaskConfig) -> TaskSource:
         if isinstance(task, JsonlTaskConfig):
-            train = load_jsonl(Path(task.train_path))
-            heldout = load_jsonl(Path(task.eval_path)) if task.eval_path else None
+            train = load_jsonl(Path(task.train_path), task=task.verifier)
+            heldout = None
+            if task.eval_path:
+                heldout = load_jsonl(Path(task.eval_path), task=task.verifier)
             return cls(None, train, heldout, task.heldout_size, task.verifier_timeout_s)
         synthetic, _ = synthetic_task(task)
         return cls(

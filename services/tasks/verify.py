@@ -1,5 +1,9 @@
 """Verifiers: ``(response_text, answer) -> reward in [0, 1]``, and a guard that never raises.
 
+A task names its verifier (``task.verifier``): a key of :data:`VERIFIERS`, or an import path
+``package.module:function`` to a function of the same shape; :func:`resolve_verifier` turns
+either into the function, and fails at config time when the import does not resolve.
+
 Verifiers here may raise or (math-verify on adversarial LaTeX) take unbounded time.
 :class:`SafeVerifier` turns both into a 0 reward and counts them, without signals, so it works
 in rollout actors off the main thread.
@@ -7,11 +11,14 @@ in rollout actors off the main thread.
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import logging
 import math
 import re
 import threading
 from collections.abc import Callable
+from fractions import Fraction
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +84,92 @@ def math_answer(response_text: str, answer: str) -> float:
     return 1.0 if mv.verify(gold, pred, timeout_seconds=None) else 0.0
 
 
-VERIFIERS: dict[str, Verifier] = {"arithmetic": exact_integer, "math": math_answer}
+_NUMBER = re.compile(r"[+-]?\$?\s*(\d[\d,]*(?:\.\d+)?|\.\d+)")
+
+
+def _number(text: str) -> Fraction | None:
+    """The first number in ``text`` (thousands separators, a ``$`` and a trailing ``.`` allowed)
+    as an exact fraction, or None."""
+    m = _NUMBER.search(text)
+    if m is None:
+        return None
+    digits = m.group(1).replace(",", "")
+    sign = -1 if m.group(0).lstrip().startswith("-") else 1
+    try:
+        return sign * Fraction(digits)
+    except ValueError:
+        return None
+
+
+def gsm8k_answer(response_text: str, answer: str) -> float:
+    """1.0 iff the first number after the response's last ``####`` equals the number ``answer``.
+
+    The GSM8K convention: the model reasons, then writes ``#### <number>``. Numbers compare
+    exactly (``1,000`` = ``1000`` = ``1000.0``); a response without ``####`` scores 0.
+
+    Raises:
+        ValueError: if ``answer`` holds no number (a data error, not a wrong response).
+    """
+    gold = _number(answer)
+    if gold is None:
+        raise ValueError(f"reference answer {answer!r} is not a number")
+    if "####" not in response_text:
+        return 0.0
+    got = _number(response_text.rsplit("####", 1)[1])
+    return 1.0 if got is not None and got == gold else 0.0
+
+
+VERIFIERS: dict[str, Verifier] = {
+    "arithmetic": exact_integer,
+    "math": math_answer,
+    "gsm8k": gsm8k_answer,
+}
+"""Registered verifiers by name (what ``task.verifier`` and ``Prompt.task`` name)."""
+
+_imported: dict[str, Verifier] = {}
+
+
+def resolve_verifier(spec: str) -> Verifier:
+    """The verifier ``spec`` names: a key of :data:`VERIFIERS`, or ``package.module:function``
+    (imported once, then cached), a callable taking (response text, reference answer).
+
+    Raises:
+        ValueError: naming ``spec`` when it is neither a registered name nor an import path that
+            resolves to a callable of two positional arguments.
+    """
+    if spec in VERIFIERS:
+        return VERIFIERS[spec]
+    if spec in _imported:
+        return _imported[spec]
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(
+            f"verifier {spec!r} is not registered (one of {sorted(VERIFIERS)}) and is not an "
+            "import path 'package.module:function'"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # ImportError, or the module failing while it imports
+        raise ValueError(
+            f"verifier {spec!r}: cannot import {module_name!r} ({type(exc).__name__}: {exc})"
+        ) from None
+    fn = module
+    for part in attr.split("."):
+        fn = getattr(fn, part, None)
+        if fn is None:
+            raise ValueError(f"verifier {spec!r}: {module_name!r} has no attribute {attr!r}")
+    if not callable(fn):
+        raise ValueError(f"verifier {spec!r} is not callable")
+    try:
+        inspect.signature(fn).bind("response", "answer")
+    except TypeError:
+        raise ValueError(
+            f"verifier {spec!r} must accept (response_text, answer) as two positional arguments"
+        ) from None
+    except ValueError:  # no signature to inspect (some builtins): trust it
+        pass
+    _imported[spec] = fn
+    return fn
 
 
 class SafeVerifier:
