@@ -53,7 +53,8 @@ def _setup_logging(
 ) -> None:
     """Log records to the terminal (``quiet``: only the run's own few lines and this project's
     warnings) and, with ``log_file``, every INFO record to that file as well."""
-    handlers: list[logging.Handler] = [ConsoleLines(out or terminal(), quiet=quiet)]
+    level = logging.DEBUG if verbose else logging.INFO
+    handlers: list[logging.Handler] = [ConsoleLines(out or terminal(), quiet=quiet, level=level)]
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         to_file = logging.FileHandler(log_file)

@@ -73,7 +73,7 @@ class ConsoleLines(logging.Handler):
         self.quiet = quiet
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not super().filter(record):
+        if record.levelno < self.level or not super().filter(record):
             return False
         if not self.quiet:
             return True

@@ -94,7 +94,8 @@ def build_summary(
     metrics = run_dir / "metrics.jsonl"
     rows = read_metrics(metrics) if metrics.exists() else []
     trained = [r for r in rows if r.get("tokens_valid") is not None]
-    generated = sum(float(r.get("samples_before", 0.0)) for r in trained)
+    # Generated counts every step's rollouts (a skipped batch's too); kept, what was trained.
+    generated = sum(float(r.get("samples_before", 0.0)) for r in rows)
     kept = sum(float(r.get("samples_kept", 0.0)) for r in trained)
     counters = dict(counters) if counters is not None else None
     paths = {

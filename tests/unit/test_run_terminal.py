@@ -1,0 +1,140 @@
+"""The terminal side of a run: token accounting and the summary table, which log lines reach the
+terminal, the quiet redirection of a process's output, the progress line, the logging config."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+from rich.console import Console
+
+from services.run.config import ConfigError, parse_config
+from services.run.progress import ConsoleLines, StepProgress, quiet_terminal
+from services.run.summary import build_summary, summary_table, token_totals, write_summary
+
+
+def _rows() -> list[dict]:
+    # Step 0 (no training), two trained steps, one step whose batch was skipped.
+    return [
+        {"step": 0, "heldout_accuracy": 0.25},
+        {"step": 1, "samples_before": 32, "samples_kept": 16, "tokens_valid": 100, "tokens_kept": 30,
+         "tokens_forward": 180, "reward_mean": 0.4},
+        {"step": 2, "samples_before": 32, "samples_kept": 32, "tokens_valid": 200, "tokens_kept": 50,
+         "tokens_forward": 300, "reward_mean": 0.5, "heldout_accuracy": 0.5},
+        {"step": 3, "samples_before": 32, "samples_kept": 8, "reward_mean": 0.0},
+    ]  # fmt: skip
+
+
+def test_token_totals_scale_kept_samples_to_every_sample() -> None:
+    tot = token_totals(_rows())
+    assert tot["kept"] == 80 and tot["forward"] == 480
+    # Step 1 kept half the samples: its 100 response tokens stand for 200 under GRPO.
+    assert tot["grpo_equivalent"] == pytest.approx(100 * 32 / 16 + 200)
+    assert tot["kept_fraction"] == pytest.approx(80 / 400)
+    assert token_totals([{"step": 0}])["grpo_equivalent"] == 0
+
+
+def test_summary_from_the_run_dir(tmp_path) -> None:
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows()))
+    (tmp_path / "learning_curve.png").write_bytes(b"png")
+    counters = {"groups_written": 20, "groups_used": 12, "groups_stale": 3, "dead": 1}
+    summary = build_summary({"steps": 3, "api_url": None}, tmp_path, total_steps=3, mode="d3s run, async",
+                            preset="d3s", counters=counters, wall_seconds=75.0)  # fmt: skip
+    assert summary["heldout"]["heldout_accuracy"] == {"first": 0.25, "first_step": 0, "final": 0.5,
+                                                      "final_step": 2}  # fmt: skip
+    assert summary["samples"] == {"generated": 96, "kept": 48}
+    assert summary["groups"] == {
+        "written": 20,
+        "used": 12,
+        "stale": 3,
+        "skipped": 0,
+        "dead_lettered": 1,
+    }
+    assert "plot" in summary["paths"] and "tensorboard" not in summary["paths"]  # only what exists
+    path = write_summary(summary, tmp_path)
+    assert json.loads(path.read_text())["tokens"]["kept"] == 80
+
+    buf = io.StringIO()
+    Console(file=buf, width=120).print(summary_table(summary, "run: done"))
+    text = buf.getvalue()
+    assert "0.500 at step 2 (step 0: 0.250)" in text
+    assert "80 kept of ~400 GRPO-equivalent (20%); 480 forward" in text
+    assert "20 written, 12 used, 3 stale, 0 skipped, 1 dead-lettered" in text
+    assert "1m15s" in text and "summary.json" in text
+    assert len(text.splitlines()) <= 20
+
+
+def _record(name: str, level: int, msg: str = "m") -> logging.LogRecord:
+    return logging.LogRecord(name, level, __file__, 1, msg, None, None)
+
+
+def test_quiet_console_lines_keep_the_run_lines_and_project_warnings() -> None:
+    buf = io.StringIO()
+    h = ConsoleLines(Console(file=buf, width=200), quiet=True)
+    assert h.filter(_record("services.run.orchestrator", logging.INFO))
+    assert not h.filter(_record("services.policy.warmstart", logging.INFO))
+    assert h.filter(_record("selector.service", logging.WARNING))
+    assert not h.filter(_record("ray.serve", logging.WARNING))
+    assert not h.filter(_record("py.warnings", logging.WARNING))
+    h.handle(_record("services.run.cli", logging.DEBUG, "debug"))  # below the handler's level
+    h.handle(_record("learner.service", logging.WARNING, "batch [x] dropped"))
+    assert buf.getvalue().strip() == "warning: batch [x] dropped"  # markup in messages stays text
+    verbose = ConsoleLines(Console(file=io.StringIO()), quiet=False)
+    assert verbose.filter(_record("ray.serve", logging.INFO))
+
+
+def test_quiet_terminal_sends_every_output_to_the_log(tmp_path, capfd) -> None:
+    # (pytest's capture bypasses fd 1 for print(); the d3s e2e tests see print() land there too)
+    log = tmp_path / "logs" / "driver.log"
+    with quiet_terminal(log) as (out, err):
+        os.write(1, b"stdout write\n")
+        os.write(2, b"c-level write\n")
+        subprocess.run(
+            [sys.executable, "-c", "import sys; sys.stderr.write('child process\\n')"], check=True
+        )
+        out.print("table line")
+        err.print("progress line")
+    print("after")
+    captured = capfd.readouterr()
+    assert captured.out == "table line\nafter\n"
+    assert captured.err == "progress line\n"
+    assert log.read_text().splitlines() == ["stdout write", "c-level write", "child process"]
+
+
+def test_quiet_terminal_restores_the_streams_on_an_error(tmp_path, capfd) -> None:
+    with pytest.raises(RuntimeError), quiet_terminal(tmp_path / "driver.log"):
+        raise RuntimeError("boom")
+    os.write(2, b"back\n")
+    assert capfd.readouterr().err == "back\n"
+
+
+def test_progress_off_a_terminal_is_one_final_line() -> None:
+    buf = io.StringIO()
+    bar = StepProgress(10, description="run (async)", console=Console(file=buf, width=80))
+    for step in range(1, 11):
+        bar.update(step, {"reward_mean": 0.5, "samples_kept": 8, "samples_before": 32, "tokens_valid": 100,
+                          "tokens_kept": 25}, 0.75, "v10")  # fmt: skip
+    bar.close()
+    (line,) = buf.getvalue().splitlines()
+    assert line.startswith(
+        "run (async): 10/10 steps | reward 0.50 | acc 0.750 | kept 25% samples, 25% tokens | v10"
+    )
+
+
+def test_logging_section() -> None:
+    cfg = parse_config({"logging": {"tensorboard": False, "wandb": {"project": "p", "tags": ["a"]}},
+                        "service": {"redis_url": "redis://u:secret@host:6379/0"}})  # fmt: skip
+    kwargs = cfg.logger_kwargs()
+    assert kwargs["tensorboard"] is False
+    assert kwargs["wandb"] == {"project": "p", "mode": "offline", "tags": ["a"]}
+    assert "secret" not in json.dumps(kwargs["config"])  # the config W&B records is redacted
+    assert parse_config({}).logger_kwargs()["wandb"] is None
+    with pytest.raises(ConfigError, match="logging.wandb.mode"):
+        parse_config({"logging": {"wandb": {"project": "p", "mode": "cloud"}}})
+    with pytest.raises(ConfigError, match="logging.wandb.project"):
+        parse_config({"logging": {"wandb": {"mode": "offline"}}})
