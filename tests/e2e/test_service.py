@@ -234,7 +234,11 @@ def test_sync_run_with_a_two_rank_learner(tmp_path: Path, warmstart_cache: Path,
         books = audit(client, cfg)
         client.close()
     assert books["stale"] == 0
-    assert "rank 0 of 2 leads" in (run_dir / "logs" / "learner.log").read_text()
+    learner_log = (run_dir / "logs" / "learner.log").read_text()
+    assert "rank 0 of 2 leads" in learner_log
+    # Rank 1 is a Ray actor in the learner's placement group, logging beside the others.
+    assert "followers 1..1 started as Ray actors" in learner_log
+    assert "follower rank 1 done after 6 steps" in (run_dir / "logs" / "learner-rank1.log").read_text()
     assert not _processes_mentioning("ComponentHost")
 
 
