@@ -354,6 +354,17 @@ def _build_learner(
     return service, shutdown
 
 
+def _ray_node_id() -> str:
+    """The Ray node this process runs on ('-' outside Ray): logged, so a run's logs say where
+    each component was placed."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "-"
+    except Exception:  # a log line is not worth failing a component
+        return "-"
+
+
 class ComponentHost:
     """A Ray actor process hosting one component (``ray.remote`` is applied by the orchestrator):
     :meth:`prepare` builds it, :meth:`run` runs it."""
@@ -371,7 +382,8 @@ class ComponentHost:
         t0 = time.perf_counter()
         self._component = build_component(self.kind, self.cfg, self.redis_url, index=self.index,
                                           policy_path=self.policy_path, run_dir=self.run_dir)  # fmt: skip
-        log.info("%s ready in %.1fs (pid %d)", self.name, time.perf_counter() - t0, os.getpid())
+        log.info("%s ready in %.1fs (pid %d, node %s)", self.name, time.perf_counter() - t0,
+                 os.getpid(), _ray_node_id())
         return os.getpid()
 
     def run(self) -> dict[str, Any]:
