@@ -197,9 +197,12 @@ def _component(
     verbose: bool,
 ) -> None:
     """Run one component of a run in this process, against an existing Redis (and Ray)."""
-    _setup_logging(verbose)
     cfg = _load(config, set_)
-    from services.run.components import run_component
+    from services.run.components import component_name, run_component
+
+    # Beside the other components' logs, wherever each runs (run_dir may be shared storage).
+    log_file = Path(cfg.train.run_dir) / "logs" / f"{component_name(kind, index)}.log"
+    _setup_logging(verbose, log_file=log_file)
     from services.transport.redis_server import resolve_url
 
     url = resolve_url(redis_url, cfg.service.redis_url)
@@ -281,8 +284,8 @@ def api(
     verbose: VerboseOpt = False,
 ) -> None:
     """The HTTP API under uvicorn, without Ray (docker-compose): reads the run's Redis."""
-    _setup_logging(verbose)
     cfg = _load(config, set_)
+    _setup_logging(verbose, log_file=Path(cfg.train.run_dir) / "logs" / "api.log")
     from services.transport.redis_server import resolve_url
 
     url = resolve_url(redis_url, cfg.service.redis_url)
@@ -321,6 +324,144 @@ def status(
     from services.api.status import print_status
 
     raise typer.Exit(print_status(url))
+
+
+def _policy_dir(run_dir: Path, policy: Path | None) -> Path:
+    """The model directory giving a run's architecture and tokenizer: ``policy``, else the run's
+    ``final_policy``."""
+    d = policy or run_dir / "final_policy"
+    if not (d / "config.json").is_file():
+        console.print(f"[red]{d}: no model directory (config.json) for the architecture and "
+                      "tokenizer; pass --policy MODEL_DIR (e.g. the policy the run started from)[/red]")
+        raise typer.Exit(2)
+    return d
+
+
+@app.command("eval")
+def eval_(
+    target: Annotated[Path, typer.Argument(help="a run directory, or a Hugging Face model directory")],
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="run config: its task "
+                      "(held-out set), rollout (max_new_tokens) and eval sections")] = None,
+    set_: SetOpt = None,
+    step: Annotated[int | None, typer.Option("--step", help="evaluate this saved checkpoint of "
+                    "the run (default: the run's final policy)")] = None,
+    n: Annotated[int | None, typer.Option("--n", help="samples per prompt (default eval.n_samples)")] = None,
+    k: Annotated[list[int] | None, typer.Option("--k", help="k of pass@k and maj@k, repeatable "
+                 "(default eval.ks)")] = None,
+    temperature: Annotated[float | None, typer.Option("--temperature", help="sampling temperature "
+                           "(default eval.temperature, then rollout.temperature)")] = None,
+    policy: Annotated[Path | None, typer.Option("--policy", help="with --step: model directory "
+                      "with the architecture and tokenizer (default RUN_DIR/final_policy)")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="JSON result (default TARGET/eval.json, "
+                   "or RUN_DIR/eval/step-N.json with --step)")] = None,
+) -> None:
+    """Held-out evaluation of a policy: greedy accuracy, unbiased pass@k, maj@k, response length
+    (per difficulty where the task has levels): a table here, JSON on disk."""
+    _setup_logging(False)
+    cfg = _load(config, set_)
+    changes: dict[str, Any] = {}
+    if n is not None:
+        changes["n_samples"] = n
+    if k:
+        changes["ks"] = sorted(set(k))
+    if temperature is not None:
+        changes["temperature"] = temperature
+    if changes:
+        try:
+            from services.run.config import EvalConfig
+
+            EvalConfig.model_validate({**cfg.eval.model_dump(), **changes})
+        except Exception as e:  # pydantic names the field
+            console.print(f"[red]invalid evaluation settings (--n/--k/--temperature): {e}[/red]")
+            raise typer.Exit(2) from None
+    import tempfile
+
+    from services.policy.model import load_policy
+    from services.run.components import run_evaluation
+
+    is_model = (target / "config.json").is_file()
+    if not is_model and not (target / "checkpoints").is_dir() and not (target / "final_policy").is_dir():
+        console.print(f"[red]{target}: neither a model directory (config.json) nor a run directory "
+                      "(checkpoints/ or final_policy/)[/red]")
+        raise typer.Exit(2)
+    with tempfile.TemporaryDirectory(prefix="d3s-eval-") as tmp:
+        if step is not None:
+            if is_model:
+                console.print("[red]--step needs a run directory, not a model directory[/red]")
+                raise typer.Exit(2)
+            from learner.export import export_checkpoint
+
+            try:
+                model_dir = export_checkpoint(target / "checkpoints", _policy_dir(target, policy),
+                                              Path(tmp) / "model", step)  # fmt: skip
+            except (FileNotFoundError, ValueError) as e:
+                console.print(f"[red]{e}[/red]")
+                raise typer.Exit(2) from None
+            default_out = target / "eval" / f"step-{step}.json"
+        else:
+            model_dir = target if is_model else _policy_dir(target, None)
+            default_out = target / "eval.json"
+        model, tokenizer = load_policy(model_dir)
+        try:
+            result = run_evaluation(cfg, model, tokenizer, **changes)
+        except ValueError as e:
+            console.print(f"[red]{e}[/red]")
+            raise typer.Exit(2) from None
+    path = out or default_out
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"target": str(target), "step": step, "task": cfg.task.model_dump(mode="json"),
+              **result.to_dict()}  # fmt: skip
+    path.write_text(json.dumps(record, indent=1))
+    from rich.table import Table
+
+    header, rows = result.table()
+    table = Table(*header, title=f"{target}" + (f" step {step}" if step is not None else "")
+                  + f": {result.overall.n_prompts} prompts, n={result.n_samples}, "
+                  f"T={result.temperature:g}")  # fmt: skip
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+    console.print(f"wrote {path}", soft_wrap=True, markup=False)
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="the run directory (its checkpoints/)")],
+    out: Annotated[Path, typer.Argument(help="the Hugging Face model directory to write")],
+    step: Annotated[int | None, typer.Option("--step", help="the saved step (default: the newest)")] = None,
+    policy: Annotated[Path | None, typer.Option("--policy", help="model directory with the "
+                      "architecture and tokenizer (default RUN_DIR/final_policy)")] = None,
+) -> None:
+    """Write a saved learner checkpoint (any ZeRO stage, weights gathered) as a Hugging Face
+    directory: loadable with from_pretrained, tokenizer included."""
+    _setup_logging(False)
+    from learner.export import export_checkpoint
+
+    try:
+        path = export_checkpoint(run_dir / "checkpoints", _policy_dir(run_dir, policy), out, step)
+    except (FileNotFoundError, ValueError) as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2) from None
+    console.print(f"exported to [bold]{path}[/bold]")
+
+
+@app.command()
+def report(
+    run_dirs: Annotated[list[Path], typer.Argument(help="run directories to overlay")],
+    out: Annotated[Path | None, typer.Option("--out", help="where the PNGs go (default "
+                   "FIRST_RUN_DIR/report)")] = None,
+) -> None:
+    """PNG figures overlaying runs: held-out metrics against step, learner tokens and learner
+    seconds; keep ratios; kept fractions; Var(A) before/after selection; gradient norm."""
+    from services.telemetry.report import write_report
+
+    try:
+        paths = write_report(run_dirs, out or run_dirs[0] / "report")
+    except (FileNotFoundError, ValueError) as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2) from None
+    for p in paths:
+        console.print(f"wrote {p}", soft_wrap=True, markup=False)
 
 
 @app.command("validate")
