@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 
 class _TaskBase(BaseModel):
@@ -37,16 +37,15 @@ class MixedTaskConfig(_TaskBase):
     levels: list[int] = Field(default_factory=lambda: [1, 2], min_length=1)
     """Difficulty levels to draw from (keys of ``services.tasks.mixed.LEVELS``, 1..8)."""
 
-    @model_validator(mode="after")
-    def _known_levels(self) -> MixedTaskConfig:
+    @field_validator("levels")
+    @classmethod
+    def _known_levels(cls, levels: list[int]) -> list[int]:
         from services.tasks.mixed import LEVELS
 
-        bad = [lv for lv in self.levels if lv not in LEVELS]
-        if bad or len(set(self.levels)) != len(self.levels):
-            raise ValueError(
-                f"levels: must be distinct values of {sorted(LEVELS)}, got {self.levels}"
-            )
-        return self
+        bad = [lv for lv in levels if lv not in LEVELS]
+        if bad or len(set(levels)) != len(levels):
+            raise ValueError(f"must be distinct values of {sorted(LEVELS)}, got {levels}")
+        return levels
 
 
 class JsonlTaskConfig(_TaskBase):
@@ -82,7 +81,9 @@ class JsonlTaskConfig(_TaskBase):
         if "{question}" not in self.instruction:
             raise ValueError(f"instruction: must contain {{question}}, got {self.instruction!r}")
         if self.system_prompt is not None and not self.chat_template:
-            raise ValueError("system_prompt: needs chat_template: true (a system turn is a chat turn)")
+            raise ValueError(
+                "system_prompt: needs chat_template: true (a system turn is a chat turn)"
+            )
         from services.tasks.verify import resolve_verifier
 
         try:
