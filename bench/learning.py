@@ -93,6 +93,27 @@ def plan(args: argparse.Namespace) -> list[Run]:
     return runs
 
 
+def priority(runs: list[Run], tasks: list[str]) -> list[Run]:
+    """The order runs are started in: the ladder on the last task (the one with headroom), the
+    other tasks' ladders, then long runs, token scores and warm starts; seed 0 of an experiment
+    before seed 1. A benchmark stopped early (``--summarise-only`` on what finished) then still
+    has whole comparisons."""
+    exp_rank = {"ladder": 0, "long": 1, "token_score": 2, "warmstart": 3}
+    task_rank = {t: i for i, t in enumerate(reversed(tasks))}
+    return sorted(runs, key=lambda r: (exp_rank[r.experiment], task_rank[r.task], r.seed))
+
+
+def finished(out: Path, run: Run) -> bool:
+    """Whether ``run`` reached its last step (its final evaluation is in metrics.jsonl)."""
+    from services.telemetry.run_log import read_metrics
+
+    path = out / "runs" / run.name / "metrics.jsonl"
+    if not path.is_file():
+        return False
+    rows = read_metrics(path)
+    return bool(rows) and rows[-1].get("step") == run.steps and "heldout_accuracy" in rows[-1]
+
+
 def _settings(args: argparse.Namespace) -> list[str]:
     return [f"eval.n_samples={args.eval_n}", f"task.heldout_size={args.eval_prompts}",
             f"train.eval_every={args.eval_every}", *args.extra]  # fmt: skip
@@ -334,7 +355,8 @@ def summarise(out: Path, runs: list[Run]) -> dict:
                 extra = ("d3s", "d3s-i") if exp == "warmstart" else ("d3s",)
                 members = [r for r in runs if r.experiment == "ladder" and r.task == task
                            and r.label in extra] + members  # fmt: skip
-            groups[f"{exp}/{task}"] = summarise_group(out, members)
+            if members:
+                groups[f"{exp}/{task}"] = summarise_group(out, members)
     ladder = {k.split("/", 1)[1]: g for k, g in groups.items() if k.startswith("ladder/")}
     if ladder:
         _plot_curves(ladder, out / "learning.png", "held-out Pass@1 by preset")
@@ -425,8 +447,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"warm start {task}{' (clean)' if clean else ''}: {ws} ({time.perf_counter() - t0:.0f} s)",
                   flush=True)  # fmt: skip
         threads = max(1, 2 // args.jobs)
-        # Longest first, so the pool does not end on one long run.
-        order = sorted(runs, key=lambda r: -r.steps)
+        order = priority(runs, args.tasks)
         with ProcessPoolExecutor(max_workers=args.jobs) as pool:
             futs = {pool.submit(_train_one, r, str(out), threads, settings): r for r in order}
             for i, f in enumerate(futs, 1):
@@ -435,7 +456,12 @@ def main(argv: list[str] | None = None) -> dict:
                     f"[{i}/{len(futs)}] {futs[f].name} done ({time.perf_counter() - t0:.0f} s)",
                     flush=True,
                 )
-    summary = summarise(out, runs)
+    done = [r for r in runs if finished(out, r)]
+    missing = [r.name for r in runs if r not in done]
+    if missing:
+        print(f"{len(missing)} of {len(runs)} runs did not finish and are left out: {missing}")
+    summary = summarise(out, done)
+    summary["missing"] = missing
     wall = time.perf_counter() - t0
     header = (
         f"# Learning benchmark\n\nTasks {', '.join(args.tasks)}; {args.seeds} seed(s); {args.steps} steps "
@@ -450,9 +476,11 @@ def main(argv: list[str] | None = None) -> dict:
         + f" Configs: {', '.join(TASK_CONFIGS[t] for t in args.tasks)}."
     )
     text = report(summary, header)
+    if missing:
+        text += f"\nRuns planned but not finished (left out above): {', '.join(missing)}\n"
     print(text)
     (out / "learning.md").write_text(text)
-    record = {"args": vars(args), "runs": [r.name for r in runs], "wall_seconds": wall,
+    record = {"args": vars(args), "runs": [r.name for r in done], "missing": missing, "wall_seconds": wall,
               "groups": {k: {kk: vv for kk, vv in g.items() if kk != "mean_curves"}
                          for k, g in summary["groups"].items()},
               "curves": {k: g["mean_curves"] for k, g in summary["groups"].items()},
