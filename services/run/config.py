@@ -196,6 +196,12 @@ class RunConfig(_Section):
         if self.policy.path is not None and not (Path(self.policy.path) / "config.json").is_file():
             raise ValueError(f"policy.path: {self.policy.path} is not a model directory "
                              "(no config.json)")
+        if getattr(self.task, "chat_template", False):
+            from services.tasks.prompting import has_chat_template
+
+            if self.policy.path is None or not has_chat_template(self.policy.path):
+                raise ValueError(f"task.chat_template: the tokenizer in policy.path={self.policy.path} "
+                                 "has no chat template")
         if self.service.max_group_backlog < self.rollout.prompts_per_step:
             raise ValueError(
                 f"service.max_group_backlog: {self.service.max_group_backlog} is below "
