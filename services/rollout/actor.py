@@ -202,6 +202,8 @@ class RolloutActor:
                    or time.monotonic() > deadline):  # fmt: skip
             self._sync_weights()
             time.sleep(self.waiter.poll_s)
+        if control.is_done():
+            self._sync_weights()  # the final version, published before the learner said done
 
     def _sync_weights(self) -> None:
         """Load the published version when it differs from the loaded one: newer, or older
