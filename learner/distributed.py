@@ -48,6 +48,11 @@ def init_distributed(device: torch.device, timeout_s: int = 600, cpu_shm_comm: b
         torch.cuda.set_device(device)
     log.info("joining process group: backend=%s rank=%s/%s master=%s:%s", backend,
              os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"])
+    if os.environ["WORLD_SIZE"] == "1":
+        # Alone: an in-memory store. The env:// rendezvous would start a TCPStore listening on
+        # every interface ("::"), which a local run must not open; DeepSpeed then reuses the group.
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                timeout=timedelta(seconds=timeout_s))  # fmt: skip
     deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
 
 

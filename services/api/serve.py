@@ -60,6 +60,29 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
+def _loopback_replica_grpc() -> None:
+    """In the replica, before Serve starts it: bind the replica's inter-deployment gRPC server
+    to loopback instead of ``[::]`` when this node's address is loopback (a local run), like
+    every other listener of a local run. A private Serve hook: if it moves, nothing breaks."""
+    import contextlib
+
+    with contextlib.suppress(ImportError, AttributeError):
+        import ray
+        from ray.serve._private import replica
+
+        original = replica.add_port_to_grpc_server
+        if getattr(original, "d3s_loopback", False) or ray.util.get_node_ip_address() != "127.0.0.1":
+            return
+
+        def add_port(server: Any, address: str) -> Any:
+            if address.startswith("[::]:"):
+                address = "127.0.0.1:" + address.rsplit(":", 1)[1]
+            return original(server, address)
+
+        add_port.d3s_loopback = True  # type: ignore[attr-defined]
+        replica.add_port_to_grpc_server = add_port
+
+
 def build_deployment(
     redis_url: str, namespace: str = "d3s", control_token: str | None = None
 ) -> Deployment:
@@ -73,6 +96,7 @@ def build_deployment(
     from ray import serve
 
     def build_app() -> Any:
+        _loopback_replica_grpc()
         return create_app(redis_url, namespace, control_token)
 
     @serve.deployment(
