@@ -223,7 +223,8 @@ def warmstart_progress(
     ``enabled``): a bar that appears on its first call (a cached warm start never calls it) and
     is erased when the block ends."""
     state: dict[str, Any] = {}
-    if not enabled:
+    console = console or terminal()
+    if not enabled or not console.is_terminal:  # a pipe or a file: no bar, and no blank line
         yield None
         return
 
@@ -232,8 +233,7 @@ def warmstart_progress(
             bar = Progress(
                 TextColumn("[bold]warm start[/] (once; cached for later runs)"),
                 BarColumn(bar_width=24), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-                TimeElapsedColumn(), TimeRemainingColumn(), console=console or terminal(),
-                transient=True,
+                TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
             )  # fmt: skip
             state["bar"], state["task"] = bar, bar.add_task("warm start", total=total, loss="")
             bar.start()

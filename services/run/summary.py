@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,15 @@ from rich.table import Table
 
 from services.telemetry.run_log import read_metrics
 
-__all__ = ["SUMMARY_FILE", "build_summary", "print_summary", "token_totals", "write_summary"]
+__all__ = [
+    "SUMMARY_FILE",
+    "build_summary",
+    "log_problems",
+    "print_summary",
+    "summary_table",
+    "token_totals",
+    "write_summary",
+]
 
 SUMMARY_FILE = "summary.json"
 # Metric rows' held-out fields: the learner's evaluator writes ``heldout_*``, the evaluation
@@ -131,9 +140,28 @@ def build_summary(
             "dead_lettered": counters.get("dead", 0),
         },
         "api_url": result.get("api_url"),
+        "log_problems": log_problems(run_dir / "logs"),
         "paths": {k: str(v) for k, v in paths.items() if k in ("run_dir", "summary") or v.exists()},
         "result": dict(result),
     }
+
+
+# A record line as the run's log files write it: "2026-01-01 12:00:00,000 WARNING name: ...".
+_LOG_PROBLEM = re.compile(r"^\S+ \S+ (WARNING|ERROR|CRITICAL) ")
+
+
+def log_problems(log_dir: Path) -> dict[str, int]:
+    """Warnings and errors recorded in each ``*.log`` of ``log_dir`` (files with none left out):
+    in a quiet run they reached no terminal, so the summary points at them."""
+    counts: dict[str, int] = {}
+    if not Path(log_dir).is_dir():
+        return counts
+    for path in sorted(Path(log_dir).glob("*.log")):
+        with path.open(errors="replace") as fh:
+            n = sum(1 for line in fh if _LOG_PROBLEM.match(line))
+        if n:
+            counts[path.name] = n
+    return counts
 
 
 def write_summary(summary: Mapping[str, Any], run_dir: Path) -> Path:
@@ -166,6 +194,31 @@ def _rel(path: str) -> str:
         return str(p)
 
 
+# The held-out accuracy a run reports first; the evaluation suite's greedy accuracy is the same
+# number when the learner's evaluator writes both.
+_ACCURACY_KEYS = ("heldout_accuracy", "eval/greedy_accuracy")
+_SAMPLED = re.compile(r"^eval/(pass|maj)@\d+$")
+
+
+def _heldout_rows(heldout: Mapping[str, Mapping[str, float]]) -> list[tuple[str, str]]:
+    """At most two rows: the accuracy from its first to its final evaluation, and the final
+    pass@k / maj@k on one line (every other held-out metric is in summary.json)."""
+    rows = []
+    key = next((k for k in _ACCURACY_KEYS if k in heldout), None)
+    if key is not None:
+        h = heldout[key]
+        rows.append(("held-out accuracy", f"{h['final']:.3f} at step {h['final_step']:.0f} "
+                                          f"(step {h['first_step']:.0f}: {h['first']:.3f})"))  # fmt: skip
+    sampled = [
+        f"{k.removeprefix('eval/')} {h['final']:.3f}"
+        for k, h in heldout.items()
+        if _SAMPLED.match(k)
+    ]
+    if sampled:
+        rows.append(("held-out sampled", ", ".join(sampled)))
+    return rows
+
+
 def summary_table(summary: Mapping[str, Any], title: str) -> Table:
     """The rows a user reads at the end of a run."""
     t = Table(
@@ -177,12 +230,8 @@ def summary_table(summary: Mapping[str, Any], title: str) -> Table:
         "steps",
         f"{summary['steps']} / {summary['total_steps']} ({summary['mode']}; preset {summary['preset']})",
     )
-    for name, h in summary["heldout"].items():
-        label = name.removeprefix("heldout_").replace("_", " ")
-        t.add_row(
-            f"held-out {label}",
-            f"{h['final']:.3f} at step {h['final_step']} (step {h['first_step']}: {h['first']:.3f})",
-        )
+    for label, value in _heldout_rows(summary["heldout"]):
+        t.add_row(label, value)
     if summary.get("last_reward_mean") is not None:
         t.add_row("reward (last step)", f"{summary['last_reward_mean']:.3f}")
     tok = summary["tokens"]
@@ -207,7 +256,9 @@ def summary_table(summary: Mapping[str, Any], title: str) -> Table:
     if "plot" in paths:
         t.add_row("plot", _rel(paths["plot"]))
     if "logs" in paths:
-        t.add_row("logs", _rel(paths["logs"]) + "/")
+        problems = summary.get("log_problems") or {}
+        note = ", ".join(f"{n} warning/error lines in {name}" for name, n in problems.items())
+        t.add_row("logs", _rel(paths["logs"]) + "/" + (f" ({note})" if note else ""))
     t.add_row("summary", _rel(paths["summary"]))
     return t
 

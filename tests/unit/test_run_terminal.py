@@ -25,7 +25,8 @@ def _rows() -> list[dict]:
         {"step": 1, "samples_before": 32, "samples_kept": 16, "tokens_valid": 100, "tokens_kept": 30,
          "tokens_forward": 180, "reward_mean": 0.4},
         {"step": 2, "samples_before": 32, "samples_kept": 32, "tokens_valid": 200, "tokens_kept": 50,
-         "tokens_forward": 300, "reward_mean": 0.5, "heldout_accuracy": 0.5},
+         "tokens_forward": 300, "reward_mean": 0.5, "heldout_accuracy": 0.5, "eval/greedy_accuracy": 0.5,
+         "eval/pass@1": 0.375, "eval/pass@4": 0.75, "eval/maj@4": 0.5, "eval/mean_response_length": 3.0},
         {"step": 3, "samples_before": 32, "samples_kept": 8, "reward_mean": 0.0},
     ]  # fmt: skip
 
@@ -42,6 +43,13 @@ def test_token_totals_scale_kept_samples_to_every_sample() -> None:
 def test_summary_from_the_run_dir(tmp_path) -> None:
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows()))
     (tmp_path / "learning_curve.png").write_bytes(b"png")
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "learner.log").write_text(
+        "2026-01-01 00:00:00,000 INFO learner.service: step 1\n"
+        "2026-01-01 00:00:01,000 WARNING learner.service: batch x was already trained\n"
+        "a WARNING inside a message is not a record\n"
+    )
+    (tmp_path / "logs" / "selector.log").write_text("2026-01-01 00:00:00,000 INFO selector: ok\n")
     counters = {"groups_written": 20, "groups_used": 12, "groups_stale": 3, "dead": 1}
     summary = build_summary({"steps": 3, "api_url": None}, tmp_path, total_steps=3, mode="d3s run, async",
                             preset="d3s", counters=counters, wall_seconds=75.0)  # fmt: skip
@@ -62,10 +70,15 @@ def test_summary_from_the_run_dir(tmp_path) -> None:
     buf = io.StringIO()
     Console(file=buf, width=120).print(summary_table(summary, "run: done"))
     text = buf.getvalue()
-    assert "0.500 at step 2 (step 0: 0.250)" in text
+    assert "held-out accuracy    0.500 at step 2 (step 0: 0.250)" in text
+    assert "held-out sampled     pass@1 0.375, pass@4 0.750, maj@4 0.500" in text
+    assert "greedy" not in text and "response length" not in text  # those are in summary.json
+    assert summary["heldout"]["eval/mean_response_length"]["final"] == 3.0
     assert "80 kept of ~400 GRPO-equivalent (20%); 480 forward" in text
     assert "20 written, 12 used, 3 stale, 0 skipped, 1 dead-lettered" in text
     assert "1m15s" in text and "summary.json" in text
+    assert summary["log_problems"] == {"learner.log": 1}
+    assert "(1 warning/error lines in learner.log)" in " ".join(text.split())  # folded or not
     assert len(text.splitlines()) <= 20
 
 

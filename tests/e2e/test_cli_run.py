@@ -1,0 +1,123 @@
+"""What ``d3s run`` and ``d3s train`` show on the terminal, as a user would see it: the commands in a
+subprocess on a tiny config, their stdout and stderr read back.
+
+By default a run prints a few lines, one progress line and a summary table, and nothing of Ray,
+Serve, DeepSpeed or transformers (that goes to ``run_dir/logs/``); the whole summary is in
+``run_dir/summary.json``. ``--verbose`` puts the libraries' output back on the terminal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from services.telemetry.run_log import read_metrics
+
+pytestmark = pytest.mark.integration
+
+MAX_LINES = 30
+# What the libraries print when their output reaches the terminal.
+NOISE = ("ProxyActor", "ServeController", "Started Serve", "(raylet)", "Loading weights",
+         "Writing model shards", "real_accelerator", "[WARNING]", "Token authentication")  # fmt: skip
+
+
+def _write_config(tiny_config, tmp_path: Path, cache: Path, **sections: dict) -> tuple[Path, Path]:
+    run_dir = tmp_path / "run"
+    data = tiny_config(run_dir, cache, **sections)
+    data["train"]["progress_bar"] = True
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path, run_dir
+
+
+def _d3s(*args: str, timeout: float = 540) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "COLUMNS": "120"}
+    return subprocess.run([sys.executable, "-m", "services.run.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, env=env)  # fmt: skip
+
+
+def _terminal(out: subprocess.CompletedProcess[str]) -> str:
+    return out.stderr + out.stdout
+
+
+def test_d3s_run_is_quiet_and_ends_with_the_summary(tiny_config, tmp_path: Path,
+                                                    tmp_path_factory: pytest.TempPathFactory) -> None:  # fmt: skip
+    steps = 6
+    config, run_dir = _write_config(
+        tiny_config, tmp_path, tmp_path_factory.getbasetemp() / "warmstart",
+        rollout={"num_actors": 2},
+        train={"total_steps": steps, "eval_every": 3, "checkpoint_every": steps},
+        service={"namespace": f"cli{uuid.uuid4().hex[:8]}", "max_group_backlog": 8, "wait_timeout_s": 60},
+        api={"enabled": True, "port": 0},
+        logging={"wandb": {"project": "d3s-e2e"}},  # offline: no network needed
+    )  # fmt: skip
+
+    out = _d3s("run", str(config))
+
+    shown = _terminal(out)
+    assert out.returncode == 0, shown[-3000:]
+    lines = shown.splitlines()
+    assert len(lines) <= MAX_LINES, shown
+    assert not [n for n in NOISE if n in shown], shown
+    # A few lines of the run, then its progress line, on stderr; the table on stdout, last.
+    assert "HTTP API and dashboard at http://127.0.0.1:" in out.stderr
+    assert f"{steps}/{steps} steps" in out.stderr
+    table = out.stdout
+    assert table.strip().splitlines()[0].startswith("tiny: done")
+    for row in ("steps", "held-out accuracy", "learner tokens", "GRPO-equivalent", "groups",
+                "dead-lettered", "wall time", "run dir", "plot", "logs", "summary"):  # fmt: skip
+        assert row in table, (row, table)
+    assert "summary.json" in table.strip().splitlines()[-1]
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == steps and summary["result"]["steps"] == steps
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    # The token counts are the run's: kept = the learner's total; GRPO-equivalent >= kept.
+    assert summary["tokens"]["kept"] == pytest.approx(rows[-1]["learner_tokens_total"])
+    assert summary["tokens"]["forward"] == pytest.approx(rows[-1]["learner_forward_tokens_total"])
+    assert summary["tokens"]["grpo_equivalent"] >= summary["tokens"]["kept"] > 0
+    assert summary["groups"]["written"] >= summary["groups"]["used"] == steps * 4
+    assert summary["heldout"]["heldout_accuracy"]["final_step"] == steps
+    # What did not reach the terminal is in the run's logs.
+    logs = run_dir / "logs"
+    assert "Serve" in (logs / "driver.log").read_text()
+    for name in ("learner", "selector", "rollout-0", "rollout-1"):
+        assert (logs / f"{name}.log").stat().st_size > 0, name
+    assert "Loading weights" in (logs / "learner.log").read_text()
+    # The logging section reached the service learner's logger: TensorBoard and an offline W&B run.
+    assert any((run_dir / "tensorboard").iterdir())
+    assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert "wandb" in summary["paths"]
+
+
+def test_d3s_train_quiet_and_verbose(tiny_config, tmp_path: Path,
+                                     tmp_path_factory: pytest.TempPathFactory) -> None:  # fmt: skip
+    """The synchronous trainer the same way; --verbose shows what the default hides."""
+    cache = tmp_path_factory.getbasetemp() / "warmstart"
+    config, run_dir = _write_config(
+        tiny_config, tmp_path, cache, train={"total_steps": 3, "eval_every": 3},
+        logging={"tensorboard": False, "wandb": {"project": "d3s-e2e", "name": "sync"}},
+    )  # fmt: skip
+
+    quiet = _d3s("train", str(config))
+    shown = _terminal(quiet)
+    assert quiet.returncode == 0, shown[-3000:]
+    assert len(shown.splitlines()) <= MAX_LINES, shown
+    assert not [n for n in NOISE if n in shown], shown
+    assert "3/3 steps" in quiet.stderr and "lock-step" in quiet.stdout
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 3
+    assert "real_accelerator" in (run_dir / "logs" / "driver.log").read_text()
+    # The logging section reached the trainer's logger: W&B offline, TensorBoard off.
+    assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert not (run_dir / "tensorboard").exists()
+
+    verbose = _d3s("train", str(config), "--verbose", "--set", f"train.run_dir={tmp_path / 'run2'}")
+    assert verbose.returncode == 0, _terminal(verbose)[-3000:]
+    assert "real_accelerator" in _terminal(verbose)  # DeepSpeed's own line, on the terminal
