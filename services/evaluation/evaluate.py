@@ -374,7 +374,7 @@ def evaluate_policy(
 
     Args:
         model: Causal LM (restored to its train/eval mode afterwards).
-        tokenizer: :class:`CharTokenizer` or an HF tokenizer.
+        tokenizer: A Hugging Face tokenizer (the built-in char tokenizer is one too).
         prompts: Held-out prompts; those with a ``difficulty`` attribute are also grouped.
         verifier: Scores sampled responses: one verifier for every prompt, a mapping keyed by
             ``Prompt.task`` (e.g. ``TaskSource.verifiers``, time-limited), or None for

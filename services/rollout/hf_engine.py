@@ -75,7 +75,7 @@ class HFRolloutEngine:
 
     Args:
         model: A causal LM (the tiny GPT-2 policy or any local ``from_pretrained`` model).
-        tokenizer: :class:`CharTokenizer` or an HF tokenizer.
+        tokenizer: A Hugging Face tokenizer (the built-in char tokenizer is one too).
         max_new_tokens: Response length limit (stop token included).
         temperature: Sampling temperature, > 0.
         top_p: Nucleus threshold in (0, 1]; 1 disables it. Top-k is always off.
