@@ -48,6 +48,16 @@ SUMMARY_FILE = "summary.json"
 _HELDOUT_PREFIXES = ("heldout_", "eval/")
 
 
+TOKEN_DEFINITIONS = {
+    "kept": "response tokens that carried a gradient after sample- and token-level D3S "
+    "(sum of tokens_kept = learner_tokens_total)",
+    "forward": "tokens the learner's gradient pass ran through the model, prompts and padding "
+    "included (sum of tokens_forward = learner_forward_tokens_total)",
+    "grpo_equivalent": "response tokens a GRPO step would train on the same rollouts (every "
+    "sample): per step tokens_valid * samples_before / samples_kept",
+}
+
+
 def token_totals(rows: Iterable[Mapping[str, Any]]) -> dict[str, float]:
     """Kept, forward and GRPO-equivalent token counts of a run's metric rows (see the module
     docstring); ``kept_fraction`` is kept / GRPO-equivalent (NaN when nothing was trained)."""
@@ -129,6 +139,7 @@ def build_summary(
         "heldout": _heldout(rows),
         "last_reward_mean": trained[-1].get("reward_mean") if trained else None,
         "tokens": token_totals(rows),
+        "tokens_defined": TOKEN_DEFINITIONS,
         "samples": {"generated": generated, "kept": kept},
         "groups": None
         if counters is None
@@ -215,7 +226,7 @@ def _heldout_rows(heldout: Mapping[str, Mapping[str, float]]) -> list[tuple[str,
         if _SAMPLED.match(k)
     ]
     if sampled:
-        rows.append(("held-out sampled", ", ".join(sampled)))
+        rows.append(("held-out pass/maj@k", ", ".join(sampled)))
     return rows
 
 
@@ -236,15 +247,17 @@ def summary_table(summary: Mapping[str, Any], title: str) -> Table:
         t.add_row("reward (last step)", f"{summary['last_reward_mean']:.3f}")
     tok = summary["tokens"]
     if tok["grpo_equivalent"] > 0:
-        t.add_row("learner tokens", f"{_count(tok['kept'])} kept of ~{_count(tok['grpo_equivalent'])} "
-                  f"GRPO-equivalent ({tok['kept_fraction']:.0%}); {_count(tok['forward'])} forward")  # fmt: skip
+        t.add_row("tokens kept", f"{_count(tok['kept'])} of ~{_count(tok['grpo_equivalent'])} "
+                  f"GRPO-equivalent ({tok['kept_fraction']:.0%})")  # fmt: skip
+        t.add_row("tokens forward", f"{_count(tok['forward'])} (the learner's gradient pass)")
     s = summary["samples"]
     if s["generated"]:
         t.add_row("samples", f"{_count(s['kept'])} kept of {_count(s['generated'])} generated")
     g = summary.get("groups")
     if g is not None:
-        t.add_row("groups", f"{g['written']} written, {g['used']} used, {g['stale']} stale, "
-                  f"{g['skipped']} skipped, {g['dead_lettered']} dead-lettered")  # fmt: skip
+        t.add_row("groups", f"{_count(g['written'])} written, {_count(g['used'])} used, "
+                  f"{_count(g['skipped'])} skipped")  # fmt: skip
+        t.add_row("stale / dead-lettered", f"{_count(g['stale'])} / {_count(g['dead_lettered'])}")
     else:
         t.add_row("stale / dead-lettered", "0 / 0 (lock-step: nothing is queued)")
     t.add_row("wall time", _duration(summary["wall_seconds"]))

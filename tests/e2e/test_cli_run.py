@@ -71,8 +71,8 @@ def test_d3s_run_is_quiet_and_ends_with_the_summary(tiny_config, tmp_path: Path,
     assert f"{steps}/{steps} steps" in out.stderr
     table = out.stdout
     assert table.strip().splitlines()[0].startswith("tiny: done")
-    for row in ("steps", "held-out accuracy", "learner tokens", "GRPO-equivalent", "groups",
-                "dead-lettered", "wall time", "run dir", "plot", "logs", "summary"):  # fmt: skip
+    for row in ("steps", "held-out accuracy", "tokens kept", "GRPO-equivalent", "groups",
+                "stale / dead-lettered", "wall time", "run dir", "plot", "logs", "summary"):  # fmt: skip
         assert row in table, (row, table)
     assert "summary.json" in table.strip().splitlines()[-1]
 

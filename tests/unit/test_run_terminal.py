@@ -70,12 +70,14 @@ def test_summary_from_the_run_dir(tmp_path) -> None:
     buf = io.StringIO()
     Console(file=buf, width=120).print(summary_table(summary, "run: done"))
     text = buf.getvalue()
-    assert "held-out accuracy    0.500 at step 2 (step 0: 0.250)" in text
-    assert "held-out sampled     pass@1 0.375, pass@4 0.750, maj@4 0.500" in text
+    assert "held-out accuracy       0.500 at step 2 (step 0: 0.250)" in text
+    assert "held-out pass/maj@k     pass@1 0.375, pass@4 0.750, maj@4 0.500" in text
     assert "greedy" not in text and "response length" not in text  # those are in summary.json
     assert summary["heldout"]["eval/mean_response_length"]["final"] == 3.0
-    assert "80 kept of ~400 GRPO-equivalent (20%); 480 forward" in text
-    assert "20 written, 12 used, 3 stale, 0 skipped, 1 dead-lettered" in text
+    assert "tokens kept             80 of ~400 GRPO-equivalent (20%)" in text
+    assert "tokens forward          480 (the learner's gradient pass)" in text
+    assert "groups                  20 written, 12 used, 0 skipped" in text
+    assert "stale / dead-lettered   3 / 1" in text
     assert "1m15s" in text and "summary.json" in text
     assert summary["log_problems"] == {"learner.log": 1}
     assert "(1 warning/error lines in learner.log)" in " ".join(text.split())  # folded or not
