@@ -187,3 +187,26 @@ def test_rejects_prompt_longer_than_the_engine(engine):
     long = Prompt("x", "12+34= " * 80, "1", "gsm8k")
     with pytest.raises(ValueError, match="max_model_len"):
         engine.generate([long], n=1, seed=0)
+
+
+def test_worker_renders_chat_prompts_and_skips_long_ones(engine, hf_pair):
+    """The rollout worker drives the vLLM engine as it drives the HF one: the prompt encoded is
+    the chat template's rendering, and prompts over max_prompt_tokens are skipped and counted."""
+    from services.rollout.worker import RolloutWorker
+    from services.tasks.prompting import PromptFormat
+    from services.tasks.source import TaskSource
+
+    _, tok = hf_pair
+    long = Prompt("long", "Natalia sold clips to her friends " * 20, "1", "gsm8k")
+    tasks = TaskSource(None, train=[*PROMPTS, long])
+    fmt = PromptFormat("{question}\nPut the final answer after ####.", chat_template=True)
+    worker = RolloutWorker(engine, tasks, 2, prompt_format=fmt, max_prompt_tokens=60)
+    groups = []
+    for seed in range(3):
+        groups += worker.produce(4, seed)[0]
+    assert len(groups) == 12 and worker.prompts_skipped_too_long > 0
+    for g in groups:
+        text = tok.decode(g.prompt.tolist(), skip_special_tokens=False)
+        assert text.startswith("<|im_start|>user\n"), text
+        assert text.endswith("\nPut the final answer after ####.<|im_end|>\n<|im_start|>assistant\n")
+        assert len(g.prompt) <= 60 and g.prompt_id != "long"
