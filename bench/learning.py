@@ -232,15 +232,17 @@ def _fmt(x, spec=".0f"):
 def table(group: dict) -> str:
     t = group["target_pass1"]
     lines = [
-        f"| preset | greedy | Pass@1 | Pass@8 | maj@8 | tokens to Pass@1 {t:.3f} | ×{group['base']} "
+        f"| preset | greedy (step 0) | greedy | Pass@1 (step 0) | Pass@1 | Pass@8 (step 0) | Pass@8 | maj@8 "
+        f"| tokens to Pass@1 {t:.3f} | ×{group['base']} "
         f"| learner s to it | ×{group['base']} | tokens, run | ×{group['base']} | learner s, run "
         f"| ×{group['base']} |",
-        "|" + "---|" * 13,
+        "|" + "---|" * 16,
     ]
     for r in group["rows"]:
         lines.append(
-            f"| {r['label']} | {r['greedy_mean']:.3f} ± {r['greedy_sd']:.3f} "
-            f"| {r['pass1_mean']:.3f} ± {r['pass1_sd']:.3f} | {r['pass8_mean']:.3f} ± {r['pass8_sd']:.3f} "
+            f"| {r['label']} | {r['greedy_start']:.3f} | {r['greedy_mean']:.3f} ± {r['greedy_sd']:.3f} "
+            f"| {r['pass1_start']:.3f} | {r['pass1_mean']:.3f} ± {r['pass1_sd']:.3f} "
+            f"| {r['pass8_start']:.3f} | {r['pass8_mean']:.3f} ± {r['pass8_sd']:.3f} "
             f"| {r['maj8_mean']:.3f} ± {r['maj8_sd']:.3f} "
             f"| {_fmt(r['tokens_to_target'])} | {_fmt(r['tokens_to_target_ratio'], '.2f')} "
             f"| {_fmt(r['seconds_to_target'], '.1f')} | {_fmt(r['seconds_to_target_ratio'], '.2f')} "
@@ -296,7 +298,9 @@ def _plot_curves(groups: dict[str, dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def _plot_grad_norm(out: Path, runs: list[Run], path: Path) -> dict[str, dict[str, float]]:
+def _plot_grad_norm(
+    out: Path, runs: list[Run], path: Path, task: str
+) -> dict[str, dict[str, float]]:
     """Per-step gradient norm (before clipping) against Var(A) of the kept samples, by preset;
     returns the per-preset means it plots."""
     import matplotlib
@@ -327,7 +331,7 @@ def _plot_grad_norm(out: Path, runs: list[Run], path: Path) -> dict[str, dict[st
         ax.set_ylabel("policy-gradient norm before clipping")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle("per learner step, every run (large dots: mean per preset)")
+    fig.suptitle(f"{task}: per learner step, every run (large dots: mean per preset)")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -366,8 +370,11 @@ def summarise(out: Path, runs: list[Run]) -> dict:
     others = {k: g for k, g in groups.items() if k.split("/")[0] in ("warmstart", "token_score")}
     if others:
         _plot_curves(others, out / "learning_variants.png", "warm start and token score")
-    means = _plot_grad_norm(out, [r for r in runs if r.experiment in ("ladder", "token_score")],
-                            out / "grad_norm_vs_var.png")  # fmt: skip
+    # One task: Var(A) and the gradient's scale differ between tasks.
+    task = runs[-1].task if runs else ""
+    means = _plot_grad_norm(
+        out, [r for r in runs if r.experiment in ("ladder", "token_score") and r.task == task],
+        out / "grad_norm_vs_var.png", task)  # fmt: skip
     return {"groups": groups, "grad_norm": means}
 
 
@@ -390,7 +397,8 @@ def report(summary: dict, header: str) -> str:
         dt = difficulty_table(g)
         if dt:
             parts += ["\nFinal accuracy per difficulty level (mean over seeds):\n", dt]
-    parts += ["\n## Gradient norm and Var(A), per learner step (mean over steps and seeds)\n",
+    parts += ["\n## Gradient norm (before clipping) and Var(A), per learner step (mean over steps and "
+              "seeds; the last task's ladder and token-score runs)\n",
               grad_norm_table(summary["grad_norm"])]  # fmt: skip
     return "\n".join(parts) + "\n"
 
