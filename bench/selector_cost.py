@@ -1,6 +1,6 @@
 """What the learner pays for D3S: the selector's time per batch, and learner steps by keep ratio.
 
-    python -m bench.selector [--groups 512] [--samples-per-prompt 16]
+    python -m bench.selector_cost [--groups 512] [--samples-per-prompt 16]
 
 Two measurements, side by side in one run on the same CPU:
 
