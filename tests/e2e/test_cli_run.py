@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -59,7 +60,9 @@ def test_d3s_run_is_quiet_and_ends_with_the_summary(tiny_config, tmp_path: Path,
         logging={"wandb": {"project": "d3s-e2e"}},  # offline: no network needed
     )  # fmt: skip
 
+    t0 = time.monotonic()
     out = _d3s("run", str(config))
+    print(f"\nd3s run (subprocess, {steps} steps): {time.monotonic() - t0:.1f}s\n{_terminal(out)}")
 
     shown = _terminal(out)
     assert out.returncode == 0, shown[-3000:]
