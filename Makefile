@@ -12,14 +12,14 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 # elsewhere those tests skip and say why.
 SYSTEM_PACKAGES := chromium chromium-driver docker-compose
 
-.PHONY: venv system-deps run test test-slow test-vllm lint bench-select bench-learning clean
+.PHONY: venv system-deps run test bench-pipeline bench-transport bench-selector bench-weight-sync bench-memory test-slow test-vllm lint bench-select bench-learning clean
 
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install -e '.[dev]'
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
 run: venv
@@ -71,6 +71,21 @@ bench-select: venv
 
 bench-learning: venv
 	$(BIN)/python -m bench.learning
+
+bench-pipeline: venv
+	$(BIN)/python -m bench.pipeline
+
+bench-transport: venv
+	$(BIN)/python -m bench.transport
+
+bench-selector: venv
+	$(BIN)/python -m bench.selector_cost
+
+bench-weight-sync: venv
+	$(BIN)/python -m bench.weight_sync
+
+bench-memory: venv
+	$(BIN)/python -m bench.memory
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache runs .cache
