@@ -195,6 +195,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     503: {"model": ErrorResponse, "description": "Redis is unreachable"},
 }
 _CONTROL_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "a request body that is not valid JSON"},
     401: {"model": ErrorResponse, "description": "missing or wrong bearer token"},
     403: {"model": ErrorResponse, "description": "control disabled (no token configured)"},
     **_ERRORS,

@@ -25,7 +25,7 @@ from typing import Any
 
 from services.run.components import ComponentHost, component_name, link_ray_logs
 from services.run.config import RunConfig
-from services.run.lockdown import loopback_ray_options
+from services.run.lockdown import loopback_ray
 from services.run.placement import (
     PlacementPlan,
     host_options,
@@ -102,9 +102,10 @@ def _run_service(cfg: RunConfig, run_dir: Path, verbose: bool = False) -> dict[s
                 policy_path = str(prepare_policy(cfg, progress))
             if not ray.is_initialized():
                 # A local Ray listens on loopback only; a cluster's listeners are its own.
-                local = loopback_ray_options() if svc.ray_address is None else {}
-                ray.init(address=svc.ray_address, namespace=RAY_NAMESPACE, include_dashboard=False,
-                         log_to_driver=verbose, logging_level=logging.WARNING, **local)  # fmt: skip
+                with loopback_ray() if svc.ray_address is None else contextlib.nullcontext({}) as local:
+                    ray.init(address=svc.ray_address, namespace=RAY_NAMESPACE,
+                             include_dashboard=False, log_to_driver=verbose,
+                             logging_level=logging.WARNING, **local)  # fmt: skip
                 stack.callback(ray.shutdown)
                 _sigterm_as_interrupt()  # ray.init installs its own SIGTERM handler; ours first
             link_ray_logs(run_dir / "logs")
