@@ -61,9 +61,10 @@ $(VLLM_STAMP): pyproject.toml
 test-vllm: $(VLLM_STAMP)
 	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_BIN)/python -m pytest tests/vllm -q -p no:cacheprovider
 
-# Style, then the dependency rule (pyproject.toml [tool.importlinter]).
+# Style and formatting, then the dependency rule (pyproject.toml [tool.importlinter]).
 lint: venv
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
 
 bench-select: venv

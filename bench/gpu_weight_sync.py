@@ -32,9 +32,16 @@ def build_model(device: str) -> torch.nn.Module:
     """A Qwen2-0.5B-shaped causal LM with random weights (no hub access needed)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    cfg = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864,
-                      num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                      tie_word_embeddings=True, max_position_embeddings=4096)  # fmt: skip
+    cfg = Qwen2Config(
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        max_position_embeddings=4096,
+    )
     with torch.device(device):
         model = Qwen2ForCausalLM(cfg)
     return model.to(torch.bfloat16).eval()
@@ -60,8 +67,11 @@ def time_files(
         if v:
             pubs.append(t1 - t0)
             recvs.append(t2 - t1)
-    return {"publish_s": statistics.median(pubs), "receive_s": statistics.median(recvs),
-            "total_s": statistics.median(p + r for p, r in zip(pubs, recvs, strict=True))}  # fmt: skip
+    return {
+        "publish_s": statistics.median(pubs),
+        "receive_s": statistics.median(recvs),
+        "total_s": statistics.median(p + r for p, r in zip(pubs, recvs, strict=True)),
+    }
 
 
 def time_bucketed(
@@ -87,9 +97,12 @@ def time_bucketed(
         if r:
             packs.append(t1 - t0)
             loads.append(t2 - t1)
-    return {"buckets": len(buckets), "pack_s": statistics.median(packs),
-            "load_s": statistics.median(loads),
-            "total_s": statistics.median(p + q for p, q in zip(packs, loads, strict=True))}  # fmt: skip
+    return {
+        "buckets": len(buckets),
+        "pack_s": statistics.median(packs),
+        "load_s": statistics.median(loads),
+        "total_s": statistics.median(p + q for p, q in zip(packs, loads, strict=True)),
+    }
 
 
 def main() -> None:
@@ -104,9 +117,15 @@ def main() -> None:
     src, dst = build_model("cuda"), build_model("cuda")
     params = sum(p.numel() for p in src.parameters())
     mib = sum(t.numel() * t.element_size() for t in src.state_dict().values()) / 2**20
-    out = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "params": params,
-           "state_dict_mib_with_tied": round(mib, 1), "build_s": round(time.perf_counter() - t0, 1),
-           "bucket_mb": args.bucket_mb, "bucketed": time_bucketed(src, dst, args.bucket_mb, args.reps)}  # fmt: skip
+    out = {
+        "gpu": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "params": params,
+        "state_dict_mib_with_tied": round(mib, 1),
+        "build_s": round(time.perf_counter() - t0, 1),
+        "bucket_mb": args.bucket_mb,
+        "bucketed": time_bucketed(src, dst, args.bucket_mb, args.reps),
+    }
     assert torch.equal(
         dst.model.layers[3].mlp.up_proj.weight, src.model.layers[3].mlp.up_proj.weight
     )

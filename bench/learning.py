@@ -51,8 +51,15 @@ DEFAULT_PRESETS = ["grpo", "d1s", "d2s", "d3s", "d3s-i"]
 LONG_PRESETS = ["grpo", "d1s", "d2s", "d3s"]
 EXPERIMENTS = ("ladder", "long", "warmstart", "token_score")
 CLEAN = ("warmstart.clean=true",)
-CURVE_KEYS = ("step", "heldout_accuracy", "eval/pass@1", "eval/pass@8", "eval/maj@8",
-              "learner_tokens_total", "learner_seconds_total")  # fmt: skip
+CURVE_KEYS = (
+    "step",
+    "heldout_accuracy",
+    "eval/pass@1",
+    "eval/pass@8",
+    "eval/maj@8",
+    "learner_tokens_total",
+    "learner_seconds_total",
+)
 
 
 @dataclass(frozen=True)
@@ -78,18 +85,31 @@ def plan(args: argparse.Namespace) -> list[Run]:
     runs: list[Run] = []
     last = args.tasks[-1]
     if "ladder" in args.experiments:
-        runs += [Run("ladder", t, lab, PRESETS[lab][0], s, args.steps, PRESETS[lab][1])
-                 for t in args.tasks for lab in args.presets for s in seeds]  # fmt: skip
+        runs += [
+            Run("ladder", t, lab, PRESETS[lab][0], s, args.steps, PRESETS[lab][1])
+            for t in args.tasks
+            for lab in args.presets
+            for s in seeds
+        ]
     if "long" in args.experiments:
         steps = round(args.long_factor * args.steps)
-        runs += [Run("long", last, lab, PRESETS[lab][0], s, steps, PRESETS[lab][1])
-                 for lab in LONG_PRESETS for s in range(args.long_seeds)]  # fmt: skip
+        runs += [
+            Run("long", last, lab, PRESETS[lab][0], s, steps, PRESETS[lab][1])
+            for lab in LONG_PRESETS
+            for s in range(args.long_seeds)
+        ]
     if "warmstart" in args.experiments:
-        runs += [Run("warmstart", last, f"{lab} (clean)", lab, s, args.steps, CLEAN)
-                 for lab in ("d3s", "d3s-i") for s in seeds]  # fmt: skip
+        runs += [
+            Run("warmstart", last, f"{lab} (clean)", lab, s, args.steps, CLEAN)
+            for lab in ("d3s", "d3s-i")
+            for s in seeds
+        ]
     if "token_score" in args.experiments:
-        runs += [Run("token_score", last, lab, PRESETS[lab][0], s, args.steps, PRESETS[lab][1])
-                 for lab in ("d3s-H", "d3s-A") for s in seeds]  # fmt: skip
+        runs += [
+            Run("token_score", last, lab, PRESETS[lab][0], s, args.steps, PRESETS[lab][1])
+            for lab in ("d3s-H", "d3s-A")
+            for s in seeds
+        ]
     return runs
 
 
@@ -115,8 +135,12 @@ def finished(out: Path, run: Run) -> bool:
 
 
 def _settings(args: argparse.Namespace) -> list[str]:
-    return [f"eval.n_samples={args.eval_n}", f"task.heldout_size={args.eval_prompts}",
-            f"train.eval_every={args.eval_every}", *args.extra]  # fmt: skip
+    return [
+        f"eval.n_samples={args.eval_n}",
+        f"task.heldout_size={args.eval_prompts}",
+        f"train.eval_every={args.eval_every}",
+        *args.extra,
+    ]
 
 
 def _train_one(run: Run, out: str, threads: int, settings: list[str]) -> str:
@@ -128,10 +152,19 @@ def _train_one(run: Run, out: str, threads: int, settings: list[str]) -> str:
     from services.run.trainer import SyncTrainer
 
     run_dir = Path(out) / "runs" / run.name
-    cfg = load_config(TASK_CONFIGS[run.task], [
-        f"algorithm.preset={run.preset}", f"train.seed={run.seed}", f"train.total_steps={run.steps}",
-        f"train.run_dir={run_dir}", "train.resume=false", "train.progress_bar=false", *settings,
-        *run.overrides])  # fmt: skip
+    cfg = load_config(
+        TASK_CONFIGS[run.task],
+        [
+            f"algorithm.preset={run.preset}",
+            f"train.seed={run.seed}",
+            f"train.total_steps={run.steps}",
+            f"train.run_dir={run_dir}",
+            "train.resume=false",
+            "train.progress_bar=false",
+            *settings,
+            *run.overrides,
+        ],
+    )
     if (run_dir / "metrics.jsonl").exists():
         (run_dir / "metrics.jsonl").unlink()
     SyncTrainer(cfg).run()
@@ -175,8 +208,10 @@ def summarise_group(out: Path, runs: list[Run]) -> dict:
     """Rows (one per label, over seeds) of one experiment on one task, with ratios to its first
     label (GRPO where it ran) and GRPO's final Pass@1 as the target to reach."""
     labels = list(dict.fromkeys(r.label for r in runs))
-    curves = {lab: [_curve(out / "runs" / r.name / "metrics.jsonl") for r in runs if r.label == lab]
-              for lab in labels}  # fmt: skip
+    curves = {
+        lab: [_curve(out / "runs" / r.name / "metrics.jsonl") for r in runs if r.label == lab]
+        for lab in labels
+    }
     mean = {lab: _mean_curve(cs) for lab, cs in curves.items()}
     base = "grpo" if "grpo" in labels else labels[0]
     target = statistics.mean(float(c["eval/pass@1"][-1]) for c in curves[base])
@@ -184,8 +219,12 @@ def summarise_group(out: Path, runs: list[Run]) -> dict:
     for lab in labels:
         cs, m = curves[lab], mean[lab]
         row: dict = {"label": lab, "seeds": len(cs)}
-        for key, name in (("heldout_accuracy", "greedy"), ("eval/pass@1", "pass1"),
-                          ("eval/pass@8", "pass8"), ("eval/maj@8", "maj8")):  # fmt: skip
+        for key, name in (
+            ("heldout_accuracy", "greedy"),
+            ("eval/pass@1", "pass1"),
+            ("eval/pass@8", "pass8"),
+            ("eval/maj@8", "maj8"),
+        ):
             row[f"{name}_mean"], row[f"{name}_sd"] = _ms([float(c[key][-1]) for c in cs])
             row[f"{name}_start"] = float(m[key][0])
         row["tokens_total"] = float(m["learner_tokens_total"][-1])
@@ -199,8 +238,13 @@ def summarise_group(out: Path, runs: list[Run]) -> dict:
         for k in ("tokens_to_target", "seconds_to_target", "tokens_total", "seconds_total"):
             r[f"{k}_ratio"] = r[k] / ref[k] if r[k] is not None and ref.get(k) else None
     by_difficulty = _by_difficulty(out, runs, labels)
-    return {"target_pass1": target, "base": base, "rows": rows, "mean_curves": mean,
-            "by_difficulty": by_difficulty}  # fmt: skip
+    return {
+        "target_pass1": target,
+        "base": base,
+        "rows": rows,
+        "mean_curves": mean,
+        "by_difficulty": by_difficulty,
+    }
 
 
 def _by_difficulty(out: Path, runs: list[Run], labels: list[str]) -> dict:
@@ -209,16 +253,25 @@ def _by_difficulty(out: Path, runs: list[Run], labels: list[str]) -> dict:
 
     result: dict = {}
     for lab in labels:
-        finals = [[r for r in read_metrics(out / "runs" / run.name / "metrics.jsonl")
-                   if "heldout_accuracy" in r] for run in runs if run.label == lab]  # fmt: skip
+        finals = [
+            [
+                r
+                for r in read_metrics(out / "runs" / run.name / "metrics.jsonl")
+                if "heldout_accuracy" in r
+            ]
+            for run in runs
+            if run.label == lab
+        ]
         levels = sorted(
             {k.rsplit("/d", 1)[1] for k in finals[0][-1] if k.startswith("eval/pass@1/d")}
         )
         result[lab] = {
-            lv: {m: statistics.mean(f[-1].get(f"eval/{m}/d{lv}", np.nan) for f in finals)
-                 for m in ("greedy_accuracy", "pass@1", "pass@8")}
+            lv: {
+                m: statistics.mean(f[-1].get(f"eval/{m}/d{lv}", np.nan) for f in finals)
+                for m in ("greedy_accuracy", "pass@1", "pass@8")
+            }
             for lv in levels
-        }  # fmt: skip
+        }
     return result
 
 
@@ -319,12 +372,18 @@ def _plot_grad_norm(
         ok = np.isfinite(var) & np.isfinite(norm)
         color = f"C{i % 10}"
         axes[0].scatter(var[ok], norm[ok], s=6, alpha=0.35, color=color)
-        axes[0].scatter([var[ok].mean()], [norm[ok].mean()], s=90, color=color, edgecolor="black",
-                        label=lab)  # fmt: skip
+        axes[0].scatter(
+            [var[ok].mean()], [norm[ok].mean()], s=90, color=color, edgecolor="black", label=lab
+        )
         axes[1].scatter(akept[ok], norm[ok], s=6, alpha=0.35, color=color, label=lab)
-        means[lab] = {"var_adv_after": float(var[ok].mean()), "grad_norm": float(norm[ok].mean()),
-                      "adv_norm_kept": float(akept[ok].mean()),
-                      "var_adv_before": float(np.nanmean(np.concatenate([s["var_adv_before"] for s in steps])))}  # fmt: skip
+        means[lab] = {
+            "var_adv_after": float(var[ok].mean()),
+            "grad_norm": float(norm[ok].mean()),
+            "adv_norm_kept": float(akept[ok].mean()),
+            "var_adv_before": float(
+                np.nanmean(np.concatenate([s["var_adv_before"] for s in steps]))
+            ),
+        }
     axes[0].set_xlabel("Var(A) of the kept samples")
     axes[1].set_xlabel("||A|| of the kept samples")
     for ax in axes:
@@ -344,8 +403,10 @@ def grad_norm_table(means: dict[str, dict[str, float]]) -> str:
         "|---|---|---|---|---|",
     ]
     for lab, m in means.items():
-        lines.append(f"| {lab} | {m['var_adv_before']:.3f} | {m['var_adv_after']:.3f} "
-                     f"| {m['adv_norm_kept']:.2f} | {m['grad_norm']:.3f} |")  # fmt: skip
+        lines.append(
+            f"| {lab} | {m['var_adv_before']:.3f} | {m['var_adv_after']:.3f} "
+            f"| {m['adv_norm_kept']:.2f} | {m['grad_norm']:.3f} |"
+        )
     return "\n".join(lines)
 
 
@@ -357,8 +418,11 @@ def summarise(out: Path, runs: list[Run]) -> dict:
             members = [r for r in runs if r.experiment == exp and r.task == task]
             if exp in ("warmstart", "token_score"):  # compared with the ladder's d3s / d3s-i
                 extra = ("d3s", "d3s-i") if exp == "warmstart" else ("d3s",)
-                members = [r for r in runs if r.experiment == "ladder" and r.task == task
-                           and r.label in extra] + members  # fmt: skip
+                members = [
+                    r
+                    for r in runs
+                    if r.experiment == "ladder" and r.task == task and r.label in extra
+                ] + members
             if members:
                 groups[f"{exp}/{task}"] = summarise_group(out, members)
     ladder = {k.split("/", 1)[1]: g for k, g in groups.items() if k.startswith("ladder/")}
@@ -373,8 +437,11 @@ def summarise(out: Path, runs: list[Run]) -> dict:
     # One task: Var(A) and the gradient's scale differ between tasks.
     task = runs[-1].task if runs else ""
     means = _plot_grad_norm(
-        out, [r for r in runs if r.experiment in ("ladder", "token_score") and r.task == task],
-        out / "grad_norm_vs_var.png", task)  # fmt: skip
+        out,
+        [r for r in runs if r.experiment in ("ladder", "token_score") and r.task == task],
+        out / "grad_norm_vs_var.png",
+        task,
+    )
     return {"groups": groups, "grad_norm": means}
 
 
@@ -397,9 +464,11 @@ def report(summary: dict, header: str) -> str:
         dt = difficulty_table(g)
         if dt:
             parts += ["\nFinal accuracy per difficulty level (mean over seeds):\n", dt]
-    parts += ["\n## Gradient norm (before clipping) and Var(A), per learner step (mean over steps and "
-              "seeds; the last task's ladder and token-score runs)\n",
-              grad_norm_table(summary["grad_norm"])]  # fmt: skip
+    parts += [
+        "\n## Gradient norm (before clipping) and Var(A), per learner step (mean over steps and "
+        "seeds; the last task's ladder and token-score runs)\n",
+        grad_norm_table(summary["grad_norm"]),
+    ]
     return "\n".join(parts) + "\n"
 
 
@@ -452,8 +521,10 @@ def main(argv: list[str] | None = None) -> dict:
             ws = prepare_policy(
                 load_config(TASK_CONFIGS[task], [*settings, *(CLEAN if clean else ())])
             )
-            print(f"warm start {task}{' (clean)' if clean else ''}: {ws} ({time.perf_counter() - t0:.0f} s)",
-                  flush=True)  # fmt: skip
+            print(
+                f"warm start {task}{' (clean)' if clean else ''}: {ws} ({time.perf_counter() - t0:.0f} s)",
+                flush=True,
+            )
         threads = max(1, 2 // args.jobs)
         order = priority(runs, args.tasks)
         with ProcessPoolExecutor(max_workers=args.jobs) as pool:
@@ -488,11 +559,18 @@ def main(argv: list[str] | None = None) -> dict:
         text += f"\nRuns planned but not finished (left out above): {', '.join(missing)}\n"
     print(text)
     (out / "learning.md").write_text(text)
-    record = {"args": vars(args), "runs": [r.name for r in done], "missing": missing, "wall_seconds": wall,
-              "groups": {k: {kk: vv for kk, vv in g.items() if kk != "mean_curves"}
-                         for k, g in summary["groups"].items()},
-              "curves": {k: g["mean_curves"] for k, g in summary["groups"].items()},
-              "grad_norm": summary["grad_norm"]}  # fmt: skip
+    record = {
+        "args": vars(args),
+        "runs": [r.name for r in done],
+        "missing": missing,
+        "wall_seconds": wall,
+        "groups": {
+            k: {kk: vv for kk, vv in g.items() if kk != "mean_curves"}
+            for k, g in summary["groups"].items()
+        },
+        "curves": {k: g["mean_curves"] for k, g in summary["groups"].items()},
+        "grad_norm": summary["grad_norm"],
+    }
     (out / "learning.json").write_text(json.dumps(_jsonable(record), indent=1))
     print(f"wrote {out / 'learning.md'} and figures ({wall:.0f} s)")
     return summary

@@ -84,17 +84,29 @@ def _measure(kind: str, args: argparse.Namespace, budget: int | None) -> dict:
         tokens = int(batch.response_lengths.sum())
         width = int(batch.responses.shape[1])
         avoided = rows * tnew * vocab * 4
-        return {"phase": "rollout generate", "rows": rows, "tokens": tokens, "width": width,
-                   "seconds": seconds, "peak_extra": _peak() - before, "avoided": avoided,
-                "setting": f"top_p={args.top_p}"}  # fmt: skip
+        return {
+            "phase": "rollout generate",
+            "rows": rows,
+            "tokens": tokens,
+            "width": width,
+            "seconds": seconds,
+            "peak_extra": _peak() - before,
+            "avoided": avoided,
+            "setting": f"top_p={args.top_p}",
+        }
     from learner.batch import LearnerBatch
     from learner.config import LearnerConfig
     from learner.engine import LearnerEngine
     from selector.presets import get_preset
 
     width = plen + tnew
-    cfg = LearnerConfig(device="cpu", zero_stage=0, lr=1e-6, micro_batch_tokens=budget,
-                        gradient_checkpointing=args.checkpointing)  # fmt: skip
+    cfg = LearnerConfig(
+        device="cpu",
+        zero_stage=0,
+        lr=1e-6,
+        micro_batch_tokens=budget,
+        gradient_checkpointing=args.checkpointing,
+    )
     engine = LearnerEngine(model, cfg, total_steps=10)
     ids = torch.randint(3, len(tokenizer), (rows, width), generator=g)
     prompt = torch.full((rows,), plen)
@@ -106,11 +118,17 @@ def _measure(kind: str, args: argparse.Namespace, budget: int | None) -> dict:
     t0 = time.perf_counter()
     metrics = engine.train_step(batch, get_preset("grpo"), 1.0, torch.Generator().manual_seed(1))
     seconds = time.perf_counter() - t0
-    return {"phase": "learner step", "rows": rows, "tokens": rows * width, "width": width,
-               "seconds": seconds, "peak_extra": _peak() - before,
-               "avoided": rows * (width - 1) * vocab * 4,
-               "setting": f"micro_batch_tokens={budget}, micro-batches={int(metrics['micro_batches'])}"
-               + (", checkpointing" if args.checkpointing else "")}  # fmt: skip
+    return {
+        "phase": "learner step",
+        "rows": rows,
+        "tokens": rows * width,
+        "width": width,
+        "seconds": seconds,
+        "peak_extra": _peak() - before,
+        "avoided": rows * (width - 1) * vocab * 4,
+        "setting": f"micro_batch_tokens={budget}, micro-batches={int(metrics['micro_batches'])}"
+        + (", checkpointing" if args.checkpointing else ""),
+    }
 
 
 def measure(kind: str, args: argparse.Namespace, budget: int | None = None) -> dict:

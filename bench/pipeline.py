@@ -35,8 +35,16 @@ def _label(preset: str, mode: str, staleness: int, actors: int = 1) -> str:
     return base + (f" x{actors}" if actors != 1 else "")
 
 
-def run_one(config: str, out: Path, preset: str, mode: str, staleness: int, seed: int, steps: int,
-            actors: int) -> dict[str, Any]:  # fmt: skip
+def run_one(
+    config: str,
+    out: Path,
+    preset: str,
+    mode: str,
+    staleness: int,
+    seed: int,
+    steps: int,
+    actors: int,
+) -> dict[str, Any]:
     import torch
 
     from services.run.config import load_config
@@ -45,12 +53,21 @@ def run_one(config: str, out: Path, preset: str, mode: str, staleness: int, seed
 
     torch.set_num_threads(1)
     run_dir = out / "runs" / f"{preset}-{mode}{staleness}-a{actors}-s{seed}"
-    cfg = load_config(config, [
-        f"algorithm.preset={preset}", f"service.mode={mode}", f"service.max_staleness={staleness}",
-        f"train.seed={seed}", f"train.total_steps={steps}", f"train.run_dir={run_dir}",
-        f"rollout.num_actors={actors}", "train.progress_bar=false", "api.enabled=false",
-        f"service.namespace=pipe-{preset}-{mode}{staleness}-{actors}-{seed}-{int(time.time())}",
-    ])  # fmt: skip
+    cfg = load_config(
+        config,
+        [
+            f"algorithm.preset={preset}",
+            f"service.mode={mode}",
+            f"service.max_staleness={staleness}",
+            f"train.seed={seed}",
+            f"train.total_steps={steps}",
+            f"train.run_dir={run_dir}",
+            f"rollout.num_actors={actors}",
+            "train.progress_bar=false",
+            "api.enabled=false",
+            f"service.namespace=pipe-{preset}-{mode}{staleness}-{actors}-{seed}-{int(time.time())}",
+        ],
+    )
     summary = run_service(cfg, run_dir)
     rows = read_metrics(run_dir / "metrics.jsonl")
     t0 = rows[0]["wall_time"] + rows[0].get("eval_seconds", 0.0)
@@ -69,13 +86,22 @@ def run_one(config: str, out: Path, preset: str, mode: str, staleness: int, seed
     samples = sum(r.get("samples_generated", 0) for r in reports)
     written = max(stats.get("groups_written", 0), 1)
     return {
-        "preset": preset, "mode": mode, "staleness": staleness, "seed": seed, "actors": actors,
-        "wall_s": wall, "steps_per_min": steps / wall * 60, "samples_per_min": samples / wall * 60,
+        "preset": preset,
+        "mode": mode,
+        "staleness": staleness,
+        "seed": seed,
+        "actors": actors,
+        "wall_s": wall,
+        "steps_per_min": steps / wall * 60,
+        "samples_per_min": samples / wall * 60,
         "learner_busy": last["learner_seconds_total"] / wall,
         "learner_wait_s": last.get("learner_wait_seconds_total", 0.0),
-        "gen_busy": gen_s / (actors * wall), "stale_fraction": stats.get("groups_stale", 0) / written,
-        "groups_written": written, "final_acc": curve[-1][1] if curve else None, "curve": curve,
-    }  # fmt: skip
+        "gen_busy": gen_s / (actors * wall),
+        "stale_fraction": stats.get("groups_stale", 0) / written,
+        "groups_written": written,
+        "final_acc": curve[-1][1] if curve else None,
+        "curve": curve,
+    }
 
 
 def _mean(rs: list[dict], key: str) -> float:
@@ -91,13 +117,20 @@ def _first_wall(curve: list[tuple[float, float]], target: float) -> float | None
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--config", default="configs/quickstart.yaml")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--presets", nargs="+", default=["grpo", "d3s"])
-    ap.add_argument("--actors-sweep", type=int, nargs="*", default=[1, 2],
-                    help="rollout actors for the throughput sweep (async, max_staleness 1, seed 0)")
+    ap.add_argument(
+        "--actors-sweep",
+        type=int,
+        nargs="*",
+        default=[1, 2],
+        help="rollout actors for the throughput sweep (async, max_staleness 1, seed 0)",
+    )
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -108,29 +141,57 @@ def main(argv: list[str] | None = None) -> dict:
         for preset in args.presets:
             for mode, staleness in MODES:
                 r = run_one(args.config, args.out, preset, mode, staleness, seed, args.steps, 1)
-                print(f"{_label(preset, mode, staleness)} seed {seed}: {r['wall_s']:.1f}s, "
-                      f"{r['steps_per_min']:.1f} steps/min, acc {r['final_acc']}", flush=True)  # fmt: skip
+                print(
+                    f"{_label(preset, mode, staleness)} seed {seed}: {r['wall_s']:.1f}s, "
+                    f"{r['steps_per_min']:.1f} steps/min, acc {r['final_acc']}",
+                    flush=True,
+                )
                 results.append(r)
     sweep = []
     for preset in args.presets:
         for actors in args.actors_sweep:
-            sweep.append(run_one(args.config, args.out, preset, "async", 1, args.seeds[0], args.steps, actors))
+            sweep.append(
+                run_one(
+                    args.config, args.out, preset, "async", 1, args.seeds[0], args.steps, actors
+                )
+            )
 
     grpo_sync = [r for r in results if r["preset"] == "grpo" and r["mode"] == "sync"]
     target = _mean(grpo_sync, "final_acc") if grpo_sync else None
     table = []
     for preset in args.presets:
         for mode, staleness in MODES:
-            rs = [r for r in results if (r["preset"], r["mode"], r["staleness"]) == (preset, mode, staleness)]
+            rs = [
+                r
+                for r in results
+                if (r["preset"], r["mode"], r["staleness"]) == (preset, mode, staleness)
+            ]
             reach = [_first_wall(r["curve"], target) for r in rs] if target is not None else []
-            table.append({
-                "label": _label(preset, mode, staleness), "seeds": len(rs),
-                **{k: _mean(rs, k) for k in ("wall_s", "steps_per_min", "samples_per_min", "learner_busy",
-                                             "gen_busy", "stale_fraction", "final_acc")},
-                "final_acc_sd": statistics.stdev([r["final_acc"] for r in rs]) if len(rs) > 1 else 0.0,
-                "wall_to_target": statistics.mean(reach) if reach and None not in reach else None,
-                "reached": sum(x is not None for x in reach),
-            })  # fmt: skip
+            table.append(
+                {
+                    "label": _label(preset, mode, staleness),
+                    "seeds": len(rs),
+                    **{
+                        k: _mean(rs, k)
+                        for k in (
+                            "wall_s",
+                            "steps_per_min",
+                            "samples_per_min",
+                            "learner_busy",
+                            "gen_busy",
+                            "stale_fraction",
+                            "final_acc",
+                        )
+                    },
+                    "final_acc_sd": statistics.stdev([r["final_acc"] for r in rs])
+                    if len(rs) > 1
+                    else 0.0,
+                    "wall_to_target": statistics.mean(reach)
+                    if reach and None not in reach
+                    else None,
+                    "reached": sum(x is not None for x in reach),
+                }
+            )
     by = {row["label"]: row for row in table}
     lines = [
         f"# Pipeline benchmark ({time.strftime('%Y-%m-%d')})",
@@ -138,7 +199,9 @@ def main(argv: list[str] | None = None) -> dict:
         f"`{args.config}`, {args.steps} steps, seeds {args.seeds}; one rollout actor unless said; "
         "wall-clock excludes held-out evaluations; 2-core shared CPU.",
         "",
-        f"Target accuracy: GRPO sync's mean final held-out accuracy, {target:.3f}." if target else "",
+        f"Target accuracy: GRPO sync's mean final held-out accuracy, {target:.3f}."
+        if target
+        else "",
         "",
         "| config | steps/min | samples gen/min | learner busy | generation busy | stale | final acc | "
         "wall s to target (runs reaching) |",
@@ -150,33 +213,54 @@ def main(argv: list[str] | None = None) -> dict:
             f"| {row['label']} | {row['steps_per_min']:.1f} | {row['samples_per_min']:.0f} | "
             f"{row['learner_busy']:.2f} | {row['gen_busy']:.2f} | {100 * row['stale_fraction']:.1f}% | "
             f"{row['final_acc']:.3f} ± {row['final_acc_sd']:.3f} | {reach} ({row['reached']}/{row['seeds']}) |"
-        )  # fmt: skip
+        )
     lines += ["", "Ratios (same run, same machine):", ""]
     for preset in args.presets:
         sync = by.get(_label(preset, "sync", 0))
         for staleness in (1, 2):
             asy = by.get(_label(preset, "async", staleness))
             if sync and asy:
-                lines.append(f"- {preset}: async s{staleness} is {asy['steps_per_min'] / sync['steps_per_min']:.2f}x "
-                             "the steps/min of sync")  # fmt: skip
-    best = {p: min((r for r in table if r["label"].startswith(p) and r["wall_to_target"] is not None),
-                   key=lambda r: r["wall_to_target"], default=None) for p in args.presets}  # fmt: skip
+                lines.append(
+                    f"- {preset}: async s{staleness} is {asy['steps_per_min'] / sync['steps_per_min']:.2f}x "
+                    "the steps/min of sync"
+                )
+    best = {
+        p: min(
+            (r for r in table if r["label"].startswith(p) and r["wall_to_target"] is not None),
+            key=lambda r: r["wall_to_target"],
+            default=None,
+        )
+        for p in args.presets
+    }
     if best.get("grpo") and best.get("d3s"):
-        lines.append(f"- to GRPO's final accuracy, best configuration each: d3s ({best['d3s']['label']}) "
-                     f"{best['d3s']['wall_to_target']:.1f}s vs grpo ({best['grpo']['label']}) "
-                     f"{best['grpo']['wall_to_target']:.1f}s = **{best['d3s']['wall_to_target'] / best['grpo']['wall_to_target']:.2f}x**")  # fmt: skip
+        lines.append(
+            f"- to GRPO's final accuracy, best configuration each: d3s ({best['d3s']['label']}) "
+            f"{best['d3s']['wall_to_target']:.1f}s vs grpo ({best['grpo']['label']}) "
+            f"{best['grpo']['wall_to_target']:.1f}s = **{best['d3s']['wall_to_target'] / best['grpo']['wall_to_target']:.2f}x**"
+        )
     if sweep:
-        lines += ["", "## Throughput against rollout actors (async, max_staleness 1)", "",
-                  "| preset | actors | steps/min | samples gen/min | learner busy | generation busy | stale |",
-                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "",
+            "## Throughput against rollout actors (async, max_staleness 1)",
+            "",
+            "| preset | actors | steps/min | samples gen/min | learner busy | generation busy | stale |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in sweep:
-            lines.append(f"| {r['preset']} | {r['actors']} | {r['steps_per_min']:.1f} | {r['samples_per_min']:.0f} | "
-                         f"{r['learner_busy']:.2f} | {r['gen_busy']:.2f} | {100 * r['stale_fraction']:.1f}% |")  # fmt: skip
+            lines.append(
+                f"| {r['preset']} | {r['actors']} | {r['steps_per_min']:.1f} | {r['samples_per_min']:.0f} | "
+                f"{r['learner_busy']:.2f} | {r['gen_busy']:.2f} | {100 * r['stale_fraction']:.1f}% |"
+            )
     text = "\n".join(lines) + "\n"
     print(text)
     (args.out / "pipeline.md").write_text(text)
-    (args.out / "pipeline.json").write_text(json.dumps({"runs": results, "sweep": sweep, "table": table,
-                                                        "target": target}, indent=1, default=float))  # fmt: skip
+    (args.out / "pipeline.json").write_text(
+        json.dumps(
+            {"runs": results, "sweep": sweep, "table": table, "target": target},
+            indent=1,
+            default=float,
+        )
+    )
     _plot(results, args.out / "pipeline.png")
     return {"table": table, "sweep": sweep, "target": target}
 
@@ -190,7 +274,11 @@ def _plot(results: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     labels = sorted({_label(r["preset"], r["mode"], r["staleness"]) for r in results})
     for lab in labels:
-        rs = [r for r in results if _label(r["preset"], r["mode"], r["staleness"]) == lab and r["curve"]]
+        rs = [
+            r
+            for r in results
+            if _label(r["preset"], r["mode"], r["staleness"]) == lab and r["curve"]
+        ]
         n = min(len(r["curve"]) for r in rs)
         wall = np.mean([[w for w, _ in r["curve"][:n]] for r in rs], axis=0)
         acc = np.mean([[a for _, a in r["curve"][:n]] for r in rs], axis=0)

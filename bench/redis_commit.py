@@ -26,17 +26,26 @@ def make_group(i: int, g: int, p: int, t: int, rng: np.random.Generator) -> Scor
     lengths = rng.integers(1, t + 1, size=g).astype(np.int32)
     logp = -rng.random((g, t)).astype(np.float32)
     logp[np.arange(t)[None, :] >= lengths[:, None]] = 0.0
-    return ScoredGroup(group_id=f"g{i}", prompt_id=f"p{i}", policy_version=0,
-                       prompt=rng.integers(2, 30000, size=p).astype(np.int32),
-                       responses=rng.integers(2, 30000, size=(g, t)).astype(np.int32),
-                       response_lengths=lengths, behav_logp=logp,
-                       rewards=rng.random(g).astype(np.float32), created_at=time.time(),
-                       actor="bench", task="bench")  # fmt: skip
+    return ScoredGroup(
+        group_id=f"g{i}",
+        prompt_id=f"p{i}",
+        policy_version=0,
+        prompt=rng.integers(2, 30000, size=p).astype(np.int32),
+        responses=rng.integers(2, 30000, size=(g, t)).astype(np.int32),
+        response_lengths=lengths,
+        behav_logp=logp,
+        rewards=rng.random(g).astype(np.float32),
+        created_at=time.time(),
+        actor="bench",
+        task="bench",
+    )
 
 
 def wire_bytes(group: ScoredGroup) -> int:
-    return sum(len(k) + len(v if isinstance(v, bytes) else str(v).encode())
-               for k, v in group.to_fields().items())  # fmt: skip
+    return sum(
+        len(k) + len(v if isinstance(v, bytes) else str(v).encode())
+        for k, v in group.to_fields().items()
+    )
 
 
 def bench_shape(t: Transport, shape: tuple[int, int, int], n: int, per_commit: int) -> dict:
@@ -54,15 +63,27 @@ def bench_shape(t: Transport, shape: tuple[int, int, int], n: int, per_commit: i
         got = t.queue.read(stream, "selector", "bench", per_commit)
         if not got:
             break
-        t.queue.commit(stream, "selector", [d.entry_id for d in got], incr={"groups_used": len(got)},
-                       consumer="bench")  # fmt: skip
+        t.queue.commit(
+            stream,
+            "selector",
+            [d.entry_id for d in got],
+            incr={"groups_used": len(got)},
+            consumer="bench",
+        )
         commits += 1
     commit_s = time.perf_counter() - t0
     size = wire_bytes(groups[0])
-    return {"G": shape[0], "prompt": shape[1], "T": shape[2], "group_kib": round(size / 1024, 1),
-            "publish_groups_per_s": round(n / pub_s), "publish_mib_per_s": round(n * size / pub_s / 2**20, 1),
-            "read_commit_groups_per_s": round(n / commit_s),
-            "commits_per_s": round(commits / commit_s, 1), "groups_per_commit": per_commit}  # fmt: skip
+    return {
+        "G": shape[0],
+        "prompt": shape[1],
+        "T": shape[2],
+        "group_kib": round(size / 1024, 1),
+        "publish_groups_per_s": round(n / pub_s),
+        "publish_mib_per_s": round(n * size / pub_s / 2**20, 1),
+        "read_commit_groups_per_s": round(n / commit_s),
+        "commits_per_s": round(commits / commit_s, 1),
+        "groups_per_commit": per_commit,
+    }
 
 
 def main() -> None:

@@ -31,12 +31,16 @@ def _time(fn: Callable[[], object], repeats: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--groups", type=int, default=512)
     ap.add_argument("--samples-per-prompt", type=int, default=16)
     ap.add_argument("--tokens-n", type=int, default=8192, help="sequences in the token-level batch")
-    ap.add_argument("--tokens-t", type=int, default=4096, help="response length of the token-level batch")
+    ap.add_argument(
+        "--tokens-t", type=int, default=4096, help="response length of the token-level batch"
+    )
     args = ap.parse_args(argv)
     g = torch.Generator().manual_seed(0)
     rows = []
@@ -62,13 +66,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     t_rsort = _time(lambda: torch.sort(ent, dim=1), args.repeats)
     t_tok_s = _time(lambda: token_mask(tadv, ent, rmask, 0.2, "sequence"), args.repeats)
     rows.append({"op": "token_mask pool=batch", "shape": f"{n}x{t}", "t": t_tok_b, "sort": t_tsort})
-    rows.append({"op": "token_mask pool=sequence", "shape": f"{n}x{t}", "t": t_tok_s, "sort": t_rsort})
+    rows.append(
+        {"op": "token_mask pool=sequence", "shape": f"{n}x{t}", "t": t_tok_s, "sort": t_rsort}
+    )
 
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, median of {args.repeats}+ runs")
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, median of {args.repeats}+ runs"
+    )
     print(f"{'op':28s} {'shape':>10s} {'time':>10s} {'one sort':>10s} {'ratio':>7s}")
     for r in rows:
         r["ratio"] = r["t"] / r["sort"]
-        print(f"{r['op']:28s} {r['shape']:>10s} {r['t'] * 1e3:9.2f}ms {r['sort'] * 1e3:9.2f}ms {r['ratio']:6.2f}x")
+        print(
+            f"{r['op']:28s} {r['shape']:>10s} {r['t'] * 1e3:9.2f}ms {r['sort'] * 1e3:9.2f}ms {r['ratio']:6.2f}x"
+        )
     print("(the sort for pool=sequence is a row-wise sort of [N, T]; for the rest, one flat sort)")
     return rows
 

@@ -38,7 +38,9 @@ from services.policy.tokenizer import CharTokenizer
 from services.transport.records import ScoredGroup
 
 
-def make_groups(b: int, g: int, prompt: int, response: int, vocab: int, seed: int = 0) -> list[ScoredGroup]:
+def make_groups(
+    b: int, g: int, prompt: int, response: int, vocab: int, seed: int = 0
+) -> list[ScoredGroup]:
     rng = np.random.default_rng(seed)
     out = []
     for i in range(b):
@@ -46,13 +48,21 @@ def make_groups(b: int, g: int, prompt: int, response: int, vocab: int, seed: in
         logp = -rng.random((g, response), dtype=np.float32)
         logp[np.arange(response)[None, :] >= lengths[:, None]] = 0.0
         rewards = (rng.random(g) < 0.4).astype(np.float32)
-        out.append(ScoredGroup(
-            group_id=f"g{i}", prompt_id=f"p{i}", policy_version=0,
-            prompt=rng.integers(3, vocab, size=prompt, dtype=np.int32),
-            responses=rng.integers(3, vocab, size=(g, response), dtype=np.int32),
-            response_lengths=lengths, behav_logp=logp, rewards=rewards,
-            created_at=0.0, actor="bench", task="arithmetic",
-        ))  # fmt: skip
+        out.append(
+            ScoredGroup(
+                group_id=f"g{i}",
+                prompt_id=f"p{i}",
+                policy_version=0,
+                prompt=rng.integers(3, vocab, size=prompt, dtype=np.int32),
+                responses=rng.integers(3, vocab, size=(g, response), dtype=np.int32),
+                response_lengths=lengths,
+                behav_logp=logp,
+                rewards=rewards,
+                created_at=0.0,
+                actor="bench",
+                task="arithmetic",
+            )
+        )
     return out
 
 
@@ -67,10 +77,21 @@ def time_curate(groups: list[ScoredGroup], repeats: int) -> float:
     return statistics.median(times[1:])
 
 
-def learner_step_times(engine: LearnerEngine, batch: LearnerBatch, preset_name: str, sample_ratio: float,
-                       token_ratio: float, repeats: int) -> float:  # fmt: skip
-    schedule = Schedule(kind="constant", sample_init=sample_ratio, sample_final=sample_ratio,
-                        token_init=token_ratio, token_final=token_ratio)  # fmt: skip
+def learner_step_times(
+    engine: LearnerEngine,
+    batch: LearnerBatch,
+    preset_name: str,
+    sample_ratio: float,
+    token_ratio: float,
+    repeats: int,
+) -> float:
+    schedule = Schedule(
+        kind="constant",
+        sample_init=sample_ratio,
+        sample_final=sample_ratio,
+        token_init=token_ratio,
+        token_final=token_ratio,
+    )
     preset = get_preset(preset_name).with_overrides(schedule=schedule)
     n = max(1, round(sample_ratio * batch.size))
     rows = batch.rows(torch.arange(n))  # the learner sees only the kept samples
@@ -82,11 +103,15 @@ def learner_step_times(engine: LearnerEngine, batch: LearnerBatch, preset_name: 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--groups", type=int, default=512)
     ap.add_argument("--samples-per-prompt", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--ratio-samples", type=int, default=1024, help="samples in the keep-ratio steps")
+    ap.add_argument(
+        "--ratio-samples", type=int, default=1024, help="samples in the keep-ratio steps"
+    )
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     args = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -101,16 +126,23 @@ def main(argv: list[str] | None = None) -> dict:
     res = curate(small, get_preset("grpo"), 0, 100)
     assert res.rows is not None
     rows = res.rows
-    full = LearnerBatch.from_arrays(rows.input_ids, rows.prompt_lengths, rows.seq_lengths,
-                                    rows.behav_logp, rows.advantages)  # fmt: skip
+    full = LearnerBatch.from_arrays(
+        rows.input_ids, rows.prompt_lengths, rows.seq_lengths, rows.behav_logp, rows.advantages
+    )
     engine = LearnerEngine(build_policy(PolicySpec(), tok, seed=0), LearnerConfig(), 1000)
     t_step = learner_step_times(engine, full, "grpo", 1.0, 1.0, max(1, args.repeats - 1))
     frac = t_curate / t_step
 
     # 2. Learner step time by keep ratio, compact vs full token pass.
-    part = full.rows(torch.randperm(full.size, generator=torch.Generator().manual_seed(0))[: args.ratio_samples])
-    compact = LearnerEngine(build_policy(PolicySpec(), tok, seed=0), LearnerConfig(token_pass="compact"), 1000)
-    plain = LearnerEngine(build_policy(PolicySpec(), tok, seed=0), LearnerConfig(token_pass="full"), 1000)
+    part = full.rows(
+        torch.randperm(full.size, generator=torch.Generator().manual_seed(0))[: args.ratio_samples]
+    )
+    compact = LearnerEngine(
+        build_policy(PolicySpec(), tok, seed=0), LearnerConfig(token_pass="compact"), 1000
+    )
+    plain = LearnerEngine(
+        build_policy(PolicySpec(), tok, seed=0), LearnerConfig(token_pass="full"), 1000
+    )
     grid = [(1.0, 1.0), (0.5, 1.0), (0.25, 1.0), (1.0, 0.5), (1.0, 0.2), (0.5, 0.5), (0.25, 0.2)]
     ratio_rows = []
     base = None
@@ -119,11 +151,24 @@ def main(argv: list[str] | None = None) -> dict:
         tc = learner_step_times(compact, part, preset, rho_s, k, args.repeats)
         tf = learner_step_times(plain, part, preset, rho_s, k, args.repeats)
         base = base or tc
-        ratio_rows.append({"sample_ratio": rho_s, "token_ratio": k, "compact_s": tc, "full_s": tf,
-                           "compact_vs_grpo": tc / base, "full_vs_grpo": tf / base})  # fmt: skip
+        ratio_rows.append(
+            {
+                "sample_ratio": rho_s,
+                "token_ratio": k,
+                "compact_s": tc,
+                "full_s": tf,
+                "compact_vs_grpo": tc / base,
+                "full_vs_grpo": tf / base,
+            }
+        )
 
-    result = {"curate_seconds": t_curate, "curate_seconds_1024": t_curate_long,
-              "learner_step_seconds": t_step, "selector_fraction": frac, "keep_ratios": ratio_rows}  # fmt: skip
+    result = {
+        "curate_seconds": t_curate,
+        "curate_seconds_1024": t_curate_long,
+        "learner_step_seconds": t_step,
+        "selector_fraction": frac,
+        "keep_ratios": ratio_rows,
+    }
     lines = [
         f"# Selector and learner cost ({time.strftime('%Y-%m-%d')})",
         "",
@@ -145,10 +190,15 @@ def main(argv: list[str] | None = None) -> dict:
         "|---|---|---|---|---|---|",
     ]
     for r in ratio_rows:
-        lines.append(f"| {r['sample_ratio']:.2f} | {r['token_ratio']:.2f} | {r['compact_s']:.3f} | "
-                     f"{r['full_s']:.3f} | {r['compact_vs_grpo']:.2f}x | {r['full_vs_grpo']:.2f}x |")  # fmt: skip
-    lines += ["", "GRPO = all samples, all tokens, compact pass (the first row). The full pass runs "
-              "forward and backward over every token of the kept samples and only masks the loss."]
+        lines.append(
+            f"| {r['sample_ratio']:.2f} | {r['token_ratio']:.2f} | {r['compact_s']:.3f} | "
+            f"{r['full_s']:.3f} | {r['compact_vs_grpo']:.2f}x | {r['full_vs_grpo']:.2f}x |"
+        )
+    lines += [
+        "",
+        "GRPO = all samples, all tokens, compact pass (the first row). The full pass runs "
+        "forward and backward over every token of the kept samples and only masks the loss.",
+    ]
     text = "\n".join(lines) + "\n"
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)

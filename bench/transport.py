@@ -38,14 +38,21 @@ def make_groups(n: int, group_size: int, tokens: int, prompt_tokens: int) -> lis
         lengths = rng.integers(tokens // 2, tokens + 1, size=group_size).astype(np.int32)
         logp = -rng.random((group_size, tokens), dtype=np.float32)
         logp[np.arange(tokens)[None, :] >= lengths[:, None]] = 0.0
-        out.append(ScoredGroup(
-            group_id=f"g{i}", prompt_id=f"p{i}", policy_version=0,
-            prompt=rng.integers(0, 150_000, size=prompt_tokens, dtype=np.int32),
-            responses=rng.integers(0, 150_000, size=(group_size, tokens), dtype=np.int32),
-            response_lengths=lengths, behav_logp=logp,
-            rewards=(rng.random(group_size) < 0.4).astype(np.float32),
-            created_at=time.time(), actor="bench", task="math",
-        ))  # fmt: skip
+        out.append(
+            ScoredGroup(
+                group_id=f"g{i}",
+                prompt_id=f"p{i}",
+                policy_version=0,
+                prompt=rng.integers(0, 150_000, size=prompt_tokens, dtype=np.int32),
+                responses=rng.integers(0, 150_000, size=(group_size, tokens), dtype=np.int32),
+                response_lengths=lengths,
+                behav_logp=logp,
+                rewards=(rng.random(group_size) < 0.4).astype(np.float32),
+                created_at=time.time(),
+                actor="bench",
+                task="math",
+            )
+        )
     return out
 
 
@@ -59,9 +66,14 @@ def run_ours(t: Transport, groups: list[ScoredGroup], per_step: int) -> float:
     while done < len(groups):
         got = t.queue.read(t.keys.groups, GROUP, "bench", count=per_step)
         ledger = {d.record.group_id: "used:bench" for d in got}
-        t.queue.commit(t.keys.groups, GROUP, [d.entry_id for d in got],
-                       incr={"groups_used": len(got)}, hset={t.keys.ledger: ledger},
-                       consumer="bench")  # fmt: skip
+        t.queue.commit(
+            t.keys.groups,
+            GROUP,
+            [d.entry_id for d in got],
+            incr={"groups_used": len(got)},
+            hset={t.keys.ledger: ledger},
+            consumer="bench",
+        )
         done += len(got)
     return time.perf_counter() - t0
 
@@ -85,15 +97,21 @@ def run_bare(client, stream: str, payloads: list[dict[bytes, bytes]], per_step: 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--groups", type=int, default=400)
     ap.add_argument("--group-size", type=int, default=16, help="G")
     ap.add_argument("--response-tokens", type=int, default=1024, help="T of every response")
     ap.add_argument("--prompt-tokens", type=int, default=256)
     ap.add_argument("--per-step", type=int, default=32, help="groups committed together")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--gpu-tokens-per-s", type=float, default=20_000.0,
-                    help="generation speed of one rollout GPU, for the sizing arithmetic")
+    ap.add_argument(
+        "--gpu-tokens-per-s",
+        type=float,
+        default=20_000.0,
+        help="generation speed of one rollout GPU, for the sizing arithmetic",
+    )
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     args = ap.parse_args(argv)
 
@@ -115,12 +133,18 @@ def main(argv: list[str] | None = None) -> dict:
     group_tokens = args.group_size * args.response_tokens
     groups_per_gpu = args.gpu_tokens_per_s / group_tokens
     result = {
-        "groups": args.groups, "group_size": args.group_size, "response_tokens": args.response_tokens,
-        "payload_mib": payload_bytes / 2**20, "ours_groups_per_s": ours_rate,
-        "bare_groups_per_s": bare_rate, "ratio": ratio, "ours_mib_per_s": ours_rate * payload_bytes / 2**20,
-        "gpu_tokens_per_s": args.gpu_tokens_per_s, "groups_per_gpu_per_s": groups_per_gpu,
+        "groups": args.groups,
+        "group_size": args.group_size,
+        "response_tokens": args.response_tokens,
+        "payload_mib": payload_bytes / 2**20,
+        "ours_groups_per_s": ours_rate,
+        "bare_groups_per_s": bare_rate,
+        "ratio": ratio,
+        "ours_mib_per_s": ours_rate * payload_bytes / 2**20,
+        "gpu_tokens_per_s": args.gpu_tokens_per_s,
+        "groups_per_gpu_per_s": groups_per_gpu,
         "gpus_served": ours_rate / groups_per_gpu,
-    }  # fmt: skip
+    }
     lines = [
         f"# Transport throughput ({time.strftime('%Y-%m-%d')})",
         "",

@@ -38,9 +38,18 @@ def synthetic_state(
 ) -> dict[str, torch.Tensor]:
     """Transformer-shaped tensors summing to about ``params`` elements (the last tensor is cut)."""
     h = hidden
-    layer = [("qkv", (3 * h, h)), ("proj", (h, h)), ("up", (4 * h, h)), ("down", (h, 4 * h)),
-             ("ln1_w", (h,)), ("ln1_b", (h,)), ("ln2_w", (h,)), ("ln2_b", (h,)),
-             ("up_b", (4 * h,)), ("down_b", (h,))]  # fmt: skip
+    layer = [
+        ("qkv", (3 * h, h)),
+        ("proj", (h, h)),
+        ("up", (4 * h, h)),
+        ("down", (h, 4 * h)),
+        ("ln1_w", (h,)),
+        ("ln1_b", (h,)),
+        ("ln2_w", (h,)),
+        ("ln2_b", (h,)),
+        ("up_b", (4 * h,)),
+        ("down_b", (h,)),
+    ]
     out: dict[str, torch.Tensor] = {}
     total, i = 0, 0
     g = torch.Generator().manual_seed(0)
@@ -230,8 +239,11 @@ def main() -> None:
             print(size, dname, "object_store", rows[size, dname]["object_store"], flush=True)
         ray.shutdown()
     cols = ["collective", "per_tensor", "files"] + ([] if args.no_ray else ["object_store"])
-    head = (f"| params | dtype | MiB | tensors | {' | '.join(c + ' s' for c in cols)} | "
-            "per-tensor / collective | files / collective |" + ("" if args.no_ray else " object store / collective |"))  # fmt: skip
+    head = (
+        f"| params | dtype | MiB | tensors | {' | '.join(c + ' s' for c in cols)} | "
+        "per-tensor / collective | files / collective |"
+        + ("" if args.no_ray else " object store / collective |")
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for size, dname in cases:
         row, dtype = rows[size, dname], getattr(torch, dname)
@@ -239,9 +251,13 @@ def main() -> None:
         ratios = [row["per_tensor"] / row["collective"], row["files"] / row["collective"]]
         if not args.no_ray:
             ratios.append(row["object_store"] / row["collective"])
-        lines.append(f"| {size}M | {dname} | {mib:.0f} | {int(row['tensors'])} | "
-                     + " | ".join(f"{row[c]:.3f}" for c in cols) + " | "
-                     + " | ".join(f"{r:.2f}x" for r in ratios) + " |")  # fmt: skip
+        lines.append(
+            f"| {size}M | {dname} | {mib:.0f} | {int(row['tensors'])} | "
+            + " | ".join(f"{row[c]:.3f}" for c in cols)
+            + " | "
+            + " | ".join(f"{r:.2f}x" for r in ratios)
+            + " |"
+        )
     print("\n".join(lines), flush=True)
     if args.out:
         Path(args.out).write_text(

@@ -22,7 +22,9 @@ def pick_device(requested: str) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(device: torch.device, timeout_s: int = 600, cpu_shm_comm: bool = False) -> None:
+def init_distributed(
+    device: torch.device, timeout_s: int = 600, cpu_shm_comm: bool = False
+) -> None:
     """Join (or, alone, create) the process group DeepSpeed uses. Idempotent.
 
     A single process without launcher variables gets rank 0 of 1 on a free loopback port, so
@@ -46,13 +48,24 @@ def init_distributed(device: torch.device, timeout_s: int = 600, cpu_shm_comm: b
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    log.info("joining process group: backend=%s rank=%s/%s master=%s:%s", backend,
-             os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"])
+    log.info(
+        "joining process group: backend=%s rank=%s/%s master=%s:%s",
+        backend,
+        os.environ["RANK"],
+        os.environ["WORLD_SIZE"],
+        os.environ["MASTER_ADDR"],
+        os.environ["MASTER_PORT"],
+    )
     if os.environ["WORLD_SIZE"] == "1":
         # Alone: an in-memory store. The env:// rendezvous would start a TCPStore listening on
         # every interface ("::"), which a local run must not open; DeepSpeed then reuses the group.
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
-                                timeout=timedelta(seconds=timeout_s))  # fmt: skip
+        dist.init_process_group(
+            backend,
+            store=dist.HashStore(),
+            rank=0,
+            world_size=1,
+            timeout=timedelta(seconds=timeout_s),
+        )
     deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
 
 

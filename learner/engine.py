@@ -119,9 +119,16 @@ class LearnerEngine:
         log.info(
             "learner ready: rank %d/%d device=%s zero=%d bf16=%s loss=%s token_pass=%s micro_batch_tokens=%s "
             "gradient_checkpointing=%s",
-            self.rank, self.world, self.device, cfg.zero_stage, self.bf16, cfg.loss.type, cfg.token_pass,
-            cfg.micro_batch_tokens, cfg.gradient_checkpointing,
-        )  # fmt: skip
+            self.rank,
+            self.world,
+            self.device,
+            cfg.zero_stage,
+            self.bf16,
+            cfg.loss.type,
+            cfg.token_pass,
+            cfg.micro_batch_tokens,
+            cfg.gradient_checkpointing,
+        )
 
     @property
     def module(self) -> torch.nn.Module:
@@ -284,8 +291,11 @@ class LearnerEngine:
     def _local_grad_norm(self) -> float | None:
         """L2 norm of the module's gradients as they are now (whole, already averaged over ranks
         without ZeRO); None when no parameter has one."""
-        norms = [p.grad.detach().float().norm() for p in self.engine.module.parameters()
-                 if p.grad is not None]  # fmt: skip
+        norms = [
+            p.grad.detach().float().norm()
+            for p in self.engine.module.parameters()
+            if p.grad is not None
+        ]
         return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else None
 
     # -- weights and checkpoints -------------------------------------------------------------

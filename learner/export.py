@@ -104,8 +104,10 @@ def export_checkpoint(
     # A tied output layer is one tensor under two names; the checkpoint may carry only one.
     tied = {k for k in missing if _is_tied(model, k)}
     if set(missing) - tied or unexpected:
-        raise ValueError(f"checkpoint does not fit {model_dir}: missing {sorted(set(missing) - tied)}, "
-                         f"unexpected {sorted(unexpected)}")  # fmt: skip
+        raise ValueError(
+            f"checkpoint does not fit {model_dir}: missing {sorted(set(missing) - tied)}, "
+            f"unexpected {sorted(unexpected)}"
+        )
     if tied:
         model.tie_weights()
     out = Path(out)

@@ -16,8 +16,13 @@ from services.common.net import free_port
 
 
 def _entry(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple, results) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     out = fn(*args)
     results[rank] = out
 

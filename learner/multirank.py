@@ -81,10 +81,23 @@ def follow(engine: LearnerEngine) -> int:
             getattr(engine, cmd)(*args)
 
 
-def _follower_main(rank: int, world: int, port: int, learner_cfg, total_steps: int, policy_path: str,
-                   master_addr: str = "127.0.0.1", local_rank: int | None = None) -> int:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank if local_rank is None else local_rank),
-                      WORLD_SIZE=str(world), MASTER_ADDR=master_addr, MASTER_PORT=str(port))
+def _follower_main(
+    rank: int,
+    world: int,
+    port: int,
+    learner_cfg,
+    total_steps: int,
+    policy_path: str,
+    master_addr: str = "127.0.0.1",
+    local_rank: int | None = None,
+) -> int:
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank if local_rank is None else local_rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR=master_addr,
+        MASTER_PORT=str(port),
+    )
     torch.set_num_threads(1)
     from services.policy.model import load_policy
 
@@ -103,8 +116,16 @@ class FollowerRank:
     def __init__(self, log_dir: str | None = None) -> None:
         self.log_dir = log_dir
 
-    def run(self, rank: int, world: int, master_addr: str, port: int, learner_cfg, total_steps: int,
-            policy_path: str) -> int:  # fmt: skip
+    def run(
+        self,
+        rank: int,
+        world: int,
+        master_addr: str,
+        port: int,
+        learner_cfg,
+        total_steps: int,
+        policy_path: str,
+    ) -> int:
         """Join rank 0 at ``master_addr:port`` and follow it until it says stop; returns the steps
         trained. With a GPU of its own (Ray sets CUDA_VISIBLE_DEVICES to it) the rank's device
         is ``cuda:0``."""
@@ -113,8 +134,9 @@ class FollowerRank:
         import ray
 
         local_rank = 0 if ray.get_gpu_ids() else rank
-        return _follower_main(rank, world, port, learner_cfg, total_steps, policy_path, master_addr,
-                              local_rank)  # fmt: skip
+        return _follower_main(
+            rank, world, port, learner_cfg, total_steps, policy_path, master_addr, local_rank
+        )
 
 
 def _log_to(path: Path) -> None:
@@ -136,9 +158,14 @@ def _log_to(path: Path) -> None:
 Launcher = Callable[[int, int], tuple[str, list[Any]]]
 
 
-def start_ranks(learner_cfg, total_steps: int, policy_path: str, model: torch.nn.Module,
-                launch: Launcher | None = None, master_addr: str = "127.0.0.1"
-                ) -> tuple[LeaderEngine, list[Any]]:
+def start_ranks(
+    learner_cfg,
+    total_steps: int,
+    policy_path: str,
+    model: torch.nn.Module,
+    launch: Launcher | None = None,
+    master_addr: str = "127.0.0.1",
+) -> tuple[LeaderEngine, list[Any]]:
     """Start ranks 1..N-1 (local processes, or whatever ``launch`` starts) and join them as rank
     0 in this process. ``master_addr``: this node's address for local followers (loopback);
     a launcher returns its own."""
@@ -148,15 +175,31 @@ def start_ranks(learner_cfg, total_steps: int, policy_path: str, model: torch.nn
     else:
         port = free_port()
         ctx = mp.get_context("spawn")
-        procs = [ctx.Process(target=_follower_main, args=(r, world, port, learner_cfg, total_steps, policy_path),
-                             daemon=True) for r in range(1, world)]
+        procs = [
+            ctx.Process(
+                target=_follower_main,
+                args=(r, world, port, learner_cfg, total_steps, policy_path),
+                daemon=True,
+            )
+            for r in range(1, world)
+        ]
         for p in procs:
             p.start()
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE=str(world), MASTER_ADDR=master_addr,
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK="0",
+        LOCAL_RANK="0",
+        WORLD_SIZE=str(world),
+        MASTER_ADDR=master_addr,
+        MASTER_PORT=str(port),
+    )
     engine = LearnerEngine(model, learner_cfg, total_steps)
-    log.info("learner: rank 0 of %d leads at %s:%d; followers %s", world, master_addr, port,
-             [p.pid for p in procs])
+    log.info(
+        "learner: rank 0 of %d leads at %s:%d; followers %s",
+        world,
+        master_addr,
+        port,
+        [p.pid for p in procs],
+    )
     return LeaderEngine(engine), procs
 
 

@@ -41,8 +41,14 @@ Evaluator = Callable[[torch.nn.Module], dict[str, float]]
 # The policy module -> the directory it was exported to.
 Exporter = Callable[[torch.nn.Module], Path]
 
-_TOTALS = ("learner_tokens_total", "learner_forward_tokens_total", "learner_seconds_total",
-           "samples_total", "weight_sync_seconds_total", "learner_wait_seconds_total")  # fmt: skip
+_TOTALS = (
+    "learner_tokens_total",
+    "learner_forward_tokens_total",
+    "learner_seconds_total",
+    "samples_total",
+    "weight_sync_seconds_total",
+    "learner_wait_seconds_total",
+)
 
 __all__ = ["GROUP", "BatchGap", "LearnerService", "LearnerStalled", "learner_batch"]
 
@@ -53,8 +59,9 @@ class LearnerStalled(Stalled):
 
 def learner_batch(batch: CuratedBatch) -> LearnerBatch:
     """The tensors the engine trains on, from a batch record."""
-    return LearnerBatch.from_arrays(batch.input_ids, batch.prompt_lengths, batch.seq_lengths,
-                                    batch.behav_logp, batch.advantages)  # fmt: skip
+    return LearnerBatch.from_arrays(
+        batch.input_ids, batch.prompt_lengths, batch.seq_lengths, batch.behav_logp, batch.advantages
+    )
 
 
 class LearnerService:
@@ -110,8 +117,11 @@ class LearnerService:
         self.reporter: RunReporter | None = None
         self._last_ckpt_step = -1
         self._idle_since: float | None = None  # replayed steps wait for nothing
-        self.summary: dict[str, Any] = {"batches_trained": 0, "batches_replayed": 0,
-                                        "batches_duplicate": 0}  # fmt: skip
+        self.summary: dict[str, Any] = {
+            "batches_trained": 0,
+            "batches_replayed": 0,
+            "batches_duplicate": 0,
+        }
 
     @property
     def step(self) -> int:
@@ -130,9 +140,15 @@ class LearnerService:
         self.t.queue.ensure_consumer_group(self.t.keys.batches, GROUP)
         self._resume()
         evaluate = (lambda: self.evaluate(self.engine.module)) if self.evaluate else None
-        self.reporter = RunReporter(self.settings.run_dir, self.settings.total_steps,
-                                    self.settings.eval_every, evaluate, self._to_redis,
-                                    resume_step=self.step, **self.logger_kwargs)  # fmt: skip
+        self.reporter = RunReporter(
+            self.settings.run_dir,
+            self.settings.total_steps,
+            self.settings.eval_every,
+            evaluate,
+            self._to_redis,
+            resume_step=self.step,
+            **self.logger_kwargs,
+        )
         try:
             # The checkpoint's version first (it may be older than what was published before a
             # crash), then the replayed steps publish the versions after it in order.
@@ -144,15 +160,23 @@ class LearnerService:
                 self._finish()
         finally:
             self.reporter.close()
-        return {**self.summary, **self.totals, **self.reporter.last_eval, "steps": self.step,
-                "final_heldout_accuracy": self.reporter.last_eval.get("heldout_accuracy")}  # fmt: skip
+        return {
+            **self.summary,
+            **self.totals,
+            **self.reporter.last_eval,
+            "steps": self.step,
+            "final_heldout_accuracy": self.reporter.last_eval.get("heldout_accuracy"),
+        }
 
     def _train_loop(self) -> bool:
         self._idle_since = time.perf_counter()
         queue = self.t.queue.read(self.t.keys.batches, GROUP, self.consumer, 1000, pending=True)
         if queue:
-            log.info("learner %s: %d batches were pending from before a restart", self.consumer,
-                     len(queue))  # fmt: skip
+            log.info(
+                "learner %s: %d batches were pending from before a restart",
+                self.consumer,
+                len(queue),
+            )
         while self.step < self.settings.total_steps:
             if self.waiter.stop_reason() is not None:
                 log.info("learner %s: stop requested at step %d", self.consumer, self.step)
@@ -160,9 +184,12 @@ class LearnerService:
             if not queue:
                 queue = self._take()
                 if not queue:
-                    self.waiter.check_stall(lambda: (
-                        f"learner: no curated batch arrived for {self.settings.wait_timeout_s:.0f}"
-                        f"s at step {self.step}; is the selector running?"))  # fmt: skip
+                    self.waiter.check_stall(
+                        lambda: (
+                            f"learner: no curated batch arrived for {self.settings.wait_timeout_s:.0f}"
+                            f"s at step {self.step}; is the selector running?"
+                        )
+                    )
                     continue
             queue.sort(key=lambda d: d.record.step if isinstance(d.record, CuratedBatch) else -1)
             self._handle(queue.pop(0))
@@ -173,25 +200,41 @@ class LearnerService:
     def _take(self) -> list[Delivery]:
         """Batches a dead learner consumer held (now and then), else new ones."""
         if self.waiter.reclaim_due():
-            reclaimed = self.t.queue.reclaim(self.t.keys.batches, GROUP, self.consumer,
-                                             self.reclaim_idle_ms, count=100)  # fmt: skip
+            reclaimed = self.t.queue.reclaim(
+                self.t.keys.batches, GROUP, self.consumer, self.reclaim_idle_ms, count=100
+            )
             if reclaimed:
                 return reclaimed
-        return self.t.queue.read(self.t.keys.batches, GROUP, self.consumer, 1, block_ms=self.block_ms)
+        return self.t.queue.read(
+            self.t.keys.batches, GROUP, self.consumer, 1, block_ms=self.block_ms
+        )
 
     def _handle(self, d: Delivery) -> None:
         batch = d.record
         if not isinstance(batch, CuratedBatch):
-            self.t.queue.dead_letter(self.t.keys.batches, GROUP, self.consumer, d.entry_id,
-                                     f"a {type(batch).__name__} record in the batches stream")  # fmt: skip
+            self.t.queue.dead_letter(
+                self.t.keys.batches,
+                GROUP,
+                self.consumer,
+                d.entry_id,
+                f"a {type(batch).__name__} record in the batches stream",
+            )
             return
         if batch.step < self.step:
             # Trained before a crash (its commit or a replay covered it): acknowledge only.
-            self.t.queue.commit(self.t.keys.batches, GROUP, [d.entry_id],
-                                incr={"batches_duplicate": 1}, consumer=self.consumer)  # fmt: skip
+            self.t.queue.commit(
+                self.t.keys.batches,
+                GROUP,
+                [d.entry_id],
+                incr={"batches_duplicate": 1},
+                consumer=self.consumer,
+            )
             self.summary["batches_duplicate"] += 1
-            log.warning("learner: batch %s (step %d) was already trained; acknowledged as a "
-                        "duplicate", batch.batch_id, batch.step)  # fmt: skip
+            log.warning(
+                "learner: batch %s (step %d) was already trained; acknowledged as a duplicate",
+                batch.batch_id,
+                batch.step,
+            )
             return
         if batch.step > self.step:
             raise BatchGap(
@@ -211,12 +254,17 @@ class LearnerService:
             return
         row = self._train(batch)
         result = self.t.queue.commit(
-            self.t.keys.batches, GROUP, [d.entry_id],
+            self.t.keys.batches,
+            GROUP,
+            [d.entry_id],
             outputs=[(self.t.keys.replay, batch.batch_id, batch)],
             incr={"batches_consumed": 1, "groups_trained": len(batch.group_ids)},
-            hset={self.t.keys.metrics: _numeric(row), self.t.keys.trained: {batch.batch_id: batch.step}},
+            hset={
+                self.t.keys.metrics: _numeric(row),
+                self.t.keys.trained: {batch.batch_id: batch.step},
+            },
             consumer=self.consumer,
-        )  # fmt: skip
+        )
         if not result.committed:
             raise RuntimeError(
                 f"learner {self.consumer}: batch {batch.batch_id} was taken over by another "
@@ -237,7 +285,9 @@ class LearnerService:
             return f"token id {top} is outside the model's vocabulary of {limits.vocab_size}"
         longest = int(batch.seq_lengths.max()) if batch.seq_lengths.size else 0
         if limits.max_positions is not None and longest > limits.max_positions:
-            return f"a row of {longest} tokens exceeds the model's context of {limits.max_positions}"
+            return (
+                f"a row of {longest} tokens exceeds the model's context of {limits.max_positions}"
+            )
         return ""
 
     # ---- one step ------------------------------------------------------------------------------
@@ -249,7 +299,9 @@ class LearnerService:
         self.totals["learner_wait_seconds_total"] += waited
         depth = self.t.backlogs()
         gen = torch.Generator().manual_seed(step_seed(self.settings.seed, batch.step) + 1)
-        m = self.engine.train_step(learner_batch(batch), self.settings.preset, batch.token_ratio, gen)
+        m = self.engine.train_step(
+            learner_batch(batch), self.settings.preset, batch.token_ratio, gen
+        )
         sync_s = self._publish(rewind=False)
         self.totals["learner_tokens_total"] += m["tokens_kept"]
         self.totals["learner_forward_tokens_total"] += m["tokens_forward"]
@@ -258,15 +310,30 @@ class LearnerService:
         self.totals["weight_sync_seconds_total"] += sync_s
         log.info(
             "learner: step %d/%d trained %s: %d samples, %d/%d tokens kept, loss %.4f, reward "
-            "%.3f, %.2fs + weight sync %.3fs", self.step, self.settings.total_steps,
-            batch.batch_id, int(m["samples_in"]), int(m["tokens_kept"]), int(m["tokens_valid"]),
-            m["loss"], batch.stats.get("reward_mean", math.nan), m["learner_seconds"], sync_s,
-        )  # fmt: skip
-        return {**batch.stats, **m, **self.totals, "weight_sync_seconds": sync_s,
-                "learner_wait_seconds": waited, "queue_groups": float(depth["groups"]),
-                "queue_batches": float(depth["batches"]), "dead_letters": float(depth["dead"]),
-                "policy_version_mean": float(batch.policy_versions.mean()),
-                "learner_version": float(self.step)}  # fmt: skip
+            "%.3f, %.2fs + weight sync %.3fs",
+            self.step,
+            self.settings.total_steps,
+            batch.batch_id,
+            int(m["samples_in"]),
+            int(m["tokens_kept"]),
+            int(m["tokens_valid"]),
+            m["loss"],
+            batch.stats.get("reward_mean", math.nan),
+            m["learner_seconds"],
+            sync_s,
+        )
+        return {
+            **batch.stats,
+            **m,
+            **self.totals,
+            "weight_sync_seconds": sync_s,
+            "learner_wait_seconds": waited,
+            "queue_groups": float(depth["groups"]),
+            "queue_batches": float(depth["batches"]),
+            "dead_letters": float(depth["dead"]),
+            "policy_version_mean": float(batch.policy_versions.mean()),
+            "learner_version": float(self.step),
+        }
 
     def _after_step(self, row: dict[str, Any]) -> None:
         step = self.step
@@ -295,8 +362,9 @@ class LearnerService:
         step = self.step
         if step == self._last_ckpt_step:
             return
-        path = self.engine.save_checkpoint(self.ckpt_dir, step, {"totals": dict(self.totals),
-                                                                 "preset": self.settings.preset.name})  # fmt: skip
+        path = self.engine.save_checkpoint(
+            self.ckpt_dir, step, {"totals": dict(self.totals), "preset": self.settings.preset.name}
+        )
         self._last_ckpt_step = step
         self.replay.checkpointed(step)
         self.t.state.record_checkpoint(step, str(path or self.ckpt_dir))
@@ -304,10 +372,13 @@ class LearnerService:
     def _resume(self) -> None:
         state = self.engine.load_checkpoint(self.ckpt_dir)
         if state is None:
-            log.info("learner %s: no checkpoint in %s; starting at step 0", self.consumer,
-                     self.ckpt_dir)  # fmt: skip
+            log.info(
+                "learner %s: no checkpoint in %s; starting at step 0", self.consumer, self.ckpt_dir
+            )
             return
-        self.totals.update({k: float(v) for k, v in state.get("totals", {}).items() if k in _TOTALS})
+        self.totals.update(
+            {k: float(v) for k, v in state.get("totals", {}).items() if k in _TOTALS}
+        )
         self._last_ckpt_step = self.step
         log.info("learner %s: resumed at step %d from %s", self.consumer, self.step, self.ckpt_dir)
 
@@ -321,9 +392,13 @@ class LearnerService:
             self.summary["batches_replayed"] += 1
             self._after_step(row)
         if self.step > start:
-            log.warning("learner %s: retrained steps %d..%d from the replay stream (trained "
-                        "after the last checkpoint, before the restart)", self.consumer, start,
-                        self.step - 1)  # fmt: skip
+            log.warning(
+                "learner %s: retrained steps %d..%d from the replay stream (trained "
+                "after the last checkpoint, before the restart)",
+                self.consumer,
+                start,
+                self.step - 1,
+            )
 
     # ---- the end -------------------------------------------------------------------------------
 
@@ -336,9 +411,13 @@ class LearnerService:
         if png is not None:
             log.info("learner: learning curve %s", png)
         self.t.control.mark_done()
-        log.info("learner: done after %d steps; %.0f learner tokens, %.1f learner s, held-out %s",
-                 self.step, self.totals["learner_tokens_total"],
-                 self.totals["learner_seconds_total"], self.reporter.last_eval or "n/a")  # fmt: skip
+        log.info(
+            "learner: done after %d steps; %.0f learner tokens, %.1f learner s, held-out %s",
+            self.step,
+            self.totals["learner_tokens_total"],
+            self.totals["learner_seconds_total"],
+            self.reporter.last_eval or "n/a",
+        )
 
 
 def _numeric(row: dict[str, Any]) -> dict[str, float]:

@@ -53,7 +53,11 @@ def renormalized_advantages(
     """
     check_dim(rewards, 2, "rewards")
     check_finite(rewards, "rewards")
-    require(keep.shape == rewards.shape, "keep", f"shape {tuple(keep.shape)} != rewards {tuple(rewards.shape)}")
+    require(
+        keep.shape == rewards.shape,
+        "keep",
+        f"shape {tuple(keep.shape)} != rewards {tuple(rewards.shape)}",
+    )
     require(keep.dtype == torch.bool, "keep", f"must be bool, got {keep.dtype}")
     r = rewards.to(_work_dtype(rewards.dtype))
     w = keep.to(r.dtype)

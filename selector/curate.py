@@ -84,7 +84,9 @@ def curate(
         raise ValueError("groups: need at least one scored group")
     sizes = {g.group_size for g in groups}
     if len(sizes) != 1:
-        raise ValueError(f"groups: all groups need the same samples_per_prompt, got sizes {sorted(sizes)}")
+        raise ValueError(
+            f"groups: all groups need the same samples_per_prompt, got sizes {sorted(sizes)}"
+        )
     sample_ratio, token_ratio = preset.ratios(step, total_steps)
     progress = preset.schedule.progress(step, total_steps)
     # float64: advantages of large (but finite float32) rewards must not overflow.

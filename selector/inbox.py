@@ -79,7 +79,9 @@ class GroupInbox:
     def restore(self) -> tuple[int, int]:
         """Join the consumer group and take back unfinished work: (own pending, reclaimed)."""
         self.t.queue.ensure_consumer_group(self.t.keys.groups, GROUP)
-        own = self.t.queue.read(self.t.keys.groups, GROUP, self.consumer, count=100_000, pending=True)
+        own = self.t.queue.read(
+            self.t.keys.groups, GROUP, self.consumer, count=100_000, pending=True
+        )
         self._hold(own)
         return len(own), self.reclaim()
 
@@ -90,8 +92,11 @@ class GroupInbox:
         )
         fresh = [d for d in claimed if d.entry_id not in self._held]
         if fresh:
-            log.warning("%s reclaimed %d groups a dead consumer had read and not committed",
-                        self.consumer, len(fresh))  # fmt: skip
+            log.warning(
+                "%s reclaimed %d groups a dead consumer had read and not committed",
+                self.consumer,
+                len(fresh),
+            )
         self._hold(claimed)
         return len(fresh)
 
@@ -116,8 +121,11 @@ class GroupInbox:
         """
         ahead = [d for d in self._held.values() if d.record.policy_version > step]
         for d in ahead:
-            self._reject(d, f"policy_version {d.record.policy_version} is ahead of the learner "
-                            f"(at most version {step} exists while step {step} is built)")  # fmt: skip
+            self._reject(
+                d,
+                f"policy_version {d.record.policy_version} is ahead of the learner "
+                f"(at most version {step} exists while step {step} is built)",
+            )
             self._held.pop(d.entry_id, None)
         held = list(self._held.values())
         known = self.t.state.ledger_states([d.record.group_id for d in held])
@@ -165,8 +173,10 @@ class GroupInbox:
         if not isinstance(rec, ScoredGroup):
             return f"a {type(rec).__name__} record in the groups stream"
         if rec.group_size != self.group_size:
-            return (f"group has {rec.group_size} samples; this run uses samples_per_prompt="
-                    f"{self.group_size}")  # fmt: skip
+            return (
+                f"group has {rec.group_size} samples; this run uses samples_per_prompt="
+                f"{self.group_size}"
+            )
         bound = self.settings.max_abs_reward
         worst = float(np.abs(rec.rewards.astype(np.float64)).max())
         if worst > bound:
@@ -179,6 +189,5 @@ class GroupInbox:
         context = self.settings.max_positions
         longest = len(rec.prompt) + int(rec.response_lengths.max())
         if context is not None and longest > context:
-            return (f"prompt + response is {longest} tokens, beyond the model's context of "
-                    f"{context}")  # fmt: skip
+            return f"prompt + response is {longest} tokens, beyond the model's context of {context}"
         return ""

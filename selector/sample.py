@@ -17,7 +17,9 @@ from selector._checks import check_dim, check_finite, require
 
 def _check_count(m: int, n: int, name: str) -> int:
     require(
-        isinstance(m, int) and not isinstance(m, bool), name, f"must be an int, got {type(m).__name__}"
+        isinstance(m, int) and not isinstance(m, bool),
+        name,
+        f"must be an int, got {type(m).__name__}",
     )
     require(0 <= m <= n, name, f"must be in [0, {n}], got {m}")
     return m

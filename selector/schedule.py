@@ -38,15 +38,24 @@ class Schedule:
     token_final: float = 0.5
 
     def __post_init__(self) -> None:
-        require(self.kind in SCHEDULE_KINDS, "kind", f"must be one of {SCHEDULE_KINDS}, got {self.kind!r}")
+        require(
+            self.kind in SCHEDULE_KINDS,
+            "kind",
+            f"must be one of {SCHEDULE_KINDS}, got {self.kind!r}",
+        )
         for name in ("sample_init", "sample_final", "token_init", "token_final"):
             check_ratio(getattr(self, name), name)
 
     @staticmethod
     def progress(step: int, total_steps: int) -> float:
-        require(int(total_steps) == total_steps and total_steps > 0, "total_steps",
-                f"must be a positive integer, got {total_steps!r}")
-        require(int(step) == step and step >= 0, "step", f"must be a non-negative integer, got {step!r}")
+        require(
+            int(total_steps) == total_steps and total_steps > 0,
+            "total_steps",
+            f"must be a positive integer, got {total_steps!r}",
+        )
+        require(
+            int(step) == step and step >= 0, "step", f"must be a non-negative integer, got {step!r}"
+        )
         return min(1.0, step / total_steps)
 
     def at(self, step: int, total_steps: int) -> tuple[float, float]:

@@ -49,13 +49,23 @@ def batch_record(
     lag = step - np.array([g.policy_version for g in groups], dtype=np.float64)
     rows = res.rows
     return CuratedBatch(
-        batch_id=batch_id_for(step), step=step, total_steps=total_steps, progress=res.progress,
-        sample_ratio=res.sample_ratio, token_ratio=res.token_ratio, preset=preset,
-        input_ids=rows.input_ids, prompt_lengths=rows.prompt_lengths, seq_lengths=rows.seq_lengths,
-        behav_logp=rows.behav_logp, advantages=rows.advantages, rewards=rows.rewards,
-        policy_versions=rows.policy_versions, group_ids=[g.group_id for g in groups],
+        batch_id=batch_id_for(step),
+        step=step,
+        total_steps=total_steps,
+        progress=res.progress,
+        sample_ratio=res.sample_ratio,
+        token_ratio=res.token_ratio,
+        preset=preset,
+        input_ids=rows.input_ids,
+        prompt_lengths=rows.prompt_lengths,
+        seq_lengths=rows.seq_lengths,
+        behav_logp=rows.behav_logp,
+        advantages=rows.advantages,
+        rewards=rows.rewards,
+        policy_versions=rows.policy_versions,
+        group_ids=[g.group_id for g in groups],
         stats={**res.stats, "staleness_mean": float(lag.mean()), "staleness_max": float(lag.max())},
-    )  # fmt: skip
+    )
 
 
 class SelectorStalled(Stalled):
@@ -88,17 +98,36 @@ class SelectorService:
         self.settings = settings
         self.preset = settings.preset
         self.consumer = consumer
-        self.waiter = WaitPolicy(transport.control, settings.wait_timeout_s,
-                                 reclaim_every_s=reclaim_every_s, error=SelectorStalled)  # fmt: skip
-        self.inbox = GroupInbox(transport, consumer, settings, self.waiter, block_ms=block_ms,
-                                reclaim_idle_ms=reclaim_idle_ms)  # fmt: skip
+        self.waiter = WaitPolicy(
+            transport.control,
+            settings.wait_timeout_s,
+            reclaim_every_s=reclaim_every_s,
+            error=SelectorStalled,
+        )
+        self.inbox = GroupInbox(
+            transport,
+            consumer,
+            settings,
+            self.waiter,
+            block_ms=block_ms,
+            reclaim_idle_ms=reclaim_idle_ms,
+        )
         self.step = 0
         self._started = False
         self._last_batch = time.monotonic()
         self._stale_since_batch = 0
         self.summary: dict[str, Any] = dict.fromkeys(
-            ("batches_written", "batches_skipped", "groups_used", "groups_stale", "groups_skipped",
-             "groups_duplicate", "commits_refused"), 0)  # fmt: skip
+            (
+                "batches_written",
+                "batches_skipped",
+                "groups_used",
+                "groups_stale",
+                "groups_skipped",
+                "groups_duplicate",
+                "commits_refused",
+            ),
+            0,
+        )
 
     # ---- the loop ------------------------------------------------------------------------------
 
@@ -121,13 +150,15 @@ class SelectorService:
             if len(held.usable) < need:
                 self._collect(held, need)
                 continue
-            if not self.waiter.until(self._batches_have_room,
-                                     "room in the batches stream; is the learner running?"):
-                break  # fmt: skip
+            if not self.waiter.until(
+                self._batches_have_room, "room in the batches stream; is the learner running?"
+            ):
+                break
             if self._commit_step(held.usable[:need], held) == "batch":
                 written += 1
-        self.summary.update(step=self.step, held_uncommitted=len(self.inbox),
-                            groups_rejected=self.inbox.rejected)  # fmt: skip
+        self.summary.update(
+            step=self.step, held_uncommitted=len(self.inbox), groups_rejected=self.inbox.rejected
+        )
         if self.step >= self.settings.total_steps:
             log.info("selector %s: all %d batches written", self.consumer, self.step)
         return dict(self.summary)
@@ -143,10 +174,17 @@ class SelectorService:
         own, reclaimed = self.inbox.restore()
         log.info(
             "selector %s: step %d/%d, preset %s, %d prompts x %d samples per step, max_staleness "
-            "%d; took back %d own pending and %d reclaimed groups", self.consumer, self.step,
-            self.settings.total_steps, self.preset.name, self.settings.prompts_per_step,
-            self.settings.samples_per_prompt, self.settings.max_staleness, own, reclaimed,
-        )  # fmt: skip
+            "%d; took back %d own pending and %d reclaimed groups",
+            self.consumer,
+            self.step,
+            self.settings.total_steps,
+            self.preset.name,
+            self.settings.prompts_per_step,
+            self.settings.samples_per_prompt,
+            self.settings.max_staleness,
+            own,
+            reclaimed,
+        )
         self._started = True
 
     def _collect(self, held: Held, need: int) -> None:
@@ -157,10 +195,13 @@ class SelectorService:
             self._commit(held.stale, held.duplicate, [], None)
             return
         if not self.inbox.read(need - len(held.usable)):
-            self.waiter.check_stall(lambda: (
-                f"selector: no scored group arrived for {self.settings.wait_timeout_s:.0f}s at "
-                f"step {self.step} (holding {len(held.usable)} usable of {need} needed); are the "
-                "rollout actors running?"))  # fmt: skip
+            self.waiter.check_stall(
+                lambda: (
+                    f"selector: no scored group arrived for {self.settings.wait_timeout_s:.0f}s at "
+                    f"step {self.step} (holding {len(held.usable)} usable of {need} needed); are the "
+                    "rollout actors running?"
+                )
+            )
 
     def _batches_have_room(self) -> bool:
         return self.t.queue.backlog(self.t.keys.batches) < self.settings.max_batch_backlog
@@ -173,19 +214,28 @@ class SelectorService:
         t0 = time.perf_counter()
         groups: list[ScoredGroup] = [d.record for d in chosen]  # type: ignore[misc]
         gen = torch.Generator().manual_seed(step_seed(self.settings.seed, step))
-        res = curate(groups, self.preset, step, self.settings.total_steps, self.settings.adv_eps, gen)
+        res = curate(
+            groups, self.preset, step, self.settings.total_steps, self.settings.adv_eps, gen
+        )
         res.stats["selector_seconds"] = time.perf_counter() - t0  # curate and pack, not the commit
         result = self._commit(held.stale, held.duplicate, chosen, res)
         if not result.committed:
-            log.warning("selector %s: step %d commit refused; %d groups now belong to another "
-                        "consumer", self.consumer, step, len(result.not_pending))  # fmt: skip
+            log.warning(
+                "selector %s: step %d commit refused; %d groups now belong to another consumer",
+                self.consumer,
+                step,
+                len(result.not_pending),
+            )
             return "refused"
         if res.rows is None:
             self.summary["batches_skipped"] += 1
             self.summary["groups_skipped"] += len(groups)
-            log.warning("selector: step %d batch skipped: every kept advantage is zero (%d skipped "
-                        "so far); collecting new groups for the same step", step,
-                        self.summary["batches_skipped"])  # fmt: skip
+            log.warning(
+                "selector: step %d batch skipped: every kept advantage is zero (%d skipped "
+                "so far); collecting new groups for the same step",
+                step,
+                self.summary["batches_skipped"],
+            )
             if time.monotonic() - self._last_batch > self.settings.wait_timeout_s:
                 raise SelectorStalled(
                     f"selector: no informative batch for {self.settings.wait_timeout_s:.0f}s at "
@@ -204,10 +254,16 @@ class SelectorService:
         lag = step - np.array([g.policy_version for g in groups], dtype=np.float64)
         log.info(
             "selector: batch %s: %d groups (%d samples -> %d kept, rho_s %.2f), staleness mean "
-            "%.2f max %d; %d stale groups dropped since the last batch", batch_id_for(step),
-            len(groups), int(res.stats["samples_before"]), int(res.stats["samples_kept"]),
-            res.sample_ratio, float(lag.mean()), int(lag.max()), self._stale_since_batch,
-        )  # fmt: skip
+            "%.2f max %d; %d stale groups dropped since the last batch",
+            batch_id_for(step),
+            len(groups),
+            int(res.stats["samples_before"]),
+            int(res.stats["samples_kept"]),
+            res.sample_ratio,
+            float(lag.mean()),
+            int(lag.max()),
+            self._stale_since_batch,
+        )
         self._stale_since_batch = 0
         return "batch"
 
@@ -235,13 +291,23 @@ class SelectorService:
             outputs = [(self.t.keys.batches, batch_id, record)]
             ledger.update(dict.fromkeys(group_ids, f"used:{batch_id}"))
             incr.update(batches_written=1, groups_used=len(chosen))
-            hset[self.t.keys.schedule] = {**self._schedule_fields(step + 1), "last_batch_id": batch_id}
+            hset[self.t.keys.schedule] = {
+                **self._schedule_fields(step + 1),
+                "last_batch_id": batch_id,
+            }
             hset[self.t.keys.batch_groups] = {batch_id: json.dumps(group_ids)}
         if ledger:
             hset[self.t.keys.ledger] = ledger
         consumed = [d.entry_id for d in (*chosen, *stale, *duplicate)]
-        result = self.t.queue.commit(self.t.keys.groups, GROUP, consumed, outputs=outputs,
-                                     incr=incr, hset=hset, consumer=self.consumer)  # fmt: skip
+        result = self.t.queue.commit(
+            self.t.keys.groups,
+            GROUP,
+            consumed,
+            outputs=outputs,
+            incr=incr,
+            hset=hset,
+            consumer=self.consumer,
+        )
         if not result.committed:
             self.inbox.release(result.not_pending)  # another consumer owns them now
             self.summary["commits_refused"] += 1
@@ -256,10 +322,14 @@ class SelectorService:
         """The schedule as the API shows it: the step the selector builds next, its ratios."""
         total = self.settings.total_steps
         sample_ratio, token_ratio = self.preset.ratios(step, total)
-        return {"step": step, "total_steps": total,
-                "progress": self.preset.schedule.progress(step, total),
-                "sample_ratio": sample_ratio, "token_ratio": token_ratio,
-                "preset": self.preset.name}  # fmt: skip
+        return {
+            "step": step,
+            "total_steps": total,
+            "progress": self.preset.schedule.progress(step, total),
+            "sample_ratio": sample_ratio,
+            "token_ratio": token_ratio,
+            "preset": self.preset.name,
+        }
 
     def _write_schedule(self, step: int) -> None:
         self.t.state.write_schedule(self._schedule_fields(step))
@@ -270,10 +340,17 @@ class SelectorService:
         atomic step: the one path the commit cannot cover), and this one continues from the
         schedule the other instance wrote."""
         batch_id = batch_id_for(step)
-        states = {**{d.record.group_id: "stale" for d in held.stale},
-                  **{g.group_id: f"orphaned:{batch_id}" for g in groups}}  # fmt: skip
+        states = {
+            **{d.record.group_id: "stale" for d in held.stale},
+            **{g.group_id: f"orphaned:{batch_id}" for g in groups},
+        }
         self.t.state.record_orphans(states, len(groups))
         self.step = max(step, self.t.state.schedule_step() or step)
-        log.error("selector %s: batch %s was already written by another selector; %d groups "
-                  "marked orphaned; continuing at step %d", self.consumer, batch_id, len(groups),
-                  self.step)  # fmt: skip
+        log.error(
+            "selector %s: batch %s was already written by another selector; %d groups "
+            "marked orphaned; continuing at step %d",
+            self.consumer,
+            batch_id,
+            len(groups),
+            self.step,
+        )

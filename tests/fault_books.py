@@ -63,8 +63,11 @@ def audit(client: redis.Redis, cfg: RunConfig, *, faults: bool = False, hostile:
     t = Transport.open(client, cfg.service.namespace)
     stats = t.state.stats()
     prefix = f"{t.keys.groups}|"
-    produced = {_text(v): _text(k)[len(prefix) :] for k, v in client.hgetall(t.keys.produced).items()
-                if _text(k).startswith(prefix)}  # fmt: skip
+    produced = {
+        _text(v): _text(k)[len(prefix) :]
+        for k, v in client.hgetall(t.keys.produced).items()
+        if _text(k).startswith(prefix)
+    }
     written = set(produced.values())
     assert len(written) == stats["groups_written"] > 0
 
@@ -130,9 +133,16 @@ def audit(client: redis.Redis, cfg: RunConfig, *, faults: bool = False, hostile:
         loaded[name] = seen
     assert 0 in set().union(*loaded.values())
     assert t.control.is_done()
-    return {"used": len(used), "stale": len(stale), "skipped": len(skipped),
-            "queued": len(queued & written), "dead": len(dead), "written": len(written),
-            "batches_duplicate": duplicates, "loaded": loaded}  # fmt: skip
+    return {
+        "used": len(used),
+        "stale": len(stale),
+        "skipped": len(skipped),
+        "queued": len(queued & written),
+        "dead": len(dead),
+        "written": len(written),
+        "batches_duplicate": duplicates,
+        "loaded": loaded,
+    }
 
 
 def balance(client: redis.Redis, cfg: RunConfig) -> dict[str, int]:
@@ -142,8 +152,11 @@ def balance(client: redis.Redis, cfg: RunConfig) -> dict[str, int]:
     """
     t = Transport.open(client, cfg.service.namespace)
     prefix = f"{t.keys.groups}|"
-    produced = {_text(v): _text(k)[len(prefix) :] for k, v in client.hgetall(t.keys.produced).items()
-                if _text(k).startswith(prefix)}  # fmt: skip
+    produced = {
+        _text(v): _text(k)[len(prefix) :]
+        for k, v in client.hgetall(t.keys.produced).items()
+        if _text(k).startswith(prefix)
+    }
     written = set(produced.values())
     places: Counter[str] = Counter()
     for ids in t.state.batch_groups().values():

@@ -71,7 +71,10 @@ def _loopback_replica_grpc() -> None:
         from ray.serve._private import replica
 
         original = replica.add_port_to_grpc_server
-        if getattr(original, "d3s_loopback", False) or ray.util.get_node_ip_address() != "127.0.0.1":
+        if (
+            getattr(original, "d3s_loopback", False)
+            or ray.util.get_node_ip_address() != "127.0.0.1"
+        ):
             return
 
         def add_port(server: Any, address: str) -> Any:

@@ -85,7 +85,10 @@ def demonstration_batch(
 
 
 def train_demonstrations(
-    spec: WarmstartConfig, policy: PolicySpec, task_spec: TaskSpec, progress: ProgressFn | None = None
+    spec: WarmstartConfig,
+    policy: PolicySpec,
+    task_spec: TaskSpec,
+    progress: ProgressFn | None = None,
 ) -> tuple[torch.nn.Module, CharTokenizer, dict]:
     """Run the supervised training in memory. Returns (model in eval mode, tokenizer, stats)."""
     task, alphabet = synthetic_task(task_spec, seed=spec.seed)
@@ -109,7 +112,9 @@ def train_demonstrations(
         # No attention mask: padding is on the right and attention is causal, so no real
         # token ever sees a pad, and pads carry no loss. (The mask path costs ~15% here.)
         logits = model(input_ids=ids).logits
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        loss = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
+        )
         optim.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -121,19 +126,38 @@ def train_demonstrations(
         if progress is not None:
             progress(step, last_step, value)
         if step % 50 == 0 or step == spec.steps:
-            logger.info("warmstart step %d/%d loss %.4f (ema %.4f) %.1fs",
-                        step, spec.steps, value, ema, time.perf_counter() - t0)
+            logger.info(
+                "warmstart step %d/%d loss %.4f (ema %.4f) %.1fs",
+                step,
+                spec.steps,
+                value,
+                ema,
+                time.perf_counter() - t0,
+            )
         if adaptive and step >= spec.steps and (step - spec.steps) % spec.eval_every == 0:
             dev_acc = evaluate_greedy(model, tokenizer, dev, max_new)
-            logger.info("warmstart step %d dev accuracy %.3f (target %.2f)", step, dev_acc, spec.min_accuracy)
+            logger.info(
+                "warmstart step %d dev accuracy %.3f (target %.2f)",
+                step,
+                dev_acc,
+                spec.min_accuracy,
+            )
             if dev_acc >= spec.min_accuracy:
                 break
     if adaptive and (dev_acc is None or dev_acc < spec.min_accuracy):
-        logger.warning("warm start stopped at max_steps=%d with dev accuracy %.3f < %.2f",
-                       step, dev_acc or 0.0, spec.min_accuracy)
+        logger.warning(
+            "warm start stopped at max_steps=%d with dev accuracy %.3f < %.2f",
+            step,
+            dev_acc or 0.0,
+            spec.min_accuracy,
+        )
     model.eval()
-    stats = {"steps_run": step, "train_seconds": time.perf_counter() - t0,
-             "final_loss_ema": ema, "dev_accuracy": dev_acc}
+    stats = {
+        "steps_run": step,
+        "train_seconds": time.perf_counter() - t0,
+        "final_loss_ema": ema,
+        "dev_accuracy": dev_acc,
+    }
     return model, tokenizer, stats
 
 
@@ -171,8 +195,13 @@ def warmstart(
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=cache_dir))
     try:
         save_policy(model, tokenizer, tmp)
-        meta = {"spec": spec.model_dump(mode="json", exclude={"cache_dir"}), "model": policy.model_dump(),
-                "task": identity, "format": WARMSTART_FORMAT, **stats}
+        meta = {
+            "spec": spec.model_dump(mode="json", exclude={"cache_dir"}),
+            "model": policy.model_dump(),
+            "task": identity,
+            "format": WARMSTART_FORMAT,
+            **stats,
+        }
         if isinstance(identity, int):
             meta["digits"] = identity
         # Metadata last: its presence marks a complete checkpoint.
@@ -188,4 +217,3 @@ def warmstart(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return final
-

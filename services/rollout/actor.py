@@ -84,8 +84,9 @@ class RolloutActor:
         self.index = actor_index
         self.name = worker.name
         self.share = groups_per_round(settings.prompts_per_step, settings.num_actors, actor_index)
-        self.waiter = WaitPolicy(transport.control, settings.wait_timeout_s, poll_s=poll_s,
-                                 finished=self._finished)  # fmt: skip
+        self.waiter = WaitPolicy(
+            transport.control, settings.wait_timeout_s, poll_s=poll_s, finished=self._finished
+        )
         self.loaded: list[int] = []
         self.version = -1  # nothing from the store yet: never generate with unpublished weights
         self.rounds = 0
@@ -106,18 +107,31 @@ class RolloutActor:
         """
         self.waiter.should_stop = should_stop
         self.rounds = self.t.state.rollout_rounds(self.name)
-        log.info("%s: %d groups of %d samples per round, %s, from round %d", self.name,
-                 self.share, self.settings.samples_per_prompt,
-                 "lock-step" if self.settings.lock_step else "async", self.rounds)  # fmt: skip
+        log.info(
+            "%s: %d groups of %d samples per round, %s, from round %d",
+            self.name,
+            self.share,
+            self.settings.samples_per_prompt,
+            "lock-step" if self.settings.lock_step else "async",
+            self.rounds,
+        )
         try:
-            if self._wait(lambda: self.weights.latest_version() >= 0, "the learner's first weights"):
+            if self._wait(
+                lambda: self.weights.latest_version() >= 0, "the learner's first weights"
+            ):
                 self._loop()
             self._follow_to_the_end()
         except WeightSyncError as exc:
             self.t.control.request_stop(f"{self.name}: {exc}")
             raise
-        log.info("%s: stopping (%s) after %d rounds, %d groups, weights version %d", self.name,
-                 self.waiter.stop_reason(), self.rounds, self.groups_published, self.version)  # fmt: skip
+        log.info(
+            "%s: stopping (%s) after %d rounds, %d groups, weights version %d",
+            self.name,
+            self.waiter.stop_reason(),
+            self.rounds,
+            self.groups_published,
+            self.version,
+        )
         return self.report()
 
     def _loop(self) -> None:
@@ -142,17 +156,25 @@ class RolloutActor:
             produced_with = self.version
             self._produce_round()
             if self.settings.lock_step:
-                if not self._wait(lambda v=produced_with, s=skips: self._next_round_due(v, s),
-                                  f"weights newer than version {produced_with} (lock-step)"):
-                    return  # fmt: skip
+                if not self._wait(
+                    lambda v=produced_with, s=skips: self._next_round_due(v, s),
+                    f"weights newer than version {produced_with} (lock-step)",
+                ):
+                    return
                 skips = self._skips()
 
     def report(self) -> dict[str, Any]:
-        return {"name": self.name, "rounds": self.rounds, "groups_published": self.groups_published,
-                "versions_loaded": list(self.loaded), "version": self.version,
-                "gen_seconds": self.gen_seconds, "samples_generated": self.samples_generated,
-                "admission_wait_seconds": self.admission_wait_seconds,
-                "load_seconds": self.load_seconds}  # fmt: skip
+        return {
+            "name": self.name,
+            "rounds": self.rounds,
+            "groups_published": self.groups_published,
+            "versions_loaded": list(self.loaded),
+            "version": self.version,
+            "gen_seconds": self.gen_seconds,
+            "samples_generated": self.samples_generated,
+            "admission_wait_seconds": self.admission_wait_seconds,
+            "load_seconds": self.load_seconds,
+        }
 
     def _produce_round(self) -> None:
         seed = step_seed(self.settings.seed, self.index * 1_000_000 + self.rounds)
@@ -172,13 +194,27 @@ class RolloutActor:
         self.gen_seconds += gen_s
         self.t.state.set_rollout_rounds(self.name, self.rounds)
         self.t.state.set_metrics({"gen_seconds": gen_s})
-        self.t.state.record_heartbeat(self.name, {
-            "weight_version": self.version, "rounds": self.rounds, "groups_published": self.groups_published,
-            "gen_seconds_total": self.gen_seconds, "last_round_seconds": gen_s,
-            "samples_generated": self.samples_generated, "load_seconds_total": self.load_seconds,
-            "admission_wait_seconds_total": self.admission_wait_seconds})  # fmt: skip
-        log.debug("%s: round %d, %d groups with version %d in %.2fs", self.name, self.rounds,
-                  len(groups), self.version, gen_s)  # fmt: skip
+        self.t.state.record_heartbeat(
+            self.name,
+            {
+                "weight_version": self.version,
+                "rounds": self.rounds,
+                "groups_published": self.groups_published,
+                "gen_seconds_total": self.gen_seconds,
+                "last_round_seconds": gen_s,
+                "samples_generated": self.samples_generated,
+                "load_seconds_total": self.load_seconds,
+                "admission_wait_seconds_total": self.admission_wait_seconds,
+            },
+        )
+        log.debug(
+            "%s: round %d, %d groups with version %d in %.2fs",
+            self.name,
+            self.rounds,
+            len(groups),
+            self.version,
+            gen_s,
+        )
 
     # ---- weights -------------------------------------------------------------------------------
 
@@ -197,9 +233,12 @@ class RolloutActor:
         publish would otherwise wait out its timeout for this engine)."""
         deadline = time.monotonic() + self.settings.wait_timeout_s
         control = self.t.control
-        while not (control.is_done() or control.stop_reason() is not None
-                   or (self.waiter.should_stop is not None and self.waiter.should_stop())
-                   or time.monotonic() > deadline):  # fmt: skip
+        while not (
+            control.is_done()
+            or control.stop_reason() is not None
+            or (self.waiter.should_stop is not None and self.waiter.should_stop())
+            or time.monotonic() > deadline
+        ):
             self._sync_weights()
             time.sleep(self.waiter.poll_s)
         if control.is_done():
@@ -217,8 +256,13 @@ class RolloutActor:
         if version is None:
             return
         if version < self.version:
-            log.warning("%s: the learner rewound to version %d (it resumed from a checkpoint); "
-                        "loading it over version %d", self.name, version, self.version)  # fmt: skip
+            log.warning(
+                "%s: the learner rewound to version %d (it resumed from a checkpoint); "
+                "loading it over version %d",
+                self.name,
+                version,
+                self.version,
+            )
         self.worker.load_weights(received, version)
         if self.worker.engine.model is not None:  # vLLM holds its model in its own workers
             check_loaded(self.worker.engine.model, received, version)
@@ -226,8 +270,12 @@ class RolloutActor:
         self.loaded.append(version)
         self.t.state.record_loaded_version(self.name, version)
         self.load_seconds += time.perf_counter() - t0
-        log.info("%s: loaded weights version %d (%.3fs, checksum ok)", self.name, version,
-                 time.perf_counter() - t0)  # fmt: skip
+        log.info(
+            "%s: loaded weights version %d (%.3fs, checksum ok)",
+            self.name,
+            version,
+            time.perf_counter() - t0,
+        )
 
     # ---- conditions ----------------------------------------------------------------------------
 

@@ -90,15 +90,28 @@ def _run_terminal(cfg: RunConfig, verbose: bool) -> Iterator[tuple[Console, Cons
             root.handlers.clear()
 
 
-def _finish(cfg: RunConfig, result: dict[str, Any], out: Console, *, mode: str, wall_seconds: float,
-            counters: dict[str, int] | None) -> None:  # fmt: skip
+def _finish(
+    cfg: RunConfig,
+    result: dict[str, Any],
+    out: Console,
+    *,
+    mode: str,
+    wall_seconds: float,
+    counters: dict[str, int] | None,
+) -> None:
     """The summary table on ``out``; the whole record in ``run_dir/summary.json``."""
     from services.run.summary import build_summary, print_summary, write_summary
 
     run_dir = Path(result.get("run_dir") or cfg.train.run_dir).resolve()
-    summary = build_summary(result, run_dir, total_steps=cfg.train.total_steps, mode=mode,
-                            preset=cfg.algorithm.preset, counters=counters,
-                            wall_seconds=wall_seconds)  # fmt: skip
+    summary = build_summary(
+        result,
+        run_dir,
+        total_steps=cfg.train.total_steps,
+        mode=mode,
+        preset=cfg.algorithm.preset,
+        counters=counters,
+        wall_seconds=wall_seconds,
+    )
     write_summary(summary, run_dir)
     print_summary(summary, out, title=f"{cfg.name}: done")
 
@@ -331,29 +344,64 @@ def _policy_dir(run_dir: Path, policy: Path | None) -> Path:
     ``final_policy``."""
     d = policy or run_dir / "final_policy"
     if not (d / "config.json").is_file():
-        console.print(f"[red]{d}: no model directory (config.json) for the architecture and "
-                      "tokenizer; pass --policy MODEL_DIR (e.g. the policy the run started from)[/red]")
+        console.print(
+            f"[red]{d}: no model directory (config.json) for the architecture and "
+            "tokenizer; pass --policy MODEL_DIR (e.g. the policy the run started from)[/red]"
+        )
         raise typer.Exit(2)
     return d
 
 
 @app.command("eval")
 def eval_(
-    target: Annotated[Path, typer.Argument(help="a run directory, or a Hugging Face model directory")],
-    config: Annotated[Path | None, typer.Option("--config", "-c", help="run config: its task "
-                      "(held-out set), rollout (max_new_tokens) and eval sections")] = None,
+    target: Annotated[
+        Path, typer.Argument(help="a run directory, or a Hugging Face model directory")
+    ],
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            "-c",
+            help="run config: its task (held-out set), rollout (max_new_tokens) and eval sections",
+        ),
+    ] = None,
     set_: SetOpt = None,
-    step: Annotated[int | None, typer.Option("--step", help="evaluate this saved checkpoint of "
-                    "the run (default: the run's final policy)")] = None,
-    n: Annotated[int | None, typer.Option("--n", help="samples per prompt (default eval.n_samples)")] = None,
-    k: Annotated[list[int] | None, typer.Option("--k", help="k of pass@k and maj@k, repeatable "
-                 "(default eval.ks)")] = None,
-    temperature: Annotated[float | None, typer.Option("--temperature", help="sampling temperature "
-                           "(default eval.temperature, then rollout.temperature)")] = None,
-    policy: Annotated[Path | None, typer.Option("--policy", help="with --step: model directory "
-                      "with the architecture and tokenizer (default RUN_DIR/final_policy)")] = None,
-    out: Annotated[Path | None, typer.Option("--out", help="JSON result (default TARGET/eval.json, "
-                   "or RUN_DIR/eval/step-N.json with --step)")] = None,
+    step: Annotated[
+        int | None,
+        typer.Option(
+            "--step",
+            help="evaluate this saved checkpoint of the run (default: the run's final policy)",
+        ),
+    ] = None,
+    n: Annotated[
+        int | None, typer.Option("--n", help="samples per prompt (default eval.n_samples)")
+    ] = None,
+    k: Annotated[
+        list[int] | None,
+        typer.Option("--k", help="k of pass@k and maj@k, repeatable (default eval.ks)"),
+    ] = None,
+    temperature: Annotated[
+        float | None,
+        typer.Option(
+            "--temperature",
+            help="sampling temperature (default eval.temperature, then rollout.temperature)",
+        ),
+    ] = None,
+    policy: Annotated[
+        Path | None,
+        typer.Option(
+            "--policy",
+            help="with --step: model directory "
+            "with the architecture and tokenizer (default RUN_DIR/final_policy)",
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            help="JSON result (default TARGET/eval.json, or RUN_DIR/eval/step-N.json with --step)",
+        ),
+    ] = None,
 ) -> None:
     """Held-out evaluation of a policy: greedy accuracy, unbiased pass@k, maj@k, response length
     (per difficulty where the task has levels): a table here, JSON on disk."""
@@ -380,9 +428,15 @@ def eval_(
     from services.run.components import run_evaluation
 
     is_model = (target / "config.json").is_file()
-    if not is_model and not (target / "checkpoints").is_dir() and not (target / "final_policy").is_dir():
-        console.print(f"[red]{target}: neither a model directory (config.json) nor a run directory "
-                      "(checkpoints/ or final_policy/)[/red]")
+    if (
+        not is_model
+        and not (target / "checkpoints").is_dir()
+        and not (target / "final_policy").is_dir()
+    ):
+        console.print(
+            f"[red]{target}: neither a model directory (config.json) nor a run directory "
+            "(checkpoints/ or final_policy/)[/red]"
+        )
         raise typer.Exit(2)
     with tempfile.TemporaryDirectory(prefix="d3s-eval-") as tmp:
         if step is not None:
@@ -392,8 +446,9 @@ def eval_(
             from learner.export import export_checkpoint
 
             try:
-                model_dir = export_checkpoint(target / "checkpoints", _policy_dir(target, policy),
-                                              Path(tmp) / "model", step)  # fmt: skip
+                model_dir = export_checkpoint(
+                    target / "checkpoints", _policy_dir(target, policy), Path(tmp) / "model", step
+                )
             except (FileNotFoundError, ValueError) as e:
                 console.print(f"[red]{e}[/red]")
                 raise typer.Exit(2) from None
@@ -409,15 +464,23 @@ def eval_(
             raise typer.Exit(2) from None
     path = out or default_out
     path.parent.mkdir(parents=True, exist_ok=True)
-    record = {"target": str(target), "step": step, "task": cfg.task.model_dump(mode="json"),
-              **result.to_dict()}  # fmt: skip
+    record = {
+        "target": str(target),
+        "step": step,
+        "task": cfg.task.model_dump(mode="json"),
+        **result.to_dict(),
+    }
     path.write_text(json.dumps(record, indent=1))
     from rich.table import Table
 
     header, rows = result.table()
-    table = Table(*header, title=f"{target}" + (f" step {step}" if step is not None else "")
-                  + f": {result.overall.n_prompts} prompts, n={result.n_samples}, "
-                  f"T={result.temperature:g}")  # fmt: skip
+    table = Table(
+        *header,
+        title=f"{target}"
+        + (f" step {step}" if step is not None else "")
+        + f": {result.overall.n_prompts} prompts, n={result.n_samples}, "
+        f"T={result.temperature:g}",
+    )
     for row in rows:
         table.add_row(*row)
     Console().print(table)
@@ -428,9 +491,17 @@ def eval_(
 def export(
     run_dir: Annotated[Path, typer.Argument(help="the run directory (its checkpoints/)")],
     out: Annotated[Path, typer.Argument(help="the Hugging Face model directory to write")],
-    step: Annotated[int | None, typer.Option("--step", help="the saved step (default: the newest)")] = None,
-    policy: Annotated[Path | None, typer.Option("--policy", help="model directory with the "
-                      "architecture and tokenizer (default RUN_DIR/final_policy)")] = None,
+    step: Annotated[
+        int | None, typer.Option("--step", help="the saved step (default: the newest)")
+    ] = None,
+    policy: Annotated[
+        Path | None,
+        typer.Option(
+            "--policy",
+            help="model directory with the "
+            "architecture and tokenizer (default RUN_DIR/final_policy)",
+        ),
+    ] = None,
 ) -> None:
     """Write a saved learner checkpoint (any ZeRO stage, weights gathered) as a Hugging Face
     directory: loadable with from_pretrained, tokenizer included."""
@@ -448,8 +519,9 @@ def export(
 @app.command()
 def report(
     run_dirs: Annotated[list[Path], typer.Argument(help="run directories to overlay")],
-    out: Annotated[Path | None, typer.Option("--out", help="where the PNGs go (default "
-                   "FIRST_RUN_DIR/report)")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="where the PNGs go (default FIRST_RUN_DIR/report)")
+    ] = None,
 ) -> None:
     """PNG figures overlaying runs: held-out metrics against step, learner tokens and learner
     seconds; keep ratios; kept fractions; Var(A) before/after selection; gradient norm."""

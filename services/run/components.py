@@ -25,8 +25,15 @@ log = logging.getLogger(__name__)
 
 COMPONENTS = ("rollout", "selector", "learner")
 # Libraries whose INFO lines belong in a component's log file, not on the terminal.
-NOISY_LOGGERS = ("DeepSpeed", "deepspeed", "torch.distributed", "urllib3", "httpx", "filelock",
-                 "transformers")  # fmt: skip
+NOISY_LOGGERS = (
+    "DeepSpeed",
+    "deepspeed",
+    "torch.distributed",
+    "urllib3",
+    "httpx",
+    "filelock",
+    "transformers",
+)
 
 
 def component_name(kind: str, index: int) -> str:
@@ -133,8 +140,9 @@ def build_component(
     # Cores are shared by every component of a run: intra-op threads would only fight.
     torch.set_num_threads(1)
     # A Redis restart is waited out, not fatal (the supervisor brings the embedded one back).
-    transport = Transport.open(connect(redis_url, outage_s=cfg.service.redis_outage_s),
-                               cfg.service.namespace)  # fmt: skip
+    transport = Transport.open(
+        connect(redis_url, outage_s=cfg.service.redis_outage_s), cfg.service.namespace
+    )
     name = component_name(kind, index)
     with stop_run_on_failure(transport, name):
         if kind == "selector":
@@ -142,7 +150,9 @@ def build_component(
             from services.policy.limits import model_limits
 
             limits = model_limits(policy_path) if policy_path else None
-            selector = SelectorService(transport, cfg.selector_settings(limits), consumer=f"selector-{index}")
+            selector = SelectorService(
+                transport, cfg.selector_settings(limits), consumer=f"selector-{index}"
+            )
             return Component(name, transport, selector.run)
         if policy_path is None:
             raise ValueError(f"{kind}: needs the policy path")
@@ -156,7 +166,9 @@ def build_component(
                     actor.weights.close()  # leave the broadcast group, release sockets
 
             return Component(name, transport, roll)
-        learner, shutdown = _build_learner(cfg, transport, policy_path, run_dir, index, detached_store)
+        learner, shutdown = _build_learner(
+            cfg, transport, policy_path, run_dir, index, detached_store
+        )
 
         def learn() -> dict[str, Any]:
             try:
@@ -173,8 +185,15 @@ def run_component(kind: str, cfg: RunConfig, redis_url: str, **kwargs: Any) -> d
     return build_component(kind, cfg, redis_url, **kwargs).run()
 
 
-def build_worker(cfg: RunConfig, model: Any, tokenizer: Any, name: str, device: str | None = None,
-                 *, model_path: str | Path | None = None) -> Any:  # fmt: skip
+def build_worker(
+    cfg: RunConfig,
+    model: Any,
+    tokenizer: Any,
+    name: str,
+    device: str | None = None,
+    *,
+    model_path: str | Path | None = None,
+) -> Any:
     """A rollout worker (engine + tasks + prompt rendering and length limit). The engine is the
     HF one around ``model`` (``device``: where it runs, None: where the model is), or with
     ``rollout.engine: vllm`` a vLLM engine that loads ``model_path`` (``model`` unused)."""
@@ -190,18 +209,32 @@ def build_worker(cfg: RunConfig, model: Any, tokenizer: Any, name: str, device: 
             raise ValueError("rollout.engine: vllm needs the policy's model directory")
         v = r.vllm_settings
         engine: Any = VLLMRolloutEngine(
-            model_path, tokenizer, r.max_new_tokens, r.temperature, r.top_p,
+            model_path,
+            tokenizer,
+            r.max_new_tokens,
+            r.temperature,
+            r.top_p,
             gpu_memory_utilization=v.gpu_memory_utilization,
-            tensor_parallel_size=v.tensor_parallel_size, enforce_eager=v.enforce_eager,
-            max_model_len=v.max_model_len, dtype=v.dtype, seed=cfg.train.seed,
-        )  # fmt: skip
+            tensor_parallel_size=v.tensor_parallel_size,
+            enforce_eager=v.enforce_eager,
+            max_model_len=v.max_model_len,
+            dtype=v.dtype,
+            seed=cfg.train.seed,
+        )
     else:
         from services.rollout.hf_engine import HFRolloutEngine
 
-        engine = HFRolloutEngine(model, tokenizer, r.max_new_tokens, r.temperature, r.top_p, device=device)
-    return RolloutWorker(engine, TaskSource.from_config(cfg.task), r.samples_per_prompt, name=name,
-                         prompt_format=PromptFormat.from_task(cfg.task),
-                         max_prompt_tokens=r.max_prompt_tokens)  # fmt: skip
+        engine = HFRolloutEngine(
+            model, tokenizer, r.max_new_tokens, r.temperature, r.top_p, device=device
+        )
+    return RolloutWorker(
+        engine,
+        TaskSource.from_config(cfg.task),
+        r.samples_per_prompt,
+        name=name,
+        prompt_format=PromptFormat.from_task(cfg.task),
+        max_prompt_tokens=r.max_prompt_tokens,
+    )
 
 
 def heldout_prompts(cfg: RunConfig, tokenizer: Any) -> tuple[list, dict]:
@@ -223,8 +256,13 @@ def heldout_prompts(cfg: RunConfig, tokenizer: Any) -> tuple[list, dict]:
         if not kept:
             raise ValueError(f"rollout.max_prompt_tokens: {limit} is below every held-out prompt")
         if len(kept) < len(prompts):
-            log.info("evaluation: %d of %d held-out prompts exceed rollout.max_prompt_tokens=%d "
-                     "and are left out", len(prompts) - len(kept), len(prompts), limit)  # fmt: skip
+            log.info(
+                "evaluation: %d of %d held-out prompts exceed rollout.max_prompt_tokens=%d "
+                "and are left out",
+                len(prompts) - len(kept),
+                len(prompts),
+                limit,
+            )
         prompts = kept
     return prompts, source.verifiers
 
@@ -238,8 +276,14 @@ def evaluation_metrics(result: Any) -> dict[str, float]:
     return row
 
 
-def run_evaluation(cfg: RunConfig, model: Any, tokenizer: Any, prompts: list | None = None,
-                   verifiers: Any = None, **changes: Any) -> Any:  # fmt: skip
+def run_evaluation(
+    cfg: RunConfig,
+    model: Any,
+    tokenizer: Any,
+    prompts: list | None = None,
+    verifiers: Any = None,
+    **changes: Any,
+) -> Any:
     """Evaluate ``model`` on the task's held-out prompts as ``cfg.eval`` says (``changes``
     override its fields, e.g. ``n_samples``); returns the :class:`EvalResult`."""
     from services.evaluation.evaluate import evaluate_policy
@@ -248,12 +292,19 @@ def run_evaluation(cfg: RunConfig, model: Any, tokenizer: Any, prompts: list | N
         prompts, verifiers = heldout_prompts(cfg, tokenizer)
     e = cfg.eval.model_copy(update=changes)
     return evaluate_policy(
-        model, tokenizer, prompts, verifiers, n_samples=e.n_samples, ks=e.ks,
+        model,
+        tokenizer,
+        prompts,
+        verifiers,
+        n_samples=e.n_samples,
+        ks=e.ks,
         temperature=e.temperature if e.temperature is not None else cfg.rollout.temperature,
         top_p=e.top_p if e.top_p is not None else cfg.rollout.top_p,
-        max_new_tokens=cfg.rollout.max_new_tokens, seed=e.seed, greedy=e.greedy,
+        max_new_tokens=cfg.rollout.max_new_tokens,
+        seed=e.seed,
+        greedy=e.greedy,
         batch_size=e.batch_size,
-    )  # fmt: skip
+    )
 
 
 def build_evaluator(cfg: RunConfig, tokenizer: Any) -> Callable[[Any], dict[str, float]]:
@@ -277,13 +328,20 @@ def _build_rollout(cfg: RunConfig, transport: Transport, policy_path: str, index
         model, tokenizer = None, load_tokenizer(policy_path)
     else:
         model, tokenizer = load_policy(policy_path)
-    worker = build_worker(cfg, model, tokenizer, name, device=rollout_device(cfg), model_path=policy_path)
+    worker = build_worker(
+        cfg, model, tokenizer, name, device=rollout_device(cfg), model_path=policy_path
+    )
     # The learner publishes CPU tensors (gloo for the collective transport); each engine copies
     # them onto its own device.
-    receiver = make_receiver(cfg.weight_sync, cfg.service.namespace, name, device="cpu",
-                             redis_client=transport.client)  # fmt: skip
-    log.info("%s: engine on %s, weights by %s", name, getattr(worker.engine, "device", cfg.rollout.engine),
-             cfg.weight_sync.transport)  # fmt: skip
+    receiver = make_receiver(
+        cfg.weight_sync, cfg.service.namespace, name, device="cpu", redis_client=transport.client
+    )
+    log.info(
+        "%s: engine on %s, weights by %s",
+        name,
+        getattr(worker.engine, "device", cfg.rollout.engine),
+        cfg.weight_sync.transport,
+    )
     return RolloutActor(cfg.rollout_settings(), transport, receiver, worker, index)
 
 
@@ -321,11 +379,18 @@ def _build_learner(
             log_dir = str(settings.run_dir / "logs")
 
             def launch(world: int, port: int) -> tuple[str, list[Any]]:
-                return start_followers(world, port, cfg.learner, cfg.train.total_steps,
-                                       policy_path, log_dir)  # fmt: skip
+                return start_followers(
+                    world, port, cfg.learner, cfg.train.total_steps, policy_path, log_dir
+                )
 
-        engine, procs = start_ranks(cfg.learner, cfg.train.total_steps, policy_path, model,
-                                    launch=launch, master_addr=node_address())  # fmt: skip
+        engine, procs = start_ranks(
+            cfg.learner,
+            cfg.train.total_steps,
+            policy_path,
+            model,
+            launch=launch,
+            master_addr=node_address(),
+        )
 
         def stop_followers() -> None:
             stop_ranks(engine, procs)
@@ -336,7 +401,9 @@ def _build_learner(
         from services.weightsync.object_store import get_or_create_store
 
         get_or_create_store(ns, detached_store)  # the publisher below finds it
-    publisher = make_publisher(cfg.weight_sync, ns, host=node_address(), redis_client=transport.client)
+    publisher = make_publisher(
+        cfg.weight_sync, ns, host=node_address(), redis_client=transport.client
+    )
 
     def shutdown() -> None:
         try:
@@ -345,12 +412,16 @@ def _build_learner(
             publisher.close()  # a catch-up write in flight finishes first
 
     service = LearnerService(
-        transport, engine, settings, consumer=f"learner-{index}",
+        transport,
+        engine,
+        settings,
+        consumer=f"learner-{index}",
         evaluate=build_evaluator(cfg, tokenizer),
         export=lambda module: save_policy(module, tokenizer, settings.run_dir / "final_policy"),
-        publisher=publisher, limits=model_limits(policy_path),
+        publisher=publisher,
+        limits=model_limits(policy_path),
         logger_kwargs=cfg.logger_kwargs(),
-    )  # fmt: skip
+    )
     return service, shutdown
 
 
@@ -369,8 +440,16 @@ class ComponentHost:
     """A Ray actor process hosting one component (``ray.remote`` is applied by the orchestrator):
     :meth:`prepare` builds it, :meth:`run` runs it."""
 
-    def __init__(self, kind: str, cfg: RunConfig, redis_url: str, run_dir: str, index: int,
-                 policy_path: str, capture_output: bool = True) -> None:  # fmt: skip
+    def __init__(
+        self,
+        kind: str,
+        cfg: RunConfig,
+        redis_url: str,
+        run_dir: str,
+        index: int,
+        policy_path: str,
+        capture_output: bool = True,
+    ) -> None:
         self.kind, self.cfg, self.redis_url = kind, cfg, redis_url
         self.run_dir, self.index, self.policy_path = run_dir, index, policy_path
         self.name = component_name(kind, index)
@@ -380,10 +459,21 @@ class ComponentHost:
     def prepare(self) -> int:
         """Build the component (imports, model, DeepSpeed); returns this process's pid."""
         t0 = time.perf_counter()
-        self._component = build_component(self.kind, self.cfg, self.redis_url, index=self.index,
-                                          policy_path=self.policy_path, run_dir=self.run_dir)  # fmt: skip
-        log.info("%s ready in %.1fs (pid %d, node %s)", self.name, time.perf_counter() - t0,
-                 os.getpid(), _ray_node_id())
+        self._component = build_component(
+            self.kind,
+            self.cfg,
+            self.redis_url,
+            index=self.index,
+            policy_path=self.policy_path,
+            run_dir=self.run_dir,
+        )
+        log.info(
+            "%s ready in %.1fs (pid %d, node %s)",
+            self.name,
+            time.perf_counter() - t0,
+            os.getpid(),
+            _ray_node_id(),
+        )
         return os.getpid()
 
     def run(self) -> dict[str, Any]:

@@ -85,8 +85,10 @@ class EvalConfig(_Section):
         if self.n_samples == 0 and self.ks:
             raise ValueError("ks: must be empty when n_samples is 0 (greedy only)")
         if self.ks and max(self.ks) > self.n_samples:
-            raise ValueError(f"n_samples: {self.n_samples} is below max(ks)={max(self.ks)}; "
-                             "pass@k needs at least k samples per prompt")
+            raise ValueError(
+                f"n_samples: {self.n_samples} is below max(ks)={max(self.ks)}; "
+                "pass@k needs at least k samples per prompt"
+            )
         if not self.greedy and self.n_samples == 0:
             raise ValueError("greedy: false with n_samples 0 measures nothing")
         return self
@@ -188,29 +190,40 @@ class RunConfig(_Section):
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
         if abs(self.learner.temperature - self.rollout.temperature) > 1e-12:
-            raise ValueError("learner.temperature must equal rollout.temperature: the learner must "
-                             "score the distribution the rollouts were sampled from")
-        if self.policy.path is None and not isinstance(self.task, ArithmeticTaskConfig | MixedTaskConfig):
-            raise ValueError("policy.path: required unless task.type is 'arithmetic' or 'mixed' "
-                             "(the built-in warm start only knows the built-in tasks)")
+            raise ValueError(
+                "learner.temperature must equal rollout.temperature: the learner must "
+                "score the distribution the rollouts were sampled from"
+            )
+        if self.policy.path is None and not isinstance(
+            self.task, ArithmeticTaskConfig | MixedTaskConfig
+        ):
+            raise ValueError(
+                "policy.path: required unless task.type is 'arithmetic' or 'mixed' "
+                "(the built-in warm start only knows the built-in tasks)"
+            )
         if self.policy.path is not None and not (Path(self.policy.path) / "config.json").is_file():
-            raise ValueError(f"policy.path: {self.policy.path} is not a model directory "
-                             "(no config.json)")
+            raise ValueError(
+                f"policy.path: {self.policy.path} is not a model directory (no config.json)"
+            )
         if getattr(self.task, "chat_template", False):
             from services.tasks.prompting import has_chat_template
 
             if self.policy.path is None or not has_chat_template(self.policy.path):
-                raise ValueError(f"task.chat_template: the tokenizer in policy.path={self.policy.path} "
-                                 "has no chat template")
+                raise ValueError(
+                    f"task.chat_template: the tokenizer in policy.path={self.policy.path} "
+                    "has no chat template"
+                )
         if self.service.max_group_backlog < self.rollout.prompts_per_step:
             raise ValueError(
                 f"service.max_group_backlog: {self.service.max_group_backlog} is below "
                 f"rollout.prompts_per_step={self.rollout.prompts_per_step}; rollouts would stop "
-                "before the selector had one step's groups")
+                "before the selector had one step's groups"
+            )
         if self.service.mode == "sync" and self.rollout.num_actors > self.rollout.prompts_per_step:
             raise ValueError(
                 f"rollout.num_actors: {self.rollout.num_actors} exceeds prompts_per_step="
-                f"{self.rollout.prompts_per_step}; in mode sync every actor needs a share of a step")
+                f"{self.rollout.prompts_per_step}; in mode sync every actor needs a share of a step"
+            )
         return self
 
     def control_token(self) -> str | None:
@@ -221,33 +234,45 @@ class RunConfig(_Section):
     def selector_settings(self, limits: ModelLimits | None = None) -> SelectorSettings:
         """``limits``: the policy's vocabulary and context, to refuse groups outside them."""
         return SelectorSettings(
-            preset=self.algorithm.build_preset(), total_steps=self.train.total_steps,
+            preset=self.algorithm.build_preset(),
+            total_steps=self.train.total_steps,
             prompts_per_step=self.rollout.prompts_per_step,
-            samples_per_prompt=self.rollout.samples_per_prompt, seed=self.train.seed,
-            max_staleness=self.service.max_staleness, max_batch_backlog=self.service.max_batch_backlog,
-            wait_timeout_s=self.service.wait_timeout_s, adv_eps=self.algorithm.adv_eps,
+            samples_per_prompt=self.rollout.samples_per_prompt,
+            seed=self.train.seed,
+            max_staleness=self.service.max_staleness,
+            max_batch_backlog=self.service.max_batch_backlog,
+            wait_timeout_s=self.service.wait_timeout_s,
+            adv_eps=self.algorithm.adv_eps,
             max_abs_reward=self.service.max_abs_reward,
             vocab_size=limits.vocab_size if limits else None,
             max_positions=limits.max_positions if limits else None,
-        )  # fmt: skip
+        )
 
     def learner_settings(self, run_dir: Path | None = None) -> LearnerServiceSettings:
         preset = self.algorithm.build_preset()
         return LearnerServiceSettings(
-            preset=preset, total_steps=self.train.total_steps, seed=self.train.seed,
-            checkpoint_every=self.train.checkpoint_every, eval_every=self.train.eval_every,
-            wait_timeout_s=self.service.wait_timeout_s, run_dir=Path(run_dir or self.train.run_dir),
+            preset=preset,
+            total_steps=self.train.total_steps,
+            seed=self.train.seed,
+            checkpoint_every=self.train.checkpoint_every,
+            eval_every=self.train.eval_every,
+            wait_timeout_s=self.service.wait_timeout_s,
+            run_dir=Path(run_dir or self.train.run_dir),
             title=f"{self.name} ({preset.name}, {self.service.mode})",
-        )  # fmt: skip
+        )
 
     def rollout_settings(self) -> RolloutSettings:
         return RolloutSettings(
             prompts_per_step=self.rollout.prompts_per_step,
-            samples_per_prompt=self.rollout.samples_per_prompt, num_actors=self.rollout.num_actors,
-            total_steps=self.train.total_steps, seed=self.train.seed,
-            lock_step=self.service.mode == "sync", max_group_backlog=self.service.max_group_backlog,
-            wait_timeout_s=self.service.wait_timeout_s, max_staleness=self.service.max_staleness,
-        )  # fmt: skip
+            samples_per_prompt=self.rollout.samples_per_prompt,
+            num_actors=self.rollout.num_actors,
+            total_steps=self.train.total_steps,
+            seed=self.train.seed,
+            lock_step=self.service.mode == "sync",
+            max_group_backlog=self.service.max_group_backlog,
+            wait_timeout_s=self.service.wait_timeout_s,
+            max_staleness=self.service.max_staleness,
+        )
 
     def redacted(self) -> dict[str, Any]:
         """The config as JSON-ready data, for the API, the run directory and W&B, with no
@@ -286,7 +311,9 @@ def parse_config(data: dict[str, Any], overrides: list[str] | None = None) -> Ru
     data = dict(data or {})
     for item in overrides or []:
         if "=" not in item:
-            raise ConfigError(f"invalid override {item!r}: expected key=value, e.g. train.total_steps=50")
+            raise ConfigError(
+                f"invalid override {item!r}: expected key=value, e.g. train.total_steps=50"
+            )
         key, raw = item.split("=", 1)
         _set_dotted(data, key.strip(), yaml.safe_load(raw))
     try:

@@ -46,7 +46,9 @@ log = logging.getLogger(__name__)
 # ServiceError is defined beside the supervisor (which raises most of them) and re-exported here.
 
 
-def run_service(cfg: RunConfig, run_dir: Path | None = None, verbose: bool = False) -> dict[str, Any]:
+def run_service(
+    cfg: RunConfig, run_dir: Path | None = None, verbose: bool = False
+) -> dict[str, Any]:
     """Run the asynchronous (or lock-step) service to completion; returns a summary.
 
     ``verbose``: the actors' output (Ray, Serve, DeepSpeed, transformers) is forwarded to this
@@ -102,22 +104,41 @@ def _run_service(cfg: RunConfig, run_dir: Path, verbose: bool = False) -> dict[s
                 policy_path = str(prepare_policy(cfg, progress))
             if not ray.is_initialized():
                 # A local Ray listens on loopback only; a cluster's listeners are its own.
-                with loopback_ray() if svc.ray_address is None else contextlib.nullcontext({}) as local:
-                    ray.init(address=svc.ray_address, namespace=RAY_NAMESPACE,
-                             include_dashboard=False, log_to_driver=verbose,
-                             logging_level=logging.WARNING, **local)  # fmt: skip
+                with (
+                    loopback_ray()
+                    if svc.ray_address is None
+                    else contextlib.nullcontext({}) as local
+                ):
+                    ray.init(
+                        address=svc.ray_address,
+                        namespace=RAY_NAMESPACE,
+                        include_dashboard=False,
+                        log_to_driver=verbose,
+                        logging_level=logging.WARNING,
+                        **local,
+                    )
                 stack.callback(ray.shutdown)
                 _sigterm_as_interrupt()  # ray.init installs its own SIGTERM handler; ours first
             link_ray_logs(run_dir / "logs")
-            log.info("run %s (%s, preset %s): %d prompts x %d samples per step, %d steps, %d "
-                     "rollout actors, max_staleness %d; Redis %s, run dir %s", cfg.name, svc.mode,
-                     cfg.algorithm.preset, cfg.rollout.prompts_per_step,
-                     cfg.rollout.samples_per_prompt, cfg.train.total_steps,
-                     cfg.rollout.num_actors, svc.max_staleness, mask_url(redis_url), run_dir)  # fmt: skip
+            log.info(
+                "run %s (%s, preset %s): %d prompts x %d samples per step, %d steps, %d "
+                "rollout actors, max_staleness %d; Redis %s, run dir %s",
+                cfg.name,
+                svc.mode,
+                cfg.algorithm.preset,
+                cfg.rollout.prompts_per_step,
+                cfg.rollout.samples_per_prompt,
+                cfg.train.total_steps,
+                cfg.rollout.num_actors,
+                svc.max_staleness,
+                mask_url(redis_url),
+                run_dir,
+            )
             api_url = None
             if cfg.api.enabled:
-                api_url = start_api(redis_url, svc.namespace, cfg.api.host, cfg.api.port,
-                                    cfg.control_token())  # fmt: skip
+                api_url = start_api(
+                    redis_url, svc.namespace, cfg.api.host, cfg.api.port, cfg.control_token()
+                )
                 stack.callback(_best_effort, "stopping the API", stop_api)
                 log.info("HTTP API and dashboard at %s/", api_url)
             # A store left by an earlier run in this Ray would hand out that run's weights.
@@ -127,20 +148,42 @@ def _run_service(cfg: RunConfig, run_dir: Path, verbose: bool = False) -> dict[s
             stack.callback(_kill_all, actors)
             # A rendezvous left by an earlier session would send the engines to a dead learner.
             transport.client.delete(rendezvous_key(svc.namespace))
-            plan = plan_placement(cfg.learner.world_size, _learner_gpu(cfg), cfg.rollout.num_gpus,
-                                  ray.cluster_resources())  # fmt: skip
+            plan = plan_placement(
+                cfg.learner.world_size,
+                _learner_gpu(cfg),
+                cfg.rollout.num_gpus,
+                ray.cluster_resources(),
+            )
             learner_group = learner_placement_group(plan, svc.wait_timeout_s)
-            stack.callback(_best_effort, "removing the learner's placement group", remove_group,
-                           learner_group)  # fmt: skip
-            actors.update(_start_hosts(cfg, redis_url, run_dir, policy_path, capture_output=not verbose,
-                                       plan=plan, learner_group=learner_group))  # fmt: skip
+            stack.callback(
+                _best_effort, "removing the learner's placement group", remove_group, learner_group
+            )
+            actors.update(
+                _start_hosts(
+                    cfg,
+                    redis_url,
+                    run_dir,
+                    policy_path,
+                    capture_output=not verbose,
+                    plan=plan,
+                    learner_group=learner_group,
+                )
+            )
             hosts = {name: a for name, a in actors.items() if name != "weight store"}
             log.info("starting %s; logs in %s", ", ".join(hosts), run_dir / "logs")
             _prepare_all(hosts, svc.wait_timeout_s)
 
             def respawn(name: str) -> Any:  # a dead component's replacement, placed the same way
-                actors[name] = _start_hosts(cfg, redis_url, run_dir, policy_path, not verbose,
-                                            plan=plan, learner_group=learner_group, only=name)[name]  # fmt: skip
+                actors[name] = _start_hosts(
+                    cfg,
+                    redis_url,
+                    run_dir,
+                    policy_path,
+                    not verbose,
+                    plan=plan,
+                    learner_group=learner_group,
+                    only=name,
+                )[name]
                 return actors[name]
 
             watch = RedisWatch(redis_url, embedded, svc.redis_outage_s)
@@ -150,23 +193,37 @@ def _run_service(cfg: RunConfig, run_dir: Path, verbose: bool = False) -> dict[s
         except BaseException as exc:
             reason = "interrupted (Ctrl-C)" if isinstance(exc, KeyboardInterrupt) else f"{exc}"
             if not isinstance(exc, RedisLost):  # nobody to tell: Redis is gone
-                _best_effort("requesting stop", transport.control.request_stop,
-                             f"orchestrator: {reason}")  # fmt: skip
+                _best_effort(
+                    "requesting stop", transport.control.request_stop, f"orchestrator: {reason}"
+                )
             raise
         counters = transport.state.stats()
     learner = results["learner"]
     return {
-        "mode": svc.mode, "steps": learner.get("steps"),
+        "mode": svc.mode,
+        "steps": learner.get("steps"),
         "final_heldout_accuracy": learner.get("final_heldout_accuracy"),
-        "wall_seconds": time.perf_counter() - t_start, "run_dir": str(run_dir),
-        "redis_url": mask_url(redis_url) if embedded is None else None, "api_url": api_url,
-        "counters": counters, "components": results, "supervision": supervisor.summary(),
-    }  # fmt: skip
+        "wall_seconds": time.perf_counter() - t_start,
+        "run_dir": str(run_dir),
+        "redis_url": mask_url(redis_url) if embedded is None else None,
+        "api_url": api_url,
+        "counters": counters,
+        "components": results,
+        "supervision": supervisor.summary(),
+    }
 
 
-def _start_hosts(cfg: RunConfig, redis_url: str, run_dir: Path, policy_path: str,
-                 capture_output: bool = True, *, plan: PlacementPlan,
-                 learner_group: Any, only: str | None = None) -> dict[str, Any]:  # fmt: skip
+def _start_hosts(
+    cfg: RunConfig,
+    redis_url: str,
+    run_dir: Path,
+    policy_path: str,
+    capture_output: bool = True,
+    *,
+    plan: PlacementPlan,
+    learner_group: Any,
+    only: str | None = None,
+) -> dict[str, Any]:
     """One Ray actor per component, placed by ``plan`` (:mod:`services.run.placement`): the
     learner in bundle 0 of ``learner_group``, rollout actors with ``rollout.num_gpus``, the
     selector on CPU; role resources where the cluster defines them."""
@@ -175,16 +232,22 @@ def _start_hosts(cfg: RunConfig, redis_url: str, run_dir: Path, policy_path: str
     from services.weightsync.object_store import RAY_NAMESPACE
 
     host_cls = ray.remote(num_cpus=0, max_restarts=0)(ComponentHost)
-    specs = [("learner", 0), ("selector", 0)] + [("rollout", i) for i in range(cfg.rollout.num_actors)]
+    specs = [("learner", 0), ("selector", 0)] + [
+        ("rollout", i) for i in range(cfg.rollout.num_actors)
+    ]
     hosts = {}
     for kind, index in specs:
         name = component_name(kind, index)
         if only is not None and name != only:  # ``only``: re-create that one (the supervisor)
             continue
-        opts: dict[str, Any] = {"name": f"{cfg.service.namespace}-{name}", "namespace": RAY_NAMESPACE}
+        opts: dict[str, Any] = {
+            "name": f"{cfg.service.namespace}-{name}",
+            "namespace": RAY_NAMESPACE,
+        }
         opts.update(host_options(kind, plan, learner_group))
-        hosts[name] = host_cls.options(**opts).remote(kind, cfg, redis_url, str(run_dir), index,
-                                                      policy_path, capture_output)  # fmt: skip
+        hosts[name] = host_cls.options(**opts).remote(
+            kind, cfg, redis_url, str(run_dir), index, policy_path, capture_output
+        )
     return hosts
 
 
@@ -215,9 +278,11 @@ def _progress_row(t: Transport) -> tuple[int, dict[str, float], float | None, st
     stats = t.state.stats()
     depth = t.backlogs()
     # Short: the bar shares one terminal line with reward, accuracy and kept fractions.
-    extra = (f"v{int(row.get('learner_version', 0))} | queue {depth['groups']}g "
-             f"{depth['batches']}b | stale {stats.get('groups_stale', 0)} "
-             f"skip {stats.get('batches_skipped', 0)}")  # fmt: skip
+    extra = (
+        f"v{int(row.get('learner_version', 0))} | queue {depth['groups']}g "
+        f"{depth['batches']}b | stale {stats.get('groups_stale', 0)} "
+        f"skip {stats.get('batches_skipped', 0)}"
+    )
     return int(row.get("learner_version", 0)), row, row.get("heldout_accuracy"), extra
 
 

@@ -67,26 +67,33 @@ class PlacementPlan:
     def learner_rank_options(self, rank: int) -> dict[str, Any]:
         """Actor options matching bundle ``rank`` (an actor in a bundle asks for at most it)."""
         bundle = dict(self.learner_bundles[rank])
-        opts: dict[str, Any] = {"num_cpus": bundle.pop("CPU", 0.0),
-                                "num_gpus": bundle.pop("GPU", 0.0)}  # fmt: skip
+        opts: dict[str, Any] = {
+            "num_cpus": bundle.pop("CPU", 0.0),
+            "num_gpus": bundle.pop("GPU", 0.0),
+        }
         if bundle:
             opts["resources"] = bundle
         return opts
 
 
-def plan_placement(world_size: int, learner_gpu: bool, rollout_gpus: float,
-                   cluster: Mapping[str, float]) -> PlacementPlan:  # fmt: skip
+def plan_placement(
+    world_size: int, learner_gpu: bool, rollout_gpus: float, cluster: Mapping[str, float]
+) -> PlacementPlan:
     """The plan for a learner of ``world_size`` ranks (one GPU each when ``learner_gpu``), rollout
     actors of ``rollout_gpus`` GPUs each, on a cluster with ``cluster`` resources in total.
 
     Raises ValueError naming the config field when the cluster cannot hold the learner's ranks
     or one rollout actor (a placement group would otherwise wait forever)."""
     if learner_gpu and cluster.get("GPU", 0.0) < world_size:
-        raise ValueError(f"learner.world_size: {world_size} ranks need {world_size} GPUs; the "
-                         f"Ray cluster has {cluster.get('GPU', 0.0):g}")  # fmt: skip
+        raise ValueError(
+            f"learner.world_size: {world_size} ranks need {world_size} GPUs; the "
+            f"Ray cluster has {cluster.get('GPU', 0.0):g}"
+        )
     if rollout_gpus > cluster.get("GPU", 0.0):
-        raise ValueError(f"rollout.num_gpus: {rollout_gpus:g} per actor; the Ray cluster has "
-                         f"{cluster.get('GPU', 0.0):g} GPUs")  # fmt: skip
+        raise ValueError(
+            f"rollout.num_gpus: {rollout_gpus:g} per actor; the Ray cluster has "
+            f"{cluster.get('GPU', 0.0):g} GPUs"
+        )
     base = {"GPU": 1.0} if learner_gpu else {"CPU": CPU_TOKEN}
     bundles = [{**base, **role_resources("learner", cluster)} for _ in range(world_size)]
     rollout: dict[str, Any] = {"num_cpus": 0, "num_gpus": rollout_gpus}
@@ -108,10 +115,12 @@ def learner_placement_group(plan: PlacementPlan, timeout_s: float) -> Any:
     ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
     if not ready:
         remove_placement_group(pg)
-        raise TimeoutError(f"the learner's {len(plan.learner_bundles)} bundles "
-                           f"{plan.learner_bundles} could not be placed in {timeout_s:.0f}s; "
-                           "check learner.world_size and the cluster's GPUs and d3s_learner "
-                           "resources")  # fmt: skip
+        raise TimeoutError(
+            f"the learner's {len(plan.learner_bundles)} bundles "
+            f"{plan.learner_bundles} could not be placed in {timeout_s:.0f}s; "
+            "check learner.world_size and the cluster's GPUs and d3s_learner "
+            "resources"
+        )
     return pg
 
 
@@ -127,8 +136,12 @@ def host_options(kind: str, plan: PlacementPlan, pg: Any) -> dict[str, Any]:
     if kind == "learner":
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        return {**plan.learner_rank_options(0),
-                "scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)}  # fmt: skip
+        return {
+            **plan.learner_rank_options(0),
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                pg, placement_group_bundle_index=0
+            ),
+        }
     return dict(plan.rollout if kind == "rollout" else plan.selector)
 
 
@@ -158,8 +171,17 @@ class RayFollower:
     """A follower rank in a Ray actor in bundle ``rank`` of this actor's placement group; the
     ``join``/``is_alive``/``kill`` of a process, for :func:`learner.multirank.stop_ranks`."""
 
-    def __init__(self, rank: int, world: int, master_addr: str, port: int, learner_cfg: Any,
-                 total_steps: int, policy_path: str, log_dir: str | None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        rank: int,
+        world: int,
+        master_addr: str,
+        port: int,
+        learner_cfg: Any,
+        total_steps: int,
+        policy_path: str,
+        log_dir: str | None,
+    ) -> None:
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -167,17 +189,28 @@ class RayFollower:
 
         pg = ray.util.get_current_placement_group()
         bundle = pg.bundle_specs[rank]
-        opts: dict[str, Any] = {"num_cpus": bundle.get("CPU", 0.0), "num_gpus": bundle.get("GPU", 0.0)}
-        extra = {k: v for k, v in bundle.items() if k not in ("CPU", "GPU", "memory")
-                 and not k.startswith("bundle_group")}  # fmt: skip
+        opts: dict[str, Any] = {
+            "num_cpus": bundle.get("CPU", 0.0),
+            "num_gpus": bundle.get("GPU", 0.0),
+        }
+        extra = {
+            k: v
+            for k, v in bundle.items()
+            if k not in ("CPU", "GPU", "memory") and not k.startswith("bundle_group")
+        }
         if extra:
             opts["resources"] = extra
         cls = ray.remote(max_restarts=0)(FollowerRank)
         self.rank = rank
-        self.actor = cls.options(**opts, scheduling_strategy=PlacementGroupSchedulingStrategy(
-            pg, placement_group_bundle_index=rank)).remote(log_dir)  # fmt: skip
-        self.ref = self.actor.run.remote(rank, world, master_addr, port, learner_cfg, total_steps,
-                                         policy_path)  # fmt: skip
+        self.actor = cls.options(
+            **opts,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                pg, placement_group_bundle_index=rank
+            ),
+        ).remote(log_dir)
+        self.ref = self.actor.run.remote(
+            rank, world, master_addr, port, learner_cfg, total_steps, policy_path
+        )
         self.pid: Any = f"ray actor (bundle {rank})"
 
     def join(self, timeout: float | None = None) -> None:
@@ -197,14 +230,28 @@ class RayFollower:
         ray.kill(self.actor, no_restart=True)
 
 
-def start_followers(world: int, port: int, learner_cfg: Any, total_steps: int, policy_path: str,
-                    log_dir: str | None = None) -> tuple[str, list[RayFollower]]:  # fmt: skip
+def start_followers(
+    world: int,
+    port: int,
+    learner_cfg: Any,
+    total_steps: int,
+    policy_path: str,
+    log_dir: str | None = None,
+) -> tuple[str, list[RayFollower]]:
     """From the learner's host (rank 0, bundle 0): ranks 1..world-1 as Ray actors in the other
     bundles; returns ``(MASTER_ADDR, followers)`` with this node's address as MASTER_ADDR."""
     master = node_address()
     t0 = time.perf_counter()
-    followers = [RayFollower(r, world, master, port, learner_cfg, total_steps, policy_path, log_dir)
-                 for r in range(1, world)]  # fmt: skip
-    log.info("learner: followers 1..%d started as Ray actors in %.1fs; MASTER_ADDR %s:%d (pid %d)",
-             world - 1, time.perf_counter() - t0, master, port, os.getpid())  # fmt: skip
+    followers = [
+        RayFollower(r, world, master, port, learner_cfg, total_steps, policy_path, log_dir)
+        for r in range(1, world)
+    ]
+    log.info(
+        "learner: followers 1..%d started as Ray actors in %.1fs; MASTER_ADDR %s:%d (pid %d)",
+        world - 1,
+        time.perf_counter() - t0,
+        master,
+        port,
+        os.getpid(),
+    )
     return master, followers

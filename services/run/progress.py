@@ -165,11 +165,14 @@ class StepProgress:
         self._p: Progress | None = None
         if self.console.is_terminal:
             self._p = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(bar_width=16),
-                MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                TextColumn("[bold]{task.description}"),
+                BarColumn(bar_width=16),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
                 TextColumn("{task.fields[info]}", markup=False, table_column=Column(no_wrap=True)),
                 console=self.console,
-            )  # fmt: skip
+            )
             # What the columns before the text take: description, bar 16, "N/N", two times (7
             # each), and the spaces between.
             self._fixed = len(description) + 16 + 2 * len(str(total)) + 1 + 7 + 7 + 5
@@ -232,9 +235,14 @@ def warmstart_progress(
         if "bar" not in state:
             bar = Progress(
                 TextColumn("[bold]warm start[/] (once; cached for later runs)"),
-                BarColumn(bar_width=24), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-                TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
-            )  # fmt: skip
+                BarColumn(bar_width=24),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=console,
+                transient=True,
+            )
             state["bar"], state["task"] = bar, bar.add_task("warm start", total=total, loss="")
             bar.start()
         state["bar"].update(state["task"], completed=step, total=total, loss=f"{loss:.3f}")

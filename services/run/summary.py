@@ -218,8 +218,13 @@ def _heldout_rows(heldout: Mapping[str, Mapping[str, float]]) -> list[tuple[str,
     key = next((k for k in _ACCURACY_KEYS if k in heldout), None)
     if key is not None:
         h = heldout[key]
-        rows.append(("held-out accuracy", f"{h['final']:.3f} at step {h['final_step']:.0f} "
-                                          f"(step {h['first_step']:.0f}: {h['first']:.3f})"))  # fmt: skip
+        rows.append(
+            (
+                "held-out accuracy",
+                f"{h['final']:.3f} at step {h['final_step']:.0f} "
+                f"(step {h['first_step']:.0f}: {h['first']:.3f})",
+            )
+        )
     sampled = [
         f"{k.removeprefix('eval/')} {h['final']:.3f}"
         for k, h in heldout.items()
@@ -247,16 +252,22 @@ def summary_table(summary: Mapping[str, Any], title: str) -> Table:
         t.add_row("reward (last step)", f"{summary['last_reward_mean']:.3f}")
     tok = summary["tokens"]
     if tok["grpo_equivalent"] > 0:
-        t.add_row("tokens kept", f"{_count(tok['kept'])} of ~{_count(tok['grpo_equivalent'])} "
-                  f"GRPO-equivalent ({tok['kept_fraction']:.0%})")  # fmt: skip
+        t.add_row(
+            "tokens kept",
+            f"{_count(tok['kept'])} of ~{_count(tok['grpo_equivalent'])} "
+            f"GRPO-equivalent ({tok['kept_fraction']:.0%})",
+        )
         t.add_row("tokens forward", f"{_count(tok['forward'])} (the learner's gradient pass)")
     s = summary["samples"]
     if s["generated"]:
         t.add_row("samples", f"{_count(s['kept'])} kept of {_count(s['generated'])} generated")
     g = summary.get("groups")
     if g is not None:
-        t.add_row("groups", f"{_count(g['written'])} written, {_count(g['used'])} used, "
-                  f"{_count(g['skipped'])} skipped")  # fmt: skip
+        t.add_row(
+            "groups",
+            f"{_count(g['written'])} written, {_count(g['used'])} used, "
+            f"{_count(g['skipped'])} skipped",
+        )
         t.add_row("stale / dead-lettered", f"{_count(g['stale'])} / {_count(g['dead_lettered'])}")
     else:
         t.add_row("stale / dead-lettered", "0 / 0 (lock-step: nothing is queued)")

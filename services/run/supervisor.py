@@ -41,8 +41,11 @@ log = logging.getLogger(__name__)
 __all__ = ["RedisLost", "RedisWatch", "RestartPolicy", "ServiceError", "Supervisor", "is_death"]
 
 MAX_BACKOFF_S = 60.0
-_REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
-               redis.exceptions.BusyLoadingError)  # fmt: skip
+_REDIS_DOWN = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.BusyLoadingError,
+)
 
 
 class ServiceError(RuntimeError):
@@ -110,8 +113,9 @@ class RedisWatch:
         self.url, self.embedded, self.outage_s = url, embedded, outage_s
         self.restart_every_s = restart_every_s
         # No retries: the watch must see an outage at once, not sit in a client's back-off.
-        self._probe = redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=1.0,
-                                           retry=Retry(NoBackoff(), 0))  # fmt: skip
+        self._probe = redis.Redis.from_url(
+            url, socket_timeout=2.0, socket_connect_timeout=1.0, retry=Retry(NoBackoff(), 0)
+        )
         self.down_since: float | None = None
         self._next_restart = 0.0
         self.outages = 0
@@ -134,8 +138,10 @@ class RedisWatch:
                 try:
                     self.embedded.restart()
                     self.server_restarts += 1
-                    log.warning("restarted the embedded redis-server from its AOF (%s)",
-                                mask_url(self.embedded.url))  # fmt: skip
+                    log.warning(
+                        "restarted the embedded redis-server from its AOF (%s)",
+                        mask_url(self.embedded.url),
+                    )
                 except (RedisStartError, OSError) as exc:
                     log.warning("restarting redis-server failed: %s", str(exc).splitlines()[0])
         try:
@@ -161,8 +167,9 @@ class RedisWatch:
         if self.down_since is None:
             self.down_since = now
             self.outages += 1
-            log.warning("Redis lost (%s); waiting up to %.0fs for it to come back", why,
-                        self.outage_s)  # fmt: skip
+            log.warning(
+                "Redis lost (%s); waiting up to %.0fs for it to come back", why, self.outage_s
+            )
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -216,8 +223,12 @@ class Supervisor:
 
         self._pending = {self.hosts[name].run.remote(): name for name in self.hosts}
         results: dict[str, Any] = {}
-        bar = StepProgress(self.cfg.train.total_steps, 0, enabled=self.cfg.train.progress_bar,
-                           description=f"{self.cfg.name} ({self.cfg.service.mode})")  # fmt: skip
+        bar = StepProgress(
+            self.cfg.train.total_steps,
+            0,
+            enabled=self.cfg.train.progress_bar,
+            description=f"{self.cfg.name} ({self.cfg.service.mode})",
+        )
         try:
             while "learner" not in results:
                 redis_up = self.redis.check() if self.redis is not None else True
@@ -243,11 +254,16 @@ class Supervisor:
     def summary(self) -> dict[str, Any]:
         """Restarts per component, the time from each death to its replacement's start, and
         Redis outages (count, server restarts, time to come back)."""
-        out: dict[str, Any] = {"restarts": dict(self.restarts.counts),
-                               "restart_seconds": [round(s, 2) for s in self.restarts.recovery_s]}  # fmt: skip
+        out: dict[str, Any] = {
+            "restarts": dict(self.restarts.counts),
+            "restart_seconds": [round(s, 2) for s in self.restarts.recovery_s],
+        }
         if self.redis is not None:
-            out.update(redis_outages=self.redis.outages, redis_restarts=self.redis.server_restarts,
-                       redis_recovery_seconds=[round(s, 2) for s in self.redis.recovery_s])  # fmt: skip
+            out.update(
+                redis_outages=self.redis.outages,
+                redis_restarts=self.redis.server_restarts,
+                redis_recovery_seconds=[round(s, 2) for s in self.redis.recovery_s],
+            )
         return out
 
     # ---- deaths and restarts -------------------------------------------------------------------
@@ -278,8 +294,14 @@ class Supervisor:
         delay = self.policy.delay(done)
         now = time.monotonic()
         self.restarts.due[name] = (now + delay, now)
-        log.warning("%s died (%s); restart %d of %d in %.1fs", name, _cause(exc), done + 1,
-                    self.policy.max_restarts, delay)  # fmt: skip
+        log.warning(
+            "%s died (%s); restart %d of %d in %.1fs",
+            name,
+            _cause(exc),
+            done + 1,
+            self.policy.max_restarts,
+            delay,
+        )
 
     def _restart_due(self) -> None:
         import ray
@@ -304,8 +326,12 @@ class Supervisor:
             self._pending[handle.run.remote()] = name
             self.restarts.counts[name] = self.restarts.counts.get(name, 0) + 1
             self.restarts.recovery_s.append(now - died_at)
-            log.warning("%s restarted (%d of %d)", name, self.restarts.counts[name],
-                        self.policy.max_restarts)  # fmt: skip
+            log.warning(
+                "%s restarted (%d of %d)",
+                name,
+                self.restarts.counts[name],
+                self.policy.max_restarts,
+            )
 
     # ---- the end -------------------------------------------------------------------------------
 

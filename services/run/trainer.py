@@ -32,8 +32,13 @@ from services.weightsync.checksum import state_checksum, verify_sync
 
 log = logging.getLogger(__name__)
 
-_TOTALS = ("learner_tokens_total", "learner_seconds_total", "learner_forward_tokens_total",
-           "skipped_batches", "samples_total")  # fmt: skip
+_TOTALS = (
+    "learner_tokens_total",
+    "learner_seconds_total",
+    "learner_forward_tokens_total",
+    "skipped_batches",
+    "samples_total",
+)
 
 
 class SyncTrainer:
@@ -48,15 +53,18 @@ class SyncTrainer:
         if self.cfg.learner.world_size > 1 and not torch.distributed.is_initialized():
             from learner.launch import spawn_local
 
-            return spawn_local(self.cfg.learner.world_size, _rank_main, self.cfg,
-                               str(self.run_dir), stop_at)[0]  # fmt: skip
+            return spawn_local(
+                self.cfg.learner.world_size, _rank_main, self.cfg, str(self.run_dir), stop_at
+            )[0]
         return self._run(stop_at)
 
     def _run(self, stop_at: int | None = None) -> dict[str, Any]:
         cfg = self.cfg
         total = cfg.train.total_steps
         torch.manual_seed(cfg.train.seed)
-        with warmstart_progress(enabled=cfg.train.progress_bar and distributed.rank() == 0) as progress:
+        with warmstart_progress(
+            enabled=cfg.train.progress_bar and distributed.rank() == 0
+        ) as progress:
             policy_path = prepare_policy(cfg, progress)
             model, tokenizer = load_policy(policy_path)
         rollout_model = copy.deepcopy(model)
@@ -75,14 +83,26 @@ class SyncTrainer:
         reporter = None
         if lead:
             evaluate = build_evaluator(cfg, tokenizer)
-            reporter = RunReporter(self.run_dir, total, cfg.train.eval_every,
-                                   lambda: evaluate(rollout_model), resume_step=start,
-                                   **cfg.logger_kwargs())  # fmt: skip
-            log.info("run %s: preset=%s, %d prompts x %d samples per step (%d samples), steps "
-                     "%d..%d, run dir %s", cfg.name, self.preset.name, cfg.rollout.prompts_per_step,
-                     cfg.rollout.samples_per_prompt,
-                     cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt, start, total,
-                     self.run_dir)  # fmt: skip
+            reporter = RunReporter(
+                self.run_dir,
+                total,
+                cfg.train.eval_every,
+                lambda: evaluate(rollout_model),
+                resume_step=start,
+                **cfg.logger_kwargs(),
+            )
+            log.info(
+                "run %s: preset=%s, %d prompts x %d samples per step (%d samples), steps "
+                "%d..%d, run dir %s",
+                cfg.name,
+                self.preset.name,
+                cfg.rollout.prompts_per_step,
+                cfg.rollout.samples_per_prompt,
+                cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt,
+                start,
+                total,
+                self.run_dir,
+            )
             if start == 0:
                 reporter.record(0, dict(totals))
         bar = StepProgress(total, start, enabled=lead and cfg.train.progress_bar)
@@ -97,44 +117,75 @@ class SyncTrainer:
                     reporter.record(step + 1, row)
                     bar.update(step + 1, row, reporter.last_eval.get("heldout_accuracy"))
                 if (step + 1) % cfg.train.checkpoint_every == 0 or step + 1 == end:
-                    learner.save_checkpoint(ckpt_dir, step + 1,
-                                            {"totals": totals, "preset": self.preset.name})  # fmt: skip
+                    learner.save_checkpoint(
+                        ckpt_dir, step + 1, {"totals": totals, "preset": self.preset.name}
+                    )
         finally:
             bar.close()
             if reporter is not None:
                 reporter.close()
         last_eval = reporter.last_eval if reporter is not None else {}
-        summary = {"final_heldout_accuracy": last_eval.get("heldout_accuracy"), **last_eval,
-                   "steps": total, "wall_seconds": time.perf_counter() - t_run, **totals}  # fmt: skip
+        summary = {
+            "final_heldout_accuracy": last_eval.get("heldout_accuracy"),
+            **last_eval,
+            "steps": total,
+            "wall_seconds": time.perf_counter() - t_run,
+            **totals,
+        }
         if reporter is not None:
             save_policy(rollout_model, tokenizer, self.run_dir / "final_policy")
             png = reporter.finish(f"{cfg.name} ({self.preset.name})")
-            log.info("done: held-out %s, %d learner tokens, %.1f learner s; curve %s", last_eval,
-                     totals["learner_tokens_total"], totals["learner_seconds_total"], png)  # fmt: skip
+            log.info(
+                "done: held-out %s, %d learner tokens, %.1f learner s; curve %s",
+                last_eval,
+                totals["learner_tokens_total"],
+                totals["learner_seconds_total"],
+                png,
+            )
         return summary
 
-    def _step(self, step: int, learner: LearnerEngine, worker: RolloutWorker,
-              totals: dict[str, float]) -> dict[str, float]:  # fmt: skip
+    def _step(
+        self, step: int, learner: LearnerEngine, worker: RolloutWorker, totals: dict[str, float]
+    ) -> dict[str, float]:
         cfg = self.cfg
         t0 = time.perf_counter()
         seed = step_seed(cfg.train.seed, step)
         payload = None
         if learner.rank == 0:
             groups, gen_s = worker.produce(cfg.rollout.prompts_per_step, seed)
-            res = curate(groups, self.preset, step, cfg.train.total_steps, cfg.algorithm.adv_eps,
-                         torch.Generator().manual_seed(seed))  # fmt: skip
+            res = curate(
+                groups,
+                self.preset,
+                step,
+                cfg.train.total_steps,
+                cfg.algorithm.adv_eps,
+                torch.Generator().manual_seed(seed),
+            )
             payload = (res.rows, res.stats, res.token_ratio, gen_s)
         rows, stats, token_ratio, gen_s = distributed.broadcast_object(payload)
-        row: dict[str, float] = {**stats, "gen_seconds": gen_s, "policy_version": float(worker.version)}
+        row: dict[str, float] = {
+            **stats,
+            "gen_seconds": gen_s,
+            "policy_version": float(worker.version),
+        }
         if rows is None:
             totals["skipped_batches"] += 1
-            log.info("step %d: every kept advantage is zero; batch skipped (%d so far)", step,
-                     totals["skipped_batches"])  # fmt: skip
+            log.info(
+                "step %d: every kept advantage is zero; batch skipped (%d so far)",
+                step,
+                totals["skipped_batches"],
+            )
         else:
-            batch = LearnerBatch.from_arrays(rows.input_ids, rows.prompt_lengths, rows.seq_lengths,
-                                             rows.behav_logp, rows.advantages)  # fmt: skip
-            m = learner.train_step(batch, self.preset, token_ratio,
-                                   torch.Generator().manual_seed(seed + 1))  # fmt: skip
+            batch = LearnerBatch.from_arrays(
+                rows.input_ids,
+                rows.prompt_lengths,
+                rows.seq_lengths,
+                rows.behav_logp,
+                rows.advantages,
+            )
+            m = learner.train_step(
+                batch, self.preset, token_ratio, torch.Generator().manual_seed(seed + 1)
+            )
             totals["learner_tokens_total"] += m["tokens_kept"]
             totals["learner_forward_tokens_total"] += m["tokens_forward"]
             totals["learner_seconds_total"] += m["learner_seconds"]

@@ -70,8 +70,10 @@ class ArithmeticTask:
             n: Number of prompts.
             rng: A numpy Generator (advanced in place), or a seed; ``None`` uses ``self.seed``.
         """
-        rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(
-            self.seed if rng is None else rng
+        rng = (
+            rng
+            if isinstance(rng, np.random.Generator)
+            else np.random.default_rng(self.seed if rng is None else rng)
         )
         out: list[Prompt] = []
         while len(out) < n:
@@ -80,7 +82,9 @@ class ArithmeticTask:
             a = rng.integers(0, self.base, size=m + m // 8 + 8)
             b = rng.integers(0, self.base, size=a.shape[0])
             keep = ~self.is_heldout(a, b)
-            out.extend(self.make_prompt(int(x), int(y)) for x, y in zip(a[keep], b[keep], strict=True))
+            out.extend(
+                self.make_prompt(int(x), int(y)) for x, y in zip(a[keep], b[keep], strict=True)
+            )
         return out[:n]
 
     def heldout(self, n: int = 500) -> list[Prompt]:

@@ -59,7 +59,9 @@ def _field(obj: dict, keys: tuple[str, ...], where: str) -> str:
         if k in obj:
             value = obj[k]
             if not isinstance(value, str):
-                raise ValueError(f"{where}: field {k!r} must be a string, got {type(value).__name__}")
+                raise ValueError(
+                    f"{where}: field {k!r} must be a string, got {type(value).__name__}"
+                )
             return value
     raise ValueError(f"{where}: missing field {' or '.join(repr(k) for k in keys)}")
 

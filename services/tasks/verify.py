@@ -207,7 +207,9 @@ class SafeVerifier:
             n = self.errors
         # First few at WARNING so a broken verifier is visible; the rest at DEBUG.
         level = logging.WARNING if n <= 5 else logging.DEBUG
-        logger.log(level, "verifier %s failed (%s) on response %.80r", _name(self.fn), reason, response)
+        logger.log(
+            level, "verifier %s failed (%s) on response %.80r", _name(self.fn), reason, response
+        )
         return 0.0
 
     def __call__(self, response: str, answer: str) -> float:

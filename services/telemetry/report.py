@@ -15,8 +15,11 @@ import numpy as np
 
 from services.telemetry.run_log import read_metrics
 
-X_AXES = (("step", "step"), ("learner_tokens_total", "learner tokens"),
-          ("learner_seconds_total", "learner seconds"))  # fmt: skip
+X_AXES = (
+    ("step", "step"),
+    ("learner_tokens_total", "learner tokens"),
+    ("learner_seconds_total", "learner seconds"),
+)
 FIGURES = ("heldout.png", "schedule.png", "kept.png", "var_adv.png", "grad_norm.png")
 
 
@@ -99,8 +102,12 @@ def plot_heldout(runs: Sequence[RunSeries], path: Path) -> Path:
     return _save(fig, path)
 
 
-def _per_step(runs: Sequence[RunSeries], panels: list[tuple[str, list[tuple[str, str]]]],
-              path: Path, title: str) -> Path:  # fmt: skip
+def _per_step(
+    runs: Sequence[RunSeries],
+    panels: list[tuple[str, list[tuple[str, str]]]],
+    path: Path,
+    title: str,
+) -> Path:
     """Panels of per-step series: (y label, [(key, line style)])."""
     plt = _plt()
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.2), squeeze=False)
@@ -109,8 +116,14 @@ def _per_step(runs: Sequence[RunSeries], panels: list[tuple[str, list[tuple[str,
             for key, style in lines:
                 xs, ys = run.series(key)
                 if xs.size:
-                    ax.plot(xs, ys, style, color=f"C{i % 10}", linewidth=1.2,
-                            label=f"{run.label} {key}" if len(lines) > 1 else run.label)  # fmt: skip
+                    ax.plot(
+                        xs,
+                        ys,
+                        style,
+                        color=f"C{i % 10}",
+                        linewidth=1.2,
+                        label=f"{run.label} {key}" if len(lines) > 1 else run.label,
+                    )
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
@@ -156,8 +169,9 @@ def plot_grad_norm(runs: Sequence[RunSeries], path: Path) -> Path:
     return _save(fig, path)
 
 
-def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path,
-                 labels: Sequence[str] | None = None) -> list[Path]:  # fmt: skip
+def write_report(
+    run_dirs: Sequence[str | Path], out_dir: str | Path, labels: Sequence[str] | None = None
+) -> list[Path]:
     """Write the figures overlaying ``run_dirs`` into ``out_dir``; returns their paths.
 
     Raises:
@@ -175,14 +189,32 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path,
     out.mkdir(parents=True, exist_ok=True)
     return [
         plot_heldout(runs, out / "heldout.png"),
-        _per_step(runs, [("sample keep ratio rho_s", [("sample_ratio", "-")]),
-                         ("token keep ratio K", [("token_ratio", "-")])],
-                  out / "schedule.png", "the schedule's keep ratios"),
-        _per_step(runs, [("kept fraction of samples", [("kept_sample_fraction", "-")]),
-                         ("kept fraction of response tokens", [("kept_token_fraction", "-")])],
-                  out / "kept.png", "what selection kept"),
-        _per_step(runs, [("Var(A)", [("var_adv_before", "--"), ("var_adv_after", "-")]),
-                         ("||A|| of the kept samples", [("adv_norm_kept", "-")])],
-                  out / "var_adv.png", "advantage variance before (dashed) and after (solid) selection"),
+        _per_step(
+            runs,
+            [
+                ("sample keep ratio rho_s", [("sample_ratio", "-")]),
+                ("token keep ratio K", [("token_ratio", "-")]),
+            ],
+            out / "schedule.png",
+            "the schedule's keep ratios",
+        ),
+        _per_step(
+            runs,
+            [
+                ("kept fraction of samples", [("kept_sample_fraction", "-")]),
+                ("kept fraction of response tokens", [("kept_token_fraction", "-")]),
+            ],
+            out / "kept.png",
+            "what selection kept",
+        ),
+        _per_step(
+            runs,
+            [
+                ("Var(A)", [("var_adv_before", "--"), ("var_adv_after", "-")]),
+                ("||A|| of the kept samples", [("adv_norm_kept", "-")]),
+            ],
+            out / "var_adv.png",
+            "advantage variance before (dashed) and after (solid) selection",
+        ),
         plot_grad_norm(runs, out / "grad_norm.png"),
-    ]  # fmt: skip
+    ]

@@ -55,13 +55,18 @@ class RunReporter:
         if resume_step is not None:
             dropped = truncate_metrics(self.run_dir / "metrics.jsonl", resume_step)
             if dropped:
-                log.info("resuming at step %d: %d metric rows after it will be written again",
-                         resume_step, dropped)  # fmt: skip
+                log.info(
+                    "resuming at step %d: %d metric rows after it will be written again",
+                    resume_step,
+                    dropped,
+                )
         self._logger = RunLogger(self.run_dir, **logger_kwargs)
 
     def due(self, step: int) -> bool:
         """Whether ``step`` carries an evaluation."""
-        return self.evaluate is not None and (step % self.eval_every == 0 or step == self.total_steps)
+        return self.evaluate is not None and (
+            step % self.eval_every == 0 or step == self.total_steps
+        )
 
     def record(self, step: int, row: dict[str, Any]) -> dict[str, Any]:
         """Log the row of ``step`` (evaluated when due); returns the row as written."""
@@ -72,9 +77,12 @@ class RunReporter:
             self.last_eval = self.evaluate()
             row.update(self.last_eval)
             row["eval_seconds"] = time.perf_counter() - t0
-            log.info("step %d held-out %s (%.1fs)", step,
-                     ", ".join(f"{k} {v:.3f}" for k, v in self.last_eval.items()),
-                     row["eval_seconds"])  # fmt: skip
+            log.info(
+                "step %d held-out %s (%.1fs)",
+                step,
+                ", ".join(f"{k} {v:.3f}" for k, v in self.last_eval.items()),
+                row["eval_seconds"],
+            )
         self._logger.log(step, row)
         if self.sink is not None:
             self.sink(step, row)

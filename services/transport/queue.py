@@ -200,9 +200,12 @@ def connect(url: str, socket_timeout_s: float = 10.0, outage_s: float = 0.0) -> 
         # 1 s per retry once the back-off reaches its cap, after 4 shorter ones (1.5 s).
         kwargs["retry"] = Retry(ExponentialBackoff(cap=cap, base=0.05), int(outage_s / cap) + 3)
     return redis.Redis.from_url(
-        url, decode_responses=False, socket_timeout=socket_timeout_s, socket_connect_timeout=5.0,
+        url,
+        decode_responses=False,
+        socket_timeout=socket_timeout_s,
+        socket_connect_timeout=5.0,
         **kwargs,
-    )  # fmt: skip
+    )
 
 
 class StreamQueue:
@@ -340,16 +343,23 @@ class StreamQueue:
         if not entries:
             return entries
         ids = [text(i) for i, _ in entries]
-        rows = self.client.xpending_range(stream, group, min(ids, key=_id_key),
-                                          max(ids, key=_id_key), len(ids) + 100,
-                                          consumername=consumer)  # fmt: skip
+        rows = self.client.xpending_range(
+            stream,
+            group,
+            min(ids, key=_id_key),
+            max(ids, key=_id_key),
+            len(ids) + 100,
+            consumername=consumer,
+        )
         times = {text(r["message_id"]): int(r["times_delivered"]) for r in rows}
         kept = []
         for raw_id, fields in entries:
             delivered = times.get(text(raw_id), 1)
             if delivered > self.max_deliveries:
-                reason = (f"delivered {delivered} times without being committed (limit "
-                          f"{self.max_deliveries}): its consumer probably fails on it")  # fmt: skip
+                reason = (
+                    f"delivered {delivered} times without being committed (limit "
+                    f"{self.max_deliveries}): its consumer probably fails on it"
+                )
                 self._dead_letter(stream, group, consumer, text(raw_id), fields or {}, reason)
             else:
                 kept.append((raw_id, fields))

@@ -35,8 +35,13 @@ class ScoredGroup(WireRecord):
 
     KIND: ClassVar[str] = "group"
     _SCALARS: ClassVar[tuple[str, ...]] = (
-        "group_id", "prompt_id", "policy_version", "created_at", "actor", "task",
-    )  # fmt: skip
+        "group_id",
+        "prompt_id",
+        "policy_version",
+        "created_at",
+        "actor",
+        "task",
+    )
     _ARRAYS: ClassVar[dict[str, tuple[str, int]]] = {
         "prompt": ("i", 1),
         "responses": ("i", 2),
@@ -109,7 +114,6 @@ class ScoredGroup(WireRecord):
         return int(self.responses.shape[0])
 
 
-
 @dataclass(frozen=True, eq=False, repr=False)
 class CuratedBatch(WireRecord):
     """One learner step's samples after sample-level selection, as the selector publishes them.
@@ -124,9 +128,16 @@ class CuratedBatch(WireRecord):
 
     KIND: ClassVar[str] = "batch"
     _SCALARS: ClassVar[tuple[str, ...]] = (
-        "batch_id", "step", "total_steps", "progress", "sample_ratio", "token_ratio", "preset",
-        "group_ids", "stats",
-    )  # fmt: skip
+        "batch_id",
+        "step",
+        "total_steps",
+        "progress",
+        "sample_ratio",
+        "token_ratio",
+        "preset",
+        "group_ids",
+        "stats",
+    )
     _ARRAYS: ClassVar[dict[str, tuple[str, int]]] = {
         "input_ids": ("i", 2),
         "prompt_lengths": ("i", 1),
@@ -160,9 +171,7 @@ class CuratedBatch(WireRecord):
         put(self, "step", check_int("step", self.step, minimum=0))
         put(self, "total_steps", check_int("total_steps", self.total_steps, minimum=1))
         put(self, "progress", check_float("progress", self.progress, low=0.0, high=1.0))
-        put(
-            self, "sample_ratio", check_float("sample_ratio", self.sample_ratio, low=0.0, high=1.0)
-        )
+        put(self, "sample_ratio", check_float("sample_ratio", self.sample_ratio, low=0.0, high=1.0))
         put(self, "token_ratio", check_float("token_ratio", self.token_ratio, low=0.0, high=1.0))
         put(self, "preset", check_str("preset", self.preset, nonempty=True))
         for name, (elem_kind, ndim) in self._ARRAYS.items():
@@ -205,9 +214,7 @@ class CuratedBatch(WireRecord):
                 f"'input_ids' is {(n, width)}"
             )
         check_lengths("prompt_lengths", self.prompt_lengths, width)
-        check_lengths(
-            "seq_lengths", self.seq_lengths, width, self.prompt_lengths, "prompt_lengths"
-        )
+        check_lengths("seq_lengths", self.seq_lengths, width, self.prompt_lengths, "prompt_lengths")
         if (self.policy_versions < 0).any():
             raise SchemaError("'policy_versions' has a negative version")
         valid = np.arange(width)[None, :] < self.seq_lengths[:, None]
@@ -226,7 +233,6 @@ class CuratedBatch(WireRecord):
     def num_samples(self) -> int:
         """N, the number of samples."""
         return int(self.input_ids.shape[0])
-
 
 
 _KINDS: dict[str, type[ScoredGroup] | type[CuratedBatch]] = {

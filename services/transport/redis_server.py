@@ -173,8 +173,10 @@ class EmbeddedRedis:
         maxmemory_mb: int = 1024,
     ) -> None:
         if password == "" and not is_loopback(host):
-            raise ValueError(f"host: {host} is not loopback; an embedded Redis reachable from "
-                             "other machines needs a password (password must not be empty)")  # fmt: skip
+            raise ValueError(
+                f"host: {host} is not loopback; an embedded Redis reachable from "
+                "other machines needs a password (password must not be empty)"
+            )
         if password and any(c in password for c in '"\\\r\n '):
             raise ValueError("password: must not contain quotes, backslashes or whitespace")
         if maxmemory_mb < 0:
@@ -286,8 +288,9 @@ class EmbeddedRedis:
 
     def _launch(self, binary: str, port: int) -> None:
         conf = self._write_config(port)
-        log.info("starting embedded Redis: binary=%s %s:%d dir=%s", binary, self.host, port,
-                 self.run_dir)  # fmt: skip
+        log.info(
+            "starting embedded Redis: binary=%s %s:%d dir=%s", binary, self.host, port, self.run_dir
+        )
         # Output before the logfile is opened (bad config, bad binary) goes to the same log.
         with open(self.log_path, "ab") as out:
             self._proc = subprocess.Popen(

@@ -75,7 +75,9 @@ class RunState:
         """The ledger state of each group id (None: never accounted for)."""
         if not group_ids:
             return []
-        return [None if v is None else text(v) for v in self.client.hmget(self.keys.ledger, group_ids)]
+        return [
+            None if v is None else text(v) for v in self.client.hmget(self.keys.ledger, group_ids)
+        ]
 
     def ledger(self) -> dict[str, str]:
         return self._hash(self.keys.ledger)
@@ -144,8 +146,11 @@ class RunState:
         return [json.loads(r) for r in rows if r is not None]
 
     def record_checkpoint(self, step: int, path: str) -> None:
-        self.client.hset(self.keys.checkpoints, str(step),
-                         json.dumps({"step": step, "path": path, "time": time.time()}))
+        self.client.hset(
+            self.keys.checkpoints,
+            str(step),
+            json.dumps({"step": step, "path": path, "time": time.time()}),
+        )
 
     def checkpoints(self) -> list[dict[str, Any]]:
         rows = [json.loads(v) for v in self._hash(self.keys.checkpoints).values()]

@@ -24,7 +24,9 @@ class WeightSyncError(RuntimeError):
 def verify_sync(expected: str, model: torch.nn.Module, version: int) -> None:
     got = state_checksum(model.state_dict())
     if got != expected:
-        raise WeightSyncError(f"weights of version {version} arrived corrupted: checksum {got[:12]} != {expected[:12]}")
+        raise WeightSyncError(
+            f"weights of version {version} arrived corrupted: checksum {got[:12]} != {expected[:12]}"
+        )
 
 
 # ---- the cheap per-sync verification --------------------------------------------------------
@@ -82,8 +84,14 @@ def sample_checksum(
     return SAMPLE_PREFIX + h.hexdigest()
 
 
-def verify_checksum(expected: str, named_tensors: dict[str, torch.Tensor], version: int,
-                    where: str, every: int = 1, max_elements: int = 1024) -> None:  # fmt: skip
+def verify_checksum(
+    expected: str,
+    named_tensors: dict[str, torch.Tensor],
+    version: int,
+    where: str,
+    every: int = 1,
+    max_elements: int = 1024,
+) -> None:
     """Raise :class:`WeightSyncError` unless ``named_tensors`` match ``expected``: a sample
     digest (``sample:...``) or, for publishers that still send one, a full :func:`state_checksum`."""
     if expected.startswith(SAMPLE_PREFIX):

@@ -60,9 +60,21 @@ from services.weightsync.files import FilesReceiver, write_version
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {str(d).removeprefix("torch."): d for d in (
-    torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32,
-    torch.int16, torch.int8, torch.uint8, torch.bool)}  # fmt: skip
+_DTYPES = {
+    str(d).removeprefix("torch."): d
+    for d in (
+        torch.float32,
+        torch.bfloat16,
+        torch.float16,
+        torch.float64,
+        torch.int64,
+        torch.int32,
+        torch.int16,
+        torch.int8,
+        torch.uint8,
+        torch.bool,
+    )
+}
 _KEEP_SEQ_RECORDS = (
     256  # old seq records are deleted past this (a receiver that far behind rejoins)
 )
@@ -205,14 +217,25 @@ class CollectivePublisher(WeightPublisher):
             publish.
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, bucket_bytes: int = 64 << 20,
-                 wire: torch.dtype | None = None, catchup_dir: str | Path | None = None,
-                 catchup_every: int = 1, keep_last: int = 2, timeout_s: float = 300.0,
-                 member_timeout_s: float = 60.0, sample_every: int = 1,
-                 sample_elements: int = 1024) -> None:  # fmt: skip
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        bucket_bytes: int = 64 << 20,
+        wire: torch.dtype | None = None,
+        catchup_dir: str | Path | None = None,
+        catchup_every: int = 1,
+        keep_last: int = 2,
+        timeout_s: float = 300.0,
+        member_timeout_s: float = 60.0,
+        sample_every: int = 1,
+        sample_elements: int = 1024,
+    ) -> None:
         self.timeout_s = timeout_s
-        self.store = dist.TCPStore(host, port, None, True, datetime.timedelta(seconds=timeout_s),
-                                   wait_for_workers=False)  # fmt: skip
+        self.store = dist.TCPStore(
+            host, port, None, True, datetime.timedelta(seconds=timeout_s), wait_for_workers=False
+        )
         self.address = f"{host}:{self.store.port}"
         self.bucket_bytes = bucket_bytes
         self.wire = wire
@@ -284,8 +307,13 @@ class CollectivePublisher(WeightPublisher):
         self._pg = _new_group(
             self.store, self.generation, 0, len(self.members) + 1, backend, self.timeout_s
         )
-        log.info("weight sync: generation %d with %d engines (%s) formed in %.2fs",
-                 self.generation, len(self.members), backend, time.perf_counter() - t0)  # fmt: skip
+        log.info(
+            "weight sync: generation %d with %d engines (%s) formed in %.2fs",
+            self.generation,
+            len(self.members),
+            backend,
+            time.perf_counter() - t0,
+        )
 
     def _drop(self, name: str, why: str) -> None:
         ticket = self.members.pop(name)
@@ -305,8 +333,12 @@ class CollectivePublisher(WeightPublisher):
         t0 = time.perf_counter()
         self._check_writer()
         unique, aliases = split_aliases(named_tensors)
-        wire = {n: t.detach().to(t.dtype if self.wire is None or not t.is_floating_point() else self.wire)
-                for n, t in unique.items()}  # fmt: skip
+        wire = {
+            n: t.detach().to(
+                t.dtype if self.wire is None or not t.is_floating_point() else self.wire
+            )
+            for n, t in unique.items()
+        }
         buckets = plan_buckets(wire, self.bucket_bytes)
         if len(self._buffers) != len(buckets):
             self._buffers = [None] * len(buckets)  # type: ignore[list-item]
@@ -333,8 +365,15 @@ class CollectivePublisher(WeightPublisher):
                 self._build_group(backend)
             t_group = time.perf_counter()
             if self._pg is not None:
-                header = json.dumps({"version": version, "seq": self.seq, "checksum": checksum, "aliases": aliases,
-                                     "buckets": [b.to_json() for b in buckets]}).encode()  # fmt: skip
+                header = json.dumps(
+                    {
+                        "version": version,
+                        "seq": self.seq,
+                        "checksum": checksum,
+                        "aliases": aliases,
+                        "buckets": [b.to_json() for b in buckets],
+                    }
+                ).encode()
                 _broadcast(self._pg, torch.tensor([len(header)], dtype=torch.int64, device=device))
                 _broadcast(
                     self._pg, torch.frombuffer(bytearray(header), dtype=torch.uint8).to(device)
@@ -345,9 +384,13 @@ class CollectivePublisher(WeightPublisher):
                     torch.cuda.current_stream(device).synchronize()
             failed = False
         except (RuntimeError, dist.DistError) as exc:  # a member died or timed out mid-broadcast
-            log.warning("weight sync: broadcast of version %d on generation %d failed (%s); "
-                        "dropping the group, engines re-join at the next publish", version,
-                        self.generation, exc)  # fmt: skip
+            log.warning(
+                "weight sync: broadcast of version %d on generation %d failed (%s); "
+                "dropping the group, engines re-join at the next publish",
+                version,
+                self.generation,
+                exc,
+            )
             self._pg = None
             for name in list(self.members):
                 self._drop(name, "broadcast failed")
@@ -357,12 +400,24 @@ class CollectivePublisher(WeightPublisher):
             failed or rewind or self.seq == 1 or self.seq % self.catchup_every == 0
         ):
             self._write_catchup(version, views, checksum, rewind, aliases, wait=failed or rewind)
-        self.last_timing = {"pack_s": t_pack - t0, "group_s": t_group - t_pack, "broadcast_s": t_bcast - t_group,
-                            "total_s": time.perf_counter() - t0, "buckets": float(len(buckets))}  # fmt: skip
+        self.last_timing = {
+            "pack_s": t_pack - t0,
+            "group_s": t_group - t_pack,
+            "broadcast_s": t_bcast - t_group,
+            "total_s": time.perf_counter() - t0,
+            "buckets": float(len(buckets)),
+        }
         return time.perf_counter() - t0
 
-    def _write_catchup(self, version: int, views: dict[str, torch.Tensor], checksum: str,
-                       rewind: bool, aliases: dict[str, str], wait: bool) -> None:  # fmt: skip
+    def _write_catchup(
+        self,
+        version: int,
+        views: dict[str, torch.Tensor],
+        checksum: str,
+        rewind: bool,
+        aliases: dict[str, str],
+        wait: bool,
+    ) -> None:
         """Write the version for late joiners from a CPU copy, in a background thread (the
         learner's next step may overwrite the buffers); one write in flight at most."""
         self._join_writer()
@@ -419,9 +474,17 @@ class CollectiveReceiver(WeightReceiver):
         catchup_dir: the publisher's catch-up files, read before this engine is in a group.
     """
 
-    def __init__(self, address: str, name: str, *, device: str | torch.device = "cpu",
-                 catchup_dir: str | Path | None = None, timeout_s: float = 300.0,
-                 sample_every: int = 1, sample_elements: int = 1024) -> None:  # fmt: skip
+    def __init__(
+        self,
+        address: str,
+        name: str,
+        *,
+        device: str | torch.device = "cpu",
+        catchup_dir: str | Path | None = None,
+        timeout_s: float = 300.0,
+        sample_every: int = 1,
+        sample_elements: int = 1024,
+    ) -> None:
         self.address = address
         self.name = name
         self.device = torch.device(device)
@@ -466,8 +529,11 @@ class CollectiveReceiver(WeightReceiver):
             self._connect()
             epoch = self.epoch
         if self.store.check([f"dropped/{self.ticket}"]):
-            log.warning("weight sync: %s was left out of the group (%s); joining again", self.name,
-                        self.store.get(f"dropped/{self.ticket}").decode())  # fmt: skip
+            log.warning(
+                "weight sync: %s was left out of the group (%s); joining again",
+                self.name,
+                self.store.get(f"dropped/{self.ticket}").decode(),
+            )
             self._join()
         if epoch != self.epoch:
             # rank 0 restarted: a new store, new tickets and generations
@@ -541,8 +607,14 @@ class CollectiveReceiver(WeightReceiver):
         if record is None or [self.name, self.ticket] not in record["members"]:
             return False
         rank = record["members"].index([self.name, self.ticket]) + 1
-        self._pg = _new_group(self.store, generation, rank, len(record["members"]) + 1, record["backend"],
-                              self.timeout_s)  # fmt: skip
+        self._pg = _new_group(
+            self.store,
+            generation,
+            rank,
+            len(record["members"]) + 1,
+            record["backend"],
+            self.timeout_s,
+        )
         self.generation = generation
         self.seq = int(record["from_seq"]) - 1
         log.info("weight sync: %s is rank %d of generation %d", self.name, rank, generation)

@@ -18,8 +18,9 @@ def rendezvous_key(namespace: str) -> str:
     return f"{namespace}:weightsync:rendezvous"
 
 
-def make_publisher(cfg: WeightSyncConfig, namespace: str, *, host: str = "127.0.0.1",
-                   redis_client: Any = None) -> WeightPublisher:  # fmt: skip
+def make_publisher(
+    cfg: WeightSyncConfig, namespace: str, *, host: str = "127.0.0.1", redis_client: Any = None
+) -> WeightPublisher:
     """The learner's publisher. ``host``: this node's address as the engines reach it (used
     when ``cfg.rendezvous`` is None); the collective transport announces its ``host:port`` under
     :func:`rendezvous_key` when a Redis client is given."""
@@ -32,10 +33,18 @@ def make_publisher(cfg: WeightSyncConfig, namespace: str, *, host: str = "127.0.
 
         return ObjectStorePublisher(namespace, wire=cfg.wire(), **sample)
     bind_host, port = parse_address(cfg.rendezvous) if cfg.rendezvous else (host, 0)
-    pub = CollectivePublisher(bind_host, port, bucket_bytes=cfg.bucket_bytes, wire=cfg.wire(),
-                              catchup_dir=cfg.path, catchup_every=cfg.catchup_every,
-                              keep_last=cfg.keep_last, timeout_s=cfg.timeout_s,
-                              member_timeout_s=cfg.member_timeout_s, **sample)  # fmt: skip
+    pub = CollectivePublisher(
+        bind_host,
+        port,
+        bucket_bytes=cfg.bucket_bytes,
+        wire=cfg.wire(),
+        catchup_dir=cfg.path,
+        catchup_every=cfg.catchup_every,
+        keep_last=cfg.keep_last,
+        timeout_s=cfg.timeout_s,
+        member_timeout_s=cfg.member_timeout_s,
+        **sample,
+    )
     if redis_client is not None:
         redis_client.set(rendezvous_key(namespace), pub.address)
     return pub
@@ -56,8 +65,14 @@ def lookup_rendezvous(redis_client: Any, namespace: str, timeout_s: float) -> st
         time.sleep(0.2)
 
 
-def make_receiver(cfg: WeightSyncConfig, namespace: str, name: str, *,
-                  device: str | torch.device = "cpu", redis_client: Any = None) -> WeightReceiver:  # fmt: skip
+def make_receiver(
+    cfg: WeightSyncConfig,
+    namespace: str,
+    name: str,
+    *,
+    device: str | torch.device = "cpu",
+    redis_client: Any = None,
+) -> WeightReceiver:
     """A rollout engine's receiver; ``name`` is its stable name (``rollout-{index}``)."""
     sample = {"sample_every": cfg.sample_every, "sample_elements": cfg.sample_elements}
     if cfg.transport == "files":
@@ -72,5 +87,6 @@ def make_receiver(cfg: WeightSyncConfig, namespace: str, name: str, *,
         if redis_client is None:
             raise ValueError("weight_sync.rendezvous: needed when no Redis client can look it up")
         address = lookup_rendezvous(redis_client, namespace, cfg.timeout_s)
-    return CollectiveReceiver(address, name, device=device, catchup_dir=cfg.path, timeout_s=cfg.timeout_s,
-                              **sample)  # fmt: skip
+    return CollectiveReceiver(
+        address, name, device=device, catchup_dir=cfg.path, timeout_s=cfg.timeout_s, **sample
+    )

@@ -109,8 +109,14 @@ def read_version(
 class FilesPublisher(WeightPublisher):
     """Writes each version as one safetensors file under ``directory``."""
 
-    def __init__(self, directory: str | Path, keep_last: int = 2, wire: torch.dtype | None = None,
-                 sample_every: int = 1, sample_elements: int = 1024) -> None:  # fmt: skip
+    def __init__(
+        self,
+        directory: str | Path,
+        keep_last: int = 2,
+        wire: torch.dtype | None = None,
+        sample_every: int = 1,
+        sample_elements: int = 1024,
+    ) -> None:
         self.directory = Path(directory)
         self.keep_last = keep_last
         self.wire = wire
@@ -128,8 +134,13 @@ class FilesPublisher(WeightPublisher):
 class FilesReceiver(WeightReceiver):
     """Loads the newest version file under ``directory``."""
 
-    def __init__(self, directory: str | Path, timeout_s: float = 300.0, sample_every: int = 1,
-                 sample_elements: int = 1024) -> None:  # fmt: skip
+    def __init__(
+        self,
+        directory: str | Path,
+        timeout_s: float = 300.0,
+        sample_every: int = 1,
+        sample_elements: int = 1024,
+    ) -> None:
         self.directory = Path(directory)
         self.timeout_s = timeout_s
         self.sample = (sample_every, sample_elements)

@@ -51,7 +51,9 @@ class WeightStore:
         self._latest: WeightVersion | None = None
         self._published = 0
 
-    def publish(self, version: int, refs: list[Any], checksum: str, allow_rewind: bool = False) -> int:
+    def publish(
+        self, version: int, refs: list[Any], checksum: str, allow_rewind: bool = False
+    ) -> int:
         """Make ``version`` the latest; returns it. Refuses a version that goes backwards."""
         if not isinstance(refs, list) or len(refs) != 1:
             raise ValueError("refs must be a list holding exactly one ObjectRef")
@@ -127,7 +129,9 @@ class RayWeightPublisher:
     def __init__(self, store: Any) -> None:
         self.store = store
 
-    def __call__(self, version: int, state_dict: dict[str, Any], checksum: str, rewind: bool) -> None:
+    def __call__(
+        self, version: int, state_dict: dict[str, Any], checksum: str, rewind: bool
+    ) -> None:
         import ray
 
         ref = ray.put(state_dict)
@@ -162,7 +166,11 @@ class RayWeightSource:
         try:
             state = ray.get(refs[0], timeout=self.timeout_s)
         except (ObjectLostError, OwnerDiedError) as exc:
-            log.warning("weights of version %d are gone from the object store (%s); keeping the "
-                        "current weights until the learner publishes again", version, type(exc).__name__)
+            log.warning(
+                "weights of version %d are gone from the object store (%s); keeping the "
+                "current weights until the learner publishes again",
+                version,
+                type(exc).__name__,
+            )
             return None
         return int(version), state, checksum

@@ -28,8 +28,14 @@ from services.weightsync.object_store import RayWeightSource, get_or_create_stor
 class ObjectStorePublisher(WeightPublisher):
     """``store``: the weight store actor handle (default: the run namespace's, created if needed)."""
 
-    def __init__(self, namespace: str, store: Any = None, wire: torch.dtype | None = None,
-                 sample_every: int = 1, sample_elements: int = 1024) -> None:  # fmt: skip
+    def __init__(
+        self,
+        namespace: str,
+        store: Any = None,
+        wire: torch.dtype | None = None,
+        sample_every: int = 1,
+        sample_elements: int = 1024,
+    ) -> None:
         self.store = store if store is not None else get_or_create_store(namespace)
         self.wire = wire
         self.sample = (sample_every, sample_elements)
@@ -50,8 +56,13 @@ class ObjectStoreReceiver(WeightReceiver):
     """Polls the run's weight store; accepts sampled checksums and the full ones older
     publishers (:class:`~services.weightsync.object_store.RayWeightPublisher`) send."""
 
-    def __init__(self, namespace: str, timeout_s: float = 300.0, sample_every: int = 1,
-                 sample_elements: int = 1024) -> None:  # fmt: skip
+    def __init__(
+        self,
+        namespace: str,
+        timeout_s: float = 300.0,
+        sample_every: int = 1,
+        sample_elements: int = 1024,
+    ) -> None:
         self.source = RayWeightSource(namespace, timeout_s)
         self.sample = (sample_every, sample_elements)
         self.version = -1

@@ -20,8 +20,11 @@ def audit(client: redis.Redis, cfg: RunConfig) -> dict:
     t = Transport.open(client, cfg.service.namespace)
     stats = t.state.stats()
     prefix = f"{t.keys.groups}|"
-    written = {k.decode()[len(prefix):] for k in client.hkeys(t.keys.produced)
-               if k.decode().startswith(prefix)}  # fmt: skip
+    written = {
+        k.decode()[len(prefix) :]
+        for k in client.hkeys(t.keys.produced)
+        if k.decode().startswith(prefix)
+    }
     assert len(written) == stats["groups_written"] > 0
 
     ledger = t.state.ledger()
@@ -75,5 +78,10 @@ def audit(client: redis.Redis, cfg: RunConfig) -> dict:
         loaded[name] = seen
     assert 0 in set().union(*loaded.values())
     assert t.control.is_done()
-    return {"used": len(used), "stale": len(stale), "skipped": len(skipped), "queued": len(queued),
-            "loaded": loaded}  # fmt: skip
+    return {
+        "used": len(used),
+        "stale": len(stale),
+        "skipped": len(skipped),
+        "queued": len(queued),
+        "loaded": loaded,
+    }

@@ -29,8 +29,11 @@ def ray_env() -> dict[str, str]:
     """The environment of every ``ray`` command: no auth token (loopback only), no usage
     stats, the venv's executables first on PATH (the job driver runs ``d3s``)."""
     env = dict(os.environ)
-    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
-               PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}")  # fmt: skip
+    env.update(
+        RAY_AUTH_MODE="disabled",
+        RAY_USAGE_STATS_ENABLED="0",
+        PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
+    )
     return env
 
 
@@ -58,18 +61,32 @@ class LocalRayCluster:
             raise RuntimeError(f"ray {' '.join(args)} failed:\n{out.stdout}\n{out.stderr}")
 
     def start_head(self, resources: dict[str, float], num_cpus: int = 1) -> None:
-        args = ["start", "--head", "--node-ip-address=127.0.0.1", f"--port={self.port}",
-                f"--num-cpus={num_cpus}", "--num-gpus=0", f"--resources={json.dumps(resources)}",
-                f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
-                f"--include-dashboard={str(self.dashboard).lower()}"]  # fmt: skip
+        args = [
+            "start",
+            "--head",
+            "--node-ip-address=127.0.0.1",
+            f"--port={self.port}",
+            f"--num-cpus={num_cpus}",
+            "--num-gpus=0",
+            f"--resources={json.dumps(resources)}",
+            f"--temp-dir={self.temp_dir}",
+            "--disable-usage-stats",
+            f"--include-dashboard={str(self.dashboard).lower()}",
+        ]
         if self.dashboard:
             args += ["--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}"]
         self._ray(*args)
 
     def add_node(self, resources: dict[str, float], num_cpus: int = 1) -> None:
-        self._ray("start", f"--address={self.address}", "--node-ip-address=127.0.0.1",
-                  f"--num-cpus={num_cpus}", "--num-gpus=0", f"--resources={json.dumps(resources)}",
-                  "--disable-usage-stats")  # fmt: skip
+        self._ray(
+            "start",
+            f"--address={self.address}",
+            "--node-ip-address=127.0.0.1",
+            f"--num-cpus={num_cpus}",
+            "--num-gpus=0",
+            f"--resources={json.dumps(resources)}",
+            "--disable-usage-stats",
+        )
 
     def wait_for_nodes(self, count: int, timeout_s: float = 60.0) -> list[dict]:
         """The alive nodes (``ray.util.state`` rows) once there are ``count`` of them."""

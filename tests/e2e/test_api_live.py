@@ -111,8 +111,14 @@ def password_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     open only so the fixture can stop the server)."""
     server = EmbeddedRedis(tmp_path_factory.mktemp("redis")).start()
     admin = redis.Redis.from_url(server.url)
-    admin.acl_setuser(USER, enabled=True, passwords=[f"+{PASSWORD}"], keys=["*"],
-                      channels=["*"], commands=["+@all"])  # fmt: skip
+    admin.acl_setuser(
+        USER,
+        enabled=True,
+        passwords=[f"+{PASSWORD}"],
+        keys=["*"],
+        channels=["*"],
+        commands=["+@all"],
+    )
     admin.close()
     try:
         yield f"redis://{USER}:{PASSWORD}@127.0.0.1:{server.port}/0"
@@ -142,14 +148,22 @@ def _start_run(tiny_config, tmp_path_factory: pytest.TempPathFactory, redis_url:
     root = tmp_path_factory.mktemp("live")
     namespace = f"live{uuid.uuid4().hex[:8]}"
     port = free_port()
-    cfg = parse_config(tiny_config(
-        root / "run", tmp_path_factory.getbasetemp() / "warmstart", name="live",
-        rollout={"num_actors": ACTORS},
-        train={"total_steps": STEPS, "eval_every": 8, "checkpoint_every": CHECKPOINT_EVERY},
-        service={"namespace": namespace, "redis_url": redis_url, "max_group_backlog": 8,
-                 "wait_timeout_s": 60},
-        api={"enabled": True, "port": port, "control_token_env": TOKEN_ENV},
-    ))  # fmt: skip
+    cfg = parse_config(
+        tiny_config(
+            root / "run",
+            tmp_path_factory.getbasetemp() / "warmstart",
+            name="live",
+            rollout={"num_actors": ACTORS},
+            train={"total_steps": STEPS, "eval_every": 8, "checkpoint_every": CHECKPOINT_EVERY},
+            service={
+                "namespace": namespace,
+                "redis_url": redis_url,
+                "max_group_backlog": 8,
+                "wait_timeout_s": 60,
+            },
+            api={"enabled": True, "port": port, "control_token_env": TOKEN_ENV},
+        )
+    )
     run = LiveRun(namespace, redis_url, root / "run", summary={})
     client = redis.Redis.from_url(redis_url)
     poller = Poller(run, f"http://127.0.0.1:{port}", client)

@@ -10,9 +10,31 @@ pytestmark = pytest.mark.slow
 
 
 def test_short_benchmark_d3s_uses_fewer_tokens_and_both_learn(tmp_path):
-    summary = main(["--tasks", "addition", "--presets", "grpo", "d3s", "--experiments", "ladder",
-                    "--seeds", "1", "--steps", "30", "--eval-every", "10", "--eval-n", "8",
-                    "--eval-prompts", "200", "--jobs", "1", "--out", str(tmp_path)])  # fmt: skip
+    summary = main(
+        [
+            "--tasks",
+            "addition",
+            "--presets",
+            "grpo",
+            "d3s",
+            "--experiments",
+            "ladder",
+            "--seeds",
+            "1",
+            "--steps",
+            "30",
+            "--eval-every",
+            "10",
+            "--eval-n",
+            "8",
+            "--eval-prompts",
+            "200",
+            "--jobs",
+            "1",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     rows = {r["label"]: r for r in summary["groups"]["ladder/addition"]["rows"]}
     assert rows["d3s"]["tokens_total"] < 0.3 * rows["grpo"]["tokens_total"]
     assert rows["d3s"]["seconds_total"] < rows["grpo"]["seconds_total"]

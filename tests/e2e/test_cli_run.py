@@ -25,8 +25,17 @@ pytestmark = pytest.mark.integration
 
 MAX_LINES = 30
 # What the libraries print when their output reaches the terminal.
-NOISE = ("ProxyActor", "ServeController", "Started Serve", "(raylet)", "Loading weights",
-         "Writing model shards", "real_accelerator", "[WARNING]", "Token authentication")  # fmt: skip
+NOISE = (
+    "ProxyActor",
+    "ServeController",
+    "Started Serve",
+    "(raylet)",
+    "Loading weights",
+    "Writing model shards",
+    "real_accelerator",
+    "[WARNING]",
+    "Token authentication",
+)
 
 
 def _write_config(tiny_config, tmp_path: Path, cache: Path, **sections: dict) -> tuple[Path, Path]:
@@ -40,25 +49,37 @@ def _write_config(tiny_config, tmp_path: Path, cache: Path, **sections: dict) ->
 
 def _d3s(*args: str, timeout: float = 540) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "COLUMNS": "120"}
-    return subprocess.run([sys.executable, "-m", "services.run.cli", *args], capture_output=True,
-                          text=True, timeout=timeout, env=env)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "services.run.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
 def _terminal(out: subprocess.CompletedProcess[str]) -> str:
     return out.stderr + out.stdout
 
 
-def test_d3s_run_is_quiet_and_ends_with_the_summary(tiny_config, tmp_path: Path,
-                                                    tmp_path_factory: pytest.TempPathFactory) -> None:  # fmt: skip
+def test_d3s_run_is_quiet_and_ends_with_the_summary(
+    tiny_config, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     steps = 6
     config, run_dir = _write_config(
-        tiny_config, tmp_path, tmp_path_factory.getbasetemp() / "warmstart",
+        tiny_config,
+        tmp_path,
+        tmp_path_factory.getbasetemp() / "warmstart",
         rollout={"num_actors": 2},
         train={"total_steps": steps, "eval_every": 3, "checkpoint_every": steps},
-        service={"namespace": f"cli{uuid.uuid4().hex[:8]}", "max_group_backlog": 8, "wait_timeout_s": 60},
+        service={
+            "namespace": f"cli{uuid.uuid4().hex[:8]}",
+            "max_group_backlog": 8,
+            "wait_timeout_s": 60,
+        },
         api={"enabled": True, "port": 0},
         logging={"wandb": {"project": "d3s-e2e"}},  # offline: no network needed
-    )  # fmt: skip
+    )
 
     t0 = time.monotonic()
     out = _d3s("run", str(config))
@@ -74,8 +95,19 @@ def test_d3s_run_is_quiet_and_ends_with_the_summary(tiny_config, tmp_path: Path,
     assert f"{steps}/{steps} steps" in out.stderr
     table = out.stdout
     assert table.strip().splitlines()[0].startswith("tiny: done")
-    for row in ("steps", "held-out accuracy", "tokens kept", "GRPO-equivalent", "groups",
-                "stale / dead-lettered", "wall time", "run dir", "plot", "logs", "summary"):  # fmt: skip
+    for row in (
+        "steps",
+        "held-out accuracy",
+        "tokens kept",
+        "GRPO-equivalent",
+        "groups",
+        "stale / dead-lettered",
+        "wall time",
+        "run dir",
+        "plot",
+        "logs",
+        "summary",
+    ):
         assert row in table, (row, table)
     assert "summary.json" in table.strip().splitlines()[-1]
 
@@ -100,14 +132,18 @@ def test_d3s_run_is_quiet_and_ends_with_the_summary(tiny_config, tmp_path: Path,
     assert "wandb" in summary["paths"]
 
 
-def test_d3s_train_quiet_and_verbose(tiny_config, tmp_path: Path,
-                                     tmp_path_factory: pytest.TempPathFactory) -> None:  # fmt: skip
+def test_d3s_train_quiet_and_verbose(
+    tiny_config, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     """The synchronous trainer the same way; --verbose shows what the default hides."""
     cache = tmp_path_factory.getbasetemp() / "warmstart"
     config, run_dir = _write_config(
-        tiny_config, tmp_path, cache, train={"total_steps": 3, "eval_every": 3},
+        tiny_config,
+        tmp_path,
+        cache,
+        train={"total_steps": 3, "eval_every": 3},
         logging={"tensorboard": False, "wandb": {"project": "d3s-e2e", "name": "sync"}},
-    )  # fmt: skip
+    )
 
     quiet = _d3s("train", str(config))
     shown = _terminal(quiet)

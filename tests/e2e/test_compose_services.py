@@ -67,11 +67,18 @@ def map_arg(arg: str, cache: Path, ports: dict[str, int]) -> str:
 
 def test_every_compose_service_command_trains_together(tmp_path: Path, tiny_config) -> None:
     password = uuid.uuid4().hex
-    cfg_data = tiny_config(tmp_path / "run", tmp_path / "unused-cache", name="compose",
-                           rollout={"prompts_per_step": 4},
-                           train={"total_steps": STEPS, "eval_every": 100, "checkpoint_every": 2},
-                           service={"namespace": f"c{uuid.uuid4().hex[:8]}", "max_group_backlog": 8,
-                                    "wait_timeout_s": 120})  # fmt: skip
+    cfg_data = tiny_config(
+        tmp_path / "run",
+        tmp_path / "unused-cache",
+        name="compose",
+        rollout={"prompts_per_step": 4},
+        train={"total_steps": STEPS, "eval_every": 100, "checkpoint_every": 2},
+        service={
+            "namespace": f"c{uuid.uuid4().hex[:8]}",
+            "max_group_backlog": 8,
+            "wait_timeout_s": 120,
+        },
+    )
     config = tmp_path / "configs" / "tiny.yaml"
     config.parent.mkdir()
     config.write_text(yaml.safe_dump(cfg_data))
@@ -108,8 +115,13 @@ def test_every_compose_service_command_trains_together(tmp_path: Path, tiny_conf
         name: str, argv: list[str], extra_env: dict[str, str] | None = None
     ) -> subprocess.Popen:
         out = (logs / f"{name}.out").open("w")
-        p = subprocess.Popen(argv, env={**env, **(extra_env or {})}, stdout=out,
-                             stderr=subprocess.STDOUT, cwd=tmp_path)  # fmt: skip
+        p = subprocess.Popen(
+            argv,
+            env={**env, **(extra_env or {})},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+        )
         procs[name] = p
         return p
 
@@ -118,16 +130,31 @@ def test_every_compose_service_command_trains_together(tmp_path: Path, tiny_conf
         rcmd = services["redis"]["command"]
         assert rcmd[0] == "redis-server" and "--requirepass" in rcmd and "--appendonly" in rcmd
         (tmp_path / "redis").mkdir()
-        start("redis", [find_redis_server(), *rcmd[1:], "--port", str(redis_port), "--bind",
-                        "127.0.0.1", "--dir", str(tmp_path / "redis")])  # fmt: skip
+        start(
+            "redis",
+            [
+                find_redis_server(),
+                *rcmd[1:],
+                "--port",
+                str(redis_port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(tmp_path / "redis"),
+            ],
+        )
         client = redis.Redis.from_url(url)
         _wait(lambda: _pings(client), "redis")
         # ray-head: `ray start --head ...` with its arguments (port and hosts mapped)
         hcmd = [services["ray-head"]["entrypoint"][0], *services["ray-head"]["command"]]
         assert hcmd[:3] == ["ray", "start", "--head"] and "--block" in hcmd
         head_args = [map_arg(a, cache, {"ray": head.port}) for a in hcmd[1:] if a != "--block"]
-        head._ray(*head_args, "--node-ip-address=127.0.0.1", f"--temp-dir={head.temp_dir}",
-                  "--include-dashboard=false")  # fmt: skip
+        head._ray(
+            *head_args,
+            "--node-ip-address=127.0.0.1",
+            f"--temp-dir={head.temp_dir}",
+            "--include-dashboard=false",
+        )
         env["RAY_ADDRESS"] = head.address  # what the entry point's `ray start --address` gives
         # prepare: the one-shot warm start into the shared cache, before everything else
         prep = start(
@@ -140,8 +167,15 @@ def test_every_compose_service_command_trains_together(tmp_path: Path, tiny_conf
         replicas = int(services["rollout"]["deploy"]["replicas"])
         assert replicas == 2
         for i in range(replicas):
-            start(f"rollout-{i}", [d3s, *[map_arg(a, cache, {}) for a in services["rollout"]["command"]],
-                                   "--index", str(i)])  # fmt: skip
+            start(
+                f"rollout-{i}",
+                [
+                    d3s,
+                    *[map_arg(a, cache, {}) for a in services["rollout"]["command"]],
+                    "--index",
+                    str(i),
+                ],
+            )
         acmd = [map_arg(a, cache, {}) for a in services["api"]["command"]]
         api_port = free_port()
         acmd[acmd.index("--port") + 1] = str(api_port)

@@ -353,9 +353,11 @@ class RunWatcher(threading.Thread):
         # A page opened before the selector's first schedule gets 404 from /schedule (the page
         # shows "no schedule yet"); the browser logs that request, which is no error of the page.
         errors = [
-            e for e in b.get_log("browser")
-            if e["level"] == "SEVERE" and not ("/schedule " in e["message"] and "404" in e["message"])
-        ]  # fmt: skip
+            e
+            for e in b.get_log("browser")
+            if e["level"] == "SEVERE"
+            and not ("/schedule " in e["message"] and "404" in e["message"])
+        ]
         assert errors == [], errors
         self.shot = _screenshot(b, "dashboard-run.png", readme=True)
 
@@ -376,22 +378,39 @@ def _answers(url: str) -> bool:
         return False
 
 
-def test_dashboard_follows_a_real_run(tiny_config, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory,
-                                      driver: Any) -> None:  # fmt: skip
+def test_dashboard_follows_a_real_run(
+    tiny_config, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, driver: Any
+) -> None:
     port = free_port()
     run = {
-        "train": {"total_steps": RUN_STEPS, "eval_every": RUN_EVAL_EVERY, "checkpoint_every": RUN_STEPS // 2,
-                  "run_dir": str(tmp_path / "run"), "progress_bar": False},
+        "train": {
+            "total_steps": RUN_STEPS,
+            "eval_every": RUN_EVAL_EVERY,
+            "checkpoint_every": RUN_STEPS // 2,
+            "run_dir": str(tmp_path / "run"),
+            "progress_bar": False,
+        },
         "service": {"namespace": f"dash{uuid.uuid4().hex[:8]}", "wait_timeout_s": 120},
         "api": {"enabled": True, "port": port},
-    }  # fmt: skip
+    }
     if README_SCREENSHOT:
         data = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
-        data = _merge(data, {**run, "warmstart": {"cache_dir": str(REPO / ".cache" / "warmstart")},
-                             "rollout": {"num_actors": 2}})  # fmt: skip
+        data = _merge(
+            data,
+            {
+                **run,
+                "warmstart": {"cache_dir": str(REPO / ".cache" / "warmstart")},
+                "rollout": {"num_actors": 2},
+            },
+        )
     else:
-        data = tiny_config(tmp_path / "run", tmp_path_factory.getbasetemp() / "warmstart", name="dashboard",
-                           rollout={"num_actors": 2}, **run)  # fmt: skip
+        data = tiny_config(
+            tmp_path / "run",
+            tmp_path_factory.getbasetemp() / "warmstart",
+            name="dashboard",
+            rollout={"num_actors": 2},
+            **run,
+        )
         data["service"]["max_group_backlog"] = 8
     cfg = parse_config(data)
     watcher = RunWatcher(driver, f"http://127.0.0.1:{port}", 45 if README_SCREENSHOT else 0)

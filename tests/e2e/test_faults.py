@@ -55,14 +55,26 @@ def fault_config(tiny_config, run_dir: Path, cache: Path, steps: int, **service)
     """A tiny async run (2 rollout actors, 4 prompts a step) that tolerates restarts: a short
     restart back-off, a generous stall timeout (a restarted learner imports torch and
     DeepSpeed again), checkpoints every 4 steps."""
-    return parse_config(tiny_config(
-        run_dir, cache, name="faults",
-        rollout={"prompts_per_step": 4, "num_actors": 2},
-        train={"total_steps": steps, "eval_every": 1000, "checkpoint_every": 4},
-        service={"mode": "async", "max_staleness": 1, "namespace": f"f{uuid.uuid4().hex[:8]}",
-                 "max_group_backlog": 8, "wait_timeout_s": 180, "max_restarts": 6,
-                 "restart_backoff_s": 0.5, "redis_outage_s": 60, **service},
-    ))  # fmt: skip
+    return parse_config(
+        tiny_config(
+            run_dir,
+            cache,
+            name="faults",
+            rollout={"prompts_per_step": 4, "num_actors": 2},
+            train={"total_steps": steps, "eval_every": 1000, "checkpoint_every": 4},
+            service={
+                "mode": "async",
+                "max_staleness": 1,
+                "namespace": f"f{uuid.uuid4().hex[:8]}",
+                "max_group_backlog": 8,
+                "wait_timeout_s": 180,
+                "max_restarts": 6,
+                "restart_backoff_s": 0.5,
+                "redis_outage_s": 60,
+                **service,
+            },
+        )
+    )
 
 
 # ---- watching a run from outside -------------------------------------------------------------
@@ -139,8 +151,7 @@ class Injector(threading.Thread):
     the fault before, and measures the recovery: until the killed process is back (a new pid)
     and the learner trained a step past the one it was at."""
 
-    def __init__(self, run_dir: Path, plan: list[str], rng: random.Random,
-                 actors: int) -> None:  # fmt: skip
+    def __init__(self, run_dir: Path, plan: list[str], rng: random.Random, actors: int) -> None:
         super().__init__(name="fault-injector", daemon=True)
         self.run_dir, self.plan, self.rng, self.actors = run_dir, plan, rng, actors
         self.faults: list[Fault] = []
@@ -221,8 +232,13 @@ def run_with_faults(cfg: RunConfig, run_dir: Path, plan: list[str], seed: int) -
         figures = balance(client, cfg)
         books = audit(client, cfg, faults=True)
         client.close()
-    return {"faults": injector.faults, "wall_s": wall, "books": books, "balance": figures,
-            "supervision": summary["supervision"]}  # fmt: skip
+    return {
+        "faults": injector.faults,
+        "wall_s": wall,
+        "books": books,
+        "balance": figures,
+        "supervision": summary["supervision"],
+    }
 
 
 def print_table(title: str, runs: list[dict]) -> str:
@@ -297,8 +313,9 @@ def test_redis_lost_past_the_limit_stops_with_one_line_and_a_rerun_resumes(
     run_dir = tmp_path / "run"
     server = EmbeddedRedis(tmp_path / "redis").start()
     try:
-        cfg = fault_config(tiny_config, run_dir, warmstart_cache, steps=10,
-                           redis_url=server.url, redis_outage_s=4)  # fmt: skip
+        cfg = fault_config(
+            tiny_config, run_dir, warmstart_cache, steps=10, redis_url=server.url, redis_outage_s=4
+        )
         killer = threading.Thread(target=_kill_at_step, args=(run_dir, 3, server), daemon=True)
         killer.start()
         t0 = time.monotonic()

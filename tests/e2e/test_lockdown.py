@@ -49,13 +49,17 @@ def test_a_local_run_listens_on_loopback_only(
     tmp_path: Path, warmstart_cache: Path, tiny_config
 ) -> None:
     run_dir = tmp_path / "run"
-    cfg = parse_config(tiny_config(
-        run_dir, warmstart_cache, name="lockdown",
-        train={"total_steps": 6, "eval_every": 100, "checkpoint_every": 4},
-        rollout={"prompts_per_step": 4, "num_actors": 2},
-        service={"namespace": f"l{uuid.uuid4().hex[:8]}", "wait_timeout_s": 120},
-        api={"enabled": True, "port": 0},
-    ))  # fmt: skip
+    cfg = parse_config(
+        tiny_config(
+            run_dir,
+            warmstart_cache,
+            name="lockdown",
+            train={"total_steps": 6, "eval_every": 100, "checkpoint_every": 4},
+            rollout={"prompts_per_step": 4, "num_actors": 2},
+            service={"namespace": f"l{uuid.uuid4().hex[:8]}", "wait_timeout_s": 120},
+            api={"enabled": True, "port": 0},
+        )
+    )
     seen: list[tuple[str, int, str]] = []
     redis_checks: dict[str, object] = {}
 
@@ -92,8 +96,9 @@ def test_a_local_run_listens_on_loopback_only(
     # Redis, Ray's own servers and the component workers were all there to be measured.
     assert "redis-server" in names and "raylet" in names and "gcs_server" in names, names
     assert any(name.startswith("ray::ComponentHost") for name in names), names
-    assert summary["api_url"] and any(port == int(summary["api_url"].rsplit(":", 1)[1].strip("/"))
-                                      for _, port, _ in seen)  # fmt: skip
+    assert summary["api_url"] and any(
+        port == int(summary["api_url"].rsplit(":", 1)[1].strip("/")) for _, port, _ in seen
+    )
     open_ = [s for s in seen if not is_loopback(s[0])]
     assert not open_, f"listening beyond loopback: {open_}"
     assert redis_checks.get("anonymous") == "AuthenticationError"
@@ -115,14 +120,18 @@ def hostile_records(vocab_top: int) -> dict[str, dict[bytes, bytes]]:
 
     def group(i: int, **changes) -> dict[bytes, bytes]:
         fields = {
-            "group_id": f"hostile-{i}", "prompt_id": f"hp{i}", "policy_version": 0,
+            "group_id": f"hostile-{i}",
+            "prompt_id": f"hp{i}",
+            "policy_version": 0,
             "prompt": rng.integers(2, 10, size=6).astype(np.int32),
             "responses": rng.integers(2, 10, size=(g, t)).astype(np.int32),
             "response_lengths": np.full(g, t, dtype=np.int32),
             "behav_logp": -rng.random((g, t)).astype(np.float32),
-            "rewards": np.array([1, 0, 1, 0], dtype=np.float32), "created_at": time.time(),
-            "actor": "hostile", "task": "arithmetic",
-        }  # fmt: skip
+            "rewards": np.array([1, 0, 1, 0], dtype=np.float32),
+            "created_at": time.time(),
+            "actor": "hostile",
+            "task": "arithmetic",
+        }
         return ScoredGroup(**{**fields, **changes}).to_fields()
 
     big = b"\x00" * (8 << 20)
@@ -145,13 +154,20 @@ def test_hostile_records_mid_run_are_dead_lettered_and_memory_stays_bounded(
     run_dir = tmp_path / "run"
     server = EmbeddedRedis(tmp_path / "redis", maxmemory_mb=512).start()
     try:
-        cfg = parse_config(tiny_config(
-            run_dir, warmstart_cache, name="hostile",
-            train={"total_steps": 8, "eval_every": 100, "checkpoint_every": 4},
-            rollout={"prompts_per_step": 4, "num_actors": 2},
-            service={"namespace": f"h{uuid.uuid4().hex[:8]}", "wait_timeout_s": 120,
-                     "redis_url": server.url},
-        ))  # fmt: skip
+        cfg = parse_config(
+            tiny_config(
+                run_dir,
+                warmstart_cache,
+                name="hostile",
+                train={"total_steps": 8, "eval_every": 100, "checkpoint_every": 4},
+                rollout={"prompts_per_step": 4, "num_actors": 2},
+                service={
+                    "namespace": f"h{uuid.uuid4().hex[:8]}",
+                    "wait_timeout_s": 120,
+                    "redis_url": server.url,
+                },
+            )
+        )
         client = redis.Redis.from_url(server.url)
         records = hostile_records(vocab_top=1000)
         memory: dict[str, int] = {}

@@ -63,13 +63,21 @@ def test_a_run_submitted_as_a_ray_job_spreads_over_the_nodes_of_its_roles(
     from ray.util.state import list_nodes
 
     run_dir = tmp_path / "run"  # one path every node sees: the shared run directory
-    data = tiny_config(run_dir, tmp_path / "cache", name="multinode",
-                       rollout={"prompts_per_step": 4, "num_actors": 2},
-                       train={"total_steps": STEPS, "eval_every": 100, "checkpoint_every": 2},
-                       service={"namespace": f"mn{uuid.uuid4().hex[:8]}", "max_group_backlog": 8,
-                                "wait_timeout_s": 120, "redis_url": external_redis.url,
-                                "ray_address": cluster.address},
-                       weight_sync={"transport": "files", "path": str(tmp_path / "weights")})  # fmt: skip
+    data = tiny_config(
+        run_dir,
+        tmp_path / "cache",
+        name="multinode",
+        rollout={"prompts_per_step": 4, "num_actors": 2},
+        train={"total_steps": STEPS, "eval_every": 100, "checkpoint_every": 2},
+        service={
+            "namespace": f"mn{uuid.uuid4().hex[:8]}",
+            "max_group_backlog": 8,
+            "wait_timeout_s": 120,
+            "redis_url": external_redis.url,
+            "ray_address": cluster.address,
+        },
+        weight_sync={"transport": "files", "path": str(tmp_path / "weights")},
+    )
     cfg = parse_config(data)
     assert PASSWORD in external_redis.url
     config_file = (
@@ -80,10 +88,22 @@ def test_a_run_submitted_as_a_ray_job_spreads_over_the_nodes_of_its_roles(
 
     t0 = time.monotonic()
     job = subprocess.run(
-        [RAY, "job", "submit", "--address", cluster.dashboard_url, "--",
-         "d3s", "run", str(config_file)],
-        env=ray_env(), capture_output=True, text=True, timeout=540,
-    )  # fmt: skip
+        [
+            RAY,
+            "job",
+            "submit",
+            "--address",
+            cluster.dashboard_url,
+            "--",
+            "d3s",
+            "run",
+            str(config_file),
+        ],
+        env=ray_env(),
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
     elapsed = time.monotonic() - t0
     output = job.stdout + job.stderr
     assert job.returncode == 0 and "succeeded" in output, output[-4000:]
@@ -102,14 +122,24 @@ def test_a_run_submitted_as_a_ray_job_spreads_over_the_nodes_of_its_roles(
             r for r in ("d3s_selector", "d3s_learner", "d3s_rollout") if r in total
         )
     logs = run_dir / "logs"
-    placed = {name: roles[_node_of(logs / f"{name}.log")]
-              for name in ("learner", "selector", "rollout-0", "rollout-1")}  # fmt: skip
-    assert placed == {"learner": "d3s_learner", "selector": "d3s_selector",
-                      "rollout-0": "d3s_rollout", "rollout-1": "d3s_rollout"}  # fmt: skip
+    placed = {
+        name: roles[_node_of(logs / f"{name}.log")]
+        for name in ("learner", "selector", "rollout-0", "rollout-1")
+    }
+    assert placed == {
+        "learner": "d3s_learner",
+        "selector": "d3s_selector",
+        "rollout-0": "d3s_rollout",
+        "rollout-1": "d3s_rollout",
+    }
 
     # The password is in no log: the run's, the Ray cluster's (the job driver's output too).
-    scanned = [p for d in (logs, Path(cluster.temp_dir)) for p in d.rglob("*") if p.is_file()
-               and p.suffix in (".log", ".out", ".err")]  # fmt: skip
+    scanned = [
+        p
+        for d in (logs, Path(cluster.temp_dir))
+        for p in d.rglob("*")
+        if p.is_file() and p.suffix in (".log", ".out", ".err")
+    ]
     assert len(scanned) > 5
     for path in scanned:
         assert PASSWORD not in path.read_text(errors="replace"), path

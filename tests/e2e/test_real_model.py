@@ -42,8 +42,10 @@ SHORT = [
     ("100 clips minus 1 clip is how many clips?", "99"),
 ]
 # Far over MAX_PROMPT_TOKENS once rendered: these must be skipped, never cut.
-LONG = [(" ".join(["Natalia sold clips to her friends in April and May."] * 12) + f" Case {i}?", "1")
-        for i in range(3)]  # fmt: skip
+LONG = [
+    (" ".join(["Natalia sold clips to her friends in April and May."] * 12) + f" Case {i}?", "1")
+    for i in range(3)
+]
 VERIFIER_MODULE = '''
 def shorter_is_better(response: str, answer: str) -> float:
     """A reward with spread inside every group of a random policy: shorter responses score more."""
@@ -63,11 +65,15 @@ def task_files(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("gsm8k")
     rows = [*SHORT, *LONG]
     train = root / "train.jsonl"
-    train.write_text("".join(json.dumps({"question": q, "answer": f"Reasoning.\n#### {a}"}) + "\n"
-                             for q, a in rows))  # fmt: skip
+    train.write_text(
+        "".join(
+            json.dumps({"question": q, "answer": f"Reasoning.\n#### {a}"}) + "\n" for q, a in rows
+        )
+    )
     heldout = root / "test.jsonl"
-    heldout.write_text("".join(json.dumps({"question": q, "answer": f"#### {a}"}) + "\n"
-                               for q, a in SHORT[:2]))  # fmt: skip
+    heldout.write_text(
+        "".join(json.dumps({"question": q, "answer": f"#### {a}"}) + "\n" for q, a in SHORT[:2])
+    )
     (root / "e2e_reward.py").write_text(textwrap.dedent(VERIFIER_MODULE))
     return {"train": train, "eval": heldout, "pythonpath": root}
 
@@ -75,19 +81,36 @@ def task_files(tmp_path_factory) -> dict[str, Path]:
 def _config(model_dir: Path, files: dict[str, Path], run_dir: Path, **sections: dict) -> dict:
     data = {
         "name": "real",
-        "task": {"type": "jsonl", "train_path": str(files["train"]), "eval_path": str(files["eval"]),
-                 "verifier": "e2e_reward:shorter_is_better", "instruction": INSTRUCTION,
-                 "chat_template": True, "system_prompt": SYSTEM, "heldout_size": 2},
+        "task": {
+            "type": "jsonl",
+            "train_path": str(files["train"]),
+            "eval_path": str(files["eval"]),
+            "verifier": "e2e_reward:shorter_is_better",
+            "instruction": INSTRUCTION,
+            "chat_template": True,
+            "system_prompt": SYSTEM,
+            "heldout_size": 2,
+        },
         "policy": {"path": str(model_dir)},
-        "rollout": {"prompts_per_step": 3, "samples_per_prompt": 4, "max_new_tokens": MAX_NEW_TOKENS,
-                    "max_prompt_tokens": MAX_PROMPT_TOKENS},
+        "rollout": {
+            "prompts_per_step": 3,
+            "samples_per_prompt": 4,
+            "max_new_tokens": MAX_NEW_TOKENS,
+            "max_prompt_tokens": MAX_PROMPT_TOKENS,
+        },
         "learner": {"lr": 1e-5, "micro_batch_tokens": 256, "gradient_checkpointing": True},
         "eval": {"n_samples": 0, "ks": []},
-        "train": {"total_steps": 2, "eval_every": 2, "checkpoint_every": 2, "run_dir": str(run_dir),
-                  "progress_bar": False, "seed": 3},
+        "train": {
+            "total_steps": 2,
+            "eval_every": 2,
+            "checkpoint_every": 2,
+            "run_dir": str(run_dir),
+            "progress_bar": False,
+            "seed": 3,
+        },
         "api": {"enabled": False},
         "logging": {"tensorboard": False},
-    }  # fmt: skip
+    }
     for name, values in sections.items():
         data[name] = {**data.get(name, {}), **values}
     return data
@@ -139,8 +162,10 @@ def test_rollouts_use_the_chat_template_stop_on_end_of_turn_and_skip_long_prompt
 
     # The verifier named by import path scored them (under the timeout guard).
     for g in groups:
-        texts = [tokenizer.decode(r[:k], skip_special_tokens=True)
-                 for r, k in zip(g.responses.tolist(), g.response_lengths.tolist(), strict=True)]  # fmt: skip
+        texts = [
+            tokenizer.decode(r[:k], skip_special_tokens=True)
+            for r, k in zip(g.responses.tolist(), g.response_lengths.tolist(), strict=True)
+        ]
         assert g.task == "e2e_reward:shorter_is_better"
         assert g.rewards.tolist() == pytest.approx([1.0 / (1.0 + len(t)) for t in texts])
     assert worker.tasks.verifier_errors == 0
@@ -149,8 +174,13 @@ def test_rollouts_use_the_chat_template_stop_on_end_of_turn_and_skip_long_prompt
 def _d3s(*args: str, pythonpath: Path, timeout: float = 420) -> subprocess.CompletedProcess[str]:
     paths = [str(pythonpath), os.environ.get("PYTHONPATH", "")]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
-    return subprocess.run([sys.executable, "-m", "services.run.cli", *args], capture_output=True,
-                          text=True, timeout=timeout, env=env)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "services.run.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
 def test_d3s_train_and_run_on_the_full_vocabulary_model(model_dir, task_files, tmp_path):
@@ -158,11 +188,21 @@ def test_d3s_train_and_run_on_the_full_vocabulary_model(model_dir, task_files, t
     train_yaml = tmp_path / "train.yaml"
     train_yaml.write_text(yaml.safe_dump(_config(model_dir, task_files, train_dir)))
     run_yaml = tmp_path / "run.yaml"
-    run_yaml.write_text(yaml.safe_dump(_config(
-        model_dir, task_files, run_dir,
-        service={"namespace": f"real{uuid.uuid4().hex[:8]}", "max_group_backlog": 6,
-                 "wait_timeout_s": 180, "max_staleness": 1},
-    )))  # fmt: skip
+    run_yaml.write_text(
+        yaml.safe_dump(
+            _config(
+                model_dir,
+                task_files,
+                run_dir,
+                service={
+                    "namespace": f"real{uuid.uuid4().hex[:8]}",
+                    "max_group_backlog": 6,
+                    "wait_timeout_s": 180,
+                    "max_staleness": 1,
+                },
+            )
+        )
+    )
 
     out = _d3s("train", str(train_yaml), pythonpath=task_files["pythonpath"])
     assert out.returncode == 0, (out.stderr + out.stdout)[-4000:]

@@ -54,14 +54,22 @@ def run_config(tiny_config):
     quarter of them, so most groups carry signal and the run finishes in seconds."""
 
     def build(run_dir: Path, cache: Path, service: dict, api: dict | None = None) -> RunConfig:
-        return parse_config(tiny_config(
-            run_dir, cache, name="e2e",
-            rollout={"prompts_per_step": PROMPTS, "num_actors": ACTORS},
-            train={"total_steps": STEPS, "eval_every": 100, "checkpoint_every": 4},
-            service={"namespace": f"e2e{uuid.uuid4().hex[:8]}", "max_group_backlog": 8,
-                     "wait_timeout_s": 60, **service},
-            api=api or {"enabled": False},
-        ))  # fmt: skip
+        return parse_config(
+            tiny_config(
+                run_dir,
+                cache,
+                name="e2e",
+                rollout={"prompts_per_step": PROMPTS, "num_actors": ACTORS},
+                train={"total_steps": STEPS, "eval_every": 100, "checkpoint_every": 4},
+                service={
+                    "namespace": f"e2e{uuid.uuid4().hex[:8]}",
+                    "max_group_backlog": 8,
+                    "wait_timeout_s": 60,
+                    **service,
+                },
+                api=api or {"enabled": False},
+            )
+        )
 
     return build
 
@@ -100,13 +108,16 @@ def _processes_mentioning(text: str) -> list[psutil.Process]:
 
 
 def test_async_run_completes_and_the_books_balance(
-    tmp_path: Path, warmstart_cache: Path, external_redis: EmbeddedRedis
-, run_config) -> None:
+    tmp_path: Path, warmstart_cache: Path, external_redis: EmbeddedRedis, run_config
+) -> None:
     import ray
 
-    cfg = run_config(tmp_path / "run", warmstart_cache,
-                      {"mode": "async", "max_staleness": 1, "redis_url": external_redis.url},
-                      api={"enabled": True, "port": 0})  # fmt: skip
+    cfg = run_config(
+        tmp_path / "run",
+        warmstart_cache,
+        {"mode": "async", "max_staleness": 1, "redis_url": external_redis.url},
+        api={"enabled": True, "port": 0},
+    )
 
     summary = run_service(cfg)
 
@@ -125,7 +136,9 @@ def test_async_run_completes_and_the_books_balance(
     assert not _processes_mentioning("ComponentHost")
 
 
-def test_sync_run_is_lock_step_and_strictly_on_policy(tmp_path: Path, warmstart_cache: Path, run_config) -> None:
+def test_sync_run_is_lock_step_and_strictly_on_policy(
+    tmp_path: Path, warmstart_cache: Path, run_config
+) -> None:
     run_dir = tmp_path / "run"
     # No redis_url: the orchestrator starts (and stops) its own Redis, with its AOF in run_dir.
     cfg = run_config(run_dir, warmstart_cache, {"mode": "sync", "max_staleness": 0})
@@ -149,7 +162,9 @@ def test_sync_run_is_lock_step_and_strictly_on_policy(tmp_path: Path, warmstart_
         assert seen == list(range(STEPS + 1))
 
 
-def test_sync_run_with_a_two_rank_learner(tmp_path: Path, warmstart_cache: Path, run_config) -> None:
+def test_sync_run_with_a_two_rank_learner(
+    tmp_path: Path, warmstart_cache: Path, run_config
+) -> None:
     """learner.world_size 2: rank 0 serves, rank 1 follows every collective; same books."""
     run_dir = tmp_path / "run"
     base = run_config(run_dir, warmstart_cache, {"mode": "sync", "max_staleness": 0})
@@ -172,23 +187,32 @@ def test_sync_run_with_a_two_rank_learner(tmp_path: Path, warmstart_cache: Path,
     assert "rank 0 of 2 leads" in learner_log
     # Rank 1 is a Ray actor in the learner's placement group, logging beside the others.
     assert "followers 1..1 started as Ray actors" in learner_log
-    assert "follower rank 1 done after 6 steps" in (run_dir / "logs" / "learner-rank1.log").read_text()
+    assert (
+        "follower rank 1 done after 6 steps" in (run_dir / "logs" / "learner-rank1.log").read_text()
+    )
     assert not _processes_mentioning("ComponentHost")
 
 
 @pytest.mark.parametrize("transport", ["files", "collective"])
-def test_async_run_with_each_weight_sync_transport(tmp_path: Path, warmstart_cache: Path,
-                                                   external_redis: EmbeddedRedis, run_config,
-                                                   transport: str) -> None:  # fmt: skip
+def test_async_run_with_each_weight_sync_transport(
+    tmp_path: Path, warmstart_cache: Path, external_redis: EmbeddedRedis, run_config, transport: str
+) -> None:
     """The async run with weights through safetensors files, or a bucketed gloo broadcast from
     the learner into both rollout engines (catch-up files for late joiners): same books."""
     run_dir = tmp_path / "run"
-    base = run_config(run_dir, warmstart_cache,
-                      {"mode": "async", "max_staleness": 1, "redis_url": external_redis.url})  # fmt: skip
+    base = run_config(
+        run_dir,
+        warmstart_cache,
+        {"mode": "async", "max_staleness": 1, "redis_url": external_redis.url},
+    )
     data = base.model_dump(mode="json")
     # A tiny bucket, so the broadcast really is several buckets per version.
-    data["weight_sync"] = {"transport": transport, "path": str(tmp_path / "weights"),
-                           "bucket_mb": 0.02, "timeout_s": 60}  # fmt: skip
+    data["weight_sync"] = {
+        "transport": transport,
+        "path": str(tmp_path / "weights"),
+        "bucket_mb": 0.02,
+        "timeout_s": 60,
+    }
     cfg = parse_config(data)
 
     summary = run_service(cfg)
@@ -200,7 +224,9 @@ def test_async_run_with_each_weight_sync_transport(tmp_path: Path, warmstart_cac
     for name, seen in books["loaded"].items():
         assert summary["components"][name]["versions_loaded"] == seen
     # Every engine ends on the last version (rollouts keep receiving until the learner is done).
-    assert {s["version"] for n, s in summary["components"].items() if n.startswith("rollout")} == {STEPS}
+    assert {s["version"] for n, s in summary["components"].items() if n.startswith("rollout")} == {
+        STEPS
+    }
     on_disk = sorted(p.name for p in (tmp_path / "weights").glob("weights-v*.safetensors"))
     assert on_disk[-1] == f"weights-v{STEPS:010d}.safetensors" and len(on_disk) <= 2
     learner_log = (run_dir / "logs" / "learner.log").read_text()

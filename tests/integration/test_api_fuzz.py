@@ -56,9 +56,14 @@ def write_state(t: Transport) -> None:
     for step in range(1, 11):
         t.state.record_step(
             step,
-            {"reward_mean": step / 10, "samples_total": 8.0 * step, "wall_time": 100.0 + step,
-             "learner_tokens_total": 90.0 * step, "learner_seconds_total": 0.4 * step},
-        )  # fmt: skip
+            {
+                "reward_mean": step / 10,
+                "samples_total": 8.0 * step,
+                "wall_time": 100.0 + step,
+                "learner_tokens_total": 90.0 * step,
+                "learner_seconds_total": 0.4 * step,
+            },
+        )
     t.state.set_metrics({"reward_mean": 1.0, "learner_version": 10, "loss": float("nan")})
     t.state.record_heartbeat("rollout-0", {"weight_version": 9, "groups_published": 30})
     t.state.record_checkpoint(10, "runs/fuzz/checkpoints/step_10")

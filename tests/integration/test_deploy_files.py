@@ -73,8 +73,14 @@ def _compose_binary() -> list[str]:
 
 
 def _compose_config(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*_compose_binary(), "-f", str(COMPOSE), "config"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    return subprocess.run(
+        [*_compose_binary(), "-f", str(COMPOSE), "config"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 @pytest.fixture
@@ -168,8 +174,13 @@ def test_entrypoint_derives_rollout_index_from_the_replica_name(tmp_path: Path) 
     script = str(ROOT / "deploy" / "entrypoint.sh")
 
     def run(ptr: str, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["bash", script, *args], env={**env, "FAKE_PTR": ptr, **extra},
-                              capture_output=True, text=True, timeout=30)  # fmt: skip
+        return subprocess.run(
+            ["bash", script, *args],
+            env={**env, "FAKE_PTR": ptr, **extra},
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
 
     v2 = run("d3s-rl-rollout-3.d3s-rl_default", "rollout", "cfg.yaml")
     assert v2.returncode == 0, v2.stderr

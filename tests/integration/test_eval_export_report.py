@@ -25,8 +25,14 @@ pytestmark = pytest.mark.integration
 runner = CliRunner()
 
 RUNS = {
-    "add-z1": {"task": {"type": "arithmetic", "digits": 1, "heldout_size": 24}, "learner": {"zero_stage": 1}},
-    "mix-z3": {"task": {"type": "mixed", "levels": [1], "heldout_size": 24}, "learner": {"zero_stage": 3}},
+    "add-z1": {
+        "task": {"type": "arithmetic", "digits": 1, "heldout_size": 24},
+        "learner": {"zero_stage": 1},
+    },
+    "mix-z3": {
+        "task": {"type": "mixed", "levels": [1], "heldout_size": 24},
+        "learner": {"zero_stage": 3},
+    },
 }
 
 
@@ -37,11 +43,13 @@ def runs(tmp_path_factory, tiny_config_module):
     out = {}
     for name, over in RUNS.items():
         data = tiny_config_module(
-            root / name, root / "ws_cache", task=over["task"],
+            root / name,
+            root / "ws_cache",
+            task=over["task"],
             warmstart={"steps": 150, "lr": 3e-3, "eval_prompts": 0},
             learner={**over["learner"], "lr": 1e-3},
             train={"total_steps": 2, "eval_every": 1, "checkpoint_every": 1},
-        )  # fmt: skip
+        )
         path = root / f"{name}.yaml"
         path.write_text(yaml.safe_dump(json.loads(json.dumps(data))))
         cfg = parse_config(data)
@@ -90,7 +98,9 @@ def test_export_matches_the_engine_module(runs, name, tmp_path):
     engine = LearnerEngine(model, cfg.learner, cfg.train.total_steps)
     engine.engine.load_checkpoint(str(run_dir / "checkpoints"), tag="step0000001")
     engine.engine.eval()
-    torch.testing.assert_close(_logits(exported, ids), _logits(engine.engine, ids), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        _logits(exported, ids), _logits(engine.engine, ids), rtol=1e-5, atol=1e-5
+    )
 
     # Step 2 is the final policy the trainer saved; where step 2 trained, step 1 differs from it.
     final, _ = load_policy(run_dir / "final_policy")
@@ -129,8 +139,25 @@ def test_eval_of_the_final_policy_reproduces_the_runs_last_evaluation(runs):
 
 def test_eval_of_a_step_and_of_a_model_dir(runs, tmp_path):
     run_dir, config, _ = runs["add-z1"]
-    res = runner.invoke(app, ["eval", str(run_dir), "--config", str(config), "--step", "1",
-                              "--n", "8", "--k", "1", "--k", "8", "--temperature", "0.7"])  # fmt: skip
+    res = runner.invoke(
+        app,
+        [
+            "eval",
+            str(run_dir),
+            "--config",
+            str(config),
+            "--step",
+            "1",
+            "--n",
+            "8",
+            "--k",
+            "1",
+            "--k",
+            "8",
+            "--temperature",
+            "0.7",
+        ],
+    )
     assert res.exit_code == 0, res.output
     rec = json.loads((run_dir / "eval" / "step-1.json").read_text())
     assert rec["step"] == 1 and rec["n_samples"] == 8 and rec["temperature"] == 0.7
@@ -138,10 +165,25 @@ def test_eval_of_a_step_and_of_a_model_dir(runs, tmp_path):
     assert 0.0 <= rec["overall"]["pass_at_k"]["1"] <= rec["overall"]["pass_at_k"]["8"] <= 1.0
 
     out = tmp_path / "m.json"
-    res = runner.invoke(app, ["eval", str(run_dir / "final_policy"), "--config", str(config),
-                              "--n", "0", "--k", "1", "--out", str(out)])  # fmt: skip
+    res = runner.invoke(
+        app,
+        [
+            "eval",
+            str(run_dir / "final_policy"),
+            "--config",
+            str(config),
+            "--n",
+            "0",
+            "--k",
+            "1",
+            "--out",
+            str(out),
+        ],
+    )
     assert res.exit_code == 2 and "n_samples" in res.output  # n < k is refused, naming the field
-    res = runner.invoke(app, ["eval", str(run_dir / "final_policy"), "--config", str(config), "--out", str(out)])
+    res = runner.invoke(
+        app, ["eval", str(run_dir / "final_policy"), "--config", str(config), "--out", str(out)]
+    )
     assert res.exit_code == 0, res.output
     assert json.loads(out.read_text())["overall"]["greedy_accuracy"] is not None
 

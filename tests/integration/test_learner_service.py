@@ -32,20 +32,33 @@ STEPS = 5
 
 def tiny_model() -> GPT2LMHeadModel:
     torch.manual_seed(0)
-    cfg = GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=15, n_positions=32,
-                     bos_token_id=0, eos_token_id=1)  # fmt: skip
+    cfg = GPT2Config(
+        n_layer=1,
+        n_embd=32,
+        n_head=2,
+        vocab_size=15,
+        n_positions=32,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
     return GPT2LMHeadModel(cfg)
 
 
 def make_cfg(run_dir: Path) -> RunConfig:
-    return parse_config({
-        "rollout": {"prompts_per_step": 4, "samples_per_prompt": 4},
-        "algorithm": {"preset": "d3s"},
-        "learner": {"lr": 1e-3},
-        "train": {"total_steps": STEPS, "checkpoint_every": 2, "eval_every": 100,
-                  "run_dir": str(run_dir)},
-        "service": {"wait_timeout_s": 5},
-    })  # fmt: skip
+    return parse_config(
+        {
+            "rollout": {"prompts_per_step": 4, "samples_per_prompt": 4},
+            "algorithm": {"preset": "d3s"},
+            "learner": {"lr": 1e-3},
+            "train": {
+                "total_steps": STEPS,
+                "checkpoint_every": 2,
+                "eval_every": 100,
+                "run_dir": str(run_dir),
+            },
+            "service": {"wait_timeout_s": 5},
+        }
+    )
 
 
 def make_batch(step: int, cfg: RunConfig) -> CuratedBatch:
@@ -55,13 +68,21 @@ def make_batch(step: int, cfg: RunConfig) -> CuratedBatch:
         lengths = rng.integers(1, 6, size=4)
         logp = -rng.random((4, 5)).astype(np.float32)
         logp[np.arange(5)[None, :] >= lengths[:, None]] = 0.0
-        groups.append(ScoredGroup(
-            group_id=f"s{step}-g{i}", prompt_id=f"p{i}", policy_version=step,
-            prompt=rng.integers(2, 15, size=6), responses=rng.integers(2, 15, size=(4, 5)),
-            response_lengths=lengths, behav_logp=logp,
-            rewards=np.array([1.0, 0.0, 1.0, float(i % 2)], dtype=np.float32),
-            created_at=time.time(), actor="test", task="arithmetic",
-        ))  # fmt: skip
+        groups.append(
+            ScoredGroup(
+                group_id=f"s{step}-g{i}",
+                prompt_id=f"p{i}",
+                policy_version=step,
+                prompt=rng.integers(2, 15, size=6),
+                responses=rng.integers(2, 15, size=(4, 5)),
+                response_lengths=lengths,
+                behav_logp=logp,
+                rewards=np.array([1.0, 0.0, 1.0, float(i % 2)], dtype=np.float32),
+                created_at=time.time(),
+                actor="test",
+                task="arithmetic",
+            )
+        )
     preset = cfg.algorithm.build_preset()
     return batch_record(step, STEPS, preset.name, groups, curate(groups, preset, step, STEPS))
 
@@ -153,8 +174,13 @@ def test_a_batch_the_model_cannot_take_is_dead_lettered(
     transport.client.xadd(transport.keys.batches, forged.to_fields())
     feed(transport, cfg, range(STEPS))
     engine = LearnerEngine(tiny_model(), cfg.learner, STEPS)
-    learner = LearnerService(transport, engine, cfg.learner_settings(tmp_path / "run"),
-                             limits=ModelLimits(vocab_size=15, max_positions=32), block_ms=100)  # fmt: skip
+    learner = LearnerService(
+        transport,
+        engine,
+        cfg.learner_settings(tmp_path / "run"),
+        limits=ModelLimits(vocab_size=15, max_positions=32),
+        block_ms=100,
+    )
     out = learner.run()
     assert out["steps"] == STEPS and out["batches_rejected"] == 1
     (dead,) = transport.state.dead_letters()

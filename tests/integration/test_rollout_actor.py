@@ -58,12 +58,14 @@ def policy(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Mod
 
 
 def make_cfg(mode: str = "async") -> RunConfig:
-    return parse_config({
-        "task": {"type": "arithmetic", "digits": 1},
-        "rollout": {"prompts_per_step": 4, "samples_per_prompt": 2, "num_actors": 1},
-        "train": {"total_steps": 100},
-        "service": {"mode": mode, "max_group_backlog": 4, "wait_timeout_s": 20},
-    })  # fmt: skip
+    return parse_config(
+        {
+            "task": {"type": "arithmetic", "digits": 1},
+            "rollout": {"prompts_per_step": 4, "samples_per_prompt": 2, "num_actors": 1},
+            "train": {"total_steps": 100},
+            "service": {"mode": mode, "max_group_backlog": 4, "wait_timeout_s": 20},
+        }
+    )
 
 
 def make_actor(cfg: RunConfig, transport: Transport, weights: Weights, path: Path) -> RolloutActor:
@@ -189,8 +191,9 @@ def test_admission_waits_for_weights_fresh_enough_to_be_trained(
     assert result["report"]["admission_wait_seconds"] > 1.0
 
 
-def test_weights_are_taken_while_waiting_and_a_rewind_is_loaded(transport: Transport, policy,
-                                                               tmp_path: Path) -> None:  # fmt: skip
+def test_weights_are_taken_while_waiting_and_a_rewind_is_loaded(
+    transport: Transport, policy, tmp_path: Path
+) -> None:
     # The actor sits in its backpressure wait (the queue is full) and still loads each version
     # the learner publishes (a collective publish would block until it did), including an
     # older version republished by a resumed learner.

@@ -24,12 +24,19 @@ PROMPTS = 4
 
 
 def make_cfg(**service) -> RunConfig:
-    return parse_config({
-        "rollout": {"prompts_per_step": PROMPTS, "samples_per_prompt": G},
-        "train": {"total_steps": 5, "seed": 3},
-        "algorithm": {"preset": "d3s"},
-        "service": {"max_staleness": 1, "wait_timeout_s": 5, "max_batch_backlog": 10, **service},
-    })  # fmt: skip
+    return parse_config(
+        {
+            "rollout": {"prompts_per_step": PROMPTS, "samples_per_prompt": G},
+            "train": {"total_steps": 5, "seed": 3},
+            "algorithm": {"preset": "d3s"},
+            "service": {
+                "max_staleness": 1,
+                "wait_timeout_s": 5,
+                "max_batch_backlog": 10,
+                **service,
+            },
+        }
+    )
 
 
 def make_group(i: int, version: int = 0, rewards: list[float] | None = None) -> ScoredGroup:
@@ -41,11 +48,18 @@ def make_group(i: int, version: int = 0, rewards: list[float] | None = None) -> 
     if rewards is None:  # distinct rewards: every group carries signal
         rewards = [1.0, 0.0, float(i % 2), 0.5]
     return ScoredGroup(
-        group_id=f"g{i}", prompt_id=f"p{i}", policy_version=version,
-        prompt=rng.integers(2, 15, size=6), responses=rng.integers(2, 15, size=(G, t)),
-        response_lengths=lengths, behav_logp=logp, rewards=np.array(rewards, dtype=np.float32),
-        created_at=time.time(), actor="test", task="arithmetic",
-    )  # fmt: skip
+        group_id=f"g{i}",
+        prompt_id=f"p{i}",
+        policy_version=version,
+        prompt=rng.integers(2, 15, size=6),
+        responses=rng.integers(2, 15, size=(G, t)),
+        response_lengths=lengths,
+        behav_logp=logp,
+        rewards=np.array(rewards, dtype=np.float32),
+        created_at=time.time(),
+        actor="test",
+        task="arithmetic",
+    )
 
 
 def publish(t: Transport, group: ScoredGroup) -> str:
@@ -90,13 +104,17 @@ def _malformed(good: ScoredGroup) -> dict[str, dict[bytes, bytes]]:
         "schema version": with_meta({"schema": 99}),
         "truncated": with_meta({}, responses=fields[b"responses"][:-3]),
         "nan": with_meta({}, rewards=nan_rewards),
-        "mismatched": with_meta({"arrays": short_lengths_meta},
-                                response_lengths=fields[b"response_lengths"][: 4 * (G - 1)]),
+        "mismatched": with_meta(
+            {"arrays": short_lengths_meta},
+            response_lengths=fields[b"response_lengths"][: 4 * (G - 1)],
+        ),
         "garbage": {b"meta": b"\xff\xfe\x00not json", b"responses": b"\x01\x02\x03"},
-    }  # fmt: skip
+    }
 
 
-def test_malformed_records_are_dead_lettered_and_a_correct_batch_follows(transport: Transport) -> None:
+def test_malformed_records_are_dead_lettered_and_a_correct_batch_follows(
+    transport: Transport,
+) -> None:
     cfg = make_cfg()
     good = [make_group(i) for i in range(PROMPTS)]
     bad = _malformed(make_group(99))
@@ -107,10 +125,16 @@ def test_malformed_records_are_dead_lettered_and_a_correct_batch_follows(transpo
     publish(transport, good[1])
     for fields in list(bad.values())[3:]:
         transport.client.xadd(transport.keys.groups, fields)
-    wrong_g = ScoredGroup(**{**make_group(50).__dict__, "responses": make_group(50).responses[:3],
-                             "response_lengths": make_group(50).response_lengths[:3],
-                             "behav_logp": make_group(50).behav_logp[:3],
-                             "rewards": make_group(50).rewards[:3], "group_id": "g-three"})
+    wrong_g = ScoredGroup(
+        **{
+            **make_group(50).__dict__,
+            "responses": make_group(50).responses[:3],
+            "response_lengths": make_group(50).response_lengths[:3],
+            "behav_logp": make_group(50).behav_logp[:3],
+            "rewards": make_group(50).rewards[:3],
+            "group_id": "g-three",
+        }
+    )
     publish(transport, wrong_g)
     publish(transport, good[2])
     publish(transport, good[3])
@@ -135,8 +159,14 @@ def test_malformed_records_are_dead_lettered_and_a_correct_batch_follows(transpo
     # The batch holds exactly the four good groups and equals what curate() makes of them.
     (batch,) = batches(transport)
     assert batch.group_ids == [g.group_id for g in good]
-    expected = curate(good, cfg.algorithm.build_preset(), 0, cfg.train.total_steps,
-                      cfg.algorithm.adv_eps, torch.Generator().manual_seed(step_seed(3, 0))).rows
+    expected = curate(
+        good,
+        cfg.algorithm.build_preset(),
+        0,
+        cfg.train.total_steps,
+        cfg.algorithm.adv_eps,
+        torch.Generator().manual_seed(step_seed(3, 0)),
+    ).rows
     assert expected is not None
     np.testing.assert_array_equal(batch.input_ids, expected.input_ids)
     np.testing.assert_array_equal(batch.advantages, expected.advantages)
@@ -181,9 +211,7 @@ def test_schedule_state_survives_a_selector_restart(transport: Transport) -> Non
     assert float(sched["token_ratio"]) == pytest.approx(token_ratio)
     assert float(sched["progress"]) == pytest.approx(2 / cfg.train.total_steps)
     assert transport.state.stats()["batches_written"] == 2
-    assert set(transport.state.batch_groups()["step-0000001"]) == set(
-        b1.group_ids
-    )
+    assert set(transport.state.batch_groups()["step-0000001"]) == set(b1.group_ids)
 
 
 # ---- reclaim -------------------------------------------------------------------------------------
@@ -215,9 +243,12 @@ def test_pending_groups_of_a_killed_consumer_are_reclaimed(transport: Transport)
     dead._commit(held.stale, dup, [], None)
     assert dead.summary["commits_refused"] == 1
     refused = transport.queue.commit(
-        transport.keys.groups, GROUP, [d.entry_id for d in dup],
-        outputs=[(transport.keys.batches, "step-0000000-again", batch)], consumer="selector-a",
-    )  # fmt: skip
+        transport.keys.groups,
+        GROUP,
+        [d.entry_id for d in dup],
+        outputs=[(transport.keys.batches, "step-0000000-again", batch)],
+        consumer="selector-a",
+    )
     assert not refused.committed
     assert len(batches(transport)) == 1
     stats = transport.state.stats()
@@ -289,22 +320,39 @@ def test_no_groups_fails_with_a_clear_message(transport: Transport) -> None:
 # ---- records that are well-formed but wrong in meaning -------------------------------------------
 
 
-def test_groups_wrong_in_meaning_are_dead_lettered_and_the_run_goes_on(transport: Transport) -> None:
+def test_groups_wrong_in_meaning_are_dead_lettered_and_the_run_goes_on(
+    transport: Transport,
+) -> None:
     cfg = make_cfg()
     settings = replace(cfg.selector_settings(), vocab_size=15, max_positions=11)
     good = [make_group(i) for i in range(PROMPTS)]
 
     def variant(i: int, **changes) -> ScoredGroup:
         base = make_group(100 + i)
-        fields = {f: getattr(base, f) for f in ("group_id", "prompt_id", "policy_version", "prompt",
-                  "responses", "response_lengths", "behav_logp", "rewards", "created_at", "actor",
-                  "task")}  # fmt: skip
+        fields = {
+            f: getattr(base, f)
+            for f in (
+                "group_id",
+                "prompt_id",
+                "policy_version",
+                "prompt",
+                "responses",
+                "response_lengths",
+                "behav_logp",
+                "rewards",
+                "created_at",
+                "actor",
+                "task",
+            )
+        }
         return ScoredGroup(**{**fields, **changes})
 
     hostile = {
         "outside the model's vocabulary": variant(0, prompt=np.array([3, 4, 99], dtype=np.int32)),
         "beyond the model's context": variant(1, prompt=np.arange(2, 13, dtype=np.int32)),
-        "beyond service.max_abs_reward": variant(2, rewards=np.array([3e38, 0, 1, 0], dtype=np.float32)),
+        "beyond service.max_abs_reward": variant(
+            2, rewards=np.array([3e38, 0, 1, 0], dtype=np.float32)
+        ),
         "ahead of the learner": variant(3, policy_version=10**9),
     }
     for g in [*hostile.values(), *good]:
@@ -326,6 +374,9 @@ def test_large_finite_rewards_do_not_overflow_the_advantages(transport: Transpor
     for g in huge:
         publish(transport, g)
     settings = replace(cfg.selector_settings(), max_abs_reward=1e39)  # let them through
-    assert SelectorService(transport, settings, block_ms=100).run(max_batches=1)["batches_written"] == 1
+    assert (
+        SelectorService(transport, settings, block_ms=100).run(max_batches=1)["batches_written"]
+        == 1
+    )
     (batch,) = batches(transport)
     assert np.isfinite(batch.advantages).all() and np.abs(batch.advantages).max() < 3

@@ -47,11 +47,23 @@ def test_a_dead_process_is_a_death_an_exception_is_not() -> None:
 
 
 def test_restart_settings_are_validated_by_field() -> None:
-    cfg = parse_config({"service": {"max_restarts": 2, "restart_backoff_s": 0.1,
-                                    "redis_outage_s": 5, "redis_maxmemory_mb": 64}})  # fmt: skip
+    cfg = parse_config(
+        {
+            "service": {
+                "max_restarts": 2,
+                "restart_backoff_s": 0.1,
+                "redis_outage_s": 5,
+                "redis_maxmemory_mb": 64,
+            }
+        }
+    )
     assert (cfg.service.max_restarts, cfg.service.redis_outage_s) == (2, 5)
-    for field, value in (("max_restarts", -1), ("restart_backoff_s", -1), ("redis_outage_s", 0),
-                         ("redis_maxmemory_mb", -5)):  # fmt: skip
+    for field, value in (
+        ("max_restarts", -1),
+        ("restart_backoff_s", -1),
+        ("redis_outage_s", 0),
+        ("redis_maxmemory_mb", -5),
+    ):
         with pytest.raises(ConfigError, match=f"service.{field}"):
             parse_config({"service": {field: value}})
 

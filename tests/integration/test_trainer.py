@@ -18,7 +18,8 @@ pytestmark = pytest.mark.integration
 def tiny_cfg(tiny_config):
     def build(tmp_path, run: str, **over) -> dict:
         cfg = tiny_config(
-            tmp_path / run, tmp_path.parent / "ws_cache",
+            tmp_path / run,
+            tmp_path.parent / "ws_cache",
             warmstart={"steps": 150, "batch_size": 64, "lr": 3e-3, "min_accuracy": 0.0},
             task={"heldout_size": 40},
             rollout={"prompts_per_step": 6},
@@ -80,14 +81,20 @@ def test_resume_gives_same_next_step_loss(tmp_path, tiny_cfg):
 
 
 def test_world_size_2(tmp_path, tiny_cfg):
-    cfg = parse_config(tiny_cfg(tmp_path, "ws2", **{"learner.world_size": 2, "train.total_steps": 2}))
+    cfg = parse_config(
+        tiny_cfg(tmp_path, "ws2", **{"learner.world_size": 2, "train.total_steps": 2})
+    )
     summary = SyncTrainer(cfg).run()
-    rows = [json.loads(line) for line in (tmp_path / "ws2" / "metrics.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line) for line in (tmp_path / "ws2" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert summary["learner_tokens_total"] > 0
     # and it matches world size 1 on the same data
     one = parse_config(tiny_cfg(tmp_path, "ws1", **{"train.total_steps": 2}))
     SyncTrainer(one).run()
-    rows1 = [json.loads(line) for line in (tmp_path / "ws1" / "metrics.jsonl").read_text().splitlines()]
+    rows1 = [
+        json.loads(line) for line in (tmp_path / "ws1" / "metrics.jsonl").read_text().splitlines()
+    ]
     for a, b in zip(rows[1:], rows1[1:], strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-7)

@@ -143,7 +143,9 @@ def test_malformed_records_are_dead_lettered_and_reading_goes_on(transport: Tran
     assert len(first[b"sha256"]) == 64 and first[b"prefix"] == json.dumps(meta).encode()[:256]
     assert not any(k.startswith(b"orig:") for k in first)
     second = by_id[garbage]
-    assert second[b"reason"] == b"missing field 'meta'"  # a field named "reason" cannot overwrite ours
+    assert (
+        second[b"reason"] == b"missing field 'meta'"
+    )  # a field named "reason" cannot overwrite ours
     assert int(second[b"fields"]) == 2
 
     # Reading goes on: a record published after the bad ones arrives normally.
@@ -163,7 +165,9 @@ def test_dead_letters_of_huge_and_wide_records_stay_small(transport: Transport) 
     assert int(dead[1][1][b"bytes"]) == (4 << 20) + 1
     assert client.memory_usage(t.keys.dead) < 64_000  # not a copy of 4 MB
     assert [r["reason"] for r in t.state.dead_letters()][::-1] == [
-        dead[0][1][b"reason"].decode(), dead[1][1][b"reason"].decode()]
+        dead[0][1][b"reason"].decode(),
+        dead[1][1][b"reason"].decode(),
+    ]
 
 
 def test_an_entry_delivered_too_often_is_dead_lettered(transport: Transport) -> None:

@@ -49,8 +49,15 @@ def _learner(conn: Any, catchup: str) -> None:
     torch.set_num_threads(1)
     try:
         model = _model(seed=0)
-        pub = CollectivePublisher("127.0.0.1", 0, bucket_bytes=BUCKET_BYTES, catchup_dir=catchup,
-                                  catchup_every=1, timeout_s=30, member_timeout_s=60)  # fmt: skip
+        pub = CollectivePublisher(
+            "127.0.0.1",
+            0,
+            bucket_bytes=BUCKET_BYTES,
+            catchup_dir=catchup,
+            catchup_every=1,
+            timeout_s=30,
+            member_timeout_s=60,
+        )
         conn.send(("address", pub.address))
         while True:
             cmd = conn.recv()
@@ -61,8 +68,15 @@ def _learner(conn: Any, catchup: str) -> None:
             _step(model, version)
             seconds = pub.publish(version, model.state_dict())
             pub.flush()
-            conn.send(("ok", version, state_checksum(model.state_dict()), seconds,
-                       len(plan_buckets(dict(model.state_dict()), BUCKET_BYTES))))  # fmt: skip
+            conn.send(
+                (
+                    "ok",
+                    version,
+                    state_checksum(model.state_dict()),
+                    seconds,
+                    len(plan_buckets(dict(model.state_dict()), BUCKET_BYTES)),
+                )
+            )
     except BaseException as exc:
         conn.send(("error", type(exc).__name__, f"{exc}\n{traceback.format_exc()}"))
 

@@ -57,6 +57,10 @@ def test_a_component_without_redis_exits_2(tmp_path, monkeypatch) -> None:
 
 
 def test_the_installed_script_runs() -> None:
-    out = subprocess.run([sys.executable, "-m", "services.run.cli", "--help"], capture_output=True,
-                         text=True, timeout=120)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "services.run.cli", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0 and "d3s" in out.stdout.lower()

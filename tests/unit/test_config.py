@@ -44,15 +44,27 @@ def test_learner_temperature_must_match_rollout() -> None:
 
 
 def test_sync_mode_needs_a_share_per_actor() -> None:
-    message = error_of({"service": {"mode": "sync"}, "rollout": {"prompts_per_step": 2, "num_actors": 3}})
+    message = error_of(
+        {"service": {"mode": "sync"}, "rollout": {"prompts_per_step": 2, "num_actors": 3}}
+    )
     assert "rollout.num_actors" in message
 
 
 def test_jsonl_task_needs_a_model_and_existing_files(tmp_path) -> None:
     train = tmp_path / "train.jsonl"
     train.write_text('{"question": "1+1?", "answer": "#### 2"}\n')
-    assert "policy.path: required" in error_of({"task": {"type": "jsonl", "train_path": str(train)}})
-    missing = error_of({"task": {"type": "jsonl", "train_path": str(train), "eval_path": str(tmp_path / "no.jsonl")}})
+    assert "policy.path: required" in error_of(
+        {"task": {"type": "jsonl", "train_path": str(train)}}
+    )
+    missing = error_of(
+        {
+            "task": {
+                "type": "jsonl",
+                "train_path": str(train),
+                "eval_path": str(tmp_path / "no.jsonl"),
+            }
+        }
+    )
     assert "eval_path: no such file" in missing
 
 
@@ -64,7 +76,9 @@ def test_task_variants_and_the_default_type(tmp_path) -> None:
     (model / "config.json").write_text("{}")
     train = tmp_path / "train.jsonl"
     train.write_text('{"question": "1+1?", "answer": "#### 2"}\n')
-    cfg = parse_config({"task": {"type": "jsonl", "train_path": str(train)}, "policy": {"path": str(model)}})
+    cfg = parse_config(
+        {"task": {"type": "jsonl", "train_path": str(train)}, "policy": {"path": str(model)}}
+    )
     assert isinstance(cfg.task, JsonlTaskConfig) and cfg.task.eval_path is None
 
 
@@ -90,10 +104,18 @@ def test_files(tmp_path) -> None:
 
 
 def test_components_get_their_own_settings() -> None:
-    cfg = parse_config({"rollout": {"prompts_per_step": 8, "num_actors": 3},
-                        "service": {"mode": "sync", "max_staleness": 0}})  # fmt: skip
+    cfg = parse_config(
+        {
+            "rollout": {"prompts_per_step": 8, "num_actors": 3},
+            "service": {"mode": "sync", "max_staleness": 0},
+        }
+    )
     selector = cfg.selector_settings()
-    assert (selector.prompts_per_step, selector.max_staleness, selector.preset.name) == (8, 0, "d3s")
+    assert (selector.prompts_per_step, selector.max_staleness, selector.preset.name) == (
+        8,
+        0,
+        "d3s",
+    )
     rollout = cfg.rollout_settings()
     assert rollout.lock_step and rollout.num_actors == 3
     assert cfg.learner_settings().total_steps == cfg.train.total_steps

@@ -94,7 +94,6 @@ def test_micro_batch_tokens_default_is_one_micro_batch_and_accepts_a_budget():
     )
 
 
-
 def test_every_field_is_documented():
     for cls in (LearnerConfig, GRPOLossConfig, GSPOLossConfig):
         for name, field in cls.model_fields.items():

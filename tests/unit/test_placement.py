@@ -36,7 +36,9 @@ def test_a_cluster_with_role_resources_pins_each_role() -> None:
 
 
 def test_impossible_requests_name_the_field() -> None:
-    with pytest.raises(ValueError, match=r"learner.world_size: 2 ranks need 2 GPUs; the Ray cluster has 1"):
+    with pytest.raises(
+        ValueError, match=r"learner.world_size: 2 ranks need 2 GPUs; the Ray cluster has 1"
+    ):
         plan_placement(2, learner_gpu=True, rollout_gpus=0.0, cluster={"GPU": 1.0})
     with pytest.raises(ValueError, match=r"rollout.num_gpus: 2 per actor"):
         plan_placement(1, learner_gpu=False, rollout_gpus=2.0, cluster=GPU_HOST | {"GPU": 1.0})

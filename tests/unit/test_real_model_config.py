@@ -32,8 +32,14 @@ def model_dir(tmp_path, tokenizer) -> Path:
     from transformers import Qwen2Config
 
     directory = tmp_path / "Qwen2.5-0.5B-Instruct"
-    Qwen2Config(vocab_size=151_936, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                num_key_value_heads=1, intermediate_size=64).save_pretrained(directory)  # fmt: skip
+    Qwen2Config(
+        vocab_size=151_936,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=64,
+    ).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
 
@@ -120,8 +126,16 @@ def test_vllm_section_only_with_the_vllm_engine(monkeypatch):
     cfg = parse_config({"rollout": {"engine": "vllm", "max_new_tokens": 5}})
     assert cfg.rollout.vllm is None and cfg.rollout.vllm_settings.gpu_memory_utilization == 0.9
     with pytest.raises(ConfigError, match="vllm.max_model_len: 8 cannot hold"):
-        parse_config({"rollout": {"engine": "vllm", "max_new_tokens": 5, "max_prompt_tokens": 4,
-                                  "vllm": {"max_model_len": 8}}})  # fmt: skip
+        parse_config(
+            {
+                "rollout": {
+                    "engine": "vllm",
+                    "max_new_tokens": 5,
+                    "max_prompt_tokens": 4,
+                    "vllm": {"max_model_len": 8},
+                }
+            }
+        )
     with pytest.raises(ConfigError, match="gpu_memory_utilization"):
         parse_config({"rollout": {"engine": "vllm", "vllm": {"gpu_memory_utilization": 1.5}}})
 
@@ -133,8 +147,10 @@ def test_prompt_format_renders_instruction_and_chat(tokenizer):
     assert PromptFormat().apply(tokenizer, [p]) == [p] and PromptFormat().is_identity
     chat = PromptFormat("Q: {question}", chat_template=True, system_prompt="Be exact.")
     out = chat.apply(tokenizer, [p])[0]
-    assert out.text == ("<|im_start|>system\nBe exact.<|im_end|>\n<|im_start|>user\n"
-                        "Q: What is {x}? 2+3<|im_end|>\n<|im_start|>assistant\n")  # fmt: skip
+    assert out.text == (
+        "<|im_start|>system\nBe exact.<|im_end|>\n<|im_start|>user\n"
+        "Q: What is {x}? 2+3<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert (out.prompt_id, out.answer, out.task) == (p.prompt_id, p.answer, p.task)
     assert tokenizer.chat_template == CHAT_TEMPLATE
     without = build_tokenizer(vocab_size=300)

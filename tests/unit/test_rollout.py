@@ -256,9 +256,19 @@ class _WideTokenizer:
 
 def _wide_vocab_model(vocab: int) -> GPT2LMHeadModel:
     """A 1-layer GPT-2 whose vocabulary dwarfs everything else (CharTokenizer ids fit in it)."""
-    config = GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=1, n_head=2,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=TOK.bos_token_id,
-                        eos_token_id=TOK.eos_token_id, pad_token_id=TOK.pad_token_id)  # fmt: skip
+    config = GPT2Config(
+        vocab_size=vocab,
+        n_positions=64,
+        n_embd=32,
+        n_layer=1,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=TOK.bos_token_id,
+        eos_token_id=TOK.eos_token_id,
+        pad_token_id=TOK.pad_token_id,
+    )
     torch.manual_seed(0)
     return GPT2LMHeadModel(config).eval()
 
@@ -281,9 +291,16 @@ def test_no_tensor_grows_with_length_times_vocabulary():
     # The probe does see an [N, T, V] tensor where one is made: generate's kept scores.
     ids = torch.tensor([TOK.encode("12+34=")] * rows)
     with LargestTensor(params) as probe, torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, max_new_tokens=32,
-                             min_new_tokens=32, output_scores=True, return_dict_in_generate=True,
-                             pad_token_id=TOK.pad_token_id)  # fmt: skip
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=True,
+            max_new_tokens=32,
+            min_new_tokens=32,
+            output_scores=True,
+            return_dict_in_generate=True,
+            pad_token_id=TOK.pad_token_id,
+        )
         torch.stack(out.scores, dim=1)
     assert probe.largest >= rows * 32 * vocab
 
@@ -406,9 +423,12 @@ def _chat_tokenizer(template: str | None):
     }
     tok = Tokenizer(models.WordLevel(vocab, unk_token="x"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>",
-                                   additional_special_tokens=["<|im_start|>", "<|im_end|>"],
-                                   chat_template=template)  # fmt: skip
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<eos>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+        chat_template=template,
+    )
 
 
 def test_default_stops_add_the_chat_templates_end_of_turn():
@@ -456,8 +476,12 @@ def test_vllm_engine_module_loads_without_vllm_and_its_wire_format_round_trips()
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
     gen = torch.Generator().manual_seed(0)
-    tensors = {"a": torch.randn(3, 4, generator=gen), "b": torch.randn(5, generator=gen).to(torch.bfloat16),
-               "c": torch.arange(6).reshape(2, 3), "d": torch.zeros(0, 2)}  # fmt: skip
+    tensors = {
+        "a": torch.randn(3, 4, generator=gen),
+        "b": torch.randn(5, generator=gen).to(torch.bfloat16),
+        "c": torch.arange(6).reshape(2, 3),
+        "d": torch.zeros(0, 2),
+    }
     for name, t in tensors.items():
         back_name, back = from_wire(to_wire(name, t))
         assert back_name == name and back.dtype == t.dtype and torch.equal(back, t)

@@ -22,13 +22,32 @@ def _rows() -> list[dict]:
     # Step 0 (no training), two trained steps, one step whose batch was skipped.
     return [
         {"step": 0, "heldout_accuracy": 0.25},
-        {"step": 1, "samples_before": 32, "samples_kept": 16, "tokens_valid": 100, "tokens_kept": 30,
-         "tokens_forward": 180, "reward_mean": 0.4},
-        {"step": 2, "samples_before": 32, "samples_kept": 32, "tokens_valid": 200, "tokens_kept": 50,
-         "tokens_forward": 300, "reward_mean": 0.5, "heldout_accuracy": 0.5, "eval/greedy_accuracy": 0.5,
-         "eval/pass@1": 0.375, "eval/pass@4": 0.75, "eval/maj@4": 0.5, "eval/mean_response_length": 3.0},
+        {
+            "step": 1,
+            "samples_before": 32,
+            "samples_kept": 16,
+            "tokens_valid": 100,
+            "tokens_kept": 30,
+            "tokens_forward": 180,
+            "reward_mean": 0.4,
+        },
+        {
+            "step": 2,
+            "samples_before": 32,
+            "samples_kept": 32,
+            "tokens_valid": 200,
+            "tokens_kept": 50,
+            "tokens_forward": 300,
+            "reward_mean": 0.5,
+            "heldout_accuracy": 0.5,
+            "eval/greedy_accuracy": 0.5,
+            "eval/pass@1": 0.375,
+            "eval/pass@4": 0.75,
+            "eval/maj@4": 0.5,
+            "eval/mean_response_length": 3.0,
+        },
         {"step": 3, "samples_before": 32, "samples_kept": 8, "reward_mean": 0.0},
-    ]  # fmt: skip
+    ]
 
 
 def test_token_totals_scale_kept_samples_to_every_sample() -> None:
@@ -51,10 +70,21 @@ def test_summary_from_the_run_dir(tmp_path) -> None:
     )
     (tmp_path / "logs" / "selector.log").write_text("2026-01-01 00:00:00,000 INFO selector: ok\n")
     counters = {"groups_written": 20, "groups_used": 12, "groups_stale": 3, "dead": 1}
-    summary = build_summary({"steps": 3, "api_url": None}, tmp_path, total_steps=3, mode="d3s run, async",
-                            preset="d3s", counters=counters, wall_seconds=75.0)  # fmt: skip
-    assert summary["heldout"]["heldout_accuracy"] == {"first": 0.25, "first_step": 0, "final": 0.5,
-                                                      "final_step": 2}  # fmt: skip
+    summary = build_summary(
+        {"steps": 3, "api_url": None},
+        tmp_path,
+        total_steps=3,
+        mode="d3s run, async",
+        preset="d3s",
+        counters=counters,
+        wall_seconds=75.0,
+    )
+    assert summary["heldout"]["heldout_accuracy"] == {
+        "first": 0.25,
+        "first_step": 0,
+        "final": 0.5,
+        "final_step": 2,
+    }
     assert summary["samples"] == {"generated": 96, "kept": 48}
     assert summary["groups"] == {
         "written": 20,
@@ -132,8 +162,18 @@ def test_progress_off_a_terminal_is_one_final_line() -> None:
     buf = io.StringIO()
     bar = StepProgress(10, description="run (async)", console=Console(file=buf, width=80))
     for step in range(1, 11):
-        bar.update(step, {"reward_mean": 0.5, "samples_kept": 8, "samples_before": 32, "tokens_valid": 100,
-                          "tokens_kept": 25}, 0.75, "v10")  # fmt: skip
+        bar.update(
+            step,
+            {
+                "reward_mean": 0.5,
+                "samples_kept": 8,
+                "samples_before": 32,
+                "tokens_valid": 100,
+                "tokens_kept": 25,
+            },
+            0.75,
+            "v10",
+        )
     bar.close()
     (line,) = buf.getvalue().splitlines()
     assert line.startswith(
@@ -142,8 +182,12 @@ def test_progress_off_a_terminal_is_one_final_line() -> None:
 
 
 def test_logging_section() -> None:
-    cfg = parse_config({"logging": {"tensorboard": False, "wandb": {"project": "p", "tags": ["a"]}},
-                        "service": {"redis_url": "redis://u:secret@host:6379/0"}})  # fmt: skip
+    cfg = parse_config(
+        {
+            "logging": {"tensorboard": False, "wandb": {"project": "p", "tags": ["a"]}},
+            "service": {"redis_url": "redis://u:secret@host:6379/0"},
+        }
+    )
     kwargs = cfg.logger_kwargs()
     assert kwargs["tensorboard"] is False
     assert kwargs["wandb"] == {"project": "p", "mode": "offline", "tags": ["a"]}

@@ -51,7 +51,9 @@ def test_max_variance_subset_matches_brute_force(values, data):
     data=st.data(),
 )
 def test_select_intra_matches_brute_force_per_group(b, g, data):
-    vals = data.draw(st.lists(st.sampled_from([0.0, 0.5, 1.0, -1.0, 2.5]), min_size=b * g, max_size=b * g))
+    vals = data.draw(
+        st.lists(st.sampled_from([0.0, 0.5, 1.0, -1.0, 2.5]), min_size=b * g, max_size=b * g)
+    )
     n_keep = data.draw(st.integers(0, g))
     adv = torch.tensor(vals, dtype=torch.float64).reshape(b, g)
     keep = select_intra(adv, n_keep)
@@ -66,7 +68,9 @@ def test_select_intra_matches_brute_force_per_group(b, g, data):
 @settings(max_examples=150, deadline=None)
 @given(b=st.integers(1, 3), g=st.integers(1, 4), data=st.data())
 def test_select_cross_matches_brute_force_over_pool(b, g, data):
-    vals = data.draw(st.lists(st.floats(-3, 3, allow_nan=False, width=64), min_size=b * g, max_size=b * g))
+    vals = data.draw(
+        st.lists(st.floats(-3, 3, allow_nan=False, width=64), min_size=b * g, max_size=b * g)
+    )
     n = data.draw(st.integers(0, b * g))
     adv = torch.tensor(vals, dtype=torch.float64).reshape(b, g)
     keep = select_cross(adv, n)

@@ -33,7 +33,11 @@ def test_constant_and_decreasing():
 
 @pytest.mark.parametrize(
     "kwargs, arg",
-    [({"sample_init": 0.0}, "sample_init"), ({"token_final": 1.2}, "token_final"), ({"kind": "step"}, "kind")],
+    [
+        ({"sample_init": 0.0}, "sample_init"),
+        ({"token_final": 1.2}, "token_final"),
+        ({"kind": "step"}, "kind"),
+    ],
 )
 def test_invalid_schedule(kwargs, arg):
     with pytest.raises(ValueError, match=rf"^{arg}:"):
@@ -103,15 +107,23 @@ def test_select_samples_per_preset():
     keep, adv_p = select_samples(get_preset("pods"), r, 0.25)
     # PODS re-normalises the kept pair of each informative group to +-1
     informative = keep.any(1) & (adv_p.abs().sum(1) > 0)
-    assert torch.allclose(adv_p[keep & informative.unsqueeze(1)].abs(), torch.ones(int((keep & informative.unsqueeze(1)).sum())), atol=1e-4)
-    keep, _ = select_samples(get_preset("random"), r, 0.25, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(
+        adv_p[keep & informative.unsqueeze(1)].abs(),
+        torch.ones(int((keep & informative.unsqueeze(1)).sum())),
+        atol=1e-4,
+    )
+    keep, _ = select_samples(
+        get_preset("random"), r, 0.25, generator=torch.Generator().manual_seed(0)
+    )
     assert int(keep.sum()) == 16
 
 
 def test_cross_selection_raises_variance_over_random():
     r = _rewards()
     keep, adv = select_samples(get_preset("d3s"), r, 0.25)
-    keep_r, _ = select_samples(get_preset("random"), r, 0.25, generator=torch.Generator().manual_seed(0))
+    keep_r, _ = select_samples(
+        get_preset("random"), r, 0.25, generator=torch.Generator().manual_seed(0)
+    )
     assert adv[keep].var(unbiased=False) > adv[keep_r].var(unbiased=False)
     assert adv[keep].var(unbiased=False) >= 1.0  # the paper's existence claim, realised
 
@@ -122,4 +134,11 @@ def test_select_tokens_per_preset():
     adv = torch.randn(4)
     assert torch.equal(select_tokens(get_preset("d1s"), adv, ent, rmask, 0.2), rmask)
     assert int(select_tokens(get_preset("d3s"), adv, ent, rmask, 0.2).sum()) == 8
-    assert int(select_tokens(get_preset("random"), adv, ent, rmask, 0.2, torch.Generator().manual_seed(0)).sum()) == 8
+    assert (
+        int(
+            select_tokens(
+                get_preset("random"), adv, ent, rmask, 0.2, torch.Generator().manual_seed(0)
+            ).sum()
+        )
+        == 8
+    )

@@ -99,7 +99,9 @@ def test_load_gsm8k_math_and_plain(tmp_path):
             json.dumps({"question": "How many?", "answer": "3 + 4 = <<3+4=7>>7\n#### 7"}),
             "",
             json.dumps({"question": "Big?", "answer": "so ... #### 1,250"}),
-            json.dumps({"problem": "Half?", "solution": "It is $\\boxed{\\frac{1}{2}}$.", "id": "m-1"}),
+            json.dumps(
+                {"problem": "Half?", "solution": "It is $\\boxed{\\frac{1}{2}}$.", "id": "m-1"}
+            ),
             "   ",
             json.dumps({"question": "Name?", "answer": "  x^2 + 1 "}),
         ],

@@ -38,8 +38,12 @@ def _reference(adv, ent, rmask, k, pool):
     data=st.data(),
 )
 def test_matches_reference_including_ties(n, t, k, pool, data):
-    ent = torch.tensor(data.draw(st.lists(st.sampled_from([0.0, 0.5, 1.0, 2.0]), min_size=n * t, max_size=n * t))).reshape(n, t)
-    adv = torch.tensor(data.draw(st.lists(st.sampled_from([0.0, -1.0, 1.0, 0.5]), min_size=n, max_size=n)))
+    ent = torch.tensor(
+        data.draw(st.lists(st.sampled_from([0.0, 0.5, 1.0, 2.0]), min_size=n * t, max_size=n * t))
+    ).reshape(n, t)
+    adv = torch.tensor(
+        data.draw(st.lists(st.sampled_from([0.0, -1.0, 1.0, 0.5]), min_size=n, max_size=n))
+    )
     lengths = data.draw(st.lists(st.integers(0, t), min_size=n, max_size=n))
     rmask = torch.arange(t).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
     got = token_mask(adv, ent, rmask, k, pool)
@@ -71,7 +75,9 @@ def test_padding_never_kept_even_with_huge_entropy():
     ent = torch.tensor([[1.0, 100.0, 100.0]])
     rmask = torch.tensor([[True, False, False]])
     for pool in ("batch", "sequence"):
-        assert token_mask(torch.tensor([1.0]), ent, rmask, 0.5, pool).tolist() == [[True, False, False]]
+        assert token_mask(torch.tensor([1.0]), ent, rmask, 0.5, pool).tolist() == [
+            [True, False, False]
+        ]
 
 
 def test_k_one_keeps_every_valid_token():
@@ -108,8 +114,13 @@ def test_bfloat16_inputs():
     ],
 )
 def test_invalid_arguments(kwargs, arg):
-    args = {"adv": torch.ones(2), "entropy": torch.rand(2, 3), "response_mask": torch.ones(2, 3, dtype=torch.bool),
-            "keep_ratio": 0.5, "pool": "batch"}
+    args = {
+        "adv": torch.ones(2),
+        "entropy": torch.rand(2, 3),
+        "response_mask": torch.ones(2, 3, dtype=torch.bool),
+        "keep_ratio": 0.5,
+        "pool": "batch",
+    }
     args.update(kwargs)
     with pytest.raises(ValueError, match=rf"^{arg}:"):
         token_mask(**args)

@@ -208,5 +208,7 @@ def test_worker_renders_chat_prompts_and_skips_long_ones(engine, hf_pair):
     for g in groups:
         text = tok.decode(g.prompt.tolist(), skip_special_tokens=False)
         assert text.startswith("<|im_start|>user\n"), text
-        assert text.endswith("\nPut the final answer after ####.<|im_end|>\n<|im_start|>assistant\n")
+        assert text.endswith(
+            "\nPut the final answer after ####.<|im_end|>\n<|im_start|>assistant\n"
+        )
         assert len(g.prompt) <= 60 and g.prompt_id != "long"
