@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ import torch.multiprocessing as mp
 from learner import distributed as D
 from learner.engine import LearnerEngine
 from services.common.net import free_port
+from services.telemetry.logfiles import file_handler, redirect_output
 
 log = logging.getLogger(__name__)
 
@@ -140,16 +140,8 @@ class FollowerRank:
 
 
 def _log_to(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
-    sink = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.dup2(sink, 1)
-    os.dup2(sink, 2)
-    os.close(sink)
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger().handlers = [handler]
+    redirect_output(path)
+    logging.getLogger().handlers = [file_handler(path)]
     logging.getLogger().setLevel(logging.INFO)
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from services.run.config import RunConfig
+from services.telemetry.logfiles import LOG_FORMAT, file_handler, redirect_output
 from services.transport.bundle import Transport
 from services.transport.queue import connect
 
@@ -49,21 +50,13 @@ def component_logging(run_dir: Path, name: str, capture_output: bool = False) ->
     log_dir = Path(run_dir) / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     path = log_dir / f"{name}.log"
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    file_handler = logging.FileHandler(path)
-    file_handler.setFormatter(fmt)
-    handlers: list[logging.Handler] = [file_handler]
+    handlers: list[logging.Handler] = [file_handler(path)]
     if capture_output:
-        for stream in (sys.stdout, sys.stderr):
-            stream.flush()
-        sink = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        os.dup2(sink, 1)
-        os.dup2(sink, 2)
-        os.close(sink)
+        redirect_output(path)
     else:
         err = logging.StreamHandler(sys.stderr)
         err.setLevel(logging.WARNING)
-        err.setFormatter(fmt)
+        err.setFormatter(logging.Formatter(LOG_FORMAT))
         handlers.append(err)
     root = logging.getLogger()
     root.handlers = handlers
