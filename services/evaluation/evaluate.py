@@ -18,6 +18,7 @@ import torch
 from services.evaluation.answers import EXTRACTORS, AnswerExtractor
 from services.evaluation.estimators import maj_at_k, pass_at_k_per_prompt
 from services.policy.evaluate import evaluate_greedy
+from services.rollout.engine import NO_STOP
 from services.rollout.hf_engine import HFRolloutEngine
 from services.tasks.base import Prompt
 from services.tasks.verify import VERIFIERS, Verifier
@@ -45,7 +46,7 @@ class PromptEval:
         answers: Extracted answer per sample (None: unparsable), in sampling order.
         correct: Whether each sample earned full reward (verifier reward >= 1).
         lengths: Response tokens per sample, EOS included (as the learner counts them).
-        truncated: Per sample, whether it hit ``max_new_tokens`` without emitting EOS.
+        truncated: Per sample, whether it hit ``max_new_tokens`` without a stop token.
     """
 
     prompt_id: str
@@ -72,7 +73,7 @@ class GroupEval:
             correct.
         sample_accuracy: Fraction of all samples that are correct; equals pass@1.
         mean_response_length: Mean response tokens per sample (EOS included).
-        truncated_fraction: Fraction of samples cut at ``max_new_tokens`` without EOS.
+        truncated_fraction: Fraction of samples cut at ``max_new_tokens`` without a stop token.
     """
 
     n_prompts: int
@@ -315,8 +316,8 @@ def _sample(
         chunk = list(prompts[start : start + batch_size])
         batch = engine.generate(chunk, n_samples, seed=chunk_seed(seed, chunk_index))
         lengths = batch.response_lengths  # [N]
-        last = batch.responses.gather(1, (lengths - 1).unsqueeze(1)).squeeze(1)  # [N]
-        truncated = (last != engine.eos_id).tolist()
+        # Cut by the length limit: no stop token (EOS or the chat template's end-of-turn) ended it.
+        truncated = (batch.stop_token == NO_STOP).tolist()
         for i, p in enumerate(chunk):
             verify = verifier_of(p)
             extract = extractors.get(p.task, _strip_answer)
