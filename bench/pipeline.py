@@ -52,7 +52,7 @@ def run_one(
     from services.telemetry.run_log import read_metrics
 
     torch.set_num_threads(1)
-    run_dir = out / "runs" / f"{preset}-{mode}{staleness}-a{actors}-s{seed}"
+    run_dir = out / "runs" / f"{preset}-{mode}{staleness}-a{actors}-s{seed}-{int(time.time())}"
     cfg = load_config(
         config,
         [
@@ -131,9 +131,12 @@ def main(argv: list[str] | None = None) -> dict:
         default=[1, 2],
         help="rollout actors for the throughput sweep (async, max_staleness 1, seed 0)",
     )
+    ap.add_argument("--sweep-only", action="store_true", help="only the rollout-actor sweep")
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.sweep_only:
+        return _sweep_only(args)
     args.out.mkdir(parents=True, exist_ok=True)
 
     results: list[dict] = []
@@ -263,6 +266,34 @@ def main(argv: list[str] | None = None) -> dict:
     )
     _plot(results, args.out / "pipeline.png")
     return {"table": table, "sweep": sweep, "target": target}
+
+
+def _sweep_only(args: argparse.Namespace) -> dict:
+    """The rollout-actor sweep alone (async, max_staleness 1, the first seed)."""
+    sweep = [
+        run_one(args.config, args.out, preset, "async", 1, args.seeds[0], args.steps, actors)
+        for preset in args.presets
+        for actors in args.actors_sweep
+    ]
+    lines = [
+        f"# Throughput against rollout actors ({time.strftime('%Y-%m-%d')})",
+        "",
+        f"`{args.config}`, {args.steps} steps, async, max_staleness 1, seed {args.seeds[0]}; "
+        "2-core CPU: every actor, the learner, the selector and Redis share 2 cores.",
+        "",
+        "| preset | actors | steps/min | samples gen/min | learner busy | generation busy | stale |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in sweep:
+        lines.append(
+            f"| {r['preset']} | {r['actors']} | {r['steps_per_min']:.1f} | {r['samples_per_min']:.0f} | "
+            f"{r['learner_busy']:.2f} | {r['gen_busy']:.2f} | {100 * r['stale_fraction']:.1f}% |"
+        )
+    text = "\n".join(lines) + "\n"
+    print(text)
+    (args.out / "pipeline_actors.md").write_text(text)
+    (args.out / "pipeline_actors.json").write_text(json.dumps(sweep, indent=1, default=float))
+    return {"sweep": sweep}
 
 
 def _plot(results: list[dict], path: Path) -> None:
