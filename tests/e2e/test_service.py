@@ -9,6 +9,7 @@ learner step; weight versions rise by one per step and reach the rollout actors.
 from __future__ import annotations
 
 import socket
+import time
 import urllib.parse
 import uuid
 from collections.abc import Iterator
@@ -96,15 +97,21 @@ def _port_open(url: str) -> bool:
         return s.connect_ex((u.hostname, u.port)) == 0
 
 
-def _processes_mentioning(text: str) -> list[psutil.Process]:
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if any(text in part for part in p.info["cmdline"] or []):
-                found.append(p)
-        except psutil.Error:
-            continue
-    return found
+def _processes_mentioning(text: str, grace_s: float = 15.0) -> list[psutil.Process]:
+    """Processes whose command line mentions ``text``, after giving killed ones ``grace_s`` to
+    exit (Ray reaps killed actor processes asynchronously)."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        found = []
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                if any(text in part for part in p.info["cmdline"] or []):
+                    found.append(p)
+            except psutil.Error:
+                continue
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
 
 
 def test_async_run_completes_and_the_books_balance(
