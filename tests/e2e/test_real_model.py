@@ -20,7 +20,9 @@ import uuid
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bench.full_vocab_model import IM_END, QWEN_VOCAB, build_model, build_tokenizer, save
 from services.policy.model import load_policy
@@ -215,6 +217,24 @@ def test_d3s_train_and_run_on_the_full_vocabulary_model(model_dir, task_files, t
     # The exported policy keeps the full vocabulary and the chat template.
     final, tokenizer = load_policy(train_dir / "final_policy")
     assert final.config.vocab_size == QWEN_VOCAB and tokenizer.chat_template
+    # `d3s export` of the last checkpoint loads with from_pretrained and generates.
+    exported = tmp_path / "exported"
+    out = _d3s("export", str(train_dir), str(exported), pythonpath=task_files["pythonpath"])
+    assert out.returncode == 0, (out.stderr + out.stdout)[-4000:]
+    model = AutoModelForCausalLM.from_pretrained(exported, local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(exported, local_files_only=True)
+    assert model.config.vocab_size == QWEN_VOCAB and tok.chat_template
+    for name, value in final.state_dict().items():  # the export is the trained policy
+        assert torch.equal(model.state_dict()[name], value), name
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "1+1?"}],
+        tokenize=True,
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    generated = model.generate(**prompt, max_new_tokens=4, do_sample=False)
+    assert generated.shape[1] > prompt["input_ids"].shape[1]
 
     out = _d3s("run", str(run_yaml), pythonpath=task_files["pythonpath"])
     assert out.returncode == 0, (out.stderr + out.stdout)[-4000:]
