@@ -200,17 +200,37 @@ def test_safe_verifier_hanging_returns_quickly():
         release.wait(30)
         return 1.0
 
-    sv = SafeVerifier(hang, timeout_s=0.2)
+    def hang_once(r, a):
+        return hang(r, a) if r == "hang" else exact_integer(r, a)
+
+    sv = SafeVerifier(hang_once, timeout_s=0.2)
     try:
         t0 = time.perf_counter()
-        assert sv("1", "1") == 0.0
+        assert sv("hang", "1") == 0.0
         assert time.perf_counter() - t0 < 2.0
         assert (sv.errors, sv.timeouts) == (1, 1) and sv.abandoned == 1
+        # The stuck worker is abandoned; the same guard scores the next calls on a fresh one.
+        assert sv("7", "7") == 1.0 and sv("8", "7") == 0.0
+        assert (sv.errors, sv.calls) == (1, 3)
     finally:
         release.set()
     # A healthy verifier through the same guard still scores.
     ok = SafeVerifier(exact_integer, timeout_s=2.0)
     assert ok("7", "7") == 1.0 and ok.errors == 0
+
+
+def test_safe_verifier_reuses_one_worker_thread():
+    sv = SafeVerifier(exact_integer, timeout_s=2.0)
+    names = set()
+
+    def probe(r, a):
+        names.add(threading.current_thread().ident)
+        return exact_integer(r, a)
+
+    sv.fn = probe
+    before = threading.active_count()
+    assert sum(sv(str(i), str(i)) for i in range(200)) == 200.0
+    assert len(names) == 1 and threading.active_count() <= before + 1
 
 
 def test_safe_verifier_works_off_the_main_thread():
