@@ -65,10 +65,6 @@ class RolloutBatch:
     def __len__(self) -> int:
         return self.responses.shape[0]
 
-    def prompt_index(self, row: int) -> int:
-        """Index into ``prompts`` of response row ``row``."""
-        return row // self.n
-
 
 @runtime_checkable
 class RolloutEngine(Protocol):

@@ -50,7 +50,7 @@ def _recomputed_logp(model, batch: RolloutBatch, temperature: float = 1.0) -> li
     out = []
     with torch.no_grad():
         for row in range(len(batch)):
-            p_ids = batch.prompt_ids[batch.prompt_index(row)]
+            p_ids = batch.prompt_ids[row // batch.n]
             k = int(batch.response_lengths[row])
             resp = batch.responses[row, :k].tolist()
             logits = model(torch.tensor([p_ids + resp])).logits[0].float() / temperature
@@ -103,7 +103,6 @@ def test_rows_grouped_by_prompt():
     singles = [eng.generate([p], n=1, seed=0) for p in PROMPTS]
     assert len({s.texts[0] for s in singles}) == len(PROMPTS)  # prompts are distinguishable
     for row in range(len(b)):
-        assert b.prompt_index(row) == row // n
         assert b.texts[row] == singles[row // n].texts[0]
 
 
@@ -197,7 +196,7 @@ def test_top_p_logprobs_match_full_forward_with_transformers_warpers(model, temp
     warp_t, warp_p = TemperatureLogitsWarper(temperature), TopPLogitsWarper(top_p)
     with torch.no_grad():
         for row in range(len(b)):
-            p_ids = b.prompt_ids[b.prompt_index(row)]
+            p_ids = b.prompt_ids[row // b.n]
             k = int(b.response_lengths[row])
             resp = b.responses[row, :k].tolist()
             logits = model(torch.tensor([p_ids + resp])).logits[0].float()

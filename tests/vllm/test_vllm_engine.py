@@ -113,7 +113,7 @@ def test_logprobs_equal_hf_log_softmax_at_temperature_1(engine, hf_pair):
     b = engine.generate(PROMPTS, n=G, seed=5)
     for row in range(len(b)):
         k = int(b.response_lengths[row])
-        ref = hf_logp(model, b.prompt_ids[b.prompt_index(row)], b.responses[row, :k].tolist())
+        ref = hf_logp(model, b.prompt_ids[row // b.n], b.responses[row, :k].tolist())
         torch.testing.assert_close(b.behav_logp[row, :k], ref, atol=2e-4, rtol=0)
 
 
@@ -127,7 +127,7 @@ def test_logprobs_are_of_the_processed_distribution(engine, hf_pair, monkeypatch
     differs_from_raw = False
     for row in range(len(b)):
         k = int(b.response_lengths[row])
-        p_ids, resp = b.prompt_ids[b.prompt_index(row)], b.responses[row, :k].tolist()
+        p_ids, resp = b.prompt_ids[row // b.n], b.responses[row, :k].tolist()
         ref = hf_logp(model, p_ids, resp, temperature=0.7, top_p=0.8)
         torch.testing.assert_close(b.behav_logp[row, :k], ref, atol=2e-4, rtol=0)
         raw = hf_logp(model, p_ids, resp)
@@ -167,7 +167,7 @@ def test_new_weights_load_in_place(engine, hf_pair, monkeypatch):
     b = engine.generate(PROMPTS, n=G, seed=0)
     for row in range(len(b)):  # every tensor arrived: sampling log-probs match the new model
         k = int(b.response_lengths[row])
-        ref = hf_logp(new, b.prompt_ids[b.prompt_index(row)], b.responses[row, :k].tolist())
+        ref = hf_logp(new, b.prompt_ids[row // b.n], b.responses[row, :k].tolist())
         torch.testing.assert_close(b.behav_logp[row, :k], ref, atol=2e-4, rtol=0)
 
     # A streamed subset: only the output projection changes, the rest stays the new model's.
