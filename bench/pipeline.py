@@ -246,14 +246,8 @@ def main(argv: list[str] | None = None) -> dict:
             "",
             "## Throughput against rollout actors (async, max_staleness 1)",
             "",
-            "| preset | actors | steps/min | samples gen/min | learner busy | generation busy | stale |",
-            "|---|---|---|---|---|---|---|",
         ]
-        for r in sweep:
-            lines.append(
-                f"| {r['preset']} | {r['actors']} | {r['steps_per_min']:.1f} | {r['samples_per_min']:.0f} | "
-                f"{r['learner_busy']:.2f} | {r['gen_busy']:.2f} | {100 * r['stale_fraction']:.1f}% |"
-            )
+        lines += _sweep_table(sweep)
     text = "\n".join(lines) + "\n"
     print(text)
     (args.out / "pipeline.md").write_text(text)
@@ -266,6 +260,20 @@ def main(argv: list[str] | None = None) -> dict:
     )
     _plot(results, args.out / "pipeline.png")
     return {"table": table, "sweep": sweep, "target": target}
+
+
+def _sweep_table(sweep: list[dict]) -> list[str]:
+    """Markdown rows of the rollout-actor sweep, with their header."""
+    lines = [
+        "| preset | actors | steps/min | samples gen/min | learner busy | generation busy | stale |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in sweep:
+        lines.append(
+            f"| {r['preset']} | {r['actors']} | {r['steps_per_min']:.1f} | {r['samples_per_min']:.0f} | "
+            f"{r['learner_busy']:.2f} | {r['gen_busy']:.2f} | {100 * r['stale_fraction']:.1f}% |"
+        )
+    return lines
 
 
 def _sweep_only(args: argparse.Namespace) -> dict:
@@ -281,14 +289,8 @@ def _sweep_only(args: argparse.Namespace) -> dict:
         f"`{args.config}`, {args.steps} steps, async, max_staleness 1, seed {args.seeds[0]}; "
         "2-core CPU: every actor, the learner, the selector and Redis share 2 cores.",
         "",
-        "| preset | actors | steps/min | samples gen/min | learner busy | generation busy | stale |",
-        "|---|---|---|---|---|---|---|",
     ]
-    for r in sweep:
-        lines.append(
-            f"| {r['preset']} | {r['actors']} | {r['steps_per_min']:.1f} | {r['samples_per_min']:.0f} | "
-            f"{r['learner_busy']:.2f} | {r['gen_busy']:.2f} | {100 * r['stale_fraction']:.1f}% |"
-        )
+    lines += _sweep_table(sweep)
     text = "\n".join(lines) + "\n"
     print(text)
     (args.out / "pipeline_actors.md").write_text(text)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from services.tasks.base import Prompt
+from services.tasks.base import Prompt, as_generator
 
 TASK_NAME = "arithmetic"
 
@@ -70,11 +70,7 @@ class ArithmeticTask:
             n: Number of prompts.
             rng: A numpy Generator (advanced in place), or a seed; ``None`` uses ``self.seed``.
         """
-        rng = (
-            rng
-            if isinstance(rng, np.random.Generator)
-            else np.random.default_rng(self.seed if rng is None else rng)
-        )
+        rng = as_generator(rng, self.seed)
         out: list[Prompt] = []
         while len(out) < n:
             # Rejection sampling: ~5% of draws land in the held-out pool and are redrawn.

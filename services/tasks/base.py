@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class Prompt:
@@ -20,3 +22,11 @@ class Prompt:
     text: str
     answer: str
     task: str
+
+
+def as_generator(rng: np.random.Generator | int | None, default_seed: int) -> np.random.Generator:
+    """``rng`` itself when it is a Generator (advanced in place by the caller), else a new one
+    seeded with ``rng`` (or ``default_seed`` when None)."""
+    if isinstance(rng, np.random.Generator):
+        return rng
+    return np.random.default_rng(default_seed if rng is None else rng)

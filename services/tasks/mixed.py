@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from services.policy.tokenizer import ARITHMETIC_ALPHABET
-from services.tasks.base import Prompt
+from services.tasks.base import Prompt, as_generator
 
 TASK_NAME = "mixed"
 # Prompts are scored by the integer verifier registered for the addition task.
@@ -256,11 +256,7 @@ class MixedTask:
             n: Number of prompts.
             rng: A numpy Generator (advanced in place), or a seed; ``None`` uses ``self.seed``.
         """
-        rng = (
-            rng
-            if isinstance(rng, np.random.Generator)
-            else np.random.default_rng(self.seed if rng is None else rng)
-        )
+        rng = as_generator(rng, self.seed)
         out: list[MixedPrompt] = []
         for level in rng.choice(self.levels, size=n):
             size = LEVELS[int(level)].size
