@@ -81,17 +81,21 @@ class Poller(threading.Thread):
         self.stop_event = threading.Event()
 
     def run(self) -> None:
+        tick = 0
         while not self.stop_event.is_set():
             self._maybe_write_malformed()
             step = int(self.t.state.numeric_metrics().get("learner_version", 0))
-            for route in ROUTES:
+            # /actors every 0.1 s (weight versions move fast on a quiet box), the rest every 0.4 s.
+            routes = ROUTES if tick % 4 == 0 else ("/actors",)
+            tick += 1
+            for route in routes:
                 try:
                     body = _get(self.api_url + route)
                 except (urllib.error.URLError, OSError, ValueError) as exc:
                     self.run_.poll_errors.append(f"{route}: {exc!r}")
                     continue
                 self.run_.snapshots.setdefault(route, []).append(Snapshot(time.time(), step, body))
-            self.stop_event.wait(0.4)
+            self.stop_event.wait(0.1)
 
     def _maybe_write_malformed(self) -> None:
         if self.run_.malformed_id is not None:
