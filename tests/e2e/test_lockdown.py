@@ -54,7 +54,7 @@ def test_a_local_run_listens_on_loopback_only(
             run_dir,
             warmstart_cache,
             name="lockdown",
-            train={"total_steps": 6, "eval_every": 100, "checkpoint_every": 4},
+            train={"total_steps": 30, "eval_every": 100, "checkpoint_every": 10},
             rollout={"prompts_per_step": 4, "num_actors": 2},
             service={"namespace": f"l{uuid.uuid4().hex[:8]}", "wait_timeout_s": 120},
             api={"enabled": True, "port": 0},
@@ -91,7 +91,7 @@ def test_a_local_run_listens_on_loopback_only(
     summary = run_service(cfg, run_dir)
     watcher.join(timeout=30)
 
-    assert summary["steps"] == 6
+    assert summary["steps"] == 30
     names = {name for _, _, name in seen}
     # Redis, Ray's own servers and the component workers were all there to be measured.
     assert "redis-server" in names and "raylet" in names and "gcs_server" in names, names
