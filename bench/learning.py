@@ -2,7 +2,7 @@
 
     python -m bench.learning [--tasks addition mixed] [--presets grpo d1s d2s d3s d3s-i]
         [--seeds 3] [--steps 150] [--long-factor 2] [--eval-n 16] [--eval-prompts 500]
-        [--experiments ladder long warmstart token_score] [--jobs 2] [--out bench/results]
+        [--experiments ladder long warmstart token_score noclip] [--jobs 2] [--out bench/results]
 
 Every run starts from the task's cached warm start and has the same rollout budget (prompts x
 samples per step); every ``--eval-every`` steps it is evaluated on held-out prompts: greedy
@@ -14,7 +14,9 @@ Experiments:
 - ``long``: grpo, d1s, d2s, d3s for ``--long-factor`` x the steps on the last task: do the
   unscheduled presets (constant aggressive ratios) fall behind late?
 - ``warmstart``: d3s against d3s-i from a clean and from an imperfect-demonstration warm start;
-- ``token_score``: D3S ranking tokens by |A| x H (the paper's), H alone, |A| alone.
+- ``token_score``: D3S ranking tokens by |A| x H (the paper's), H alone, |A| alone;
+- ``noclip``: grpo, d1s, d2s, d3s on the last task with no gradient clipping, so that the larger
+  policy gradient selection gives (Var(A) up) reaches the update instead of being clipped to 1.
 
 Writes learning.md (tables), learning.json, and figures: curves per task, the long runs, and
 the per-step gradient norm against Var(A) of the kept samples across presets.
@@ -49,8 +51,12 @@ PRESETS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 DEFAULT_PRESETS = ["grpo", "d1s", "d2s", "d3s", "d3s-i"]
 LONG_PRESETS = ["grpo", "d1s", "d2s", "d3s"]
-EXPERIMENTS = ("ladder", "long", "warmstart", "token_score")
+EXPERIMENTS = ("ladder", "long", "warmstart", "token_score", "noclip")
 CLEAN = ("warmstart.clean=true",)
+# A clip no step reaches: at learner.grad_clip 1.0 nearly every down-sampled step is clipped, which
+# rescales away the larger gradient that selection is meant to produce.
+NOCLIP = ("learner.grad_clip=1e6",)
+NOCLIP_PRESETS = ["grpo", "d1s", "d2s", "d3s"]
 CURVE_KEYS = (
     "step",
     "heldout_accuracy",
@@ -110,6 +116,12 @@ def plan(args: argparse.Namespace) -> list[Run]:
             for lab in ("d3s-H", "d3s-A")
             for s in seeds
         ]
+    if "noclip" in args.experiments:
+        runs += [
+            Run("noclip", last, f"{lab} (no clip)", PRESETS[lab][0], s, args.steps, NOCLIP)
+            for lab in NOCLIP_PRESETS
+            for s in seeds
+        ]
     return runs
 
 
@@ -118,7 +130,7 @@ def priority(runs: list[Run], tasks: list[str]) -> list[Run]:
     other tasks' ladders, then long runs, token scores and warm starts; seed 0 of an experiment
     before seed 1. A benchmark stopped early (``--summarise-only`` on what finished) then still
     has whole comparisons."""
-    exp_rank = {"ladder": 0, "long": 1, "token_score": 2, "warmstart": 3}
+    exp_rank = {"ladder": 0, "noclip": 1, "long": 2, "token_score": 3, "warmstart": 4}
     task_rank = {t: i for i, t in enumerate(reversed(tasks))}
     return sorted(runs, key=lambda r: (exp_rank[r.experiment], task_rank[r.task], r.seed))
 
@@ -416,8 +428,10 @@ def summarise(out: Path, runs: list[Run]) -> dict:
     for exp in EXPERIMENTS:
         for task in dict.fromkeys(r.task for r in runs if r.experiment == exp):
             members = [r for r in runs if r.experiment == exp and r.task == task]
-            if exp in ("warmstart", "token_score"):  # compared with the ladder's d3s / d3s-i
-                extra = ("d3s", "d3s-i") if exp == "warmstart" else ("d3s",)
+            if exp in ("warmstart", "token_score", "noclip"):  # beside the ladder's own runs
+                extra = {"warmstart": ("d3s", "d3s-i"), "token_score": ("d3s",)}.get(
+                    exp, ("grpo", "d3s")
+                )
                 members = [
                     r
                     for r in runs
@@ -431,9 +445,11 @@ def summarise(out: Path, runs: list[Run]) -> dict:
     longs = {k: g for k, g in groups.items() if k.startswith("long/")}
     if longs:
         _plot_curves(longs, out / "learning_long.png", "long runs")
-    others = {k: g for k, g in groups.items() if k.split("/")[0] in ("warmstart", "token_score")}
+    others = {
+        k: g for k, g in groups.items() if k.split("/")[0] in ("warmstart", "token_score", "noclip")
+    }
     if others:
-        _plot_curves(others, out / "learning_variants.png", "warm start and token score")
+        _plot_curves(others, out / "learning_variants.png", "warm start, token score, no clip")
     # One task: Var(A) and the gradient's scale differ between tasks.
     task = runs[-1].task if runs else ""
     means = _plot_grad_norm(
@@ -442,7 +458,13 @@ def summarise(out: Path, runs: list[Run]) -> dict:
         out / "grad_norm_vs_var.png",
         task,
     )
-    return {"groups": groups, "grad_norm": means}
+    unclipped = [r for r in runs if r.experiment == "noclip"]
+    noclip_means = (
+        _plot_grad_norm(out, unclipped, out / "grad_norm_vs_var_noclip.png", unclipped[0].task)
+        if unclipped
+        else {}
+    )
+    return {"groups": groups, "grad_norm": means, "grad_norm_noclip": noclip_means}
 
 
 def _jsonable(x):
@@ -469,6 +491,11 @@ def report(summary: dict, header: str) -> str:
         "seeds; the last task's ladder and token-score runs)\n",
         grad_norm_table(summary["grad_norm"]),
     ]
+    if summary.get("grad_norm_noclip"):
+        parts += [
+            "\n## The same without gradient clipping (the noclip runs)\n",
+            grad_norm_table(summary["grad_norm_noclip"]),
+        ]
     return "\n".join(parts) + "\n"
 
 
@@ -570,6 +597,7 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "curves": {k: g["mean_curves"] for k, g in summary["groups"].items()},
         "grad_norm": summary["grad_norm"],
+        "grad_norm_noclip": summary.get("grad_norm_noclip", {}),
     }
     (out / "learning.json").write_text(json.dumps(_jsonable(record), indent=1))
     print(f"wrote {out / 'learning.md'} and figures ({wall:.0f} s)")
