@@ -107,6 +107,7 @@ class RolloutActor:
         """
         self.waiter.should_stop = should_stop
         self.rounds = self.t.state.rollout_rounds(self.name)
+        self.t.state.end_round(self.name)  # a crashed predecessor's round will never land
         log.info(
             "%s: %d groups of %d samples per round, %s, from round %d",
             self.name,
@@ -142,7 +143,7 @@ class RolloutActor:
             self._sync_weights()
             if self.waiter.stop_reason() is not None:
                 return  # the new weights may be the final ones: nothing left to do
-            if not self.settings.lock_step and not self._admitted():
+            if not self.settings.lock_step and not self._admitted(reserve=True):
                 # Generating now would only make groups the selector drops as stale: wait for
                 # newer weights (or for the queue ahead to drain), then look again.
                 t0 = time.perf_counter()
@@ -179,15 +180,18 @@ class RolloutActor:
     def _produce_round(self) -> None:
         seed = step_seed(self.settings.seed, self.index * 1_000_000 + self.rounds)
         skipped_before = self.worker.prompts_skipped_too_long
-        groups, gen_s = self.worker.produce(self.share, seed)
-        # Prompts skipped as too long are counted with the round's first group, so a retried
-        # (idempotent) publish never counts them twice.
-        skipped = self.worker.prompts_skipped_too_long - skipped_before
-        for i, g in enumerate(groups):
-            incr = {"groups_written": 1}
-            if i == 0 and skipped:
-                incr["prompts_skipped_too_long"] = skipped
-            self.t.queue.publish(self.t.keys.groups, g, incr=incr, key=g.group_id)
+        try:
+            groups, gen_s = self.worker.produce(self.share, seed)
+            # Prompts skipped as too long are counted with the round's first group, so a retried
+            # (idempotent) publish never counts them twice.
+            skipped = self.worker.prompts_skipped_too_long - skipped_before
+            for i, g in enumerate(groups):
+                incr = {"groups_written": 1}
+                if i == 0 and skipped:
+                    incr["prompts_skipped_too_long"] = skipped
+                self.t.queue.publish(self.t.keys.groups, g, incr=incr, key=g.group_id)
+        finally:
+            self.t.state.end_round(self.name)
         self.rounds += 1
         self.groups_published += len(groups)
         self.samples_generated += sum(g.group_size for g in groups)
@@ -293,19 +297,18 @@ class RolloutActor:
             return False
         return self.t.queue.backlog(self.t.keys.groups) < self.settings.max_group_backlog
 
-    def _admitted(self) -> bool:
+    def _admitted(self, *, reserve: bool = False) -> bool:
         """Whether a round generated now with the loaded weights can still be trained within
-        ``max_staleness`` (version-aware admission, bounded off-policyness).
-
-        The selector builds step S next and Q groups are queued ahead of this round, so the
-        round's last group is used at step S + (Q + share - 1) // P at the earliest (P groups
-        per step); it is fresh if the loaded version is at least that step minus max_staleness.
-        Queued groups that will be dropped still count, which errs towards waiting.
-        """
-        step = self.t.state.schedule_step() or 0
-        queued = self.t.queue.backlog(self.t.keys.groups)
-        used_at = step + (queued + self.share - 1) // self.settings.prompts_per_step
-        return self.version >= used_at - self.settings.max_staleness
+        ``max_staleness``, counting the groups queued and the rounds other actors have in flight
+        (:meth:`RunState.admit_round`); ``reserve`` also marks this actor's round as in flight."""
+        return self.t.state.admit_round(
+            self.name,
+            self.share,
+            self.version,
+            self.settings.max_staleness,
+            self.settings.prompts_per_step,
+            reserve=reserve,
+        )
 
     def _skips(self) -> int:
         return self.t.state.counter("batches_skipped")

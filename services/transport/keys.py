@@ -103,6 +103,12 @@ class RunKeys:
         return self._key("rollout_rounds")
 
     @property
+    def rollout_inflight(self) -> str:
+        """Hash actor name -> groups of the round it is generating now (version-aware admission
+        counts other actors' rounds in flight as queued ahead)."""
+        return self._key("rollout_inflight")
+
+    @property
     def actors(self) -> str:
         """Hash actor name -> JSON heartbeat (weight version, groups published, time)."""
         return self._key("actors")

@@ -17,6 +17,23 @@ import redis
 from services.transport.keys import RunKeys
 from services.transport.values import hash_value, text
 
+# Admission and reservation in one step, so two actors that look at the same queue cannot both
+# count themselves first. KEYS: schedule hash, groups stream, in-flight hash.
+# ARGV: actor, its round's groups, its weights version, max_staleness, groups per step, reserve.
+_ADMIT_LUA = """
+local step = tonumber(redis.call('HGET', KEYS[1], 'step') or '0')
+local ahead = redis.call('XLEN', KEYS[2])
+local inflight = redis.call('HGETALL', KEYS[3])
+for i = 1, #inflight, 2 do
+  if inflight[i] ~= ARGV[1] then ahead = ahead + tonumber(inflight[i + 1]) end
+end
+local share = tonumber(ARGV[2])
+local used_at = step + math.floor((ahead + share - 1) / tonumber(ARGV[5]))
+if tonumber(ARGV[3]) < used_at - tonumber(ARGV[4]) then return 0 end
+if ARGV[6] == '1' then redis.call('HSET', KEYS[3], ARGV[1], share) end
+return 1
+"""
+
 
 class RunState:
     """Reads and plain writes of one run's hashes and lists."""
@@ -24,6 +41,7 @@ class RunState:
     def __init__(self, client: redis.Redis, keys: RunKeys) -> None:
         self.client = client
         self.keys = keys
+        self._admit_script = client.register_script(_ADMIT_LUA)
 
     # ---- hashes as dicts -----------------------------------------------------------------------
 
@@ -120,6 +138,41 @@ class RunState:
 
     def set_rollout_rounds(self, actor: str, rounds: int) -> None:
         self.client.hset(self.keys.rollout_rounds, actor, rounds)
+
+    def admit_round(
+        self,
+        actor: str,
+        groups: int,
+        version: int,
+        max_staleness: int,
+        groups_per_step: int,
+        *,
+        reserve: bool = True,
+    ) -> bool:
+        """Whether a round of ``groups`` generated now with weights ``version`` can still be
+        trained within ``max_staleness`` (version-aware admission, bounded off-policyness); when
+        it can and ``reserve``, the round is recorded as in flight for ``actor`` in the same
+        atomic step.
+
+        The selector builds step S next; the queued groups and the rounds other actors have in
+        flight (Q in all) are used before this round, so its last group is used at step
+        S + (Q + groups - 1) // groups_per_step at the earliest; it is fresh if ``version`` is at
+        least that step minus ``max_staleness``. Groups that will be dropped still count, which
+        errs towards waiting.
+        """
+        return bool(
+            self._admit_script(
+                keys=[self.keys.schedule, self.keys.groups, self.keys.rollout_inflight],
+                args=[actor, groups, version, max_staleness, groups_per_step, int(reserve)],
+            )
+        )
+
+    def end_round(self, actor: str) -> None:
+        """``actor`` has no round in flight (its groups are published, or it just started)."""
+        self.client.hdel(self.keys.rollout_inflight, actor)
+
+    def rounds_in_flight(self) -> dict[str, int]:
+        return {k: int(v) for k, v in self._hash(self.keys.rollout_inflight).items()}
 
     def record_heartbeat(self, actor: str, fields: Mapping[str, Any]) -> None:
         """A rollout actor's latest report (weight version, groups published, ...) stamped with
