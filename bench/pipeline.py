@@ -10,9 +10,14 @@ run is a real ``d3s run`` pipeline (Redis, Ray actors, DeepSpeed) in this proces
 
 Per configuration (mean over seeds): steps/min, samples generated/min, learner busy fraction,
 generation busy fraction, stale fraction, final held-out accuracy, and wall-clock seconds to
-GRPO's final accuracy. Wall-clock excludes the held-out evaluations (the same fixed cost in
-every configuration; while it runs the learner is paused). Writes pipeline.md, pipeline.json
-and pipeline.png under --out.
+GRPO's final accuracy. For these, evaluation runs on the learner between steps and wall-clock
+excludes it (the same fixed cost in every configuration; while it runs the learner is paused),
+so every configuration is timed without an evaluator competing for the same two cores.
+
+Then where evaluation runs (``eval.background``): each preset in async mode (max_staleness 1)
+with evaluation on the learner between steps and in its own Ray actor beside training, wall-clock
+now including evaluation: what the user waits for. Writes pipeline.md, pipeline.json and
+pipeline.png under --out.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ def run_one(
     seed: int,
     steps: int,
     actors: int,
+    eval_background: bool = False,
 ) -> dict[str, Any]:
     import torch
 
@@ -52,7 +58,10 @@ def run_one(
     from services.telemetry.run_log import read_metrics
 
     torch.set_num_threads(1)
-    run_dir = out / "runs" / f"{preset}-{mode}{staleness}-a{actors}-s{seed}-{int(time.time())}"
+    where = "bg" if eval_background else "inline"
+    run_dir = (
+        out / "runs" / f"{preset}-{mode}{staleness}-a{actors}-{where}-s{seed}-{int(time.time())}"
+    )
     cfg = load_config(
         config,
         [
@@ -65,21 +74,31 @@ def run_one(
             f"rollout.num_actors={actors}",
             "train.progress_bar=false",
             "api.enabled=false",
+            f"eval.background={str(eval_background).lower()}",
             f"service.namespace=pipe-{preset}-{mode}{staleness}-{actors}-{seed}-{int(time.time())}",
         ],
     )
     summary = run_service(cfg, run_dir)
     rows = read_metrics(run_dir / "metrics.jsonl")
-    t0 = rows[0]["wall_time"] + rows[0].get("eval_seconds", 0.0)
+    # Inline: each evaluation paused the learner before its row was written, so it is taken out
+    # of the clock. Background: the learner never waited for one; the clock is the user's.
+    inline = 0.0 if eval_background else 1.0
+    t0 = rows[0]["wall_time"] + inline * rows[0].get("eval_seconds", 0.0)
     eval_before = 0.0
     curve = []
     for r in rows[1:]:
-        wall = r["wall_time"] - t0 - eval_before  # time of this row's step, evaluations excluded
+        wall = r["wall_time"] - t0 - eval_before  # the time this row's step finished
         if "heldout_accuracy" in r:
             curve.append((wall, r["heldout_accuracy"]))
-        eval_before += r.get("eval_seconds", 0.0)
+        eval_before += inline * r.get("eval_seconds", 0.0)
     last = rows[-1]
-    wall = last["wall_time"] - t0 - (eval_before - last.get("eval_seconds", 0.0))
+    wall = last["wall_time"] - t0 - (eval_before - inline * last.get("eval_seconds", 0.0))
+    # Wall-clock with evaluation: the first row's start to the last evaluation's end.
+    wall_with_eval = (
+        max(last.get("eval_wall_time", last["wall_time"]), last["wall_time"]) - rows[0]["wall_time"]
+        if eval_background
+        else last["wall_time"] + last.get("eval_seconds", 0.0) - rows[0]["wall_time"]
+    )
     stats = summary["counters"]
     reports = [v for k, v in summary["components"].items() if k.startswith("rollout")]
     gen_s = sum(r.get("gen_seconds", 0.0) for r in reports)
@@ -91,7 +110,9 @@ def run_one(
         "staleness": staleness,
         "seed": seed,
         "actors": actors,
+        "eval_background": eval_background,
         "wall_s": wall,
+        "wall_with_eval_s": wall_with_eval,
         "steps_per_min": steps / wall * 60,
         "samples_per_min": samples / wall * 60,
         "learner_busy": last["learner_seconds_total"] / wall,
@@ -140,6 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
 
     results: list[dict] = []
+    placement: list[dict] = []
     for seed in args.seeds:  # seeds outermost: drift on a shared machine hits every config alike
         for preset in args.presets:
             for mode, staleness in MODES:
@@ -150,6 +172,16 @@ def main(argv: list[str] | None = None) -> dict:
                     flush=True,
                 )
                 results.append(r)
+            for background in (False, True):
+                r = run_one(
+                    args.config, args.out, preset, "async", 1, seed, args.steps, 1, background
+                )
+                print(
+                    f"{preset} async s1, evaluation {'background' if background else 'inline'} "
+                    f"seed {seed}: {r['wall_with_eval_s']:.1f}s with evaluation",
+                    flush=True,
+                )
+                placement.append(r)
     sweep = []
     for preset in args.presets:
         for actors in args.actors_sweep:
@@ -241,6 +273,29 @@ def main(argv: list[str] | None = None) -> dict:
             f"{best['d3s']['wall_to_target']:.1f}s vs grpo ({best['grpo']['label']}) "
             f"{best['grpo']['wall_to_target']:.1f}s = **{best['d3s']['wall_to_target'] / best['grpo']['wall_to_target']:.2f}x**"
         )
+    if placement:
+        lines += [
+            "",
+            "## Where evaluation runs (async, max_staleness 1; wall-clock includes evaluation)",
+            "",
+            "| preset | evaluation | wall s with evaluation | steps/min with evaluation | "
+            "final acc |",
+            "|---|---|---|---|---|",
+        ]
+        for preset in args.presets:
+            for background in (False, True):
+                rs = [
+                    r
+                    for r in placement
+                    if r["preset"] == preset and r["eval_background"] == background
+                ]
+                if not rs:
+                    continue
+                w = _mean(rs, "wall_with_eval_s")
+                lines.append(
+                    f"| {preset} | {'own actor' if background else 'on the learner'} | "
+                    f"{w:.1f} | {args.steps / w * 60:.1f} | {_mean(rs, 'final_acc'):.3f} |"
+                )
     if sweep:
         lines += [
             "",
@@ -253,7 +308,13 @@ def main(argv: list[str] | None = None) -> dict:
     (args.out / "pipeline.md").write_text(text)
     (args.out / "pipeline.json").write_text(
         json.dumps(
-            {"runs": results, "sweep": sweep, "table": table, "target": target},
+            {
+                "runs": results,
+                "placement": placement,
+                "sweep": sweep,
+                "table": table,
+                "target": target,
+            },
             indent=1,
             default=float,
         )

@@ -15,7 +15,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -40,6 +40,20 @@ GROUP = "learner"
 Evaluator = Callable[[torch.nn.Module], dict[str, float]]
 # The policy module -> the directory it was exported to.
 Exporter = Callable[[torch.nn.Module], Path]
+
+
+class SnapshotEvaluator(Protocol):
+    """Held-out evaluation of weight snapshots beside training (e.g. in a Ray actor)."""
+
+    def submit(self, step: int, weights: dict[str, torch.Tensor]) -> None:
+        """Evaluate ``weights`` (the policy after ``step``); may wait while too many are
+        pending."""
+
+    def results(self, wait: bool = False) -> list[tuple[int, dict[str, float]]]:
+        """(step, metrics) of the evaluations finished since the last call; ``wait``: all."""
+
+    def close(self) -> None: ...
+
 
 _TOTALS = (
     "learner_tokens_total",
@@ -74,6 +88,8 @@ class LearnerService:
         settings: the run-level settings.
         consumer: consumer name in the ``learner`` group.
         evaluate: held-out evaluation of the policy (every ``eval_every`` steps); None: none.
+        snapshot_eval: evaluates a snapshot of the published weights beside training instead
+            of ``evaluate`` between steps.
         export: writes the final policy; None: no export.
         publisher: hands each version to the rollout engines (the configured weight-sync
             transport, :mod:`services.weightsync`); None publishes nothing but the audit trail.
@@ -92,6 +108,7 @@ class LearnerService:
         consumer: str = "learner-0",
         *,
         evaluate: Evaluator | None = None,
+        snapshot_eval: SnapshotEvaluator | None = None,
         export: Exporter | None = None,
         publisher: WeightPublisher | None = None,
         limits: ModelLimits | None = None,
@@ -105,6 +122,8 @@ class LearnerService:
         self.consumer = consumer
         self.ckpt_dir = Path(settings.run_dir) / "checkpoints"
         self.evaluate = evaluate
+        self.snapshot_eval = snapshot_eval
+        self._snapshot: tuple[int, dict[str, torch.Tensor]] | None = None
         self.export = export
         self.publisher = publisher
         self.limits = limits
@@ -147,6 +166,8 @@ class LearnerService:
             evaluate,
             self._to_redis,
             resume_step=self.step,
+            background=_Snapshots(self, self.snapshot_eval) if self.snapshot_eval else None,
+            eval_sink=self._eval_to_redis,
             **self.logger_kwargs,
         )
         try:
@@ -347,14 +368,34 @@ class LearnerService:
     def _publish(self, rewind: bool) -> float:
         """Publish the current weights as version ``self.step``; returns the seconds it took."""
         t0 = time.perf_counter()
-        if self.publisher is not None:
-            self.publisher.publish(self.step, self.engine.state_dict_cpu(), rewind=rewind)
+        due = (
+            self.snapshot_eval is not None
+            and self.reporter is not None
+            and self.reporter.due(self.step)
+        )
+        if self.publisher is not None or due:
+            weights = self.engine.state_dict_cpu()
+            if self.publisher is not None:
+                self.publisher.publish(self.step, weights, rewind=rewind)
+            # The host copy just published is the snapshot to evaluate: no second gather.
+            self._snapshot = (self.step, weights) if due else None
         self.t.state.record_published_version(self.step)
         return time.perf_counter() - t0
+
+    def snapshot(self, step: int) -> dict[str, torch.Tensor]:
+        """The weights after ``step`` on the host, for an evaluation beside training."""
+        if self._snapshot is not None and self._snapshot[0] == step:
+            weights, self._snapshot = self._snapshot[1], None
+            return weights
+        return self.engine.state_dict_cpu()
 
     def _to_redis(self, step: int, row: dict[str, Any]) -> None:
         self.t.state.set_metrics(_numeric(row))
         self.t.state.record_step(step, row)
+
+    def _eval_to_redis(self, step: int, row: dict[str, Any]) -> None:
+        self.t.state.set_metrics(_numeric(row))
+        self.t.state.merge_step(step, row)
 
     # ---- checkpoints, resume, replay -----------------------------------------------------------
 
@@ -418,6 +459,23 @@ class LearnerService:
             self.totals["learner_seconds_total"],
             self.reporter.last_eval or "n/a",
         )
+
+
+class _Snapshots:
+    """The reporter's background evaluation: each due step's published weights go to the
+    snapshot evaluator while the learner trains on."""
+
+    def __init__(self, service: LearnerService, evaluator: SnapshotEvaluator) -> None:
+        self.service, self.evaluator = service, evaluator
+
+    def submit(self, step: int) -> None:
+        self.evaluator.submit(step, self.service.snapshot(step))
+
+    def results(self, wait: bool = False) -> list[tuple[int, dict[str, float]]]:
+        return self.evaluator.results(wait)
+
+    def close(self) -> None:
+        self.evaluator.close()
 
 
 def _numeric(row: dict[str, Any]) -> dict[str, float]:

@@ -404,18 +404,34 @@ def _build_learner(
         finally:
             publisher.close()  # a catch-up write in flight finishes first
 
+    snapshot_eval = None
+    if cfg.eval.background and _ray_initialized():
+        from services.run.evaluator import RayEvaluator
+
+        snapshot_eval = RayEvaluator(cfg, policy_path, settings.run_dir)
+    elif cfg.eval.background:
+        log.info("learner: no Ray here, so held-out evaluation runs between steps")
     service = LearnerService(
         transport,
         engine,
         settings,
         consumer=f"learner-{index}",
-        evaluate=build_evaluator(cfg, tokenizer),
+        evaluate=None if snapshot_eval else build_evaluator(cfg, tokenizer),
+        snapshot_eval=snapshot_eval,
         export=lambda module: save_policy(module, tokenizer, settings.run_dir / "final_policy"),
         publisher=publisher,
         limits=model_limits(policy_path),
         logger_kwargs=cfg.logger_kwargs(),
     )
     return service, shutdown
+
+
+def _ray_initialized() -> bool:
+    try:
+        import ray
+    except ImportError:
+        return False
+    return ray.is_initialized()
 
 
 def _ray_node_id() -> str:

@@ -77,6 +77,16 @@ class EvalConfig(_Section):
     """Sampling seed: the same at every evaluation, so curves compare policies, not draws."""
     batch_size: int = Field(64, ge=1)
     """Prompts per generation call (``batch_size x n_samples`` rows)."""
+    background: bool = True
+    """Under ``d3s run``: evaluate a snapshot of the weights in a Ray actor of its own, so the
+    learner goes on training meanwhile; the result joins its step's row when it is ready.
+    false: the learner evaluates between steps. ``d3s train`` (one process) always does the
+    latter."""
+    num_gpus: float = Field(0.0, ge=0)
+    """GPUs the background evaluator reserves (0: it evaluates on CPU)."""
+    max_pending: int = Field(2, ge=1, le=16)
+    """Snapshots waiting for the background evaluator at most; one more makes the learner wait,
+    so slow evaluations hold training back instead of piling weights up in memory."""
 
     @model_validator(mode="after")
     def _ks_fit(self) -> EvalConfig:

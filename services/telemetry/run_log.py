@@ -96,6 +96,11 @@ class RunLogger:
             reinit="create_new",
             **kwargs,
         )
+        # Evaluations can finish steps after the weights they measured (a background
+        # evaluator): they are drawn against the step they evaluated, carried as eval_step.
+        run.define_metric("eval_step")
+        for name in ("heldout_accuracy", "eval/*", "eval_seconds"):
+            run.define_metric(name, step_metric="eval_step")
         log.info("W&B run %s (%s) in %s", run.id, kwargs["mode"], self.run_dir / "wandb")
         return run
 
@@ -112,6 +117,20 @@ class RunLogger:
             # warning; the JSONL and TensorBoard keep every row.
             self._wandb.log(numbers, step=step)
 
+    def log_eval(self, step: int, values: dict[str, Any]) -> None:
+        """The evaluation of ``step``'s weights, finished after later steps were logged: a row
+        marked ``"row": "eval"`` that :func:`read_metrics` merges into the step's row;
+        TensorBoard takes it at ``step``; W&B (whose steps only rise) at its ``eval_step``."""
+        row = {"step": step, "row": "eval", **{k: v for k, v in values.items() if v is not None}}
+        self._fh.write(json.dumps(row) + "\n")
+        self._fh.flush()
+        numbers = scalars(values)
+        if self._tb is not None:
+            for k, v in numbers.items():
+                self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log({**numbers, "eval_step": step})
+
     def close(self) -> None:
         self._fh.close()
         if self._tb is not None:
@@ -122,12 +141,18 @@ class RunLogger:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """Rows of a metrics.jsonl; on resume a step can appear twice, the last one wins."""
+    """Rows of a metrics.jsonl, one per step: an evaluation row (``"row": "eval"``, written when
+    a background evaluation finished) is merged into its step's row; a step row written again
+    (a resumed run retraining it) replaces the earlier one."""
     rows: dict[int, dict[str, Any]] = {}
     for line in Path(path).read_text().splitlines():
         if line.strip():
             r = json.loads(line)
-            rows[int(r["step"])] = r
+            step = int(r["step"])
+            if r.pop("row", None) == "eval":
+                rows[step] = {**rows.get(step, {"step": step}), **r}
+            else:
+                rows[step] = r
     return [rows[k] for k in sorted(rows)]
 
 

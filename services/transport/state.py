@@ -189,6 +189,14 @@ class RunState:
         finite = {k: float(v) for k, v in row.items() if isinstance(v, (int, float))}
         self.client.hset(self.keys.history, str(step), json.dumps({"step": step, **finite}))
 
+    def merge_step(self, step: int, fields: Mapping[str, Any]) -> None:
+        """Add ``fields`` to the row of ``step`` (an evaluation that finished after the step's
+        row was written; the learner is the only writer, so read-then-write is safe)."""
+        raw = self.client.hget(self.keys.history, str(step))
+        row = json.loads(raw) if raw is not None else {"step": step}
+        row.update({k: float(v) for k, v in fields.items() if isinstance(v, (int, float))})
+        self.client.hset(self.keys.history, str(step), json.dumps(row))
+
     def history(self, since_step: int = 0, limit: int = 1000) -> list[dict[str, float]]:
         """Step rows with step >= ``since_step``, in step order, at most ``limit``."""
         steps = sorted(int(s) for s in self.client.hkeys(self.keys.history))

@@ -120,6 +120,12 @@ def test_d3s_run_is_quiet_and_ends_with_the_summary(
     assert summary["tokens"]["grpo_equivalent"] >= summary["tokens"]["kept"] > 0
     assert summary["groups"]["written"] >= summary["groups"]["used"] == steps * 4
     assert summary["heldout"]["heldout_accuracy"]["final_step"] == steps
+    # Held-out evaluation ran in the evaluator actor, beside training: each evaluated step's
+    # result was written after that step's row and merged into it.
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(x["step"] for x in lines if x.get("row") == "eval") == [0, 3, steps]
+    assert all("heldout_accuracy" in r for r in rows if r["step"] in (0, 3, steps))
+    assert "evaluated in" in (run_dir / "logs" / "evaluator.log").read_text()
     # What did not reach the terminal is in the run's logs.
     logs = run_dir / "logs"
     assert "Serve" in (logs / "driver.log").read_text()

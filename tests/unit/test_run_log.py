@@ -13,7 +13,7 @@ from services.telemetry.run_log import RunLogger, read_metrics, scalars
 
 ROWS = {
     1: {"reward_mean": 0.25, "loss": 0.5, "flag": True, "note": "warm", "grad_norm": math.nan},
-    2: {"reward_mean": 0.5, "loss": 0.25, "heldout_accuracy": 0.125},
+    2: {"reward_mean": 0.5, "loss": 0.25, "heldout_accuracy": 0.125, "eval_step": 2},
     3: {"reward_mean": 0.75, "loss": math.inf, "samples_total": 24},
 }
 
@@ -89,6 +89,26 @@ def test_one_row_feeds_jsonl_tensorboard_and_offline_wandb(tmp_path: Path) -> No
     # Every value is exact in float32 (TensorBoard) and in JSON (W&B): compare exactly.
     assert _tensorboard_scalars(tmp_path) == expected
     assert _wandb_history(tmp_path) == expected
+
+
+def test_a_late_evaluation_joins_its_step_everywhere(tmp_path: Path) -> None:
+    # A background evaluation of step 1 lands after step 3 was logged.
+    pytest.importorskip("wandb", reason="needs the wandb package")
+    logger = RunLogger(tmp_path, wandb={"project": "d3s-test", "mode": "offline"})
+    for step, row in ROWS.items():
+        logger.log(step, row)
+    logger.log_eval(1, {"heldout_accuracy": 0.5, "eval/pass@1": 0.375, "eval_step": 1})
+    logger.log(3, {"reward_mean": 1.0})  # step 3 trained again (a resume): replaces its row
+    logger.close()
+
+    rows = {r["step"]: r for r in read_metrics(tmp_path / "metrics.jsonl")}
+    assert rows[1]["heldout_accuracy"] == 0.5 and rows[1]["loss"] == 0.5  # merged, not replaced
+    assert rows[1]["eval/pass@1"] == 0.375 and "row" not in rows[1]
+    assert rows[2]["heldout_accuracy"] == 0.125
+    assert rows[3] == {"step": 3, "reward_mean": 1.0}
+    assert _tensorboard_scalars(tmp_path)[1]["heldout_accuracy"] == 0.5
+    late = [h for h in _wandb_history(tmp_path).values() if h.get("eval/pass@1") == 0.375]
+    assert late and late[0]["eval_step"] == 1 and late[0]["heldout_accuracy"] == 0.5
 
 
 @pytest.mark.parametrize(

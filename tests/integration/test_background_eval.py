@@ -1,0 +1,112 @@
+"""Held-out evaluation in its own Ray actor: the same numbers as evaluating between steps, at most
+``eval.max_pending`` snapshots waiting, and a failed or killed evaluator never stops training;
+the reporter puts each late result into its step's row."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from services.run.components import build_evaluator
+from services.run.config import parse_config
+from services.telemetry.reporter import RunReporter
+from services.telemetry.run_log import read_metrics
+
+pytestmark = pytest.mark.integration
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture
+def setup(tiny_config, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory):
+    from services.policy.model import PolicySpec, build_policy, save_policy
+    from services.policy.tokenizer import CharTokenizer
+
+    cfg = parse_config(
+        tiny_config(
+            tmp_path / "run",
+            tmp_path_factory.getbasetemp() / "ws",
+            task={"type": "arithmetic", "digits": 1, "heldout_size": 30},
+            eval={"n_samples": 4, "ks": [1, 4], "max_pending": 2},
+        )
+    )
+    tok = CharTokenizer()
+    torch.manual_seed(0)
+    model = build_policy(PolicySpec(n_layer=1, n_embd=16, n_head=2), tok)
+    path = save_policy(model, tok, tmp_path / "policy")
+    return cfg, model, tok, str(path), tmp_path / "run"
+
+
+def _perturbed(model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {k: v + 0.5 * torch.randn(v.shape, generator=g) for k, v in model.state_dict().items()}
+
+
+def test_snapshots_evaluate_as_inline_and_land_in_their_rows(local_ray, setup) -> None:
+    from services.run.evaluator import RayEvaluator
+
+    cfg, model, tok, path, run_dir = setup
+    inline = build_evaluator(cfg, tok)
+    snapshots = {step: _perturbed(model, step) for step in (0, 2, 4)}
+    evaluator = RayEvaluator(cfg, path, run_dir)
+
+    class Snapshots:  # what the learner service wraps around its published weights
+        def submit(self, step: int) -> None:
+            evaluator.submit(step, snapshots[step])
+
+        def results(self, wait: bool = False):
+            return evaluator.results(wait)
+
+        def close(self) -> None:
+            evaluator.close()
+
+    reporter = RunReporter(run_dir, 4, 2, background=Snapshots(), tensorboard=False)
+    for step in range(5):
+        reporter.record(step, {"loss": float(step)})
+        assert len(evaluator.pending) <= cfg.eval.max_pending
+    reporter.finish("t")
+    reporter.close()
+
+    rows = {r["step"]: r for r in read_metrics(run_dir / "metrics.jsonl")}
+    for step, weights in snapshots.items():
+        model.load_state_dict(weights)
+        expected = inline(model)
+        got = {k: rows[step][k] for k in expected}
+        assert got == pytest.approx(expected), step
+        assert rows[step]["loss"] == float(step) and rows[step]["eval_step"] == step
+        assert rows[step]["eval_wall_time"] >= rows[step]["wall_time"]
+    assert "heldout_accuracy" not in rows[1] and "heldout_accuracy" not in rows[3]
+    assert reporter.last_eval["heldout_accuracy"] == rows[4]["heldout_accuracy"]
+    assert (run_dir / "logs" / "evaluator.log").is_file()
+
+
+def test_a_failing_or_killed_evaluator_never_stops_training(local_ray, setup) -> None:
+    from services.run.evaluator import RayEvaluator
+
+    cfg, model, _, path, run_dir = setup
+    evaluator = RayEvaluator(cfg, path, run_dir)
+    evaluator.submit(0, {"not.a.weight": torch.zeros(1)})  # load_state_dict raises in the actor
+    evaluator.submit(1, model.state_dict())
+    done = evaluator.results(wait=True)
+    assert [s for s, _ in done] == [1] and evaluator.failed == 1
+
+    ray.kill(evaluator.actor)
+    time.sleep(0.5)
+    evaluator.submit(2, model.state_dict())  # the dead actor fails this one ...
+    assert evaluator.results(wait=True) == [] and evaluator.failed == 2
+    evaluator.submit(3, model.state_dict())  # ... and a new one takes the next
+    assert [s for s, _ in evaluator.results(wait=True)] == [3]
+    evaluator.close()
