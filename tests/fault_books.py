@@ -175,6 +175,7 @@ def balance(client: redis.Redis, cfg: RunConfig) -> dict[str, int]:
         "written": len(written),
         "lost": len(written - set(places)),
         "duplicated": sum(1 for g, n in places.items() if n > 1),
+        "stale": int(t.state.counter("groups_stale")),
         "batches_trained_twice": len(trained) - len(set(trained)),  # hash keys: 0 by construction
         "batches_skipped": len(set(expected) - set(trained)),
         "batches_wrong_step": sum(1 for b, s in trained.items() if expected.get(b) != s),

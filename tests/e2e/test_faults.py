@@ -257,6 +257,7 @@ def print_table(title: str, runs: list[dict]) -> str:
         f"runs completed: {len(runs)}; groups written: "
         f"{sum(r['balance']['written'] for r in runs)}; groups lost: {lost}; groups duplicated: "
         f"{dup}; batches duplicate-acknowledged: {sum(r['books']['batches_duplicate'] for r in runs)}",
+        f"groups dropped as stale: {sum(r['balance']['stale'] for r in runs)}",
         "wall s per run: " + ", ".join(f"{r['wall_s']:.0f}" for r in runs),
         *(f"supervisor, run {i}: {r['supervision']}" for i, r in enumerate(runs)),
     ]
@@ -285,6 +286,10 @@ def test_fault_injection_short(tmp_path: Path, warmstart_cache: Path, tiny_confi
     assert result["balance"]["batches_skipped"] == result["balance"]["batches_wrong_step"] == 0
     restarts = result["supervision"]["restarts"]
     assert sum(restarts.values()) == 3 and result["supervision"]["redis_restarts"] >= 1
+    # Generation wasted by the faults is at most what was in flight at each: the groups queued
+    # (max_group_backlog) and the rounds being generated (one step's prompts across actors).
+    in_flight = cfg.service.max_group_backlog + cfg.rollout.prompts_per_step
+    assert result["balance"]["stale"] <= len(result["faults"]) * in_flight, table
 
 
 @pytest.mark.slow
