@@ -525,6 +525,9 @@ def main(argv: list[str] | None = None) -> dict:
         "--summarise-only", action="store_true", help="re-read finished runs, train nothing"
     )
     ap.add_argument(
+        "--fresh", action="store_true", help="train every run again, even those that finished"
+    )
+    ap.add_argument(
         "--set", dest="extra", action="append", default=[], help="config override for every run"
     )
     args = ap.parse_args(argv)
@@ -554,6 +557,10 @@ def main(argv: list[str] | None = None) -> dict:
             )
         threads = max(1, 2 // args.jobs)
         order = priority(runs, args.tasks)
+        if not args.fresh:  # runs that reached their last step are kept: add presets cheaply
+            kept = [r for r in order if finished(out, r)]
+            order = [r for r in order if r not in kept]
+            print(f"{len(kept)} finished runs kept, {len(order)} to train", flush=True)
         with ProcessPoolExecutor(max_workers=args.jobs) as pool:
             futs = {pool.submit(_train_one, r, str(out), threads, settings): r for r in order}
             for i, f in enumerate(futs, 1):
