@@ -1,8 +1,9 @@
 """Does D3S learn more per learner token and second than GRPO, and does it raise Pass@k? Side by side.
 
-    python -m bench.learning [--tasks addition mixed] [--presets grpo d1s d2s d3s d3s-i]
-        [--seeds 3] [--steps 150] [--long-factor 2] [--eval-n 16] [--eval-prompts 500]
-        [--experiments ladder long warmstart token_score noclip] [--jobs 2] [--out bench/results]
+    python -m bench.learning [--tasks addition mixed] [--presets grpo random d1s ...]
+        [--seeds 3] [--steps 100] [--long-factor 2.5] [--long-seeds 2] [--eval-every 25]
+        [--eval-n 16] [--eval-prompts 500]
+        [--experiments ladder long warmstart token_score noclip] [--jobs 2] [--out bench/results/learning-full]
 
 Every run starts from the task's cached warm start and has the same rollout budget (prompts x
 samples per step); every ``--eval-every`` steps it is evaluated on held-out prompts: greedy
@@ -49,7 +50,7 @@ PRESETS: dict[str, tuple[str, tuple[str, ...]]] = {
     "d3s-H": ("d3s", ("algorithm.token_score=entropy",)),
     "d3s-A": ("d3s", ("algorithm.token_score=adv",)),
 }
-DEFAULT_PRESETS = ["grpo", "d1s", "d2s", "d3s", "d3s-i"]
+DEFAULT_PRESETS = ["grpo", "random", "d1s", "d1s-cross", "d2s", "d3s", "d3s-i", "d3s+gspo"]
 LONG_PRESETS = ["grpo", "d1s", "d2s", "d3s"]
 EXPERIMENTS = ("ladder", "long", "warmstart", "token_score", "noclip")
 CLEAN = ("warmstart.clean=true",)
@@ -509,18 +510,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--presets", nargs="+", default=DEFAULT_PRESETS, choices=sorted(PRESETS))
     ap.add_argument("--experiments", nargs="+", default=list(EXPERIMENTS), choices=EXPERIMENTS)
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument(
-        "--long-seeds", type=int, default=None, help="seeds of the long runs (default --seeds)"
-    )
-    ap.add_argument("--steps", type=int, default=150)
-    ap.add_argument("--long-factor", type=float, default=2.0, help="the long runs' steps / --steps")
+    ap.add_argument("--long-seeds", type=int, default=2, help="seeds of the long runs (default 2)")
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--long-factor", type=float, default=2.5, help="the long runs' steps / --steps")
     ap.add_argument("--eval-n", type=int, default=16, help="samples per held-out prompt (>= 8)")
     ap.add_argument("--eval-prompts", type=int, default=500, help="held-out prompts per evaluation")
-    ap.add_argument("--eval-every", type=int, default=10)
+    ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument(
         "--jobs", type=int, default=2, help="runs in parallel (each with its own thread budget)"
     )
-    ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--out", default="bench/results/learning-full")
     ap.add_argument(
         "--summarise-only", action="store_true", help="re-read finished runs, train nothing"
     )
@@ -531,7 +530,6 @@ def main(argv: list[str] | None = None) -> dict:
         "--set", dest="extra", action="append", default=[], help="config override for every run"
     )
     args = ap.parse_args(argv)
-    args.long_seeds = args.seeds if args.long_seeds is None else args.long_seeds
     if "grpo" not in args.presets:
         args.presets = ["grpo", *args.presets]  # every ratio is to GRPO
     out = Path(args.out)
