@@ -33,6 +33,9 @@ from typing import Any
 import numpy as np
 
 MODES = [("sync", 0), ("async", 1), ("async", 2)]
+# A target all seeds of a configuration can reach: the final accuracy itself is a noisy mean
+# that about half the runs of any configuration (GRPO's own included) end below.
+NEAR = 0.99
 
 
 def _label(preset: str, mode: str, staleness: int, actors: int = 1) -> str:
@@ -153,11 +156,17 @@ def main(argv: list[str] | None = None) -> dict:
         help="rollout actors for the throughput sweep (async, max_staleness 1, seed 0)",
     )
     ap.add_argument("--sweep-only", action="store_true", help="only the rollout-actor sweep")
+    ap.add_argument(
+        "--rerender", action="store_true", help="tables and figure again from --out/pipeline.json"
+    )
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.sweep_only:
         return _sweep_only(args)
+    if args.rerender:
+        saved = json.loads((args.out / "pipeline.json").read_text())
+        return summarise(args, saved["runs"], saved.get("placement", []), saved["sweep"])
     args.out.mkdir(parents=True, exist_ok=True)
 
     results: list[dict] = []
@@ -191,6 +200,14 @@ def main(argv: list[str] | None = None) -> dict:
                 )
             )
 
+    return summarise(args, results, placement, sweep)
+
+
+def summarise(
+    args: argparse.Namespace, results: list[dict], placement: list[dict], sweep: list[dict]
+) -> dict:
+    """Tables, figure and JSON of the runs (``--rerender`` calls it on a saved pipeline.json)."""
+    args.out.mkdir(parents=True, exist_ok=True)
     grpo_sync = [r for r in results if r["preset"] == "grpo" and r["mode"] == "sync"]
     target = _mean(grpo_sync, "final_acc") if grpo_sync else None
     table = []
@@ -202,6 +219,9 @@ def main(argv: list[str] | None = None) -> dict:
                 if (r["preset"], r["mode"], r["staleness"]) == (preset, mode, staleness)
             ]
             reach = [_first_wall(r["curve"], target) for r in rs] if target is not None else []
+            near = (
+                [_first_wall(r["curve"], NEAR * target) for r in rs] if target is not None else []
+            )
             table.append(
                 {
                     "label": _label(preset, mode, staleness),
@@ -225,6 +245,8 @@ def main(argv: list[str] | None = None) -> dict:
                     if reach and None not in reach
                     else None,
                     "reached": sum(x is not None for x in reach),
+                    "wall_to_near": statistics.mean(near) if near and None not in near else None,
+                    "reached_near": sum(x is not None for x in near),
                 }
             )
     by = {row["label"]: row for row in table}
@@ -239,15 +261,17 @@ def main(argv: list[str] | None = None) -> dict:
         else "",
         "",
         "| config | steps/min | samples gen/min | learner busy | generation busy | stale | final acc | "
-        "wall s to target (runs reaching) |",
-        "|---|---|---|---|---|---|---|---|",
+        f"wall s to target (runs reaching) | wall s to {NEAR:.0%} of it |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in table:
         reach = "—" if row["wall_to_target"] is None else f"{row['wall_to_target']:.1f}"
+        near = "—" if row["wall_to_near"] is None else f"{row['wall_to_near']:.1f}"
         lines.append(
             f"| {row['label']} | {row['steps_per_min']:.1f} | {row['samples_per_min']:.0f} | "
             f"{row['learner_busy']:.2f} | {row['gen_busy']:.2f} | {100 * row['stale_fraction']:.1f}% | "
-            f"{row['final_acc']:.3f} ± {row['final_acc_sd']:.3f} | {reach} ({row['reached']}/{row['seeds']}) |"
+            f"{row['final_acc']:.3f} ± {row['final_acc_sd']:.3f} | {reach} ({row['reached']}/{row['seeds']}) "
+            f"| {near} ({row['reached_near']}/{row['seeds']}) |"
         )
     lines += ["", "Ratios (same run, same machine):", ""]
     for preset in args.presets:
@@ -259,20 +283,24 @@ def main(argv: list[str] | None = None) -> dict:
                     f"- {preset}: async s{staleness} is {asy['steps_per_min'] / sync['steps_per_min']:.2f}x "
                     "the steps/min of sync"
                 )
-    best = {
-        p: min(
-            (r for r in table if r["label"].startswith(p) and r["wall_to_target"] is not None),
-            key=lambda r: r["wall_to_target"],
-            default=None,
-        )
-        for p in args.presets
-    }
-    if best.get("grpo") and best.get("d3s"):
-        lines.append(
-            f"- to GRPO's final accuracy, best configuration each: d3s ({best['d3s']['label']}) "
-            f"{best['d3s']['wall_to_target']:.1f}s vs grpo ({best['grpo']['label']}) "
-            f"{best['grpo']['wall_to_target']:.1f}s = **{best['d3s']['wall_to_target'] / best['grpo']['wall_to_target']:.2f}x**"
-        )
+    for key, what in (
+        ("wall_to_target", "GRPO's final accuracy"),
+        ("wall_to_near", f"{NEAR:.0%} of it"),
+    ):
+        best = {
+            p: min(
+                (r for r in table if r["label"].startswith(p) and r[key] is not None),
+                key=lambda r, k=key: r[k],
+                default=None,
+            )
+            for p in args.presets
+        }
+        if best.get("grpo") and best.get("d3s"):
+            lines.append(
+                f"- to {what}, best configuration each (every seed reaching): d3s "
+                f"({best['d3s']['label']}) {best['d3s'][key]:.1f}s vs grpo ({best['grpo']['label']}) "
+                f"{best['grpo'][key]:.1f}s = **{best['d3s'][key] / best['grpo'][key]:.2f}x**"
+            )
     if placement:
         lines += [
             "",
