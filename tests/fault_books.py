@@ -1,5 +1,5 @@
-"""The books of a run that survived faults, audited from its Redis (the fault and hostile-record
-e2e tests; ``tests/e2e/books.py`` audits a run without faults the same way, strictly).
+"""The books of a finished run, audited from its Redis by every end-to-end test: strictly for a
+run without faults, and with ``faults=True`` for one that lost components on the way.
 
 ``audit`` checks that every group a rollout actor wrote is in exactly one place (used in exactly
 one batch, dropped as stale, skipped, dead-lettered or still queued), that every batch was trained

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import redis
 import yaml
-from books import audit
+from fault_books import audit
 from raycluster import LocalRayCluster, ray_env
 
 from services.common.net import free_port

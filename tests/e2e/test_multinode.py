@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import redis
 import yaml
-from books import audit
+from fault_books import audit
 from raycluster import RAY, LocalRayCluster, ray_env
 
 from services.run.config import parse_config

@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 import redis
-from books import audit
+from fault_books import audit
 
 from services.run.config import RunConfig, parse_config
 from services.run.orchestrator import run_service
