@@ -55,6 +55,8 @@ class EvalWorker:
 class RayEvaluator:
     """Snapshot evaluation in a Ray actor (the learner's ``snapshot_eval``).
 
+    Raises ValueError naming ``eval.num_gpus`` when the cluster has fewer GPUs than it asks for.
+
     Args:
         cfg: the run's config (``eval`` says what to measure and what to reserve).
         policy_path: the policy's directory (architecture, tokenizer).
@@ -64,6 +66,12 @@ class RayEvaluator:
     def __init__(self, cfg: RunConfig, policy_path: str, run_dir: str | Path) -> None:
         import ray
 
+        gpus = ray.cluster_resources().get("GPU", 0.0)
+        if cfg.eval.num_gpus > gpus:  # the actor would wait for a GPU forever
+            raise ValueError(
+                f"eval.num_gpus: {cfg.eval.num_gpus:g} for the evaluator; the Ray cluster has "
+                f"{gpus:g} GPUs"
+            )
         self._ray = ray
         self._cls = ray.remote(num_cpus=0, num_gpus=cfg.eval.num_gpus, max_restarts=0)(EvalWorker)
         self._args = (cfg, policy_path, str(run_dir))

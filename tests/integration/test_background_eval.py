@@ -110,3 +110,14 @@ def test_a_failing_or_killed_evaluator_never_stops_training(local_ray, setup) ->
     evaluator.submit(3, model.state_dict())  # ... and a new one takes the next
     assert [s for s, _ in evaluator.results(wait=True)] == [3]
     evaluator.close()
+
+
+def test_an_evaluator_gpu_the_cluster_lacks_is_refused_at_once(local_ray, setup) -> None:
+    from services.run.evaluator import RayEvaluator
+
+    cfg, _, _, path, run_dir = setup
+    cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"num_gpus": 1.0})})
+    with pytest.raises(
+        ValueError, match=r"^eval.num_gpus: 1 for the evaluator; the Ray cluster has 0 GPUs"
+    ):
+        RayEvaluator(cfg, path, run_dir)
