@@ -72,8 +72,15 @@ class RayEvaluator:
                 f"eval.num_gpus: {cfg.eval.num_gpus:g} for the evaluator; the Ray cluster has "
                 f"{gpus:g} GPUs"
             )
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
         self._ray = ray
-        self._cls = ray.remote(num_cpus=0, num_gpus=cfg.eval.num_gpus, max_restarts=0)(EvalWorker)
+        # Beside the learner where it fits: that node has the policy's files and the run
+        # directory (a docker-compose Ray head, for one, has neither).
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        self._cls = ray.remote(num_cpus=0, num_gpus=cfg.eval.num_gpus, max_restarts=0)(
+            EvalWorker
+        ).options(scheduling_strategy=here)
         self._args = (cfg, policy_path, str(run_dir))
         self.max_pending = cfg.eval.max_pending
         self.actor: Any = self._cls.remote(*self._args)
