@@ -11,6 +11,7 @@ and a dead evaluator is started again for the next snapshot: evaluation never st
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -30,14 +31,24 @@ class EvalWorker:
     policy's architecture and tokenizer, the held-out prompts, and one evaluation per call."""
 
     def __init__(self, cfg: RunConfig, policy_path: str, run_dir: str) -> None:
+        import ray
+
         from services.policy.model import load_policy
 
+        t0 = time.perf_counter()
         component_logging(Path(run_dir), EVALUATOR, capture_output=True)
         torch.set_num_threads(1)  # cores are shared with the learner and the rollout engines
         model, tokenizer = load_policy(policy_path)
         use_gpu = cfg.eval.num_gpus > 0 and torch.cuda.is_available()
         self.model = model.to("cuda" if use_gpu else "cpu")
         self.evaluate = build_evaluator(cfg, tokenizer)
+        log.info(
+            "%s ready in %.1fs (pid %d, node %s)",
+            EVALUATOR,
+            time.perf_counter() - t0,
+            os.getpid(),
+            ray.get_runtime_context().get_node_id(),
+        )
 
     def evaluate_weights(
         self, step: int, weights: dict[str, torch.Tensor]
@@ -75,9 +86,13 @@ class RayEvaluator:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         self._ray = ray
-        # Beside the learner where it fits: that node has the policy's files and the run
-        # directory (a docker-compose Ray head, for one, has neither).
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        # On the learner's node: it has the policy's files and the run directory (a
+        # docker-compose Ray head, for one, has neither). Pinned when the evaluator needs no GPU
+        # (it always fits; a soft preference was measured to land elsewhere); preferred when it
+        # does, since the learner's node may have none to spare.
+        here = NodeAffinitySchedulingStrategy(
+            ray.get_runtime_context().get_node_id(), soft=cfg.eval.num_gpus > 0
+        )
         self._cls = ray.remote(num_cpus=0, num_gpus=cfg.eval.num_gpus, max_restarts=0)(
             EvalWorker
         ).options(scheduling_strategy=here)

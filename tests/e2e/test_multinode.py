@@ -124,10 +124,11 @@ def test_a_run_submitted_as_a_ray_job_spreads_over_the_nodes_of_its_roles(
     logs = run_dir / "logs"
     placed = {
         name: roles[_node_of(logs / f"{name}.log")]
-        for name in ("learner", "selector", "rollout-0", "rollout-1")
+        for name in ("learner", "selector", "rollout-0", "rollout-1", "evaluator")
     }
     assert placed == {
         "learner": "d3s_learner",
+        "evaluator": "d3s_learner",  # beside the learner, which has the policy and run dir
         "selector": "d3s_selector",
         "rollout-0": "d3s_rollout",
         "rollout-1": "d3s_rollout",
