@@ -105,13 +105,7 @@ class RunLogger:
         return run
 
     def log(self, step: int, values: dict[str, Any]) -> None:
-        row = {"step": step, **{k: v for k, v in values.items() if v is not None}}
-        self._fh.write(json.dumps(row) + "\n")
-        self._fh.flush()
-        numbers = scalars(values)
-        if self._tb is not None:
-            for k, v in numbers.items():
-                self._tb.add_scalar(k, v, step)
+        numbers = self._write(step, {}, values)
         if self._wandb is not None:
             # W&B drops a step not above the last one (a resumed run replaying steps) with a
             # warning; the JSONL and TensorBoard keep every row.
@@ -121,15 +115,21 @@ class RunLogger:
         """The evaluation of ``step``'s weights, finished after later steps were logged: a row
         marked ``"row": "eval"`` that :func:`read_metrics` merges into the step's row;
         TensorBoard takes it at ``step``; W&B (whose steps only rise) at its ``eval_step``."""
-        row = {"step": step, "row": "eval", **{k: v for k, v in values.items() if v is not None}}
+        numbers = self._write(step, {"row": "eval"}, values)
+        if self._wandb is not None:
+            self._wandb.log({**numbers, "eval_step": step})
+
+    def _write(self, step: int, marks: dict[str, str], values: dict[str, Any]) -> dict[str, float]:
+        """One JSONL row (``marks`` after the step) and its scalars to TensorBoard at ``step``;
+        returns the scalars."""
+        row = {"step": step, **marks, **{k: v for k, v in values.items() if v is not None}}
         self._fh.write(json.dumps(row) + "\n")
         self._fh.flush()
         numbers = scalars(values)
         if self._tb is not None:
             for k, v in numbers.items():
                 self._tb.add_scalar(k, v, step)
-        if self._wandb is not None:
-            self._wandb.log({**numbers, "eval_step": step})
+        return numbers
 
     def close(self) -> None:
         self._fh.close()
