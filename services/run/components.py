@@ -434,7 +434,7 @@ def _ray_initialized() -> bool:
     return ray.is_initialized()
 
 
-def _ray_node_id() -> str:
+def ray_node_id() -> str:
     """The Ray node this process runs on ('-' outside Ray): logged, so a run's logs say where
     each component was placed."""
     try:
@@ -481,7 +481,7 @@ class ComponentHost:
             self.name,
             time.perf_counter() - t0,
             os.getpid(),
-            _ray_node_id(),
+            ray_node_id(),
         )
         return os.getpid()
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from services.run.components import build_evaluator, component_logging
+from services.run.components import build_evaluator, component_logging, ray_node_id
 from services.run.config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -31,8 +31,6 @@ class EvalWorker:
     policy's architecture and tokenizer, the held-out prompts, and one evaluation per call."""
 
     def __init__(self, cfg: RunConfig, policy_path: str, run_dir: str) -> None:
-        import ray
-
         from services.policy.model import load_policy
 
         t0 = time.perf_counter()
@@ -47,7 +45,7 @@ class EvalWorker:
             EVALUATOR,
             time.perf_counter() - t0,
             os.getpid(),
-            ray.get_runtime_context().get_node_id(),
+            ray_node_id(),
         )
 
     def evaluate_weights(
