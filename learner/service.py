@@ -15,7 +15,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
@@ -25,7 +25,7 @@ from learner.replay import BatchGap, ReplayLog
 from learner.settings import LearnerServiceSettings
 from services.common.seeding import step_seed
 from services.policy.limits import ModelLimits
-from services.telemetry.reporter import RunReporter
+from services.telemetry.reporter import BackgroundEval, RunReporter
 from services.transport.bundle import Transport
 from services.transport.queue import Delivery
 from services.transport.records import CuratedBatch
@@ -40,19 +40,6 @@ GROUP = "learner"
 Evaluator = Callable[[torch.nn.Module], dict[str, float]]
 # The policy module -> the directory it was exported to.
 Exporter = Callable[[torch.nn.Module], Path]
-
-
-class SnapshotEvaluator(Protocol):
-    """Held-out evaluation of weight snapshots beside training (e.g. in a Ray actor)."""
-
-    def submit(self, step: int, weights: dict[str, torch.Tensor]) -> None:
-        """Evaluate ``weights`` (the policy after ``step``); may wait while too many are
-        pending."""
-
-    def results(self, wait: bool = False) -> list[tuple[int, dict[str, float]]]:
-        """(step, metrics) of the evaluations finished since the last call; ``wait``: all."""
-
-    def close(self) -> None: ...
 
 
 _TOTALS = (
@@ -108,7 +95,7 @@ class LearnerService:
         consumer: str = "learner-0",
         *,
         evaluate: Evaluator | None = None,
-        snapshot_eval: SnapshotEvaluator | None = None,
+        snapshot_eval: BackgroundEval | None = None,
         export: Exporter | None = None,
         publisher: WeightPublisher | None = None,
         limits: ModelLimits | None = None,
@@ -166,7 +153,8 @@ class LearnerService:
             evaluate,
             self._to_redis,
             resume_step=self.step,
-            background=_Snapshots(self, self.snapshot_eval) if self.snapshot_eval else None,
+            background=self.snapshot_eval,
+            snapshot=self.snapshot,
             eval_sink=self._eval_to_redis,
             **self.logger_kwargs,
         )
@@ -459,23 +447,6 @@ class LearnerService:
             self.totals["learner_seconds_total"],
             self.reporter.last_eval or "n/a",
         )
-
-
-class _Snapshots:
-    """The reporter's background evaluation: each due step's published weights go to the
-    snapshot evaluator while the learner trains on."""
-
-    def __init__(self, service: LearnerService, evaluator: SnapshotEvaluator) -> None:
-        self.service, self.evaluator = service, evaluator
-
-    def submit(self, step: int) -> None:
-        self.evaluator.submit(step, self.service.snapshot(step))
-
-    def results(self, wait: bool = False) -> list[tuple[int, dict[str, float]]]:
-        return self.evaluator.results(wait)
-
-    def close(self) -> None:
-        self.evaluator.close()
 
 
 def _numeric(row: dict[str, Any]) -> dict[str, float]:

@@ -24,10 +24,10 @@ Sink = Callable[[int, dict[str, Any]], None]
 
 
 class BackgroundEval(Protocol):
-    """Evaluations that run beside training."""
+    """Evaluations of weight snapshots that run beside training (e.g. in a Ray actor)."""
 
-    def submit(self, step: int) -> None:
-        """Start evaluating the weights as they are after ``step`` (may wait while too many are
+    def submit(self, step: int, weights: Any) -> None:
+        """Start evaluating ``weights``, the policy after ``step`` (may wait while too many are
         pending)."""
 
     def results(self, wait: bool = False) -> list[tuple[int, dict[str, float]]]:
@@ -47,7 +47,8 @@ class RunReporter:
         eval_every: evaluate the policy every this many steps (and at step 0 of a fresh run).
         evaluate: returns held-out metrics of the current policy (e.g. ``heldout_accuracy``);
             None: no evaluation.
-        background: evaluates beside training instead of ``evaluate``.
+        background: evaluates beside training instead of ``evaluate``, on the weights
+            ``snapshot(step)`` returns.
         sink: also receives every row (the service writes it to Redis).
         eval_sink: receives each background evaluation as it lands (step, metrics).
         resume_step: the step a resumed run continues from: rows after it (written before a
@@ -65,14 +66,18 @@ class RunReporter:
         resume_step: int | None = None,
         *,
         background: BackgroundEval | None = None,
+        snapshot: Callable[[int], Any] | None = None,
         eval_sink: Sink | None = None,
         **logger_kwargs: Any,
     ) -> None:
+        if background is not None and snapshot is None:
+            raise ValueError("snapshot: a background evaluator needs the weights to evaluate")
         self.run_dir = Path(run_dir)
         self.total_steps = total_steps
         self.eval_every = eval_every
         self.evaluate = evaluate
         self.background = background
+        self.snapshot = snapshot
         self.sink = sink
         self.eval_sink = eval_sink
         self.last_eval: dict[str, float] = {}
@@ -108,7 +113,8 @@ class RunReporter:
             self.sink(step, row)
         if self.background is not None:
             if self.due(step):
-                self.background.submit(step)
+                assert self.snapshot is not None
+                self.background.submit(step, self.snapshot(step))
             self.collect()
         return row
 

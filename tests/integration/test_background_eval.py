@@ -63,17 +63,9 @@ def test_snapshots_evaluate_as_inline_and_land_in_their_rows(local_ray, setup) -
     snapshots = {step: _perturbed(model, step) for step in (0, 2, 4)}
     evaluator = RayEvaluator(cfg, path, run_dir)
 
-    class Snapshots:  # what the learner service wraps around its published weights
-        def submit(self, step: int) -> None:
-            evaluator.submit(step, snapshots[step])
-
-        def results(self, wait: bool = False):
-            return evaluator.results(wait)
-
-        def close(self) -> None:
-            evaluator.close()
-
-    reporter = RunReporter(run_dir, 4, 2, background=Snapshots(), tensorboard=False)
+    reporter = RunReporter(
+        run_dir, 4, 2, background=evaluator, snapshot=snapshots.__getitem__, tensorboard=False
+    )
     for step in range(5):
         reporter.record(step, {"loss": float(step)})
         assert len(evaluator.pending) <= cfg.eval.max_pending
