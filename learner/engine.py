@@ -315,6 +315,19 @@ class LearnerEngine:
             k: v.detach().to("cpu", torch.float32).clone() for k, v in module.state_dict().items()
         }
 
+    def device_weights(self) -> dict[str, torch.Tensor]:
+        """The weights where training holds them (its device and dtype), for a transport that
+        broadcasts from the device: the live tensors themselves under ZeRO 0-2 (no copy; valid
+        until the next step), a gathered copy on the device under ZeRO-3 (collective: every rank
+        must call it)."""
+        module = self.engine.module
+        if self.cfg.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+                return {k: v.detach().clone() for k, v in module.state_dict().items()}
+        return {k: v.detach() for k, v in module.state_dict().items()}
+
     def save_checkpoint(self, directory: Path, step: int, client_state: dict[str, Any]) -> None:
         state = dict(client_state, step=step, torch_rng=torch.get_rng_state())
         self.engine.save_checkpoint(str(directory), tag=f"step{step:07d}", client_state=state)

@@ -29,7 +29,13 @@ from services.telemetry.logfiles import file_handler, redirect_output
 
 log = logging.getLogger(__name__)
 
-_MIRRORED = ("train_step", "state_dict_cpu", "save_checkpoint", "load_checkpoint")
+_MIRRORED = (
+    "train_step",
+    "state_dict_cpu",
+    "device_weights",
+    "save_checkpoint",
+    "load_checkpoint",
+)
 
 
 class LeaderEngine:
@@ -52,6 +58,10 @@ class LeaderEngine:
     def state_dict_cpu(self):
         self._announce("state_dict_cpu", ())
         return self._engine.state_dict_cpu()
+
+    def device_weights(self):
+        self._announce("device_weights", ())
+        return self._engine.device_weights()
 
     def save_checkpoint(self, directory, step, client_state):
         self._announce("save_checkpoint", (directory, step, client_state))

@@ -361,12 +361,22 @@ class LearnerService:
             and self.reporter is not None
             and self.reporter.due(self.step)
         )
-        if self.publisher is not None or due:
-            weights = self.engine.state_dict_cpu()
-            if self.publisher is not None:
-                self.publisher.publish(self.step, weights, rewind=rewind)
-            # The host copy just published is the snapshot to evaluate: no second gather.
-            self._snapshot = (self.step, weights) if due else None
+        weights = None
+        if self.publisher is not None:
+            # A collective broadcast sends from the training device; the others take a host copy.
+            from_device = self.publisher.from_device
+            weights = self.engine.device_weights() if from_device else self.engine.state_dict_cpu()
+            self.publisher.publish(self.step, weights, rewind=rewind)
+            if from_device:
+                weights = None
+        if due:
+            # A host copy just published is the snapshot to evaluate: no second gather.
+            self._snapshot = (
+                self.step,
+                weights if weights is not None else self.engine.state_dict_cpu(),
+            )
+        else:
+            self._snapshot = None
         self.t.state.record_published_version(self.step)
         return time.perf_counter() - t0
 

@@ -11,6 +11,7 @@ import re
 from collections.abc import Callable
 
 from services.tasks.jsonl import last_boxed
+from services.tasks.verify import first_number
 
 AnswerExtractor = Callable[[str], "str | None"]
 
@@ -41,7 +42,20 @@ def boxed_answer(response_text: str) -> str | None:
     return key or None
 
 
-EXTRACTORS: dict[str, AnswerExtractor] = {"arithmetic": integer_answer, "math": boxed_answer}
+def gsm8k_answer_key(response_text: str) -> str | None:
+    """The number the ``gsm8k`` verifier reads (the first after the last ``####``), as a
+    canonical fraction string (``"1000"`` for ``1,000.0``), or None without ``####`` or number."""
+    if "####" not in response_text:
+        return None
+    number = first_number(response_text.rsplit("####", 1)[1])
+    return None if number is None else str(number)
+
+
+EXTRACTORS: dict[str, AnswerExtractor] = {
+    "arithmetic": integer_answer,
+    "math": boxed_answer,
+    "gsm8k": gsm8k_answer_key,
+}
 
 
 def extractor_for(task: str) -> AnswerExtractor:

@@ -47,6 +47,8 @@ class PromptEval:
         correct: Whether each sample earned full reward (verifier reward >= 1).
         lengths: Response tokens per sample, EOS included (as the learner counts them).
         truncated: Per sample, whether it hit ``max_new_tokens`` without a stop token.
+        formatted: Whether ``answers`` came from the task's own extractor (so None there means
+            the asked format was not followed).
     """
 
     prompt_id: str
@@ -55,6 +57,7 @@ class PromptEval:
     correct: list[bool]
     lengths: list[int]
     truncated: list[bool]
+    formatted: bool = False
 
     @property
     def n_correct(self) -> int:
@@ -74,6 +77,8 @@ class GroupEval:
         sample_accuracy: Fraction of all samples that are correct; equals pass@1.
         mean_response_length: Mean response tokens per sample (EOS included).
         truncated_fraction: Fraction of samples cut at ``max_new_tokens`` without a stop token.
+        format_rate: Fraction of samples whose answer the task's extractor could read (the
+            asked format was followed, right or wrong); None for tasks without an extractor.
     """
 
     n_prompts: int
@@ -83,6 +88,7 @@ class GroupEval:
     sample_accuracy: float | None = None
     mean_response_length: float | None = None
     truncated_fraction: float | None = None
+    format_rate: float | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -183,7 +189,7 @@ class EvalResult:
     def metrics(self, prefix: str = "eval/") -> dict[str, float]:
         """Flat ``name -> value`` for the metric log: ``{prefix}greedy_accuracy``,
         ``{prefix}pass@k``, ``{prefix}maj@k``, ``{prefix}mean_response_length``,
-        ``{prefix}truncated_fraction``, and per difficulty the same with a ``/d{difficulty}``
+        ``{prefix}truncated_fraction``, ``{prefix}format_rate``, and per difficulty the same with a ``/d{difficulty}``
         suffix. Metrics that were not measured are left out."""
         out: dict[str, float] = {}
         groups: list[tuple[str, GroupEval]] = [("", self.overall)]
@@ -195,6 +201,7 @@ class EvalResult:
                 **{f"maj@{k}": v for k, v in g.maj_at_k.items()},
                 "mean_response_length": g.mean_response_length,
                 "truncated_fraction": g.truncated_fraction,
+                "format_rate": g.format_rate,
             }
             out.update(
                 {f"{prefix}{name}{suffix}": v for name, v in values.items() if v is not None}
@@ -328,6 +335,7 @@ def _sample(
                     prompt_id=p.prompt_id,
                     difficulty=prompt_difficulty(p),
                     answers=[extract(t) for t in texts],
+                    formatted=p.task in extractors,
                     correct=[float(verify(t, p.answer)) >= 1.0 for t in texts],
                     lengths=[int(lengths[r]) for r in rows],
                     truncated=[bool(truncated[r]) for r in rows],
@@ -352,6 +360,11 @@ def _sampled_metrics(records: Sequence[PromptEval], ks: Sequence[int], n_samples
         "sample_accuracy": float(counts.sum() / (len(records) * n_samples)),
         "mean_response_length": float(lengths.mean()),
         "truncated_fraction": float(np.mean([r.truncated for r in records])),
+        "format_rate": (
+            float(np.mean([[a is not None for a in r.answers] for r in records]))
+            if records and all(r.formatted for r in records)
+            else None
+        ),
     }
 
 

@@ -95,6 +95,9 @@ class RolloutActor:
         self.samples_generated = 0
         self.admission_wait_seconds = 0.0
         self.load_seconds = 0.0
+        # How responses ended: on which stop token (by id), or cut at max_new_tokens.
+        self.ended_on: dict[int, int] = {}
+        self.responses_cut = 0
 
     # ---- the loop ------------------------------------------------------------------------------
 
@@ -175,7 +178,19 @@ class RolloutActor:
             "samples_generated": self.samples_generated,
             "admission_wait_seconds": self.admission_wait_seconds,
             "load_seconds": self.load_seconds,
+            "responses_ended_on": {str(k): v for k, v in sorted(self.ended_on.items())},
+            "responses_cut": self.responses_cut,
         }
+
+    def _count_endings(self, groups: list) -> None:
+        stops = set(self.worker.engine.stop_token_ids)
+        for g in groups:
+            for row, k in zip(g.responses.tolist(), g.response_lengths.tolist(), strict=True):
+                last = row[k - 1] if k else None
+                if last in stops:
+                    self.ended_on[last] = self.ended_on.get(last, 0) + 1
+                else:
+                    self.responses_cut += 1
 
     def _produce_round(self) -> None:
         seed = step_seed(self.settings.seed, self.index * 1_000_000 + self.rounds)
@@ -196,6 +211,7 @@ class RolloutActor:
         self.groups_published += len(groups)
         self.samples_generated += sum(g.group_size for g in groups)
         self.gen_seconds += gen_s
+        self._count_endings(groups)
         self.t.state.set_rollout_rounds(self.name, self.rounds)
         self.t.state.set_metrics({"gen_seconds": gen_s})
         self.t.state.record_heartbeat(
@@ -256,7 +272,8 @@ class RolloutActor:
             return
         t0 = time.perf_counter()
         received: dict[str, torch.Tensor] = {}
-        version = self.weights.receive(received.update)
+        # A receiver inside the engine's workers loads them itself and hands nothing over.
+        version = self.weights.receive(None if self.weights.loads_engine else received.update)
         if version is None:
             return
         if version < self.version:
@@ -267,9 +284,13 @@ class RolloutActor:
                 version,
                 self.version,
             )
-        self.worker.load_weights(received, version)
+        if not self.weights.loads_engine:
+            self.worker.load_weights(received, version)
         if self.worker.engine.model is not None:  # vLLM holds its model in its own workers
             check_loaded(self.worker.engine.model, received, version)
+        digest = getattr(self.weights, "digests", {}).get(version)
+        if digest is not None:
+            self.t.state.record_engine_digest(self.name, version, digest)
         self.version = version
         self.loaded.append(version)
         self.t.state.record_loaded_version(self.name, version)

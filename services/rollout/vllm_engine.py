@@ -20,10 +20,19 @@ stop set and the sampling settings are exactly ours. Prompts go in as token ids 
 are decoded by our tokenizer (``skip_tokenizer_init``), so prompt encoding is identical for
 both engines.
 
-Weights. New weights are copied into the running model through a worker extension
-(:mod:`services.rollout.vllm_worker`) called with ``collective_rpc``, in chunks, followed by a
-prefix-cache reset (cached KV blocks were computed by the old weights). The engine is never
-restarted.
+Weights. Two ways in, both through a worker extension (:mod:`services.rollout.vllm_worker`)
+and both followed by a prefix-cache reset (cached KV blocks were computed by the old weights);
+the engine is never restarted:
+
+- With the collective transport, each vLLM worker joins the learner's broadcast group itself
+  (:meth:`VLLMRolloutEngine.weight_receiver`) and receives the buckets into its own device
+  memory; ``collective_rpc`` carries only the call and the version number back.
+- Otherwise (object store, files, or a caller holding a state dict) the tensors travel as bytes
+  in ``collective_rpc`` arguments, in chunks (:meth:`VLLMRolloutEngine.load_weights`).
+
+vLLM's own weight-transfer engines (``init_weight_transfer_engine``) are NCCL or CUDA IPC only;
+the worker extension speaks our transport's protocol (membership, late joiners from the catch-up
+files, a dead member's recovery, checksums) on gloo and NCCL alike.
 """
 
 from __future__ import annotations
@@ -45,6 +54,7 @@ from services.rollout.engine import (
 )
 from services.rollout.vllm_worker import WORKER_EXTENSION, WireTensor, to_wire
 from services.tasks.base import Prompt
+from services.weightsync.base import Into, WeightReceiver
 
 # One collective_rpc carries at most this many bytes of tensors (at least one tensor), so an
 # update never holds a second full copy of the model in the message layer.
@@ -183,6 +193,30 @@ class VLLMRolloutEngine:
         self._llm.reset_prefix_cache()
         self.version = int(version)
 
+    def weight_receiver(
+        self,
+        address: str,
+        name: str,
+        *,
+        catchup_dir: str | Path | None = None,
+        timeout_s: float = 300.0,
+        sample_every: int = 1,
+        sample_elements: int = 1024,
+        digest: bool = False,
+    ) -> EngineWeightReceiver:
+        """Make every worker a member ``name`` of the learner's weight group at ``address``
+        (``host:port`` of its rendezvous store); returns the receiver the rollout actor polls.
+        ``digest``: hash the live parameters after each load (an audit, one pass over them)."""
+        options = {
+            "catchup_dir": None if catchup_dir is None else str(catchup_dir),
+            "timeout_s": timeout_s,
+            "sample_every": sample_every,
+            "sample_elements": sample_elements,
+            "digest": digest,
+        }
+        members = self._llm.collective_rpc("d3s_join_weight_group", args=(address, name, options))
+        return EngineWeightReceiver(self, members)
+
     def weights_digest(self) -> str:
         """sha256 of the first worker's live parameters (changes when a load changed them)."""
         return self._llm.collective_rpc("d3s_weights_digest")[0]
@@ -275,3 +309,53 @@ class VLLMRolloutEngine:
         if core is not None and hasattr(core, "shutdown"):
             core.shutdown()
         self._llm = None
+
+
+class EngineWeightReceiver(WeightReceiver):
+    """The collective transport's receiving end inside a vLLM engine's workers, seen from the
+    rollout actor: each call is one ``collective_rpc`` to every worker, carrying no tensor.
+
+    Attributes:
+        members: The weight-group member name of each worker.
+        digests: version -> sha256 of the first worker's live parameters after that version
+            loaded (only when the engine was asked for digests).
+    """
+
+    loads_engine = True
+
+    def __init__(self, engine: VLLMRolloutEngine, members: list[str]) -> None:
+        self.engine = engine
+        self.members = list(members)
+        self.digests: dict[int, str] = {}
+
+    def _rpc(self, method: str) -> list[Any]:
+        return self.engine._llm.collective_rpc(method)
+
+    def latest_version(self) -> int:
+        return int(self._rpc("d3s_weights_latest")[0])
+
+    def has_update(self) -> bool:
+        # Every worker of a tensor-parallel engine is its own member: any one with a broadcast
+        # pending means all must take part (they received the same publishes).
+        return any(self._rpc("d3s_weights_has_update"))
+
+    def receive(self, into: Into | None = None) -> int | None:
+        """Load the pending version(s) inside the workers; ``into`` is not used (the workers
+        load their own models). Returns the version loaded, or None."""
+        results = self._rpc("d3s_weights_receive")
+        versions = {v for v, _ in results}
+        if len(versions) != 1:
+            raise RuntimeError(f"vLLM workers loaded different weight versions: {sorted(versions)}")
+        version, digest = results[0]
+        if version is None:
+            return None
+        self.engine._llm.reset_prefix_cache()
+        self.engine.version = self.version = int(version)
+        if digest is not None:
+            self.digests[self.version] = digest
+        return self.version
+
+    def close(self) -> None:
+        llm = getattr(self.engine, "_llm", None)
+        if llm is not None:
+            llm.collective_rpc("d3s_leave_weight_group")

@@ -10,6 +10,7 @@ It imports vLLM only inside the worker methods, so its wire helpers load without
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 import torch
 
@@ -94,3 +95,52 @@ class WeightUpdateExtension:
             h.update(name.encode())
             h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()
+
+    # ---- the weight group: buckets straight into this worker's parameters ----------------------
+    #
+    # Why the worker joins the group itself: through collective_rpc every tensor would be
+    # serialised in the rollout actor, copied through vLLM's message layers and deserialised
+    # here. As a member of the learner's broadcast group (gloo on CPU, NCCL on GPU) the worker
+    # receives each bucket once, on its own device, and loads it from there; the RPCs below
+    # carry only names, numbers and strings.
+
+    def d3s_join_weight_group(self, address: str, name: str, options: dict[str, Any]) -> str:
+        """Join the learner's weight group at ``address`` as ``name`` (suffixed with this
+        worker's rank when the engine has several); ``options`` are
+        :class:`~services.weightsync.collective.CollectiveReceiver`'s keyword arguments
+        (``catchup_dir``, ``timeout_s``, ``sample_every``, ``sample_elements``) and ``digest``
+        (hash the live parameters after each load). Returns the member name used."""
+        from services.weightsync.collective import CollectiveReceiver
+
+        options = dict(options)
+        self._d3s_digest = bool(options.pop("digest", False))
+        member = name if self.parallel_config.world_size == 1 else f"{name}-w{self.rank}"
+        device = getattr(self, "device", None) or torch.device("cpu")
+        self._d3s_receiver = CollectiveReceiver(address, member, device=device, **options)
+        return member
+
+    def d3s_weights_latest(self) -> int:
+        return self._d3s_receiver.latest_version()
+
+    def d3s_weights_has_update(self) -> bool:
+        return self._d3s_receiver.has_update()
+
+    def d3s_weights_receive(self) -> tuple[int | None, str | None]:
+        """Take part in the pending broadcasts (or load the catch-up files) into the live model;
+        returns ``(version loaded or None, sha256 of the live parameters when asked for)``."""
+        version = self._d3s_receiver.receive(self._d3s_load_named)
+        digest = self.d3s_weights_digest() if version is not None and self._d3s_digest else None
+        return version, digest
+
+    def d3s_leave_weight_group(self) -> None:
+        receiver = getattr(self, "_d3s_receiver", None)
+        if receiver is not None:
+            receiver.close()
+            self._d3s_receiver = None
+
+    def _d3s_load_named(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.d3s_begin_update()
+        model = self.model_runner.get_model()
+        with torch.no_grad():
+            model.load_weights(weights=iter(tensors.items()))
+        self.d3s_finish_update()

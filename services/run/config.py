@@ -229,6 +229,13 @@ class RunConfig(_Section):
                 f"rollout.prompts_per_step={self.rollout.prompts_per_step}; rollouts would stop "
                 "before the selector had one step's groups"
             )
+        if self.weight_sync.engine_digest and not (
+            self.rollout.engine == "vllm" and self.weight_sync.transport == "collective"
+        ):
+            raise ValueError(
+                "weight_sync.engine_digest: only read with rollout.engine vllm and "
+                "weight_sync.transport collective (the engines that receive in their workers)"
+            )
         if self.service.mode == "sync" and self.rollout.num_actors > self.rollout.prompts_per_step:
             raise ValueError(
                 f"rollout.num_actors: {self.rollout.num_actors} exceeds prompts_per_step="

@@ -88,7 +88,7 @@ def math_answer(response_text: str, answer: str) -> float:
 _NUMBER = re.compile(r"[+-]?\$?\s*(\d[\d,]*(?:\.\d+)?|\.\d+)")
 
 
-def _number(text: str) -> Fraction | None:
+def first_number(text: str) -> Fraction | None:
     """The first number in ``text`` (thousands separators, a ``$`` and a trailing ``.`` allowed)
     as an exact fraction, or None."""
     m = _NUMBER.search(text)
@@ -111,12 +111,12 @@ def gsm8k_answer(response_text: str, answer: str) -> float:
     Raises:
         ValueError: if ``answer`` holds no number (a data error, not a wrong response).
     """
-    gold = _number(answer)
+    gold = first_number(answer)
     if gold is None:
         raise ValueError(f"reference answer {answer!r} is not a number")
     if "####" not in response_text:
         return 0.0
-    got = _number(response_text.rsplit("####", 1)[1])
+    got = first_number(response_text.rsplit("####", 1)[1])
     return 1.0 if got is not None and got == gold else 0.0
 
 

@@ -132,6 +132,11 @@ class RunKeys:
         """List of the weight versions rollout actor ``actor`` loaded, in order."""
         return self._key(f"rollout:{actor}:versions")
 
+    def engine_digests(self, actor: str) -> str:
+        """Hash of ``version -> sha256`` of rollout actor ``actor``'s live engine parameters
+        after it loaded that version (written only when ``weight_sync.engine_digest`` is on)."""
+        return self._key(f"rollout:{actor}:digests")
+
     @property
     def pattern(self) -> str:
         """A SCAN/KEYS pattern matching every key of the run."""

@@ -131,6 +131,13 @@ class RunState:
     def loaded_versions(self, actor: str) -> list[int]:
         return [int(v) for v in self.client.lrange(self.keys.loaded_versions(actor), 0, -1)]
 
+    def record_engine_digest(self, actor: str, version: int, digest: str) -> None:
+        self.client.hset(self.keys.engine_digests(actor), str(version), digest)
+
+    def engine_digests(self, actor: str) -> dict[int, str]:
+        raw = self.client.hgetall(self.keys.engine_digests(actor))
+        return {int(k): v.decode() if isinstance(v, bytes) else v for k, v in raw.items()}
+
     # ---- rollout actors ------------------------------------------------------------------------
 
     def rollout_rounds(self, actor: str) -> int:

@@ -32,6 +32,10 @@ Into = Union[torch.nn.Module, LoadFn]  # noqa: UP007 (a runtime alias, py3.10 sa
 class WeightPublisher(ABC):
     """Learner side of a transport."""
 
+    #: True when :meth:`publish` sends straight from the tensors' device (a broadcast), so the
+    #: learner hands over the weights where training holds them instead of a host copy.
+    from_device: bool = False
+
     @abstractmethod
     def publish(self, version: int, named_tensors: NamedTensors, *, rewind: bool = False) -> float:
         """Make ``named_tensors`` (any device, any floating dtype) version ``version`` for every
@@ -47,6 +51,9 @@ class WeightReceiver(ABC):
 
     #: the version loaded last, -1 before the first
     version: int = -1
+    #: True when :meth:`receive` loads the weights into the engine itself (inside vLLM's workers)
+    #: and hands nothing to ``into``; the caller then only records the version.
+    loads_engine: bool = False
 
     @abstractmethod
     def latest_version(self) -> int:

@@ -204,7 +204,8 @@ def parse_address(address: str) -> tuple[str, int]:
 
 
 class CollectivePublisher(WeightPublisher):
-    """Learner rank 0: serves the rendezvous store and broadcasts each version.
+    """Learner rank 0: serves the rendezvous store and broadcasts each version from the device
+    the learner's tensors are on (NCCL from GPU memory, gloo from host memory).
 
     Args:
         host, port: where the rendezvous store listens (``port=0``: a free one, see
@@ -216,6 +217,8 @@ class CollectivePublisher(WeightPublisher):
         member_timeout_s: a member whose heartbeat did not move for this long leaves at the next
             publish.
     """
+
+    from_device = True
 
     def __init__(
         self,

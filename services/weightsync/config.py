@@ -84,6 +84,12 @@ class WeightSyncConfig(BaseModel):
         le=1 << 24,
         description="checksum: elements read (strided) from each sampled tensor",
     )
+    engine_digest: bool = Field(
+        False,
+        description="collective with rollout.engine vllm: after each load every engine hashes "
+        "its live parameters and records `version -> sha256` in the run's Redis, so a run can "
+        "be audited against the learner's weights (one pass over the weights per sync)",
+    )
 
     @model_validator(mode="after")
     def _needs_path(self) -> WeightSyncConfig:

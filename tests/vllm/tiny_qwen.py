@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from bench.full_vocab_model import EOS, IM_END, IM_START, build_tokenizer
+from bench.full_vocab_model import EOS, IM_END, IM_START, build_tokenizer, steer_head
 
-__all__ = ["EOS", "IM_END", "IM_START", "build_model", "build_tokenizer"]
+__all__ = ["EOS", "IM_END", "IM_START", "build_llama", "build_model", "build_tokenizer"]
 
 # Weights multiplied into the output projection: peaked next-token distributions, so greedy
 # decoding has clear winners that float rounding in two implementations cannot flip.
@@ -37,4 +37,32 @@ def build_model(tokenizer, seed: int = 0):
         model = Qwen2ForCausalLM(config).float()
     with torch.no_grad():
         model.lm_head.weight.mul_(HEAD_SCALE)
+    return model.eval()
+
+
+def build_llama(tokenizer, seed: int = 0, *, steered: bool = False):
+    """Two-layer Llama, SmolLM2's architecture in miniature (the same vLLM model class and
+    weight loader), float32. ``steered``: the head of ``bench.full_vocab_model.steer_head`` (every
+    ordinary token equally likely, ``<|im_end|>`` likelier), untied from the embeddings, so
+    responses end on the end-of-turn token at varied lengths."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+        tie_word_embeddings=not steered,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config).float()
+    if steered:
+        steer_head(model, tokenizer)
     return model.eval()
