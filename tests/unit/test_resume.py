@@ -9,7 +9,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from services.run.config import parse_config
+from services.run.config import RunConfig, load_config, parse_config
 from services.run.progress import StepProgress
 from services.run.resume import (
     STORED_CONFIG,
@@ -150,3 +150,16 @@ def test_progress_and_summary_never_show_more_done_than_the_total(tmp_path) -> N
     out = io.StringIO()
     Console(file=out, width=120).print(summary_table(summary, "lock: done"))
     assert summary["steps"] == 30 and "30 / 30" in out.getvalue() and "60" not in out.getvalue()
+
+
+def test_the_run_directory_follows_the_name_unless_given() -> None:
+    quickstart = Path(__file__).parents[2] / "configs" / "quickstart.yaml"
+    assert load_config(quickstart).train.run_dir == Path("runs/quickstart")
+    # The case: a renamed quickstart run gets its own directory, not the finished one's.
+    assert load_config(quickstart, ["name=lock"]).train.run_dir == Path("runs/lock")
+    assert load_config(None, ["name=my run/2"]).train.run_dir == Path("runs/my-run-2")
+    given = ["name=lock", "train.run_dir=elsewhere"]
+    assert load_config(quickstart, given).train.run_dir == Path("elsewhere")
+    # Resolved once: a dumped config validates back to the same directory.
+    cfg = load_config(None, ["name=a"])
+    assert RunConfig.model_validate(cfg.model_dump()).train.run_dir == Path("runs/a")
