@@ -17,6 +17,13 @@ from rich.console import Console
 from services.run.components import NOISY_LOGGERS
 from services.run.config import ConfigError, RunConfig, load_config
 from services.run.progress import ConsoleLines, quiet_terminal, terminal
+from services.run.resume import (
+    ResumeCheck,
+    check_resume,
+    inspect_run_dir,
+    move_aside,
+    write_stored_config,
+)
 
 app = typer.Typer(
     add_completion=False,
@@ -43,6 +50,14 @@ VerboseOpt = Annotated[
         help="debug logging; with run and train also "
         "Ray, Serve, DeepSpeed and transformers output "
         "on the terminal",
+    ),
+]
+FreshOpt = Annotated[
+    bool,
+    typer.Option(
+        "--fresh",
+        help="start a new run: move an existing run_dir aside to RUN_DIR.old-<time> "
+        "(nothing is deleted) instead of resuming it",
     ),
 ]
 DRIVER_LOG = "driver.log"
@@ -124,12 +139,53 @@ def _load(config: Path | None, overrides: list[str] | None):
         raise typer.Exit(2) from None
 
 
+def _resume_check(cfg: RunConfig) -> ResumeCheck:
+    """Compare ``cfg`` with the run its run directory holds; a refused change exits 2 with
+    every differing field, a safe one is listed in one line. Touches nothing on disk."""
+    run_dir = Path(cfg.train.run_dir)
+    check = check_resume(run_dir, inspect_run_dir(run_dir), cfg.redacted(), cfg.train.total_steps)
+    if not check.ok:
+        console.print(check.refusal(), style="red", markup=False, soft_wrap=True)
+        raise typer.Exit(2)
+    line = check.summary_line()
+    if line is not None:
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+    return check
+
+
+def _claim_run_dir(cfg: RunConfig, fresh: bool) -> None:
+    """Before anything writes to the run directory: with ``fresh`` move an existing one aside,
+    else check the resume (see :func:`_resume_check`); then store the config the run goes on
+    with, which the next resume is compared against."""
+    run_dir = Path(cfg.train.run_dir)
+    if fresh:
+        moved = move_aside(run_dir)
+        if moved is not None:
+            console.print(
+                f"--fresh: the old run directory is now {moved}",
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
+            )
+    else:
+        _resume_check(cfg)
+    write_stored_config(run_dir, cfg.redacted())
+
+
 @app.command()
-def train(config: ConfigArg = None, set_: SetOpt = None, verbose: VerboseOpt = False) -> None:
+def train(
+    config: ConfigArg = None,
+    set_: SetOpt = None,
+    fresh: FreshOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
     """Synchronous training in one process (rollout, selection and learner in lock-step).
 
-    Quiet like `d3s run`: a progress line and a summary table; the rest in run_dir/logs/."""
+    Quiet like `d3s run`: a progress line and a summary table; the rest in run_dir/logs/. A
+    run_dir that holds a run is resumed if the config differs only in fields safe to change
+    (more steps, logging, API, cadences); otherwise it exits 2 naming each field."""
     cfg = _load(config, set_)
+    _claim_run_dir(cfg, fresh)
     with _run_terminal(cfg, verbose) as (out, err, _):
         from services.run.trainer import SyncTrainer
 
@@ -152,14 +208,21 @@ def train(config: ConfigArg = None, set_: SetOpt = None, verbose: VerboseOpt = F
 
 
 @app.command()
-def run(config: ConfigArg = None, set_: SetOpt = None, verbose: VerboseOpt = False) -> None:
+def run(
+    config: ConfigArg = None,
+    set_: SetOpt = None,
+    fresh: FreshOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
     """The asynchronous service on this machine (Redis, Ray, rollouts, selector, learner, API).
 
     Starts an embedded Redis and a local Ray unless service.redis_url / service.ray_address say
     otherwise, shows a progress line, and stops everything at the end or on Ctrl-C. The terminal
     gets a few lines and a summary table; Ray, Serve, DeepSpeed and transformers write to
-    run_dir/logs/ (--verbose: to the terminal), the full summary goes to run_dir/summary.json."""
+    run_dir/logs/ (--verbose: to the terminal), the full summary goes to run_dir/summary.json.
+    An existing run_dir is resumed or refused as with `d3s train`; --fresh starts anew."""
     cfg = _load(config, set_)
+    _claim_run_dir(cfg, fresh)
     with _run_terminal(cfg, verbose) as (out, err, log_file):
         from services.run.orchestrator import ServiceError, run_service
 
@@ -571,8 +634,10 @@ def report(
 
 @app.command("validate")
 def validate_config(config: ConfigArg = None, set_: SetOpt = None) -> None:
-    """Check a config and print it with every default filled in."""
+    """Check a config and print it with every default filled in; if its run_dir holds a run,
+    check the resume as `d3s run` would (exit 2 on a change that is not safe)."""
     cfg = _load(config, set_)
+    _resume_check(cfg)
     sys.stdout.write(cfg.model_dump_json(indent=2) + "\n")
 
 

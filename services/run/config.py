@@ -9,6 +9,7 @@ the only place that sees the whole run (it hands each component its own settings
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,8 +46,12 @@ class TrainConfig(_Section):
     """Learner checkpoint every this many steps (and at the last)."""
     seed: int = 0
     """Run seed; every step's randomness derives from it."""
-    run_dir: Path = Path("runs/default")
-    """Checkpoints, metrics.jsonl, TensorBoard, logs, plots and the final policy."""
+    run_dir: Path = Path("runs/d3s")
+    """Checkpoints, metrics.jsonl, TensorBoard, logs, plots and the final policy. Unless given,
+    ``runs/<name>`` (the run's ``name``, characters other than letters, digits, ``.``, ``_`` and
+    ``-`` made ``-``), so a renamed run never lands in another run's directory. A directory
+    that already holds a run is resumed if the config's differences are safe on resume
+    (:mod:`services.run.resume`), else refused."""
     resume: bool = True
     """Continue from the run directory's latest checkpoint (``d3s train``)."""
     progress_bar: bool = True
@@ -181,7 +186,8 @@ class RunConfig(_Section):
     """One run: every section, validated together."""
 
     name: str = "d3s"
-    """Names the run in logs and plots."""
+    """Names the run in logs and plots, and its run directory (``runs/<name>``) unless
+    ``train.run_dir`` is given."""
     task: TaskConfig = ArithmeticTaskConfig()
     policy: PolicyConfig = PolicyConfig()
     warmstart: WarmstartConfig = WarmstartConfig()
@@ -196,6 +202,24 @@ class RunConfig(_Section):
     weight_sync: WeightSyncConfig = WeightSyncConfig()
     """How the learner's weights reach the rollout engines: the Ray object store (default),
     a bucketed collective broadcast, or safetensors files on a shared path."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _run_dir_follows_name(cls, data: Any) -> Any:
+        # Before validation, where "not given" can still be told from "given as the default".
+        if not isinstance(data, dict):
+            return data
+        name = data.get("name", "d3s")
+        train = data.get("train")
+        if not isinstance(name, str):
+            return data  # the name's own validation reports it
+        if train is None:
+            return {**data, "train": {"run_dir": run_dir_for(name)}}
+        if isinstance(train, dict) and "run_dir" not in train:
+            return {**data, "train": {**train, "run_dir": run_dir_for(name)}}
+        if isinstance(train, TrainConfig) and "run_dir" not in train.model_fields_set:
+            return {**data, "train": train.model_copy(update={"run_dir": run_dir_for(name)})}
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
@@ -303,6 +327,14 @@ class RunConfig(_Section):
         """Keyword arguments of the run's metric logger (``RunReporter`` -> ``RunLogger``)."""
         wandb = self.logging.wandb.model_dump(exclude_none=True) if self.logging.wandb else None
         return {"tensorboard": self.logging.tensorboard, "wandb": wandb, "config": self.redacted()}
+
+
+def run_dir_for(name: str) -> Path:
+    """The run directory of a run called ``name`` when the config gives none: ``runs/<name>``,
+    with anything but letters, digits, ``.``, ``_`` and ``-`` replaced so the name stays one
+    path component."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")
+    return Path("runs") / (safe or "d3s")
 
 
 def _format_error(err: ValidationError) -> str:

@@ -160,6 +160,8 @@ class StepProgress:
         if not enabled:
             return
         self.console = console or terminal()
+        # Never more done than the total: a run resumed past a lowered total reads "30/30".
+        start = min(start, total)
         self.total, self.step, self.description, self.info = total, start, description, ""
         self._t0 = time.monotonic()
         self._p: Progress | None = None
@@ -182,13 +184,13 @@ class StepProgress:
     def update(self, step: int, row: dict, accuracy: float | None, extra: str = "") -> None:
         if not self.enabled:
             return
-        self.step, self.info = step, progress_info(row, accuracy, extra)
+        self.step, self.info = min(step, self.total), progress_info(row, accuracy, extra)
         if self._p is not None:
             # One line whatever the width: the text (least important last) is cut in a narrow
             # terminal, never the step count or the times.
             room = max(8, self.console.width - self._fixed - 1)
             info = self.info if len(self.info) <= room else self.info[: room - 1] + "…"
-            self._p.update(self._task, completed=step, info=info)
+            self._p.update(self._task, completed=self.step, info=info)
 
     def close(self) -> None:
         if not self.enabled:

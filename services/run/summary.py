@@ -131,7 +131,8 @@ def build_summary(
     return {
         "mode": mode,
         "preset": preset,
-        "steps": int(result.get("steps") or 0),
+        # The table reads "done / total": never more done than the run's total.
+        "steps": min(int(result.get("steps") or 0), total_steps),
         "total_steps": total_steps,
         "wall_seconds": float(
             wall_seconds if wall_seconds is not None else result.get("wall_seconds") or 0.0
