@@ -55,6 +55,7 @@ EXTRACTORS: dict[str, AnswerExtractor] = {
     "arithmetic": integer_answer,
     "math": boxed_answer,
     "gsm8k": gsm8k_answer_key,
+    "gsm8k_format": gsm8k_answer_key,
 }
 
 

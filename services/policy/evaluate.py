@@ -20,7 +20,9 @@ def evaluate_greedy(
     max_new_tokens: int,
     batch_size: int = 512,
 ) -> float:
-    """Mean verifier reward of greedy responses (held-out accuracy for arithmetic).
+    """Fraction of greedy responses that earn full reward (verifier reward >= 1), as sampled
+    responses are counted correct for pass@k: a verifier's partial credit (``gsm8k_format``'s
+    credit for the format alone) is never accuracy.
 
     Each prompt is scored with the verifier ``prompt.task`` names; a response ends at the first
     stop token (EOS, or the chat template's end-of-turn) or after ``max_new_tokens``. Batched with left padding; the model's train/eval mode is restored.
@@ -47,7 +49,8 @@ def evaluate_greedy(
                 ends = [i for i, t in enumerate(row) if t in stops]
                 if ends:
                     row = row[: ends[0]]
-                total += resolve_verifier(p.task)(decode_ids(tokenizer, row), p.answer)
+                reward = resolve_verifier(p.task)(decode_ids(tokenizer, row), p.answer)
+                total += 1.0 if reward >= 1.0 else 0.0
     finally:
         model.train(was_training)
     return total / len(prompts)

@@ -58,7 +58,8 @@ class JsonlTaskConfig(_TaskBase):
     """Held-out prompts (JSONL); None: the first ``heldout_size`` training prompts."""
     verifier: str = Field("math", min_length=1)
     """How a response is scored: a registered verifier (``math``: math-verify equivalence with
-    the reference; ``gsm8k``: the number after the response's last ``####``; ``arithmetic``: the
+    the reference; ``gsm8k``: the number after the response's last ``####``; ``gsm8k_format``: the same, with
+    0.1 for a wrong number in that format; ``arithmetic``: the
     whole response is the integer), or an import path ``package.module:function`` taking
     (response text, reference answer) and returning a float reward. Run under the timeout
     guard (``verifier_timeout_s``); the import is checked when the config is validated."""

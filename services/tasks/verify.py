@@ -120,10 +120,31 @@ def gsm8k_answer(response_text: str, answer: str) -> float:
     return 1.0 if got is not None and got == gold else 0.0
 
 
+# What gsm8k_format_answer gives a response in the asked format with the wrong number.
+FORMAT_CREDIT = 0.1
+
+
+def gsm8k_format_answer(response_text: str, answer: str) -> float:
+    """:func:`gsm8k_answer` with a little credit for the format alone: 1.0 for the right number
+    after the last ``####``, ``FORMAT_CREDIT`` for a wrong number there, 0 without one.
+
+    For a model that rarely writes the asked format at first (a small instruct model): the
+    format credit gives its groups reward spread to learn from before it gets answers right.
+    Only 1.0 counts as correct in evaluation (accuracy and pass@k stay strict).
+    """
+    score = gsm8k_answer(response_text, answer)
+    if score >= 1.0:
+        return score
+    if "####" in response_text and first_number(response_text.rsplit("####", 1)[1]) is not None:
+        return FORMAT_CREDIT
+    return 0.0
+
+
 VERIFIERS: dict[str, Verifier] = {
     "arithmetic": exact_integer,
     "math": math_answer,
     "gsm8k": gsm8k_answer,
+    "gsm8k_format": gsm8k_format_answer,
 }
 """Registered verifiers by name (what ``task.verifier`` and ``Prompt.task`` name)."""
 

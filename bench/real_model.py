@@ -1,0 +1,311 @@
+"""GRPO against D3S on a real pretrained instruct model, side by side: SmolLM2-135M-Instruct
+learning small sums and one-step word problems in the asked ``#### <number>`` format.
+
+    python -m bench.real_model [--presets grpo d3s] [--seeds 2] [--steps 30] [--eval-every 5]
+        [--jobs 1] [--out bench/results/real_model] [--fresh] [--set key=value ...]
+
+Every run starts from the same model (``d3s prepare-model``) with the same rollout budget
+(``configs/smollm2.yaml``: prompts x samples per step) and differs only in the preset and seed.
+It trains with ``d3s train`` (one process: generation and learning alternate, so learner seconds
+are measured without interference from the rollouts). Every ``--eval-every`` steps the policy is
+evaluated on held-out questions the training split does not contain: greedy accuracy, the
+unbiased Pass@1 and Pass@k from ``eval.n_samples`` samples at temperature 1, the format rate
+(samples with a number after ``####``, right or wrong) and the mean response length.
+
+Reported per preset (mean over seeds): those curves against step, learner tokens and learner
+seconds; the training reward per step; and the learner tokens and seconds each preset needed to
+reach GRPO's final greedy accuracy (its mean curve's first evaluation at or above it), with their
+ratios to GRPO's. Runs that reached their last step are kept (``--fresh`` trains all again).
+Writes ``<out>.md``, ``<out>.json`` and ``<out>.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+CONFIG = "configs/smollm2.yaml"
+EVAL_KEYS = (
+    "step",
+    "heldout_accuracy",
+    "eval/pass@1",
+    "eval/format_rate",
+    "eval/mean_response_length",
+    "learner_tokens_total",
+    "learner_seconds_total",
+)
+
+
+def _run_dir(out: Path, preset: str, seed: int) -> Path:
+    return out / "runs" / f"{preset}-s{seed}"
+
+
+def _finished(run_dir: Path, steps: int) -> bool:
+    from services.telemetry.run_log import read_metrics
+
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return False
+    rows = [r for r in read_metrics(path) if "heldout_accuracy" in r]
+    return bool(rows) and int(rows[-1]["step"]) >= steps
+
+
+def _train_one(preset: str, seed: int, out: str, steps: int, threads: int, sets: list[str]) -> str:
+    import shutil
+
+    import torch
+
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.WARNING)
+    from services.run.config import load_config
+    from services.run.trainer import SyncTrainer
+
+    run_dir = _run_dir(Path(out), preset, seed)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cfg = load_config(
+        CONFIG,
+        [
+            f"algorithm.preset={preset}",
+            f"train.seed={seed}",
+            f"train.total_steps={steps}",
+            f"train.run_dir={run_dir}",
+            f"train.checkpoint_every={steps}",
+            "train.resume=false",
+            "train.progress_bar=false",
+            *sets,
+        ],
+    )
+    t0 = time.perf_counter()
+    SyncTrainer(cfg).run()
+    (run_dir / "wall_seconds").write_text(f"{time.perf_counter() - t0:.1f}\n")
+    return str(run_dir)
+
+
+# ---- reading runs back ------------------------------------------------------------------------
+
+
+def _eval_curve(run_dir: Path, ks: list[int]) -> dict[str, np.ndarray]:
+    from services.telemetry.run_log import read_metrics
+
+    rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "heldout_accuracy" in r]
+    keys = [*EVAL_KEYS, *(f"eval/pass@{k}" for k in ks if k != 1)]
+    return {k: np.array([r.get(k, np.nan) for r in rows], dtype=float) for k in keys}
+
+
+def _reward_curve(run_dir: Path) -> np.ndarray:
+    from services.telemetry.run_log import read_metrics
+
+    rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "reward_mean" in r]
+    return np.array([r["reward_mean"] for r in rows], dtype=float)
+
+
+def _mean(curves: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    n = min(len(c["step"]) for c in curves)
+    return {k: np.mean([c[k][:n] for c in curves], axis=0) for k in curves[0]}
+
+
+def _first_reach(curve: dict[str, np.ndarray], target: float, key: str) -> float | None:
+    hit = np.nonzero(curve["heldout_accuracy"] >= target - 1e-9)[0]
+    return float(curve[key][hit[0]]) if hit.size else None
+
+
+def summarise(out: Path, presets: list[str], seeds: int, ks: list[int]) -> dict:
+    curves = {p: [_eval_curve(_run_dir(out, p, s), ks) for s in range(seeds)] for p in presets}
+    rewards = {p: [_reward_curve(_run_dir(out, p, s)) for s in range(seeds)] for p in presets}
+    walls = {
+        p: [float((_run_dir(out, p, s) / "wall_seconds").read_text()) for s in range(seeds)]
+        for p in presets
+    }
+    mean = {p: _mean(cs) for p, cs in curves.items()}
+    base = "grpo" if "grpo" in presets else presets[0]
+    target = float(mean[base]["heldout_accuracy"][-1])
+    rows = []
+    for p in presets:
+        m, cs = mean[p], curves[p]
+        n = min(len(r) for r in rewards[p])
+        reward = np.mean([r[:n] for r in rewards[p]], axis=0)
+        head = max(1, n // 5)
+        row = {
+            "preset": p,
+            "seeds": len(cs),
+            "greedy_start": float(m["heldout_accuracy"][0]),
+            "greedy_final": float(m["heldout_accuracy"][-1]),
+            "greedy_final_sd": statistics.stdev([float(c["heldout_accuracy"][-1]) for c in cs])
+            if len(cs) > 1
+            else 0.0,
+            "format_start": float(m["eval/format_rate"][0]),
+            "format_final": float(m["eval/format_rate"][-1]),
+            "length_start": float(m["eval/mean_response_length"][0]),
+            "length_final": float(m["eval/mean_response_length"][-1]),
+            "reward_first": float(reward[:head].mean()),
+            "reward_last": float(reward[-head:].mean()),
+            "tokens_total": float(m["learner_tokens_total"][-1]),
+            "seconds_total": float(m["learner_seconds_total"][-1]),
+            "wall_seconds": statistics.mean(walls[p]),
+            "tokens_to_target": _first_reach(m, target, "learner_tokens_total"),
+            "seconds_to_target": _first_reach(m, target, "learner_seconds_total"),
+            "steps_to_target": _first_reach(m, target, "step"),
+        }
+        for k in ks:
+            row[f"pass{k}_start"] = float(m[f"eval/pass@{k}"][0])
+            row[f"pass{k}_final"] = float(m[f"eval/pass@{k}"][-1])
+        rows.append(row)
+    ref = rows[presets.index(base)]
+    for r in rows:
+        for k in ("tokens_to_target", "seconds_to_target", "tokens_total", "seconds_total"):
+            r[f"{k}_ratio"] = r[k] / ref[k] if r[k] is not None and ref.get(k) else None
+    return {
+        "base": base,
+        "target_greedy": target,
+        "rows": rows,
+        "mean_curves": mean,
+        "rewards": {
+            p: np.mean([r[: min(map(len, rs))] for r in rs], axis=0) for p, rs in rewards.items()
+        },
+    }
+
+
+def _f(x, spec=".3f") -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def table(s: dict, ks: list[int]) -> str:
+    passes = [k for k in ks]
+    head = (
+        "| preset | greedy start -> final | "
+        + " | ".join(f"Pass@{k} start -> final" for k in passes)
+        + " | format rate | mean length | reward first -> last 20% | learner tokens | learner s "
+        "| tokens to GRPO's final greedy (ratio) | learner s to it (ratio) |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in s["rows"]:
+        lines.append(
+            f"| {r['preset']} | {r['greedy_start']:.3f} -> {r['greedy_final']:.3f} "
+            f"(sd {r['greedy_final_sd']:.3f}) | "
+            + " | ".join(f"{r[f'pass{k}_start']:.3f} -> {r[f'pass{k}_final']:.3f}" for k in passes)
+            + f" | {r['format_start']:.2f} -> {r['format_final']:.2f} "
+            f"| {r['length_start']:.1f} -> {r['length_final']:.1f} "
+            f"| {r['reward_first']:.3f} -> {r['reward_last']:.3f} "
+            f"| {r['tokens_total']:,.0f} | {r['seconds_total']:.0f} "
+            f"| {_f(r['tokens_to_target'], ',.0f')} ({_f(r['tokens_to_target_ratio'], '.2f')}x) "
+            f"| {_f(r['seconds_to_target'], '.0f')} ({_f(r['seconds_to_target_ratio'], '.2f')}x) |"
+        )
+    return "\n".join(lines)
+
+
+def plot(s: dict, path: Path, ks: list[int]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = max(ks)
+    panels = [
+        ("step", "heldout_accuracy", "greedy accuracy vs step"),
+        ("learner_tokens_total", "heldout_accuracy", "greedy accuracy vs learner tokens"),
+        ("learner_seconds_total", "heldout_accuracy", "greedy accuracy vs learner seconds"),
+        ("step", f"eval/pass@{k}", f"Pass@{k} vs step"),
+        ("step", "eval/format_rate", "format rate (#### <number>) vs step"),
+        ("step", "eval/mean_response_length", "mean response length vs step"),
+    ]
+    fig, axes = plt.subplots(2, 4, figsize=(20, 8))
+    flat = axes.ravel()
+    for ax, (x, y, title) in zip(flat, panels, strict=False):
+        for p, m in s["mean_curves"].items():
+            ax.plot(m[x], m[y], marker="o", label=p)
+        ax.set_title(title)
+        ax.set_xlabel(x)
+        ax.grid(alpha=0.3)
+    ax = flat[6]
+    for p, r in s["rewards"].items():
+        ax.plot(np.arange(1, len(r) + 1), r, label=p, alpha=0.8)
+    ax.set_title("training reward (mean over the step's samples)")
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    flat[7].axis("off")
+    flat[0].legend()
+    fig.suptitle("SmolLM2-135M-Instruct, sums and one-step word problems: GRPO vs D3S")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, np.ndarray):
+        return [None if np.isnan(v) else float(v) for v in x]
+    return x
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--presets", nargs="+", default=["grpo", "d3s"])
+    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--eval-every", type=int, default=5)
+    ap.add_argument("--jobs", type=int, default=1, help="runs at once (threads split the cores)")
+    ap.add_argument("--threads", type=int, default=2, help="cores on this machine")
+    ap.add_argument("--out", default="bench/results/real_model")
+    ap.add_argument("--fresh", action="store_true", help="train every run again")
+    ap.add_argument("--set", dest="sets", action="append", default=[], help="config override")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    sets = [f"train.eval_every={args.eval_every}", *args.sets]
+    from services.run.config import load_config
+
+    ks = list(load_config(CONFIG, sets).eval.ks)
+    todo = [
+        (p, s)
+        for s in range(args.seeds)
+        for p in args.presets
+        if args.fresh or not _finished(_run_dir(out, p, s), args.steps)
+    ]
+    threads = max(1, args.threads // args.jobs)
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        futures = [
+            pool.submit(_train_one, p, s, str(out), args.steps, threads, sets) for p, s in todo
+        ]
+        for f in futures:
+            print("done:", f.result(), flush=True)
+    wall = time.perf_counter() - t0
+    summary = summarise(out, args.presets, args.seeds, ks)
+    cmd = (
+        f"python -m bench.real_model --presets {' '.join(args.presets)} --seeds {args.seeds} "
+        f"--steps {args.steps} --eval-every {args.eval_every} --jobs {args.jobs}"
+        + "".join(f" --set {x}" for x in args.sets)
+    )
+    text = "\n".join(
+        [
+            "# GRPO vs D3S on SmolLM2-135M-Instruct (CPU)",
+            "",
+            f"`{cmd}` ({len(todo)} runs trained in {wall / 60:.0f} min of this invocation; "
+            f"config `{CONFIG}`). Means over seeds; GRPO's final greedy accuracy is "
+            f"{summary['target_greedy']:.3f}.",
+            "",
+            table(summary, ks),
+            "",
+            f"![curves]({out.name}.png)",
+            "",
+        ]
+    )
+    print(text)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{out}.md").write_text(text)
+    Path(f"{out}.json").write_text(json.dumps(_jsonable(summary), indent=2) + "\n")
+    plot(summary, Path(f"{out}.png"), ks)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
