@@ -203,3 +203,39 @@ def test_worker_refuses_a_limit_no_prompt_fits():
         len(fits.draw_prompts(3, np.random.default_rng(0))) == 3
         and fits.prompts_skipped_too_long == 0
     )
+
+
+def test_gsm8k_format_gives_credit_for_the_format_alone():
+    from services.evaluation.answers import EXTRACTORS
+    from services.tasks.verify import FORMAT_CREDIT, gsm8k_format_answer
+
+    assert gsm8k_format_answer("2 + 3 = 5\n#### 5", "#### 5") == 1.0
+    assert gsm8k_format_answer("#### 6", "#### 5") == FORMAT_CREDIT == 0.1
+    assert gsm8k_format_answer("The answer is 5.", "#### 5") == 0.0  # right number, no format
+    assert gsm8k_format_answer("#### five", "#### 5") == 0.0  # the format needs a number
+    assert resolve_verifier("gsm8k_format") is gsm8k_format_answer
+    key = EXTRACTORS["gsm8k_format"]
+    assert key("so #### 1,000.0") == key("#### 1000") == "1000"
+    assert key("#### 7 and #### 8") == "8" and key("no answer") is None
+
+
+def test_format_rate_counts_samples_in_the_asked_format():
+    from services.evaluation.evaluate import PromptEval, _sampled_metrics
+
+    records = [
+        PromptEval(
+            "a",
+            None,
+            ["5", None, "6", None],
+            [True, False, False, False],
+            [3] * 4,
+            [False] * 4,
+            formatted=True,
+        ),
+        PromptEval(
+            "b", None, [None, None, None, "1"], [False] * 4, [3] * 4, [False] * 4, formatted=True
+        ),
+    ]
+    assert _sampled_metrics(records, [1], 4)["format_rate"] == pytest.approx(3 / 8)
+    records[1].formatted = False  # a task without an extractor has no format to follow
+    assert _sampled_metrics(records, [1], 4)["format_rate"] is None

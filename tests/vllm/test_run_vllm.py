@@ -102,7 +102,7 @@ def _config(model_dir: Path, task_dir: Path, run_dir: Path, redis_url: str) -> d
             "namespace": f"vllm{uuid.uuid4().hex[:8]}",
             "redis_url": redis_url,
             "max_group_backlog": 6,
-            "wait_timeout_s": 300,
+            "wait_timeout_s": 900,  # startup on a busy 2-core box is slow
             "max_staleness": 1,
             # One engine for the whole run: a component that died would fail it, not restart.
             "max_restarts": 0,
@@ -126,7 +126,7 @@ def test_d3s_run_with_vllm_engines_trains_with_weights_broadcast_into_the_worker
             [sys.executable, "-m", "services.run.cli", "run", str(config)],
             capture_output=True,
             text=True,
-            timeout=900,
+            timeout=1800,
             env=env,
         )
         assert out.returncode == 0, (out.stderr + out.stdout)[-4000:]
