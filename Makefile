@@ -12,7 +12,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 # elsewhere those tests skip and say why.
 SYSTEM_PACKAGES := chromium chromium-driver docker-compose
 
-.PHONY: venv system-deps run test bench-pipeline bench-transport bench-selector bench-weight-sync bench-memory test-slow test-vllm venv-vllm lint bench-select bench-learning clean
+.PHONY: venv system-deps run test bench-pipeline bench-transport bench-selector bench-weight-sync bench-weight-sync-vllm bench-real-model model bench-memory test-slow test-vllm venv-vllm lint bench-select bench-learning clean
 
 venv: $(STAMP)
 
@@ -87,6 +87,16 @@ bench-selector: venv
 
 bench-weight-sync: venv
 	$(BIN)/python -m bench.weight_sync
+
+bench-weight-sync-vllm: $(VLLM_STAMP) model
+	$(VLLM_BIN)/python -m bench.weight_sync --engine vllm
+
+# SmolLM2-135M-Instruct as a Hugging Face directory under .cache/models/ (downloaded once).
+model: venv
+	$(BIN)/d3s prepare-model
+
+bench-real-model: model
+	$(BIN)/python -m bench.real_model
 
 bench-memory: venv
 	$(BIN)/python -m bench.memory
