@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from learner.batch import LearnerBatch, MicroBatch, plan_micro_batches
 from learner.config import LearnerConfig
 from learner.logits import logprobs_and_entropy
 from learner.loss import get_policy_loss
+from learner.weights import ZeroShardedWeights
 from selector.presets import Preset, select_tokens
 
 log = logging.getLogger(__name__)
@@ -315,17 +317,16 @@ class LearnerEngine:
             k: v.detach().to("cpu", torch.float32).clone() for k, v in module.state_dict().items()
         }
 
-    def device_weights(self) -> dict[str, torch.Tensor]:
+    def device_weights(
+        self, announce: Callable[[list[str]], None] | None = None
+    ) -> dict[str, torch.Tensor] | ZeroShardedWeights:
         """The weights where training holds them (its device and dtype), for a transport that
         broadcasts from the device: the live tensors themselves under ZeRO 0-2 (no copy; valid
-        until the next step), a gathered copy on the device under ZeRO-3 (collective: every rank
-        must call it)."""
+        until the next step); under ZeRO-3 a source the publisher gathers one bucket at a time
+        (``announce``: rank 0 of several tells the followers each gather)."""
         module = self.engine.module
         if self.cfg.zero_stage == 3:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-                return {k: v.detach().clone() for k, v in module.state_dict().items()}
+            return ZeroShardedWeights(module, announce)
         return {k: v.detach() for k, v in module.state_dict().items()}
 
     def save_checkpoint(self, directory: Path, step: int, client_state: dict[str, Any]) -> None:

@@ -24,18 +24,13 @@ import torch.multiprocessing as mp
 
 from learner import distributed as D
 from learner.engine import LearnerEngine
+from learner.weights import gather_and_release
 from services.common.net import free_port
 from services.telemetry.logfiles import file_handler, redirect_output
 
 log = logging.getLogger(__name__)
 
-_MIRRORED = (
-    "train_step",
-    "state_dict_cpu",
-    "device_weights",
-    "save_checkpoint",
-    "load_checkpoint",
-)
+_MIRRORED = ("train_step", "state_dict_cpu", "gather", "save_checkpoint", "load_checkpoint")
 
 
 class LeaderEngine:
@@ -60,8 +55,11 @@ class LeaderEngine:
         return self._engine.state_dict_cpu()
 
     def device_weights(self):
-        self._announce("device_weights", ())
-        return self._engine.device_weights()
+        # Under ZeRO-3 the publisher gathers bucket by bucket; each gather is announced so the
+        # followers enter the same all-gathers (ZeRO 0-2: every rank holds the whole weights).
+        return self._engine.device_weights(
+            announce=lambda names: self._announce("gather", (names,))
+        )
 
     def save_checkpoint(self, directory, step, client_state):
         self._announce("save_checkpoint", (directory, step, client_state))
@@ -87,6 +85,9 @@ def follow(engine: LearnerEngine) -> int:
             batch, preset, ratio, seed = args
             gen = torch.Generator().manual_seed(seed) if seed is not None else None
             engine.train_step(batch, preset, ratio, gen)
+        elif cmd == "gather":
+            with gather_and_release(engine.engine.module, args[0]):
+                pass
         else:
             getattr(engine, cmd)(*args)
 

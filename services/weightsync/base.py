@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from typing import Any, Union
 
 import torch
@@ -27,6 +28,29 @@ from services.weightsync.checksum import WeightSyncError, sample_checksum
 NamedTensors = Mapping[str, torch.Tensor]
 LoadFn = Callable[[dict[str, torch.Tensor]], None]
 Into = Union[torch.nn.Module, LoadFn]  # noqa: UP007 (a runtime alias, py3.10 safe)
+
+
+class GatheredWeights(ABC):
+    """Weights that exist whole only a few tensors at a time: ZeRO-3 shards each parameter
+    across the learner's ranks, and a broadcast that gathers one bucket's parameters, sends them
+    and lets them go never holds the full model twice (:meth:`gather` is collective: every rank
+    calls it for the same names in the same order)."""
+
+    @abstractmethod
+    def layout(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Each unique tensor's full shape and dtype, in publishing order."""
+
+    @abstractmethod
+    def aliases(self) -> dict[str, str]:
+        """Names that share another name's tensor (tied embeddings): alias -> name."""
+
+    @abstractmethod
+    def device(self) -> torch.device:
+        """Where the gathered tensors are (picks the broadcast backend: NCCL for CUDA)."""
+
+    @abstractmethod
+    def gather(self, names: list[str]) -> AbstractContextManager[dict[str, torch.Tensor]]:
+        """A context in which the named tensors are whole (on the learner's device)."""
 
 
 class WeightPublisher(ABC):

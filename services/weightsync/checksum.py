@@ -54,6 +54,34 @@ def _sample_elements(t: torch.Tensor, max_elements: int, salt: int) -> torch.Ten
     return picked.to("cpu", torch.float32)
 
 
+def sampled_names(names: list[str] | set[str], every: int = 1) -> set[str]:
+    """The names :func:`sample_checksum` reads: every ``every``-th in name order."""
+    if every < 1:
+        raise ValueError(f"every must be >= 1, got {every}")
+    return set(sorted(names)[::every])
+
+
+def sample_part(name: str, t: torch.Tensor, max_elements: int = 1024) -> bytes:
+    """What the sample digest takes from one tensor: its name, shape and sampled elements."""
+    if max_elements < 1:
+        raise ValueError(f"max_elements must be >= 1, got {max_elements}")
+    salt = int.from_bytes(hashlib.blake2s(name.encode(), digest_size=4).digest(), "little")
+    return (
+        name.encode()
+        + repr(tuple(t.shape)).encode()
+        + _sample_elements(t, max_elements, salt).numpy().tobytes()
+    )
+
+
+def combine_sample_parts(parts: dict[str, bytes]) -> str:
+    """The sample digest of per-tensor :func:`sample_part` results, in name order (so a
+    publisher that has the tensors one bucket at a time gets the same digest)."""
+    h = hashlib.sha256()
+    for name in sorted(parts):
+        h.update(parts[name])
+    return SAMPLE_PREFIX + h.hexdigest()
+
+
 def sample_checksum(
     named_tensors: dict[str, torch.Tensor],
     every: int = 1,
@@ -70,18 +98,13 @@ def sample_checksum(
     """
     if every < 1 or max_elements < 1:
         raise ValueError(f"every and max_elements must be >= 1, got {every}, {max_elements}")
-    h = hashlib.sha256()
-    for i, name in enumerate(sorted(named_tensors)):
-        if i % every:
-            continue
+    parts = {}
+    for name in sampled_names(named_tensors, every):
         t = named_tensors[name]
         if cast is not None and name in cast:
             t = t.to(cast[name])
-        h.update(name.encode())
-        h.update(repr(tuple(t.shape)).encode())
-        salt = int.from_bytes(hashlib.blake2s(name.encode(), digest_size=4).digest(), "little")
-        h.update(_sample_elements(t, max_elements, salt).numpy().tobytes())
-    return SAMPLE_PREFIX + h.hexdigest()
+        parts[name] = sample_part(name, t, max_elements)
+    return combine_sample_parts(parts)
 
 
 def verify_checksum(

@@ -36,9 +36,11 @@ import contextlib
 import datetime
 import json
 import logging
+import math
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,7 @@ import torch
 import torch.distributed as dist
 
 from services.weightsync.base import (
+    GatheredWeights,
     Into,
     NamedTensors,
     WeightPublisher,
@@ -55,7 +58,14 @@ from services.weightsync.base import (
     split_aliases,
     with_aliases,
 )
-from services.weightsync.checksum import WeightSyncError, sample_checksum, verify_checksum
+from services.weightsync.checksum import (
+    WeightSyncError,
+    combine_sample_parts,
+    sample_checksum,
+    sample_part,
+    sampled_names,
+    verify_checksum,
+)
 from services.weightsync.files import FilesReceiver, write_version
 
 log = logging.getLogger(__name__)
@@ -83,6 +93,10 @@ _KEEP_SEQ_RECORDS = (
 # ---- buckets --------------------------------------------------------------------------------
 
 
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty(0, dtype=dtype).element_size()
+
+
 @dataclass(frozen=True)
 class Bucket:
     """One flat buffer's layout: its wire dtype, total elements, and (name, shape, offset) of
@@ -105,6 +119,13 @@ def plan_buckets(named: dict[str, torch.Tensor], bucket_bytes: int) -> list[Buck
     """Group tensors (already in wire dtype) into buckets of one dtype and about
     ``bucket_bytes`` each, in the mapping's order; a tensor larger than a bucket gets one of its
     own; ``bucket_bytes == 0`` puts every tensor in its own bucket (one broadcast per tensor)."""
+    return plan_layout({n: (tuple(t.shape), t.dtype) for n, t in named.items()}, bucket_bytes)
+
+
+def plan_layout(
+    layout: dict[str, tuple[tuple[int, ...], torch.dtype]], bucket_bytes: int
+) -> list[Bucket]:
+    """:func:`plan_buckets` from shapes and (wire) dtypes alone, before any tensor exists."""
     buckets: list[Bucket] = []
     open_: dict[torch.dtype, tuple[list[tuple[str, tuple[int, ...], int]], int]] = {}
 
@@ -112,14 +133,15 @@ def plan_buckets(named: dict[str, torch.Tensor], bucket_bytes: int) -> list[Buck
         entries, numel = open_.pop(dtype)
         buckets.append(Bucket(str(dtype).removeprefix("torch."), numel, tuple(entries)))
 
-    for name, t in named.items():
-        if t.dtype in open_:
-            entries, numel = open_[t.dtype]
-            if (numel + t.numel()) * t.element_size() > bucket_bytes:
-                close(t.dtype)
-        entries, numel = open_.setdefault(t.dtype, ([], 0))
-        entries.append((name, tuple(t.shape), numel))
-        open_[t.dtype] = (entries, numel + t.numel())
+    for name, (shape, dtype) in layout.items():
+        size = math.prod(shape)
+        if dtype in open_:
+            entries, numel = open_[dtype]
+            if (numel + size) * _itemsize(dtype) > bucket_bytes:
+                close(dtype)
+        entries, numel = open_.setdefault(dtype, ([], 0))
+        entries.append((name, tuple(shape), numel))
+        open_[dtype] = (entries, numel + size)
     for dtype in list(open_):
         close(dtype)
     return buckets
@@ -152,6 +174,56 @@ def unflatten(flat: torch.Tensor, bucket: Bucket) -> dict[str, torch.Tensor]:
             n *= d
         out[name] = flat[offset : offset + n].view(shape)
     return out
+
+
+class _Held(GatheredWeights):
+    """A plain mapping of whole tensors as a :class:`GatheredWeights` (nothing to gather)."""
+
+    def __init__(self, named_tensors: NamedTensors) -> None:
+        self.unique, self._aliases = split_aliases(named_tensors)
+
+    def layout(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        return {n: (tuple(t.shape), t.dtype) for n, t in self.unique.items()}
+
+    def aliases(self) -> dict[str, str]:
+        return self._aliases
+
+    def device(self) -> torch.device:
+        return next(iter(self.unique.values())).device if self.unique else torch.device("cpu")
+
+    @contextlib.contextmanager
+    def gather(self, names: list[str]) -> Iterator[dict[str, torch.Tensor]]:
+        yield {n: self.unique[n] for n in names}
+
+
+def _host_copy(
+    source: GatheredWeights,
+    buckets: list[Bucket],
+    layout: dict[str, tuple[tuple[int, ...], torch.dtype]],
+) -> dict[str, torch.Tensor]:
+    """Every tensor of ``source`` on the host in its wire dtype, gathered bucket by bucket."""
+    out: dict[str, torch.Tensor] = {}
+    for bucket in buckets:
+        names = [n for n, _, _ in bucket.tensors]
+        with source.gather(names) as whole:
+            for n in names:
+                out[n] = whole[n].detach().to("cpu", layout[n][1], copy=True)
+    return out
+
+
+def _send_json(pg: Any, obj: Any, device: torch.device) -> None:
+    """Broadcast a small JSON message from rank 0: its length, then its bytes."""
+    data = json.dumps(obj).encode()
+    _broadcast(pg, torch.tensor([len(data)], dtype=torch.int64, device=device))
+    _broadcast(pg, torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device))
+
+
+def _recv_json(pg: Any, device: torch.device) -> Any:
+    size = torch.zeros(1, dtype=torch.int64, device=device)
+    _broadcast(pg, size)
+    raw = torch.zeros(int(size.item()), dtype=torch.uint8, device=device)
+    _broadcast(pg, raw)
+    return json.loads(bytes(raw.cpu().numpy()).decode())
 
 
 # ---- the rendezvous store ---------------------------------------------------------------------
@@ -324,36 +396,50 @@ class CollectivePublisher(WeightPublisher):
 
     # -- publishing --
 
-    def _pack(self, wire: dict[str, torch.Tensor], index: int, bucket: Bucket) -> torch.Tensor:
-        """The bucket's flat buffer: a one-tensor bucket is the tensor itself (no copy), others
-        are packed into a buffer kept from the previous publish."""
-        if len(bucket.tensors) == 1:
+    def _pack(
+        self, wire: dict[str, torch.Tensor], index: int, bucket: Bucket, transient: bool
+    ) -> torch.Tensor:
+        """The bucket's flat buffer: a one-tensor bucket of tensors that outlive the publish is
+        the tensor itself (no copy); others are packed into a buffer kept from the previous
+        publish (``transient``: the tensors are released right after packing)."""
+        if len(bucket.tensors) == 1 and not transient:
             return wire[bucket.tensors[0][0]].reshape(-1)
         self._buffers[index] = flatten(wire, bucket, self._buffers[index])
         return self._buffers[index]
 
-    def publish(self, version: int, named_tensors: NamedTensors, *, rewind: bool = False) -> float:
+    def _wire_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        return dtype if self.wire is None or not dtype.is_floating_point else self.wire
+
+    def publish(
+        self, version: int, named_tensors: NamedTensors | GatheredWeights, *, rewind: bool = False
+    ) -> float:
+        """Broadcast ``named_tensors`` as ``version``: a header (version, sequence number, the
+        bucket layout, aliases), one broadcast per bucket, then a trailer with the sampled
+        checksum. A :class:`GatheredWeights` source is gathered one bucket at a time, packed and
+        let go while the previous bucket is on the wire, so the whole model is never held
+        twice; the catch-up files alone take a host copy (every ``catchup_every`` versions)."""
         t0 = time.perf_counter()
         self._check_writer()
-        unique, aliases = split_aliases(named_tensors)
-        wire = {
-            n: t.detach().to(
-                t.dtype if self.wire is None or not t.is_floating_point() else self.wire
-            )
-            for n, t in unique.items()
-        }
-        buckets = plan_buckets(wire, self.bucket_bytes)
+        source = (
+            named_tensors if isinstance(named_tensors, GatheredWeights) else _Held(named_tensors)
+        )
+        transient = not isinstance(source, _Held)
+        aliases = source.aliases()
+        layout = {n: (shape, self._wire_dtype(dt)) for n, (shape, dt) in source.layout().items()}
+        buckets = plan_layout(layout, self.bucket_bytes)
         if len(self._buffers) != len(buckets):
             self._buffers = [None] * len(buckets)  # type: ignore[list-item]
-        flats = [self._pack(wire, i, b) for i, b in enumerate(buckets)]
-        views: dict[str, torch.Tensor] = {}
-        for flat, b in zip(flats, buckets, strict=True):
-            views.update(unflatten(flat, b))
-        checksum = sample_checksum(views, *self.sample)
-        t_pack = time.perf_counter()
-        device = flats[0].device if flats else torch.device("cpu")
+        sampled = sampled_names(set(layout), self.sample[0])
+        device = source.device()
         backend = "nccl" if device.type == "cuda" else "gloo"
         self.seq += 1
+        catchup_due = bool(self.catchup_every) and (
+            rewind or self.seq == 1 or self.seq % self.catchup_every == 0
+        )
+        host: dict[str, torch.Tensor] | None = {} if catchup_due else None
+        parts: dict[str, bytes] = {}
+        pack_s = 0.0
+        t_group = t0
         try:
             regroup = self._membership_changed()
             if regroup:
@@ -367,22 +453,35 @@ class CollectivePublisher(WeightPublisher):
             if regroup:
                 self._build_group(backend)
             t_group = time.perf_counter()
-            if self._pg is not None:
-                header = json.dumps(
-                    {
-                        "version": version,
-                        "seq": self.seq,
-                        "checksum": checksum,
-                        "aliases": aliases,
-                        "buckets": [b.to_json() for b in buckets],
-                    }
-                ).encode()
-                _broadcast(self._pg, torch.tensor([len(header)], dtype=torch.int64, device=device))
-                _broadcast(
-                    self._pg, torch.frombuffer(bytearray(header), dtype=torch.uint8).to(device)
-                )
-                for work in [_broadcast(self._pg, flat, wait=False) for flat in flats]:
-                    work.wait()
+            pg = self._pg
+            if pg is not None:
+                header = {
+                    "version": version,
+                    "seq": self.seq,
+                    "aliases": aliases,
+                    "buckets": [b.to_json() for b in buckets],
+                }
+                _send_json(pg, header, device)
+            pending = []
+            for index, bucket in enumerate(buckets):
+                t_pack = time.perf_counter()
+                names = [n for n, _, _ in bucket.tensors]
+                with source.gather(names) as whole:
+                    wire = {n: whole[n].detach().to(layout[n][1]) for n in names}
+                    flat = self._pack(wire, index, bucket, transient)
+                for name in sampled.intersection(names):
+                    parts[name] = sample_part(name, wire[name], self.sample[1])
+                if host is not None:
+                    host.update(unflatten(flat.to("cpu", copy=True), bucket))
+                del wire
+                pack_s += time.perf_counter() - t_pack
+                if pg is not None:
+                    pending.append(_broadcast(pg, flat, wait=False))
+            for work in pending:
+                work.wait()
+            checksum = combine_sample_parts(parts)
+            if pg is not None:
+                _send_json(pg, {"checksum": checksum}, device)
                 if device.type == "cuda":
                     torch.cuda.current_stream(device).synchronize()
             failed = False
@@ -399,14 +498,15 @@ class CollectivePublisher(WeightPublisher):
                 self._drop(name, "broadcast failed")
             failed = True
         t_bcast = time.perf_counter()
-        if self.catchup_every and (
-            failed or rewind or self.seq == 1 or self.seq % self.catchup_every == 0
-        ):
-            self._write_catchup(version, views, checksum, rewind, aliases, wait=failed or rewind)
+        if self.catchup_every and (failed or catchup_due):
+            if failed or host is None or len(host) != len(layout):
+                host = _host_copy(source, buckets, layout)
+            checksum = sample_checksum(host, *self.sample)
+            self._write_catchup(version, host, checksum, rewind, aliases, wait=failed or rewind)
         self.last_timing = {
-            "pack_s": t_pack - t0,
-            "group_s": t_group - t_pack,
-            "broadcast_s": t_bcast - t_group,
+            "pack_s": pack_s,
+            "group_s": t_group - t0,
+            "broadcast_s": t_bcast - t_group - pack_s,
             "total_s": time.perf_counter() - t0,
             "buckets": float(len(buckets)),
         }
@@ -421,10 +521,10 @@ class CollectivePublisher(WeightPublisher):
         aliases: dict[str, str],
         wait: bool,
     ) -> None:
-        """Write the version for late joiners from a CPU copy, in a background thread (the
-        learner's next step may overwrite the buffers); one write in flight at most."""
+        """Write the version for late joiners from host copies, in a background thread (off the
+        broadcast's critical path); one write in flight at most."""
         self._join_writer()
-        cpu = {n: t.to("cpu", copy=True) for n, t in views.items()}
+        cpu = views  # host copies made for this write: the learner's next step cannot touch them
         assert self.catchup_dir is not None
 
         def write() -> None:
@@ -624,11 +724,7 @@ class CollectiveReceiver(WeightReceiver):
         return True
 
     def _receive_one(self, seq: int) -> tuple[int, dict[str, torch.Tensor]]:
-        size = torch.zeros(1, dtype=torch.int64, device=self.device)
-        _broadcast(self._pg, size)
-        raw = torch.zeros(int(size.item()), dtype=torch.uint8, device=self.device)
-        _broadcast(self._pg, raw)
-        header = json.loads(bytes(raw.cpu().numpy()).decode())
+        header = _recv_json(self._pg, self.device)
         if int(header["seq"]) != seq:
             raise WeightSyncError(
                 f"weight sync: expected publish #{seq}, the header says #{header['seq']}"
@@ -649,8 +745,9 @@ class CollectiveReceiver(WeightReceiver):
             self._on_bucket(int(header["version"]), i, buf)
             tensors.update(unflatten(buf, b))
         version = int(header["version"])
+        trailer = _recv_json(self._pg, self.device)
         verify_checksum(
-            header["checksum"], tensors, version, f"broadcast #{seq} to {self.name}", *self.sample
+            trailer["checksum"], tensors, version, f"broadcast #{seq} to {self.name}", *self.sample
         )
         return version, with_aliases(tensors, header.get("aliases", {}))
 

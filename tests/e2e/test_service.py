@@ -169,14 +169,25 @@ def test_sync_run_is_lock_step_and_strictly_on_policy(
         assert seen == list(range(STEPS + 1))
 
 
+@pytest.mark.parametrize("weights", ["object_store", "collective-zero3"])
 def test_sync_run_with_a_two_rank_learner(
-    tmp_path: Path, warmstart_cache: Path, run_config
+    tmp_path: Path, warmstart_cache: Path, run_config, weights: str
 ) -> None:
-    """learner.world_size 2: rank 0 serves, rank 1 follows every collective; same books."""
+    """learner.world_size 2: rank 0 serves, rank 1 follows every collective; same books. With
+    ZeRO-3 and the collective transport rank 0 gathers each bucket as it broadcasts it, and
+    rank 1 enters every one of those gathers."""
     run_dir = tmp_path / "run"
     base = run_config(run_dir, warmstart_cache, {"mode": "sync", "max_staleness": 0})
     data = base.model_dump(mode="json")
     data["learner"]["world_size"] = 2
+    if weights == "collective-zero3":
+        data["learner"]["zero_stage"] = 3
+        data["weight_sync"] = {
+            "transport": "collective",
+            "path": str(tmp_path / "weights"),
+            "bucket_mb": 0.02,
+            "timeout_s": 60,
+        }
     cfg = parse_config(data)
 
     summary = run_service(cfg)

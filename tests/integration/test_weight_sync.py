@@ -299,3 +299,56 @@ def test_config_names_the_field() -> None:
     )
     assert cfg.bucket_bytes == 64 << 20 and cfg.wire() is torch.bfloat16
     assert WeightSyncConfig().wire() is None
+
+
+def test_a_zero3_learner_is_gathered_and_sent_one_bucket_at_a_time():
+    """Under ZeRO-3 the publisher gathers each bucket's parameters just before sending it: as
+    many gathers as buckets, none holding the whole model, and the engine receives exactly the
+    learner's weights (tied ones under both names)."""
+    import threading
+
+    from learner.config import LearnerConfig
+    from learner.engine import LearnerEngine
+    from learner.weights import ZeroShardedWeights
+    from services.weightsync.collective import plan_layout
+
+    engine = LearnerEngine(_model(seed=0), LearnerConfig(zero_stage=3, lr=1e-3), total_steps=2)
+    source = engine.device_weights()
+    assert isinstance(source, ZeroShardedWeights)
+    gathered: list[list[str]] = []
+    inner = source.gather
+
+    def spy(names):
+        gathered.append(list(names))
+        return inner(names)
+
+    source.gather = spy  # type: ignore[method-assign]
+    pub = CollectivePublisher(bucket_bytes=BUCKET_BYTES, catchup_every=0, timeout_s=60)
+    receiver = CollectiveReceiver(pub.address, "engine-0", timeout_s=60)
+    errors: list[BaseException] = []
+
+    def publish() -> None:
+        try:
+            pub.publish(1, source)
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=publish, daemon=True)
+    thread.start()
+    while not receiver.has_update():
+        time.sleep(0.01)
+    got: dict[str, torch.Tensor] = {}
+    assert receiver.receive(got.update) == 1
+    thread.join(60)
+    assert not thread.is_alive() and not errors, errors
+
+    expected = engine.state_dict_cpu()
+    assert set(got) == set(expected)
+    for name, value in expected.items():
+        assert torch.equal(got[name], value), name
+    buckets = plan_layout(source.layout(), BUCKET_BYTES)
+    assert len(gathered) == len(buckets) > 1
+    assert [names for names in gathered] == [[n for n, _, _ in b.tensors] for b in buckets]
+    assert max(map(len, gathered)) < len(source.layout())
+    receiver.close()
+    pub.close()
