@@ -2,9 +2,12 @@
 their own (NCCL on GPU, gloo on CPU), separate from the learner's training group.
 
 Per version the publisher sends a small header (version, sequence number, the bucket layout,
-the sampled checksum) and then one broadcast per *bucket*: many tensors of one wire dtype copied
-into one flat buffer of about ``bucket_mb``. Receivers unflatten the buckets into views, check the
-checksum and copy into their model. bf16 models travel as bf16 (``wire_dtype: auto``).
+aliases), then one broadcast per *bucket*: many tensors of one wire dtype copied into one flat
+buffer of about ``bucket_mb``, then a trailer with the sampled checksum (computed bucket by bucket,
+so a ZeRO-3 learner can gather, pack and release one bucket at a time). Receivers unflatten the
+buckets into views, check the checksum and copy into their model (or, inside a vLLM worker, load
+them into vLLM's model). bf16 models travel as bf16 (``wire_dtype: auto``). The broadcast is sent
+from the device the learner's tensors are on: no host copy on the way.
 
 Rendezvous and membership go through a TCP store that rank 0 serves (``host:port``):
 
