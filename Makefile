@@ -62,7 +62,7 @@ $(VLLM_STAMP): pyproject.toml
 
 # The vLLM suite: the engine, weights straight into its workers, and `d3s run` end to end.
 test-vllm: $(VLLM_STAMP)
-	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_BIN)/python -m pytest tests/vllm -q -p no:cacheprovider
+	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_BIN)/python -m pytest tests/vllm -m "not slow" -q -p no:cacheprovider
 
 # Style and formatting, then the dependency rule (pyproject.toml [tool.importlinter]).
 lint: venv

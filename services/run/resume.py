@@ -70,6 +70,8 @@ SAFE_ON_RESUME: tuple[str, ...] = (
     "service.redis_outage_s",
     "service.redis_maxmemory_mb",
     "learner.dist_timeout_s",
+    # How the same weights reach the engines (a resumed learner republishes its checkpoint's).
+    "weight_sync",
     # Only where the cached warm start lives; the resumed run starts from its checkpoint.
     "warmstart.cache_dir",
 )

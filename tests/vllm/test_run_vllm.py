@@ -112,6 +112,7 @@ def _config(model_dir: Path, task_dir: Path, run_dir: Path, redis_url: str) -> d
     }
 
 
+@pytest.mark.timeout(1800)  # vLLM's CPU engine starts in minutes on a busy 2-core box
 def test_d3s_run_with_vllm_engines_trains_with_weights_broadcast_into_the_workers(
     llama_dir, task_dir, tmp_path
 ):
@@ -183,3 +184,62 @@ def _reference_digests(model_dir: Path, catchup: Path, versions: list[int]) -> d
         return out
     finally:
         engine.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_d3s_run_trains_smollm2_on_vllm(tmp_path):
+    """The real model on the real engine: configs/smollm2.yaml under ``d3s run`` with vLLM rollout
+    engines and weights broadcast into their workers, for two steps (run with ``-m slow``)."""
+    repo = Path(__file__).resolve().parents[2]
+    model = repo / ".cache/models/smollm2-135m-instruct"
+    if not (model / "config.json").is_file():
+        prepared = subprocess.run(
+            [sys.executable, "-m", "services.run.cli", "prepare-model"], cwd=repo, timeout=900
+        )
+        assert prepared.returncode == 0
+    server = EmbeddedRedis(tmp_path / "redis").start()
+    try:
+        run_dir = tmp_path / "run"
+        sets = {
+            "policy.path": str(model),
+            "rollout.engine": "vllm",
+            "rollout.vllm.dtype": "float32",
+            "rollout.vllm.enforce_eager": "true",
+            "rollout.vllm.max_model_len": "160",
+            "weight_sync.transport": "collective",
+            "weight_sync.path": str(tmp_path / "catchup"),
+            "weight_sync.engine_digest": "true",
+            "train.total_steps": "2",
+            "train.eval_every": "2",
+            "train.run_dir": str(run_dir),
+            "train.progress_bar": "false",
+            "task.heldout_size": "8",
+            "eval.n_samples": "0",
+            "eval.ks": "[]",
+            "service.redis_url": server.url,
+            "service.wait_timeout_s": "1200",
+            "service.max_restarts": "0",
+            "api.enabled": "false",
+        }
+        args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+        out = subprocess.run(
+            [sys.executable, "-m", "services.run.cli", "run", "configs/smollm2.yaml", *args],
+            capture_output=True,
+            text=True,
+            timeout=3600,
+            cwd=repo,
+        )
+        assert out.returncode == 0, (out.stderr + out.stdout)[-4000:]
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["steps"] == 2
+        cfg = parse_config(json.loads((run_dir / "run_config.json").read_text()))
+        books = audit(redis.Redis.from_url(server.url), cfg)
+        actor = summary["components"]["rollout-0"]
+        im_end = 2  # SmolLM2's <|im_end|>, its EOS too
+        assert set(actor["responses_ended_on"]) <= {str(im_end)}
+        digests = Transport.open(redis.Redis.from_url(server.url), cfg.service.namespace)
+        loaded = books["loaded"]["rollout-0"]
+        assert set(digests.state.engine_digests("rollout-0")) == set(loaded) and 2 in loaded
+    finally:
+        server.stop()
