@@ -9,15 +9,14 @@ Serve, DeepSpeed or transformers (that goes to ``run_dir/logs/``); the whole sum
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 import yaml
+from d3s_cli import run_d3s
 
 from services.telemetry.run_log import read_metrics
 
@@ -48,14 +47,7 @@ def _write_config(tiny_config, tmp_path: Path, cache: Path, **sections: dict) ->
 
 
 def _d3s(*args: str, timeout: float = 540) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "COLUMNS": "120"}
-    return subprocess.run(
-        [sys.executable, "-m", "services.run.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
+    return run_d3s(*args, timeout=timeout, columns=120)
 
 
 def _terminal(out: subprocess.CompletedProcess[str]) -> str:

@@ -12,9 +12,7 @@ take their steps and count the skipped prompts.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import textwrap
 import uuid
 from pathlib import Path
@@ -22,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from d3s_cli import run_d3s
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bench.full_vocab_model import IM_END, QWEN_VOCAB, build_model, build_tokenizer, save
@@ -174,15 +173,7 @@ def test_rollouts_use_the_chat_template_stop_on_end_of_turn_and_skip_long_prompt
 
 
 def _d3s(*args: str, pythonpath: Path, timeout: float = 420) -> subprocess.CompletedProcess[str]:
-    paths = [str(pythonpath), os.environ.get("PYTHONPATH", "")]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
-    return subprocess.run(
-        [sys.executable, "-m", "services.run.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
+    return run_d3s(*args, timeout=timeout, pythonpath=pythonpath)
 
 
 def test_d3s_train_and_run_on_the_full_vocabulary_model(model_dir, task_files, tmp_path):

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from d3s_cli import run_d3s
 from typer.testing import CliRunner
 
 from services.run.cli import app
@@ -28,14 +27,7 @@ STEPS = 2
 
 
 def _d3s(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "COLUMNS": "200"}
-    return subprocess.run(
-        [sys.executable, "-m", "services.run.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
+    return run_d3s(*args, timeout=timeout, columns=200)
 
 
 def _hashes(root: Path) -> dict[str, str]:

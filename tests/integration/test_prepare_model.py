@@ -13,12 +13,12 @@ The directory is the repository's cache (``.cache/models/``), converted once per
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from d3s_cli import run_d3s
 
 from services.policy.gguf import MARKER, SMOLLM2_DIR, SMOLLM2_GGUF
 
@@ -28,13 +28,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _d3s(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "services.run.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
-    )
+    return run_d3s(*args, timeout=timeout, cwd=REPO)
 
 
 @pytest.fixture(scope="module")
