@@ -14,8 +14,8 @@ unbiased Pass@1 and Pass@k from ``eval.n_samples`` samples at temperature 1, the
 
 Reported per preset (mean over seeds): those curves against step, learner tokens and learner
 seconds; the training reward per step; and the learner tokens and seconds each preset needed to
-reach GRPO's final greedy accuracy (its mean curve's first evaluation at or above it), with their
-ratios to GRPO's. Runs that reached their last step are kept (``--fresh`` trains all again).
+reach GRPO's final and best Pass@1 (their mean curve's first evaluation at or above it), with
+their ratios to GRPO's. Runs that reached their last step are kept (``--fresh`` trains all again).
 Writes ``<out>.md``, ``<out>.json`` and ``<out>.png``.
 """
 
@@ -32,6 +32,9 @@ from pathlib import Path
 import numpy as np
 
 CONFIG = "configs/smollm2.yaml"
+# The accuracy the bars are set in: Pass@1 from eval.n_samples samples per held-out prompt, as in
+# bench.learning (on 32 prompts the greedy accuracy moves in steps of 1/32 and is noisier).
+BAR = "eval/pass@1"
 EVAL_KEYS = (
     "step",
     "heldout_accuracy",
@@ -112,7 +115,7 @@ def _mean(curves: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 
 
 def _first_reach(curve: dict[str, np.ndarray], target: float, key: str) -> float | None:
-    hit = np.nonzero(curve["heldout_accuracy"] >= target - 1e-9)[0]
+    hit = np.nonzero(curve[BAR] >= target - 1e-9)[0]
     return float(curve[key][hit[0]]) if hit.size else None
 
 
@@ -125,7 +128,10 @@ def summarise(out: Path, presets: list[str], seeds: int, ks: list[int]) -> dict:
     }
     mean = {p: _mean(cs) for p, cs in curves.items()}
     base = "grpo" if "grpo" in presets else presets[0]
-    target = float(mean[base]["heldout_accuracy"][-1])
+    target = float(mean[base][BAR][-1])
+    # GRPO's final accuracy can sit below its best (a run that regressed late); its best
+    # evaluated accuracy is the second bar.
+    best = float(np.max(mean[base][BAR]))
     rows = []
     for p in presets:
         m, cs = mean[p], curves[p]
@@ -152,6 +158,8 @@ def summarise(out: Path, presets: list[str], seeds: int, ks: list[int]) -> dict:
             "tokens_to_target": _first_reach(m, target, "learner_tokens_total"),
             "seconds_to_target": _first_reach(m, target, "learner_seconds_total"),
             "steps_to_target": _first_reach(m, target, "step"),
+            "tokens_to_best": _first_reach(m, best, "learner_tokens_total"),
+            "seconds_to_best": _first_reach(m, best, "learner_seconds_total"),
         }
         for k in ks:
             row[f"pass{k}_start"] = float(m[f"eval/pass@{k}"][0])
@@ -159,11 +167,19 @@ def summarise(out: Path, presets: list[str], seeds: int, ks: list[int]) -> dict:
         rows.append(row)
     ref = rows[presets.index(base)]
     for r in rows:
-        for k in ("tokens_to_target", "seconds_to_target", "tokens_total", "seconds_total"):
+        for k in (
+            "tokens_to_target",
+            "seconds_to_target",
+            "tokens_to_best",
+            "seconds_to_best",
+            "tokens_total",
+            "seconds_total",
+        ):
             r[f"{k}_ratio"] = r[k] / ref[k] if r[k] is not None and ref.get(k) else None
     return {
         "base": base,
-        "target_greedy": target,
+        "target_pass1": target,
+        "best_pass1": best,
         "rows": rows,
         "mean_curves": mean,
         "rewards": {
@@ -182,7 +198,8 @@ def table(s: dict, ks: list[int]) -> str:
         "| preset | greedy start -> final | "
         + " | ".join(f"Pass@{k} start -> final" for k in passes)
         + " | format rate | mean length | reward first -> last 20% | learner tokens | learner s "
-        "| tokens to GRPO's final greedy (ratio) | learner s to it (ratio) |"
+        "| wall s per run | tokens to GRPO's final Pass@1 (ratio) | learner s to it (ratio) "
+        "| tokens to GRPO's best Pass@1 (ratio) | learner s to it (ratio) |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in s["rows"]:
@@ -193,9 +210,11 @@ def table(s: dict, ks: list[int]) -> str:
             + f" | {r['format_start']:.2f} -> {r['format_final']:.2f} "
             f"| {r['length_start']:.1f} -> {r['length_final']:.1f} "
             f"| {r['reward_first']:.3f} -> {r['reward_last']:.3f} "
-            f"| {r['tokens_total']:,.0f} | {r['seconds_total']:.0f} "
+            f"| {r['tokens_total']:,.0f} | {r['seconds_total']:.0f} | {r['wall_seconds']:.0f} "
             f"| {_f(r['tokens_to_target'], ',.0f')} ({_f(r['tokens_to_target_ratio'], '.2f')}x) "
-            f"| {_f(r['seconds_to_target'], '.0f')} ({_f(r['seconds_to_target_ratio'], '.2f')}x) |"
+            f"| {_f(r['seconds_to_target'], '.0f')} ({_f(r['seconds_to_target_ratio'], '.2f')}x) "
+            f"| {_f(r['tokens_to_best'], ',.0f')} ({_f(r['tokens_to_best_ratio'], '.2f')}x) "
+            f"| {_f(r['seconds_to_best'], '.0f')} ({_f(r['seconds_to_best_ratio'], '.2f')}x) |"
         )
     return "\n".join(lines)
 
@@ -289,9 +308,11 @@ def main(argv: list[str] | None = None) -> dict:
         [
             "# GRPO vs D3S on SmolLM2-135M-Instruct (CPU)",
             "",
-            f"`{cmd}` ({len(todo)} runs trained in {wall / 60:.0f} min of this invocation; "
-            f"config `{CONFIG}`). Means over seeds; GRPO's final greedy accuracy is "
-            f"{summary['target_greedy']:.3f}.",
+            f"`{cmd}` (config `{CONFIG}`; {len(todo)} runs trained in {wall / 60:.0f} min of "
+            "this invocation). Means over seeds. The bars: GRPO's final Pass@1 (mean curve) "
+            f"{summary['target_pass1']:.3f} and its best evaluated one "
+            f"{summary['best_pass1']:.3f}; a preset reaches a bar at its mean curve's first "
+            "evaluation at or above it.",
             "",
             table(summary, ks),
             "",
