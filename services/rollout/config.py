@@ -37,7 +37,7 @@ class PrefilterConfig(BaseModel):
     so none is starved however long its streak."""
     max_draws_factor: float = Field(4.0, ge=1, le=50)
     """Bound on the enlarged draw: once a round drew this many times its prompts, the rest of
-    it is filled without skipping (at most 50, the bound of prompts skipped as too long)."""
+    it is filled without skipping."""
 
     @model_validator(mode="after")
     def _p_bounds(self) -> PrefilterConfig:

@@ -97,8 +97,9 @@ class RolloutWorker:
         within ``prefilter.config.max_draws_factor * n_prompts``.
 
         Raises:
-            RuntimeError: when ``MAX_DRAWS_PER_PROMPT * n_prompts`` draws did not give enough
-                prompts that fit (the limit is below almost every prompt of the task).
+            RuntimeError: when ``MAX_DRAWS_PER_PROMPT * n_prompts`` draws past the prefilter's
+                did not give enough prompts that fit (the limit is below almost every prompt of
+                the task).
         """
         tokenizer = self.engine.tokenizer
         coins = skip_rng if skip_rng is not None else rng
@@ -108,7 +109,7 @@ class RolloutWorker:
         kept: list[Prompt] = []
         drawn = 0
         while len(kept) < n_prompts:
-            if drawn >= MAX_DRAWS_PER_PROMPT * n_prompts:
+            if drawn >= MAX_DRAWS_PER_PROMPT * n_prompts + max_filtered:
                 raise RuntimeError(
                     f"rollout.max_prompt_tokens={self.max_prompt_tokens}: only {len(kept)} of "
                     f"{drawn} prompts drawn fit; raise the limit or filter the task's data"
