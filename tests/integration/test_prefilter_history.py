@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import redis
 
+from services.api.views import read_snapshot
 from services.policy.model import PolicySpec, build_policy
 from services.policy.tokenizer import CharTokenizer
 from services.rollout.actor import RolloutActor
@@ -97,6 +98,10 @@ def test_actor_round_skips_counts_and_reports(transport: Transport, redis_server
     assert metrics["prefilter_predicted_zero_var"] == pytest.approx(1.0)
     assert 0.0 <= metrics["prefilter_actual_zero_var"] <= 1.0
     assert {"prefilter_p_easy", "prefilter_p_hard"} <= set(metrics)
+    # The API's /metrics (and its Prometheus form) read them from there.
+    snap = read_snapshot(transport)
+    assert snap.counters["prompts_prefiltered"] == stats["prompts_prefiltered"]
+    assert snap.metrics["prefilter_p_hard"] == metrics["prefilter_p_hard"]
     # Each generated prompt's streak moved on by its group's outcome.
     groups = [decode(f) for _, f in transport.client.xrange(transport.keys.groups, "-", "+")]
     streaks = first.worker.prefilter.history.streaks([g.prompt_id for g in groups])
