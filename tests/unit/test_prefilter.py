@@ -229,3 +229,23 @@ def test_prefilter_is_off_by_default_and_on_in_quickstart_greso():
     assert on.rollout.model_copy(update={"prefilter": off.rollout.prefilter}) == off.rollout
     same = {"name": True, "rollout": True, "train": {"run_dir"}}  # run_dir follows the name
     assert on.model_dump(exclude=same) == off.model_dump(exclude=same)
+
+
+def test_build_worker_wires_the_prefilter_only_when_enabled():
+    from services.policy.model import PolicySpec, build_policy
+    from services.policy.tokenizer import CharTokenizer
+    from services.run.components import build_worker
+
+    tok = CharTokenizer()
+    model = build_policy(PolicySpec(n_layer=1, n_embd=16, n_head=2), tok)
+    base = {"task": {"type": "arithmetic", "digits": 1}}
+    off = build_worker(parse_config(base), model, tok, "sync")
+    assert off.prefilter is None
+    on_cfg = parse_config({**base, "rollout": {"prefilter": {"enabled": True, "p_init": 0.3}}})
+    on = build_worker(on_cfg, model, tok, "sync")  # d3s train: no Redis, history in memory
+    assert isinstance(on.prefilter.history.store, MemoryHistoryStore)
+    assert on.prefilter.config == on_cfg.rollout.prefilter
+    assert on.prefilter.history.probabilities() == {"easy": 0.3, "hard": 0.3}
+    groups, _ = on.produce(3, seed=11)
+    assert len(groups) == 3 and on.last_prefilter_report is not None
+    assert on.last_prefilter_report.predicted_zero_var == 0.0  # nothing seen before
