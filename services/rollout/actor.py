@@ -195,15 +195,19 @@ class RolloutActor:
     def _produce_round(self) -> None:
         seed = step_seed(self.settings.seed, self.index * 1_000_000 + self.rounds)
         skipped_before = self.worker.prompts_skipped_too_long
+        prefiltered_before = self.worker.prompts_prefiltered
         try:
             groups, gen_s = self.worker.produce(self.share, seed)
-            # Prompts skipped as too long are counted with the round's first group, so a retried
-            # (idempotent) publish never counts them twice.
-            skipped = self.worker.prompts_skipped_too_long - skipped_before
+            # Prompts skipped (too long, or by the prefilter) are counted with the round's first
+            # group, so a retried (idempotent) publish never counts them twice.
+            first = {
+                "prompts_skipped_too_long": self.worker.prompts_skipped_too_long - skipped_before,
+                "prompts_prefiltered": self.worker.prompts_prefiltered - prefiltered_before,
+            }
             for i, g in enumerate(groups):
                 incr = {"groups_written": 1}
-                if i == 0 and skipped:
-                    incr["prompts_skipped_too_long"] = skipped
+                if i == 0:
+                    incr.update({k: v for k, v in first.items() if v})
                 self.t.queue.publish(self.t.keys.groups, g, incr=incr, key=g.group_id)
         finally:
             self.t.state.end_round(self.name)
@@ -213,7 +217,10 @@ class RolloutActor:
         self.gen_seconds += gen_s
         self._count_endings(groups)
         self.t.state.set_rollout_rounds(self.name, self.rounds)
-        self.t.state.set_metrics({"gen_seconds": gen_s})
+        report = self.worker.last_prefilter_report
+        self.t.state.set_metrics(
+            {"gen_seconds": gen_s, **(report.metrics() if report is not None else {})}
+        )
         self.t.state.record_heartbeat(
             self.name,
             {

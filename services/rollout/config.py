@@ -8,6 +8,48 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
+class PrefilterConfig(BaseModel):
+    """Pre-rollout prompt selection (GRESO, arXiv 2506.02177): a prompt whose last ``n`` groups
+    in a row were all right ("easy") or all wrong ("hard") is skipped before generation with
+    probability ``1 - max(p^n, floor)``, one p per kind, each adapted once per round toward
+    its share of ``target_zero_var``; replacements are drawn so a round keeps its prompts.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = False
+    """Skip prompts predicted to give zero-variance groups (off: every drawn prompt is used)."""
+    target_zero_var: float = Field(0.25, gt=0, lt=1)
+    """Share of a round's groups that may be zero-variance; the p's adapt toward it."""
+    easy_fraction: float = Field(1 / 3, ge=0, le=1)
+    """Part of ``target_zero_var`` allotted to all-right groups (the rest: all-wrong)."""
+    p_init: float = Field(0.5, gt=0, lt=1)
+    """Both p's before the first adaptation (a run's first round)."""
+    p_step: float = Field(0.01, gt=0, le=0.5)
+    """Change of a p per round: down when its kind's zero-variance share exceeded its target
+    (skip more), up otherwise."""
+    p_min: float = Field(0.05, gt=0, lt=1)
+    """Lowest p (the most aggressive skipping)."""
+    p_max: float = Field(0.95, gt=0, lt=1)
+    """Highest p (the least skipping)."""
+    floor: float = Field(0.01, gt=0, le=1)
+    """Exploration floor: every prompt is generated with at least this probability when drawn,
+    so none is starved however long its streak."""
+    max_draws_factor: float = Field(4.0, ge=1, le=50)
+    """Bound on the enlarged draw: once a round drew this many times its prompts, the rest of
+    it is filled without skipping."""
+
+    @model_validator(mode="after")
+    def _p_bounds(self) -> PrefilterConfig:
+        if self.p_min >= self.p_max:
+            raise ValueError(f"p_min: {self.p_min} must be below p_max ({self.p_max})")
+        if not self.p_min <= self.p_init <= self.p_max:
+            raise ValueError(
+                f"p_init: {self.p_init} must be within [p_min, p_max] = [{self.p_min}, {self.p_max}]"
+            )
+        return self
+
+
 class RolloutConfig(BaseModel):
     """Generation settings shared by every rollout actor (and the synchronous trainer)."""
 
@@ -34,6 +76,8 @@ class RolloutConfig(BaseModel):
     max_prompt_tokens: int | None = Field(None, ge=1)
     """Longest prompt, in tokens of the rendered text (chat template included); a longer one is
     skipped and counted (``prompts_skipped_too_long``), never cut. None: no limit."""
+    prefilter: PrefilterConfig = PrefilterConfig()
+    """Pre-rollout prompt selection (GRESO); off by default."""
     vllm: VLLMConfig | None = None
     """vLLM's settings; only with ``engine: vllm`` (None there: the defaults)."""
 

@@ -8,6 +8,13 @@ Prompt length. With ``max_prompt_tokens`` set, a drawn prompt whose rendered tex
 tokens is skipped, counted in ``prompts_skipped_too_long``, and replaced by a fresh draw, so a
 round still has its ``n_prompts`` groups. Nothing is ever truncated: a cut prompt would train
 the policy on a question it was never asked.
+
+Prompt selection. With a :class:`~services.rollout.prefilter.Prefilter`, a drawn prompt (that
+fits) is skipped with its predicted-zero-variance skip probability, counted in
+``prompts_prefiltered``, and replaced by a fresh draw, until the round drew
+``max_draws_factor`` times its prompts; the rest of the round is then filled without skipping.
+The skip coins come from their own generator seeded by the round's seed, so a round is
+reproducible and the prompts drawn with the prefilter off are unchanged.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import numpy as np
 
 from services.policy.tokenizer import encode_text
 from services.rollout.engine import RolloutEngine
+from services.rollout.prefilter import Prefilter, RoundReport
 from services.tasks.base import Prompt
 from services.tasks.prompting import PromptFormat
 from services.tasks.source import TaskSource
@@ -25,6 +33,8 @@ from services.transport.records import ScoredGroup
 
 # A round gives up when it has drawn this many times its prompt count without enough that fit.
 MAX_DRAWS_PER_PROMPT = 50
+# Entropy mixed into a round's seed for the prefilter's skip coins (a stream of their own).
+_SKIP_STREAM = 0x5E1EC7
 
 
 class RolloutWorker:
@@ -38,9 +48,13 @@ class RolloutWorker:
         prompt_format: How a question becomes the prompt text (None: as it is).
         max_prompt_tokens: Longest rendered prompt, in tokens; longer ones are skipped and
             counted (None: no limit).
+        prefilter: Pre-rollout prompt selection (None: every drawn prompt that fits is used).
 
     Attributes:
         prompts_skipped_too_long: Prompts skipped so far for exceeding ``max_prompt_tokens``.
+        prompts_prefiltered: Prompts skipped so far by ``prefilter``.
+        last_prefilter_report: What ``prefilter`` saw of the latest round (None: no round yet,
+            or no prefilter).
     """
 
     def __init__(
@@ -52,6 +66,7 @@ class RolloutWorker:
         *,
         prompt_format: PromptFormat | None = None,
         max_prompt_tokens: int | None = None,
+        prefilter: Prefilter | None = None,
     ) -> None:
         if max_prompt_tokens is not None and max_prompt_tokens < 1:
             raise ValueError(f"max_prompt_tokens must be >= 1, got {max_prompt_tokens}")
@@ -62,6 +77,9 @@ class RolloutWorker:
         self.prompt_format = prompt_format or PromptFormat()
         self.max_prompt_tokens = max_prompt_tokens
         self.prompts_skipped_too_long = 0
+        self.prefilter = prefilter
+        self.prompts_prefiltered = 0
+        self.last_prefilter_report: RoundReport | None = None
         self._seq = 0
 
     @property
@@ -71,40 +89,60 @@ class RolloutWorker:
     def load_weights(self, state_dict, version: int) -> None:
         self.engine.load_state_dict(state_dict, version)
 
-    def draw_prompts(self, n_prompts: int, rng: np.random.Generator) -> list[Prompt]:
-        """``n_prompts`` training prompts, rendered, each within ``max_prompt_tokens``.
+    def draw_prompts(
+        self, n_prompts: int, rng: np.random.Generator, skip_rng: np.random.Generator | None = None
+    ) -> list[Prompt]:
+        """``n_prompts`` training prompts, rendered, each within ``max_prompt_tokens`` and each
+        past the prefilter's coin (``skip_rng``, default ``rng``) while the round's draws are
+        within ``prefilter.config.max_draws_factor * n_prompts``.
 
         Raises:
-            RuntimeError: when ``MAX_DRAWS_PER_PROMPT * n_prompts`` draws did not give enough
-                prompts that fit (the limit is below almost every prompt of the task).
+            RuntimeError: when ``MAX_DRAWS_PER_PROMPT * n_prompts`` draws past the prefilter's
+                did not give enough prompts that fit (the limit is below almost every prompt of
+                the task).
         """
         tokenizer = self.engine.tokenizer
+        coins = skip_rng if skip_rng is not None else rng
+        max_filtered = (
+            self.prefilter.config.max_draws_factor * n_prompts if self.prefilter is not None else 0
+        )
         kept: list[Prompt] = []
         drawn = 0
         while len(kept) < n_prompts:
-            if drawn >= MAX_DRAWS_PER_PROMPT * n_prompts:
+            if drawn >= MAX_DRAWS_PER_PROMPT * n_prompts + max_filtered:
                 raise RuntimeError(
                     f"rollout.max_prompt_tokens={self.max_prompt_tokens}: only {len(kept)} of "
                     f"{drawn} prompts drawn fit; raise the limit or filter the task's data"
                 )
+            filtering = drawn < max_filtered
             batch = self.tasks.train_prompts(n_prompts - len(kept), rng)
             drawn += len(batch)
-            for p in self.prompt_format.apply(tokenizer, batch):
-                if self.max_prompt_tokens is not None and (
-                    len(encode_text(tokenizer, p.text)) > self.max_prompt_tokens
-                ):
-                    self.prompts_skipped_too_long += 1
-                    continue
-                kept.append(p)
+            fits = [
+                p
+                for p in self.prompt_format.apply(tokenizer, batch)
+                if self.max_prompt_tokens is None
+                or len(encode_text(tokenizer, p.text)) <= self.max_prompt_tokens
+            ]
+            self.prompts_skipped_too_long += len(batch) - len(fits)
+            if filtering and self.prefilter is not None and fits:
+                chances = self.prefilter.skip_chances([p.prompt_id for p in fits])
+                passed = [p for p, c in zip(fits, chances, strict=True) if coins.random() >= c]
+                self.prompts_prefiltered += len(fits) - len(passed)
+                fits = passed
+            kept.extend(fits)
         return kept
 
     def produce(self, n_prompts: int, seed: int) -> tuple[list[ScoredGroup], float]:
         """Generate and score n_prompts groups with a seed; returns (groups, generation seconds)."""
         rng = np.random.default_rng(seed)
-        prompts = self.draw_prompts(n_prompts, rng)
+        prompts = self.draw_prompts(n_prompts, rng, np.random.default_rng([seed, _SKIP_STREAM]))
         g = self.samples_per_prompt
         rb = self.engine.generate(prompts, g, seed)
         rewards = self.tasks.score(prompts, rb.texts, g)
+        if self.prefilter is not None:
+            self.last_prefilter_report = self.prefilter.observe(
+                [p.prompt_id for p in prompts], rewards
+            )
         now = time.time()
         groups = []
         for i, p in enumerate(prompts):

@@ -186,10 +186,14 @@ def build_worker(
     device: str | None = None,
     *,
     model_path: str | Path | None = None,
+    history: Any = None,
 ) -> Any:
     """A rollout worker (engine + tasks + prompt rendering and length limit). The engine is the
     HF one around ``model`` (``device``: where it runs, None: where the model is), or with
-    ``rollout.engine: vllm`` a vLLM engine that loads ``model_path`` (``model`` unused)."""
+    ``rollout.engine: vllm`` a vLLM engine that loads ``model_path`` (``model`` unused). With
+    ``rollout.prefilter.enabled`` it selects prompts with the streaks and p's in ``history``
+    (a run's :class:`RunState`; None: in this process's memory, the in-process trainer)."""
+    from services.rollout.prefilter import MemoryHistoryStore, Prefilter, PromptHistory
     from services.rollout.worker import RolloutWorker
     from services.tasks.prompting import PromptFormat
     from services.tasks.source import TaskSource
@@ -227,6 +231,14 @@ def build_worker(
         name=name,
         prompt_format=PromptFormat.from_task(cfg.task),
         max_prompt_tokens=r.max_prompt_tokens,
+        prefilter=Prefilter(
+            r.prefilter,
+            PromptHistory(
+                history if history is not None else MemoryHistoryStore(), r.prefilter.p_init
+            ),
+        )
+        if r.prefilter.enabled
+        else None,
     )
 
 
@@ -322,7 +334,13 @@ def _build_rollout(cfg: RunConfig, transport: Transport, policy_path: str, index
     else:
         model, tokenizer = load_policy(policy_path)
     worker = build_worker(
-        cfg, model, tokenizer, name, device=rollout_device(cfg), model_path=policy_path
+        cfg,
+        model,
+        tokenizer,
+        name,
+        device=rollout_device(cfg),
+        model_path=policy_path,
+        history=transport.state,
     )
     ws = cfg.weight_sync
     receiver: Any

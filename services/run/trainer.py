@@ -114,6 +114,10 @@ class SyncTrainer:
                 if reporter is not None:
                     row["verifier_errors"] = float(worker.tasks.verifier_errors)
                     row["prompts_skipped_too_long"] = float(worker.prompts_skipped_too_long)
+                    if worker.prefilter is not None:
+                        row["prompts_prefiltered"] = float(worker.prompts_prefiltered)
+                        if worker.last_prefilter_report is not None:
+                            row.update(worker.last_prefilter_report.metrics())
                     reporter.record(step + 1, row)
                     bar.update(step + 1, row, reporter.last_eval.get("heldout_accuracy"))
                 if (step + 1) % cfg.train.checkpoint_every == 0 or step + 1 == end:

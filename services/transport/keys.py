@@ -128,6 +128,19 @@ class RunKeys:
         """String: the run's config as JSON, secrets redacted."""
         return self._key("config")
 
+    @property
+    def prefilter_streaks(self) -> str:
+        """Hash prompt id -> ``easy:<n>`` | ``hard:<n>``: the prompt's last ``n`` groups in a row
+        were all right (easy) or all wrong (hard); a prompt whose last group had signal has no
+        field (pre-rollout prompt selection, ``rollout.prefilter``)."""
+        return self._key("prefilter:streaks")
+
+    @property
+    def prefilter_p(self) -> str:
+        """Hash ``easy`` | ``hard`` -> the adaptive base p of the skip probability 1 - max(p^n,
+        floor) for prompts of that kind (absent: ``rollout.prefilter.p_init``)."""
+        return self._key("prefilter:p")
+
     def loaded_versions(self, actor: str) -> str:
         """List of the weight versions rollout actor ``actor`` loaded, in order."""
         return self._key(f"rollout:{actor}:versions")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import redis
@@ -188,6 +188,55 @@ class RunState:
 
     def heartbeats(self) -> dict[str, dict[str, Any]]:
         return {k: json.loads(v) for k, v in self._hash(self.keys.actors).items()}
+
+    # ---- pre-rollout prompt selection (rollout.prefilter) --------------------------------------
+
+    def prefilter_streaks(self, prompt_ids: list[str]) -> list[tuple[str, int] | None]:
+        """Each prompt's zero-variance streak as (kind, count), kind ``easy`` | ``hard``; None:
+        no streak (never seen, or its last group had signal)."""
+        if not prompt_ids:
+            return []
+        out: list[tuple[str, int] | None] = []
+        for raw in self.client.hmget(self.keys.prefilter_streaks, prompt_ids):
+            if raw is None:
+                out.append(None)
+            else:
+                kind, count = text(raw).split(":")
+                out.append((kind, int(count)))
+        return out
+
+    def record_prefilter_streaks(self, streaks: Mapping[str, tuple[str, int] | None]) -> None:
+        """Set each prompt's streak; None clears it (the prompt's last group had signal)."""
+        live = {pid: f"{s[0]}:{s[1]}" for pid, s in streaks.items() if s is not None}
+        cleared = [pid for pid, s in streaks.items() if s is None]
+        pipe = self.client.pipeline(transaction=True)
+        if live:
+            pipe.hset(self.keys.prefilter_streaks, mapping=live)
+        if cleared:
+            pipe.hdel(self.keys.prefilter_streaks, *cleared)
+        pipe.execute()
+
+    def prefilter_p(self) -> dict[str, float]:
+        """The adaptive p of each kind written so far (``easy``, ``hard``; absent: never)."""
+        return {k: float(v) for k, v in self._hash(self.keys.prefilter_p).items()}
+
+    def update_prefilter_p(
+        self, update: Callable[[dict[str, float]], Mapping[str, float]]
+    ) -> dict[str, float]:
+        """Replace the adaptive p's by ``update(current)`` atomically: every rollout actor adapts
+        them after its rounds, and a read-modify-write that raced another would lose its step
+        (optimistic: retried when the hash changed in between). Returns what was written."""
+        written: dict[str, float] = {}
+
+        def apply(pipe: redis.client.Pipeline) -> None:
+            current = {text(k): float(v) for k, v in pipe.hgetall(self.keys.prefilter_p).items()}
+            written.clear()
+            written.update(update(current))
+            pipe.multi()
+            pipe.hset(self.keys.prefilter_p, mapping={k: hash_value(v) for k, v in written.items()})
+
+        self.client.transaction(apply, self.keys.prefilter_p)
+        return dict(written)
 
     # ---- per-step history, checkpoints, config -------------------------------------------------
 

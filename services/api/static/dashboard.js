@@ -134,6 +134,9 @@
     }
     text("t-queues", `${m.queues.groups} · ${m.queues.batches} · ${m.queues.dead}`);
     text("t-stale", `${m.counters.groups_stale ?? 0} · ${m.counters.dead ?? 0}`);
+    // Pre-rollout prompt selection (rollout.prefilter): absent metrics mean it is off.
+    const zeroVar = m.metrics.prefilter_actual_zero_var;
+    text("t-prefilter", zeroVar === undefined ? "off" : `${m.counters.prompts_prefiltered ?? 0} · ${fmt(m.metrics.prefilter_predicted_zero_var, 2)} · ${fmt(zeroVar, 2)}`);
   }
 
   function fillTable(id, rows, empty) {
