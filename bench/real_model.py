@@ -308,8 +308,13 @@ def main(argv: list[str] | None = None) -> dict:
         [
             "# GRPO vs D3S on SmolLM2-135M-Instruct (CPU)",
             "",
-            f"`{cmd}` (config `{CONFIG}`; {len(todo)} runs trained in {wall / 60:.0f} min of "
-            "this invocation). Means over seeds. The bars: GRPO's final Pass@1 (mean curve) "
+            f"`{cmd}` (config `{CONFIG}`; "
+            + (
+                f"{len(todo)} runs trained in {wall / 60:.0f} min of this invocation"
+                if todo
+                else "the finished runs summarised again"
+            )
+            + "; each run's wall time is in the table). Means over seeds. The bars: GRPO's final Pass@1 (mean curve) "
             f"{summary['target_pass1']:.3f} and its best evaluated one "
             f"{summary['best_pass1']:.3f}; a preset reaches a bar at its mean curve's first "
             "evaluation at or above it.",
