@@ -138,7 +138,7 @@ def test_d3s_run_with_vllm_engines_trains_with_weights_broadcast_into_the_worker
         cfg = parse_config(data)
         client = redis.Redis.from_url(server.url)
         books = audit(client, cfg)
-        actor = summary["components"]["rollout-0"]
+        actor = summary["result"]["components"]["rollout-0"]
         # Responses end on <|im_end|> or at the length limit; EOS is never sampled by this head.
         tok = build_tokenizer()
         im_end = tok.convert_tokens_to_ids(IM_END)
@@ -235,7 +235,7 @@ def test_d3s_run_trains_smollm2_on_vllm(tmp_path):
         assert summary["steps"] == 2
         cfg = parse_config(json.loads((run_dir / "run_config.json").read_text()))
         books = audit(redis.Redis.from_url(server.url), cfg)
-        actor = summary["components"]["rollout-0"]
+        actor = summary["result"]["components"]["rollout-0"]
         im_end = 2  # SmolLM2's <|im_end|>, its EOS too
         assert set(actor["responses_ended_on"]) <= {str(im_end)}
         digests = Transport.open(redis.Redis.from_url(server.url), cfg.service.namespace)
