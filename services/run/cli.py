@@ -143,7 +143,7 @@ def _resume_check(cfg: RunConfig) -> ResumeCheck:
     """Compare ``cfg`` with the run its run directory holds; a refused change exits 2 with
     every differing field, a safe one is listed in one line. Touches nothing on disk."""
     run_dir = Path(cfg.train.run_dir)
-    check = check_resume(run_dir, inspect_run_dir(run_dir), cfg.redacted(), cfg.train.total_steps)
+    check = check_resume(run_dir, inspect_run_dir(run_dir), cfg.stored(), cfg.train.total_steps)
     if not check.ok:
         console.print(check.refusal(), style="red", markup=False, soft_wrap=True)
         raise typer.Exit(2)
@@ -169,7 +169,7 @@ def _claim_run_dir(cfg: RunConfig, fresh: bool) -> None:
             )
     else:
         _resume_check(cfg)
-    write_stored_config(run_dir, cfg.redacted())
+    write_stored_config(run_dir, cfg.stored())
 
 
 @app.command()

@@ -323,6 +323,18 @@ class RunConfig(_Section):
 
         return redact_config(self.model_dump(mode="json"))[0]
 
+    def stored(self) -> dict[str, Any]:
+        """The config as the run directory keeps it, to compare a resumed run's against: every
+        field as given, only the Redis URL's password masked. Not :meth:`redacted`, whose
+        name-based masking would also hide settings such as ``learner.token_pass`` and so let
+        a change of them through unnoticed."""
+        from services.transport.redis_server import mask_url
+
+        data = self.model_dump(mode="json")
+        if data["service"].get("redis_url"):
+            data["service"]["redis_url"] = mask_url(data["service"]["redis_url"])
+        return data
+
     def logger_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of the run's metric logger (``RunReporter`` -> ``RunLogger``)."""
         wandb = self.logging.wandb.model_dump(exclude_none=True) if self.logging.wandb else None

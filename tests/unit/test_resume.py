@@ -25,7 +25,7 @@ from services.run.summary import build_summary, summary_table
 
 
 def _cfg(*overrides: str) -> dict:
-    return parse_config({"name": "r", "train": {"run_dir": "runs/r"}}, list(overrides)).redacted()
+    return parse_config({"name": "r", "train": {"run_dir": "runs/r"}}, list(overrides)).stored()
 
 
 def _check(stored: dict | None, given: dict, steps_done: int = 60):
@@ -72,6 +72,8 @@ def test_what_a_step_computes_is_refused_naming_both_values() -> None:
             "rollout.samples_per_prompt=4",
             "policy.n_layer=2",
             "task.digits=2",
+            "learner.token_pass=full",
+            "algorithm.token_score=entropy",
             "api.port=9000",
         ),
     )
@@ -83,6 +85,9 @@ def test_what_a_step_computes_is_refused_naming_both_values() -> None:
     assert refused["rollout.samples_per_prompt"] == (8, 4)
     assert refused["policy.n_layer"] == (3, 2)
     assert refused["task.digits"] == (3, 2)
+    # Settings whose names read like secrets to the API's redaction are compared as given.
+    assert refused["learner.token_pass"] == ("compact", "full")
+    assert refused["algorithm.token_score"][1] == "entropy"
     assert "api.port" not in refused and [d.path for d in check.allowed] == ["api.port"]
     text = check.refusal()
     assert "train.seed: 0 (stored) -> 3 (given)" in text
