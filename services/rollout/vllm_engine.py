@@ -319,6 +319,8 @@ class EngineWeightReceiver(WeightReceiver):
         members: The weight-group member name of each worker.
         digests: version -> sha256 of the first worker's live parameters after that version
             loaded (only when the engine was asked for digests).
+        last_load_s: Seconds the first worker spent in vLLM's own weight loading
+            (``load_weights`` and the layerwise reload) for the last version received.
     """
 
     loads_engine = True
@@ -327,6 +329,7 @@ class EngineWeightReceiver(WeightReceiver):
         self.engine = engine
         self.members = list(members)
         self.digests: dict[int, str] = {}
+        self.last_load_s = 0.0
 
     def _rpc(self, method: str) -> list[Any]:
         return self.engine._llm.collective_rpc(method)
@@ -343,12 +346,13 @@ class EngineWeightReceiver(WeightReceiver):
         """Load the pending version(s) inside the workers; ``into`` is not used (the workers
         load their own models). Returns the version loaded, or None."""
         results = self._rpc("d3s_weights_receive")
-        versions = {v for v, _ in results}
+        versions = {v for v, _, _ in results}
         if len(versions) != 1:
             raise RuntimeError(f"vLLM workers loaded different weight versions: {sorted(versions)}")
-        version, digest = results[0]
+        version, digest, load_s = results[0]
         if version is None:
             return None
+        self.last_load_s = float(load_s)
         self.engine._llm.reset_prefix_cache()
         self.engine.version = self.version = int(version)
         if digest is not None:

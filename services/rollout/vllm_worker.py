@@ -10,6 +10,7 @@ It imports vLLM only inside the worker methods, so its wire helpers load without
 from __future__ import annotations
 
 import hashlib
+import time
 from typing import Any
 
 import torch
@@ -125,12 +126,14 @@ class WeightUpdateExtension:
     def d3s_weights_has_update(self) -> bool:
         return self._d3s_receiver.has_update()
 
-    def d3s_weights_receive(self) -> tuple[int | None, str | None]:
+    def d3s_weights_receive(self) -> tuple[int | None, str | None, float]:
         """Take part in the pending broadcasts (or load the catch-up files) into the live model;
-        returns ``(version loaded or None, sha256 of the live parameters when asked for)``."""
+        returns ``(version loaded or None, sha256 of the live parameters when asked for,
+        seconds spent in vLLM's own weight loading)``."""
+        self._d3s_load_s = 0.0
         version = self._d3s_receiver.receive(self._d3s_load_named)
         digest = self.d3s_weights_digest() if version is not None and self._d3s_digest else None
-        return version, digest
+        return version, digest, self._d3s_load_s
 
     def d3s_leave_weight_group(self) -> None:
         receiver = getattr(self, "_d3s_receiver", None)
@@ -139,8 +142,10 @@ class WeightUpdateExtension:
             self._d3s_receiver = None
 
     def _d3s_load_named(self, tensors: dict[str, torch.Tensor]) -> None:
+        t0 = time.perf_counter()
         self.d3s_begin_update()
         model = self.model_runner.get_model()
         with torch.no_grad():
             model.load_weights(weights=iter(tensors.items()))
         self.d3s_finish_update()
+        self._d3s_load_s += time.perf_counter() - t0
