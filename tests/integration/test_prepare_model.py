@@ -7,7 +7,9 @@ transformers (the conversion loses nothing beyond the GGUF's own quantization); 
 reuses the cache; greedy generation through our HF engine, on the chat template's rendering, stops
 on ``<|im_end|>``; a missing GGUF file is refused with exit 2 naming it.
 
-The directory is the repository's cache (``.cache/models/``), converted once per checkout.
+The directory is the repository's cache (``.cache/models/``), converted once per checkout. The
+tests that need it download 93 MB and convert the model (about 2 minutes on a fresh checkout), so
+they are in the slow suite (``make test-slow``); the refusal runs by default.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ def smollm2_dir() -> Path:
     return REPO / SMOLLM2_DIR
 
 
+@pytest.mark.slow
 def test_the_directory_is_smollm2_with_its_vocabulary_and_chat_template(smollm2_dir):
     from services.policy.model import load_policy
 
@@ -66,6 +69,7 @@ def test_the_directory_is_smollm2_with_its_vocabulary_and_chat_template(smollm2_
     assert torch.equal(ours, theirs)
 
 
+@pytest.mark.slow
 def test_a_second_call_reuses_the_cache(smollm2_dir):
     stamp = (smollm2_dir / "model.safetensors").stat().st_mtime_ns
     t0 = time.perf_counter()
@@ -75,6 +79,7 @@ def test_a_second_call_reuses_the_cache(smollm2_dir):
     assert time.perf_counter() - t0 < 60  # no download, no conversion (imports only)
 
 
+@pytest.mark.slow
 def test_greedy_chat_responses_stop_on_end_of_turn(smollm2_dir):
     from services.policy.model import load_policy
     from services.rollout.hf_engine import HFRolloutEngine
