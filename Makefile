@@ -12,7 +12,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 # elsewhere those tests skip and say why.
 SYSTEM_PACKAGES := chromium chromium-driver docker-compose
 
-.PHONY: venv system-deps run test bench-pipeline bench-transport bench-selector bench-weight-sync bench-weight-sync-vllm bench-real-model model bench-memory test-slow test-vllm venv-vllm lint bench-select bench-learning clean
+.PHONY: venv system-deps run test bench-pipeline bench-transport bench-selector bench-weight-sync bench-weight-sync-vllm bench-real-model model bench-memory test-slow test-vllm test-vllm-slow venv-vllm lint bench-select bench-learning clean
 
 venv: $(STAMP)
 
@@ -63,6 +63,10 @@ $(VLLM_STAMP): pyproject.toml
 # The vLLM suite: the engine, weights straight into its workers, and `d3s run` end to end.
 test-vllm: $(VLLM_STAMP)
 	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_BIN)/python -m pytest tests/vllm -m "not slow" -q -p no:cacheprovider
+
+# SmolLM2-135M-Instruct under `d3s run` with vLLM engines (slow: prepares the model first).
+test-vllm-slow: $(VLLM_STAMP) model
+	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_BIN)/python -m pytest tests/vllm -m slow -q -p no:cacheprovider
 
 # Style and formatting, then the dependency rule (pyproject.toml [tool.importlinter]).
 lint: venv
