@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import sys
@@ -412,13 +413,26 @@ def prepare_model(
     [bold]real-model[/bold] extra (gguf, accelerate).
     """
     _setup_logging(verbose)
+    if not verbose:
+        # transformers' per-tensor conversion bars and DeepSpeed's accelerator notice (pulled in
+        # by transformers' import): one line says where the model went.
+        import os
+
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        # This process never trains: naming the accelerator spares DeepSpeed's detection notice.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from services.policy.gguf import SMOLLM2_DIR, convert_gguf, prepare_smollm2
 
+    # transformers' GGUF reader draws a bar of its own that no setting turns off.
+    hush = contextlib.nullcontext() if verbose else contextlib.redirect_stderr(io.StringIO())
     try:
-        if gguf is None:
-            path = prepare_smollm2(out or SMOLLM2_DIR, force=force)
-        else:
-            path = convert_gguf(gguf, out or Path(".cache/models") / gguf.stem, force=force)
+        with hush:
+            if gguf is None:
+                path = prepare_smollm2(out or SMOLLM2_DIR, force=force)
+            else:
+                path = convert_gguf(gguf, out or Path(".cache/models") / gguf.stem, force=force)
     except (FileNotFoundError, ImportError, RuntimeError) as exc:
         console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
         raise typer.Exit(2) from exc
