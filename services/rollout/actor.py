@@ -93,6 +93,7 @@ class RolloutActor:
         self.groups_published = 0
         self.gen_seconds = 0.0
         self.samples_generated = 0
+        self.tokens_generated = 0
         self.admission_wait_seconds = 0.0
         self.load_seconds = 0.0
         # How responses ended: on which stop token (by id), or cut at max_new_tokens.
@@ -176,6 +177,7 @@ class RolloutActor:
             "version": self.version,
             "gen_seconds": self.gen_seconds,
             "samples_generated": self.samples_generated,
+            "tokens_generated": self.tokens_generated,
             "admission_wait_seconds": self.admission_wait_seconds,
             "load_seconds": self.load_seconds,
             "responses_ended_on": {str(k): v for k, v in sorted(self.ended_on.items())},
@@ -214,6 +216,7 @@ class RolloutActor:
         self.rounds += 1
         self.groups_published += len(groups)
         self.samples_generated += sum(g.group_size for g in groups)
+        self.tokens_generated += sum(int(g.response_lengths.sum()) for g in groups)
         self.gen_seconds += gen_s
         self._count_endings(groups)
         self.t.state.set_rollout_rounds(self.name, self.rounds)
