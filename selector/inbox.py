@@ -115,15 +115,16 @@ class GroupInbox:
     def sort(self, step: int) -> Held:
         """What is held, sorted for building ``step``.
 
-        A group claiming a weight version above ``step`` cannot come from this run's learner
-        (which has published at most version ``step`` while batch ``step`` is being built): it
-        is dead-lettered here.
+        A group with a token sampled by a weight version above ``step`` cannot come from this
+        run's learner (which has published at most version ``step`` while batch ``step`` is
+        being built): it is dead-lettered here. Staleness is judged by the group's oldest token
+        (``policy_version``), so every token of a trained group is within ``max_staleness``.
         """
-        ahead = [d for d in self._held.values() if d.record.policy_version > step]
+        ahead = [d for d in self._held.values() if d.record.max_version > step]
         for d in ahead:
             self._reject(
                 d,
-                f"policy_version {d.record.policy_version} is ahead of the learner "
+                f"policy_version {d.record.max_version} is ahead of the learner "
                 f"(at most version {step} exists while step {step} is built)",
             )
             self._held.pop(d.entry_id, None)

@@ -48,6 +48,7 @@ def batch_record(
         raise ValueError("res: a skipped step (no informative sample) has no batch record")
     lag = step - np.array([g.policy_version for g in groups], dtype=np.float64)
     rows = res.rows
+    token_lag, inflight_share = token_staleness(step, groups)
     return CuratedBatch(
         batch_id=batch_id_for(step),
         step=step,
@@ -64,8 +65,32 @@ def batch_record(
         rewards=rows.rewards,
         policy_versions=rows.policy_versions,
         group_ids=[g.group_id for g in groups],
-        stats={**res.stats, "staleness_mean": float(lag.mean()), "staleness_max": float(lag.max())},
+        stats={
+            **res.stats,
+            "staleness_mean": float(lag.mean()),
+            "staleness_max": float(lag.max()),
+            "token_staleness_mean": token_lag,
+            "inflight_token_share": inflight_share,
+        },
     )
+
+
+def token_staleness(step: int, groups: list[ScoredGroup]) -> tuple[float, float]:
+    """Over the groups' response tokens: the mean lag of the version that sampled each token
+    behind ``step``, and the share of tokens sampled by a newer version than their group's
+    first (weights loaded in flight)."""
+    lag_sum, newer, tokens = 0.0, 0, 0
+    for g in groups:
+        valid = np.arange(g.responses.shape[1])[None, :] < g.response_lengths[:, None]
+        n = int(valid.sum())
+        if g.token_versions is None:
+            lag_sum += (step - g.policy_version) * n
+        else:
+            inside = g.token_versions[valid]
+            lag_sum += float((step - inside).sum())
+            newer += int((inside > g.policy_version).sum())
+        tokens += n
+    return (lag_sum / tokens, newer / tokens) if tokens else (0.0, 0.0)
 
 
 class SelectorStalled(Stalled):

@@ -13,6 +13,11 @@ transport (object store, collective broadcast, files). The actor takes part in a
 the receiver has one, in every wait too: a collective publish blocks the learner until every
 member has received, so an actor that waited for room in the queue without receiving would
 stall the learner, and with it the queue it waits on.
+
+With ``rollout.inflight_updates`` it also loads newer weights between the decoding steps of a
+round (PipelineRL): the round keeps its KV cache and goes on with the new weights, its tokens
+record the version that sampled each (``ScoredGroup.token_versions``), and a collective publish
+is answered within one decoding step instead of after the round.
 """
 
 from __future__ import annotations
@@ -96,6 +101,8 @@ class RolloutActor:
         self.tokens_generated = 0
         self.admission_wait_seconds = 0.0
         self.load_seconds = 0.0
+        self.inflight_loads = 0  # versions loaded between decoding steps of a round
+        self._generating = False
         # How responses ended: on which stop token (by id), or cut at max_new_tokens.
         self.ended_on: dict[int, int] = {}
         self.responses_cut = 0
@@ -180,6 +187,7 @@ class RolloutActor:
             "tokens_generated": self.tokens_generated,
             "admission_wait_seconds": self.admission_wait_seconds,
             "load_seconds": self.load_seconds,
+            "inflight_loads": self.inflight_loads,
             "responses_ended_on": {str(k): v for k, v in sorted(self.ended_on.items())},
             "responses_cut": self.responses_cut,
         }
@@ -198,8 +206,10 @@ class RolloutActor:
         seed = step_seed(self.settings.seed, self.index * 1_000_000 + self.rounds)
         skipped_before = self.worker.prompts_skipped_too_long
         prefiltered_before = self.worker.prompts_prefiltered
+        inflight = self._sync_in_flight if self.settings.inflight_updates else None
+        self._generating = True
         try:
-            groups, gen_s = self.worker.produce(self.share, seed)
+            groups, gen_s = self.worker.produce(self.share, seed, inflight)
             # Prompts skipped (too long, or by the prefilter) are counted with the round's first
             # group, so a retried (idempotent) publish never counts them twice.
             first = {
@@ -212,6 +222,7 @@ class RolloutActor:
                     incr.update({k: v for k, v in first.items() if v})
                 self.t.queue.publish(self.t.keys.groups, g, incr=incr, key=g.group_id)
         finally:
+            self._generating = False
             self.t.state.end_round(self.name)
         self.rounds += 1
         self.groups_published += len(groups)
@@ -274,6 +285,13 @@ class RolloutActor:
         if control.is_done():
             self._sync_weights()  # the final version, published before the learner said done
 
+    def _sync_in_flight(self) -> None:
+        """Between two decoding steps of a round: load a newer version. A rewind (a resumed
+        learner republishing an older version) waits for the round's end, so a response's
+        token versions never go back."""
+        if self.weights.has_update() and self.weights.latest_version() > self.version:
+            self._sync_weights()
+
     def _sync_weights(self) -> None:
         """Load the published version when it differs from the loaded one: newer, or older
         after a resumed learner republished its checkpoint's version (a rewind). The receiver
@@ -303,13 +321,15 @@ class RolloutActor:
             self.t.state.record_engine_digest(self.name, version, digest)
         self.version = version
         self.loaded.append(version)
+        self.inflight_loads += self._generating
         self.t.state.record_loaded_version(self.name, version)
         self.load_seconds += time.perf_counter() - t0
         log.info(
-            "%s: loaded weights version %d (%.3fs, checksum ok)",
+            "%s: loaded weights version %d (%.3fs, checksum ok%s)",
             self.name,
             version,
             time.perf_counter() - t0,
+            ", during a round" if self._generating else "",
         )
 
     # ---- conditions ----------------------------------------------------------------------------

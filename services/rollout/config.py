@@ -78,6 +78,11 @@ class RolloutConfig(BaseModel):
     skipped and counted (``prompts_skipped_too_long``), never cut. None: no limit."""
     prefilter: PrefilterConfig = PrefilterConfig()
     """Pre-rollout prompt selection (GRESO); off by default."""
+    inflight_updates: bool = False
+    """Load new weights between decoding steps instead of between rounds (PipelineRL): a round
+    keeps generating (its KV cache kept) across a weight update, each token records the version
+    that sampled it, and a collective publish never waits for a round to finish. Needs
+    ``service.mode: async`` (in lock-step no version can arrive during a round)."""
     vllm: VLLMConfig | None = None
     """vLLM's settings; only with ``engine: vllm`` (None there: the defaults)."""
 

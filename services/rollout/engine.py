@@ -13,7 +13,7 @@ right-padded tensors.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -46,7 +46,11 @@ class RolloutBatch:
         stop_token: int64 [N], the stop token id that ended each row, or ``NO_STOP`` (-1)
             where ``max_new_tokens`` did.
         n: Samples per prompt.
-        policy_version: The engine's weight version that produced the batch.
+        policy_version: The engine's weight version when the batch started: the version of its
+            oldest token.
+        token_versions: int64 [N, T], the weight version that sampled each token (0 at
+            padding), where weights changed during generation (in-flight updates); ``None``
+            when every token came from ``policy_version``.
         gen_seconds: Wall time of generation.
     """
 
@@ -60,10 +64,22 @@ class RolloutBatch:
     stop_token: torch.Tensor
     n: int = 1
     policy_version: int = 0
+    token_versions: torch.Tensor | None = None
     gen_seconds: float = field(default=0.0, compare=False)
 
     def __len__(self) -> int:
         return self.responses.shape[0]
+
+    def versions(self) -> torch.Tensor:
+        """int64 [N, T]: the version that sampled each token, 0 at padding."""
+        if self.token_versions is not None:
+            return self.token_versions
+        return torch.where(self.response_mask, self.policy_version, 0).long()
+
+
+# Called by an engine between two decoding steps of a generation; it may load newer weights
+# into the engine (in place, KV caches kept), which then samples the following tokens.
+BetweenSteps = Callable[[], None]
 
 
 @runtime_checkable
@@ -87,8 +103,19 @@ class RolloutEngine(Protocol):
     @property
     def model(self) -> torch.nn.Module | None: ...
 
-    def generate(self, prompts: list[Prompt], n: int, seed: int) -> RolloutBatch:
-        """Sample ``n`` responses per prompt (deterministic for a given seed and weights)."""
+    def generate(
+        self,
+        prompts: list[Prompt],
+        n: int,
+        seed: int,
+        *,
+        between_steps: BetweenSteps | None = None,
+    ) -> RolloutBatch:
+        """Sample ``n`` responses per prompt (deterministic for a given seed and weights).
+
+        ``between_steps`` runs between decoding steps (in-flight weight updates); tokens
+        sampled after it changed ``version`` record the new version.
+        """
         ...
 
     def greedy(self, prompts: list[Prompt]) -> RolloutBatch:

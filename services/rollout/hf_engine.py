@@ -24,7 +24,13 @@ import torch
 
 from services.policy.model import left_pad
 from services.policy.tokenizer import decode_ids, encode_text, special_ids
-from services.rollout.engine import NO_STOP, RolloutBatch, check_sampling, resolve_stop_token_ids
+from services.rollout.engine import (
+    NO_STOP,
+    BetweenSteps,
+    RolloutBatch,
+    check_sampling,
+    resolve_stop_token_ids,
+)
 from services.tasks.base import Prompt
 
 __all__ = ["HFRolloutEngine", "RolloutBatch", "process_logits", "top_p_filter"]
@@ -177,11 +183,20 @@ class HFRolloutEngine:
 
     # ---- generation ----------------------------------------------------------------------------
 
-    def generate(self, prompts: list[Prompt], n: int, seed: int) -> RolloutBatch:
+    def generate(
+        self,
+        prompts: list[Prompt],
+        n: int,
+        seed: int,
+        *,
+        between_steps: BetweenSteps | None = None,
+    ) -> RolloutBatch:
         """Sample ``n`` responses for each prompt.
 
         Deterministic for a given (weights, prompts, n, seed) on the same device and thread
-        count; the global torch RNG is not used.
+        count; the global torch RNG is not used. ``between_steps`` runs after each decoding step
+        but the last; weights it loads sample every later token (the KV cache of the tokens
+        before stays, as in PipelineRL), and the batch records each token's version.
         """
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
@@ -194,7 +209,7 @@ class HFRolloutEngine:
             # Filtered tokens are -inf, never sampled, so the gathered value is finite.
             return token, logp_all.gather(1, token.unsqueeze(1)).squeeze(1)
 
-        return self._run(prompts, n, sample)
+        return self._run(prompts, n, sample, between_steps)
 
     def greedy(self, prompts: list[Prompt]) -> RolloutBatch:
         """One argmax response per prompt; ``behav_logp`` is the temperature-1 log-prob."""
@@ -206,7 +221,13 @@ class HFRolloutEngine:
 
         return self._run(prompts, 1, argmax)
 
-    def _run(self, prompts: list[Prompt], n: int, choose: Chooser) -> RolloutBatch:
+    def _run(
+        self,
+        prompts: list[Prompt],
+        n: int,
+        choose: Chooser,
+        between_steps: BetweenSteps | None = None,
+    ) -> RolloutBatch:
         if not prompts:
             raise ValueError("no prompts")
         t0 = time.perf_counter()
@@ -222,7 +243,8 @@ class HFRolloutEngine:
         # Rows grouped by prompt: repeat each prompt n times in place.
         input_ids = input_ids.repeat_interleave(n, dim=0).to(device)
         attention_mask = attention_mask.repeat_interleave(n, dim=0).to(device)
-        gen, logp = self._decode(input_ids, attention_mask, choose)
+        start_version = self.version
+        gen, logp, step_versions = self._decode(input_ids, attention_mask, choose, between_steps)
 
         stops = torch.tensor(self.stop_token_ids, device=gen.device)
         is_stop = torch.isin(gen, stops)
@@ -237,6 +259,10 @@ class HFRolloutEngine:
         responses = gen.masked_fill(~mask, self.pad_id).long().cpu()
         behav_logp = logp.masked_fill(~mask, 0.0).float().cpu()
         lengths, mask = lengths.long().cpu(), mask.cpu()
+        token_versions = None
+        if any(v != start_version for v in step_versions[:t_max]):
+            per_step = torch.tensor(step_versions[:t_max], dtype=torch.long)
+            token_versions = torch.where(mask, per_step.unsqueeze(0), 0)
         texts = [
             decode_ids(self.tokenizer, row[: int(k)].tolist())
             for row, k in zip(responses, lengths, strict=True)
@@ -251,25 +277,31 @@ class HFRolloutEngine:
             texts=texts,
             stop_token=stop_token.long().cpu(),
             n=n,
-            policy_version=self.version,
+            policy_version=start_version,
+            token_versions=token_versions,
             gen_seconds=time.perf_counter() - t0,
         )
 
     @torch.no_grad()
     def _decode(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, choose: Chooser
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        choose: Chooser,
+        between_steps: BetweenSteps | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """Autoregressive decoding with a KV cache.
 
         Args:
             input_ids: int64 [N, L], left-padded prompts.
             attention_mask: int64 [N, L], 0 on padding.
             choose: Picks each row's next token and its log-prob from float32 [N, V] logits.
+            between_steps: Runs between two steps; may load new weights (and bump ``version``).
 
         Returns:
             tokens int64 [N, T'] and log-probs float32 [N, T'] (``T' <= max_new_tokens``; steps
-            after a row's first stop token hold pad / 0). Only one step's [N, V] logits are
-            alive at a time.
+            after a row's first stop token hold pad / 0), and the weight version of each of the
+            T' steps. Only one step's [N, V] logits are alive at a time.
         """
         n_rows = input_ids.shape[0]
         device = input_ids.device
@@ -283,7 +315,9 @@ class HFRolloutEngine:
         done = torch.zeros(n_rows, dtype=torch.bool, device=device)
         tokens: list[torch.Tensor] = []
         logps: list[torch.Tensor] = []
+        versions: list[int] = []
         for _ in range(self.max_new_tokens):
+            versions.append(self.version)
             out = self._model(
                 input_ids=step_ids,
                 attention_mask=mask,
@@ -301,9 +335,11 @@ class HFRolloutEngine:
             tokens.append(token)
             logps.append(lp.float().masked_fill(done, 0.0))
             done = done | torch.isin(token, stops)
-            if bool(done.all()):
+            if bool(done.all()) or len(tokens) == self.max_new_tokens:
                 break
+            if between_steps is not None:
+                between_steps()
             step_ids = token.unsqueeze(1)
             step_pos = step_pos[:, -1:] + 1
             mask = torch.cat([mask, mask.new_ones(n_rows, 1)], dim=1)
-        return torch.stack(tokens, dim=1), torch.stack(logps, dim=1)
+        return torch.stack(tokens, dim=1), torch.stack(logps, dim=1), versions

@@ -12,7 +12,8 @@ class RolloutSettings:
     ``prompts_per_step`` is shared by ``num_actors`` actors; ``lock_step`` (``mode: sync``)
     makes each actor generate exactly one round per weight version; ``max_group_backlog`` is
     the groups stream's bound (backpressure); ``wait_timeout_s`` bounds every wait;
-    ``max_staleness`` lets an actor start a round only if its groups can still be trained.
+    ``max_staleness`` lets an actor start a round only if its groups can still be trained;
+    ``inflight_updates`` loads new weights between decoding steps of a round.
     """
 
     prompts_per_step: int
@@ -24,3 +25,4 @@ class RolloutSettings:
     max_group_backlog: int
     wait_timeout_s: float
     max_staleness: int = 1
+    inflight_updates: bool = False

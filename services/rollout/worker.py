@@ -24,7 +24,7 @@ import time
 import numpy as np
 
 from services.policy.tokenizer import encode_text
-from services.rollout.engine import RolloutEngine
+from services.rollout.engine import BetweenSteps, RolloutEngine
 from services.rollout.prefilter import Prefilter, RoundReport
 from services.tasks.base import Prompt
 from services.tasks.prompting import PromptFormat
@@ -132,12 +132,20 @@ class RolloutWorker:
             kept.extend(fits)
         return kept
 
-    def produce(self, n_prompts: int, seed: int) -> tuple[list[ScoredGroup], float]:
-        """Generate and score n_prompts groups with a seed; returns (groups, generation seconds)."""
+    def produce(
+        self, n_prompts: int, seed: int, between_steps: BetweenSteps | None = None
+    ) -> tuple[list[ScoredGroup], float]:
+        """Generate and score n_prompts groups with a seed; returns (groups, generation seconds).
+
+        ``between_steps`` runs between the engine's decoding steps (in-flight weight updates).
+        """
         rng = np.random.default_rng(seed)
         prompts = self.draw_prompts(n_prompts, rng, np.random.default_rng([seed, _SKIP_STREAM]))
         g = self.samples_per_prompt
-        rb = self.engine.generate(prompts, g, seed)
+        inflight = {} if between_steps is None else {"between_steps": between_steps}
+        rb = self.engine.generate(prompts, g, seed, **inflight)
+        versions = None if rb.token_versions is None else rb.token_versions.numpy()
+        lengths = rb.response_lengths.numpy()
         rewards = self.tasks.score(prompts, rb.texts, g)
         if self.prefilter is not None:
             self.last_prefilter_report = self.prefilter.observe(
@@ -148,11 +156,14 @@ class RolloutWorker:
         for i, p in enumerate(prompts):
             rows = slice(i * g, (i + 1) * g)
             self._seq += 1
+            oldest, token_versions = group_versions(
+                None if versions is None else versions[rows], lengths[rows], rb.policy_version
+            )
             groups.append(
                 ScoredGroup(
                     group_id=f"{self.name}-{seed}-{self._seq}",
                     prompt_id=p.prompt_id,
-                    policy_version=rb.policy_version,
+                    policy_version=oldest,
                     prompt=np.asarray(rb.prompt_ids[i], dtype=np.int32),
                     responses=rb.responses[rows].numpy().astype(np.int32),
                     response_lengths=rb.response_lengths[rows].numpy().astype(np.int32),
@@ -161,6 +172,27 @@ class RolloutWorker:
                     created_at=now,
                     actor=self.name,
                     task=p.task,
+                    token_versions=token_versions,
                 )
             )
         return groups, rb.gen_seconds
+
+
+
+def group_versions(
+    versions: np.ndarray | None, lengths: np.ndarray, batch_version: int
+) -> tuple[int, np.ndarray | None]:
+    """A group's ``policy_version`` (its oldest token's version) and its ``token_versions``
+    (None when one version sampled the whole group).
+
+    Args:
+        versions: int [G, T], the batch's token versions for this group's rows (0 at
+            padding), or None when the whole batch came from ``batch_version``.
+        lengths: int [G], response lengths.
+    """
+    if versions is None:
+        return batch_version, None
+    inside = versions[np.arange(versions.shape[1])[None, :] < lengths[:, None]]
+    if not inside.size or inside.min() == inside.max():
+        return (int(inside[0]) if inside.size else batch_version), None
+    return int(inside.min()), versions.astype(np.int32)

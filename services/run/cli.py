@@ -186,6 +186,12 @@ def train(
     run_dir that holds a run is resumed if the config differs only in fields safe to change
     (more steps, logging, API, cadences); otherwise it exits 2 naming each field."""
     cfg = _load(config, set_)
+    if cfg.rollout.inflight_updates:
+        console.print(
+            "[red]rollout.inflight_updates: not read by `d3s train` (lock-step: no new weights "
+            "arrive while a round generates); use `d3s run` with service.mode async[/red]"
+        )
+        raise typer.Exit(2)
     _claim_run_dir(cfg, fresh)
     with _run_terminal(cfg, verbose) as (out, err, _):
         from services.run.trainer import SyncTrainer

@@ -260,6 +260,11 @@ class RunConfig(_Section):
                 "weight_sync.engine_digest: only read with rollout.engine vllm and "
                 "weight_sync.transport collective (the engines that receive in their workers)"
             )
+        if self.rollout.inflight_updates and self.service.mode == "sync":
+            raise ValueError(
+                "rollout.inflight_updates: only read with service.mode async (in lock-step no "
+                "new weights can arrive while a round generates)"
+            )
         if self.service.mode == "sync" and self.rollout.num_actors > self.rollout.prompts_per_step:
             raise ValueError(
                 f"rollout.num_actors: {self.rollout.num_actors} exceeds prompts_per_step="
@@ -313,6 +318,7 @@ class RunConfig(_Section):
             max_group_backlog=self.service.max_group_backlog,
             wait_timeout_s=self.service.wait_timeout_s,
             max_staleness=self.service.max_staleness,
+            inflight_updates=self.rollout.inflight_updates,
         )
 
     def redacted(self) -> dict[str, Any]:

@@ -224,10 +224,12 @@ def _decode_body(
     kind: str,
     scalar_names: tuple[str, ...],
     array_specs: dict[str, tuple[str, int]],
+    optional: frozenset[str] = frozenset(),
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Parse and check the generic layout; the record's own __post_init__ checks semantics.
 
-    ``array_specs`` maps array name -> (element kind "i" or "f", ndim).
+    ``array_specs`` maps array name -> (element kind "i" or "f", ndim); arrays named in
+    ``optional`` may be absent (field and description both), and are then left out.
     """
     norm = normalise_fields(fields)
     meta = parse_meta(norm)
@@ -253,6 +255,8 @@ def _decode_body(
     arrays: dict[str, np.ndarray] = {}
     for name, (elem_kind, ndim) in array_specs.items():
         desc = meta["arrays"].get(name)
+        if name in optional and desc is None and name.encode() not in norm:
+            continue
         if name.encode() not in norm:
             raise SchemaError(f"missing field '{name}'")
         if not isinstance(desc, dict) or set(desc) != {"dtype", "shape"}:
@@ -306,17 +310,23 @@ class WireRecord:
     KIND: ClassVar[str]
     _SCALARS: ClassVar[tuple[str, ...]]
     _ARRAYS: ClassVar[dict[str, tuple[str, int]]]
+    # Arrays a record may leave out (None in Python, absent on the wire): later additions, so
+    # records written before them still decode.
+    _OPTIONAL_ARRAYS: ClassVar[frozenset[str]] = frozenset()
 
     def to_fields(self) -> dict[bytes, bytes]:
         """Encode as a stream entry (``meta`` plus one raw-bytes field per array)."""
+        arrays = {name: getattr(self, name) for name in self._ARRAYS}
         return _encode(
             self.KIND,
             {name: getattr(self, name) for name in self._SCALARS},
-            {name: getattr(self, name) for name in self._ARRAYS},
+            {k: v for k, v in arrays.items() if v is not None or k not in self._OPTIONAL_ARRAYS},
         )
 
     @classmethod
     def from_fields(cls: type[_R], fields: Mapping[Any, Any]) -> _R:
         """Decode and validate a stream entry; raises :class:`SchemaError`."""
-        scalars, arrays = _decode_body(fields, cls.KIND, cls._SCALARS, cls._ARRAYS)
+        scalars, arrays = _decode_body(
+            fields, cls.KIND, cls._SCALARS, cls._ARRAYS, cls._OPTIONAL_ARRAYS
+        )
         return cls(**scalars, **arrays)

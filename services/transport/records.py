@@ -31,6 +31,9 @@ class ScoredGroup(WireRecord):
     Shapes: ``prompt`` int32[P] (P >= 1); ``responses`` int32[G, T] right-padded (G >= 1);
     ``response_lengths`` int32[G] in [0, T]; ``behav_logp`` float32[G, T], the rollout policy's
     log-prob of each response token, 0 at padding; ``rewards`` float32[G]. All floats finite.
+    ``token_versions`` int32[G, T] (optional): the weight version that sampled each response
+    token, 0 at padding, each in [policy_version, max_version]; left out when every token came
+    from ``policy_version`` (no in-flight update during the group).
     """
 
     KIND: ClassVar[str] = "group"
@@ -48,7 +51,9 @@ class ScoredGroup(WireRecord):
         "response_lengths": ("i", 1),
         "behav_logp": ("f", 2),
         "rewards": ("f", 1),
+        "token_versions": ("i", 2),
     }
+    _OPTIONAL_ARRAYS: ClassVar[frozenset[str]] = frozenset({"token_versions"})
 
     group_id: str
     prompt_id: str
@@ -61,6 +66,7 @@ class ScoredGroup(WireRecord):
     created_at: float
     actor: str
     task: str
+    token_versions: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         put = object.__setattr__  # frozen: normalised values are stored once, here
@@ -71,6 +77,8 @@ class ScoredGroup(WireRecord):
         put(self, "actor", check_str("actor", self.actor))
         put(self, "task", check_str("task", self.task))
         for name, (elem_kind, ndim) in self._ARRAYS.items():
+            if getattr(self, name) is None and name in self._OPTIONAL_ARRAYS:
+                continue
             conv = as_float_array if elem_kind == "f" else as_int_array
             put(self, name, conv(name, getattr(self, name), ndim))
 
@@ -99,6 +107,35 @@ class ScoredGroup(WireRecord):
         check_zero_outside(
             "behav_logp", self.behav_logp, np.zeros(g, dtype=np.int32), self.response_lengths
         )
+        if self.token_versions is not None:
+            self._check_token_versions(valid)
+
+    def _check_token_versions(self, valid: np.ndarray) -> None:
+        tv = self.token_versions
+        if tv.shape != self.responses.shape:
+            raise SchemaError(
+                f"inconsistent shapes: 'token_versions' is {tv.shape}, "
+                f"'responses' is {self.responses.shape}"
+            )
+        check_zero_outside(
+            "token_versions", tv, np.zeros(tv.shape[0], dtype=np.int32), self.response_lengths
+        )
+        inside = tv[valid]
+        if inside.size and int(inside.min()) != self.policy_version:
+            raise SchemaError(
+                f"'token_versions' starts at version {int(inside.min())}, but policy_version "
+                f"is {self.policy_version} (the version of the group's oldest token)"
+            )
+        rows_back = np.diff(np.where(valid, tv, np.iinfo(np.int32).max), axis=1)
+        if ((rows_back < 0) & valid[:, 1:]).any():
+            raise SchemaError("'token_versions' goes back to an older version within a response")
+
+    @property
+    def max_version(self) -> int:
+        """The newest weight version among the group's tokens."""
+        if self.token_versions is None or not self.token_versions.size:
+            return self.policy_version
+        return max(self.policy_version, int(self.token_versions.max()))
 
     def __repr__(self) -> str:  # arrays by shape: a full dump would flood the logs
         g, t = self.responses.shape

@@ -217,3 +217,58 @@ def test_weights_are_taken_while_waiting_and_a_rewind_is_loaded(
     stop.set()
     thread.join(10)
     assert "error" not in result and result["report"]["version"] == 0
+
+
+def test_in_flight_updates_load_between_decoding_steps_and_defer_a_rewind(
+    transport: Transport, policy, tmp_path: Path
+) -> None:
+    # Version 1 is published during the first round, after its second decoding step: the actor
+    # loads it there and the round's later tokens record version 1. A rewind published during
+    # the second round waits for the round's end (a response's versions never go back).
+    path, model = policy
+    base = make_cfg()
+    cfg = base.model_copy(
+        update={
+            "rollout": base.rollout.model_copy(
+                update={"inflight_updates": True, "max_new_tokens": 8}
+            ),
+            "service": base.service.model_copy(update={"max_group_backlog": 100}),
+        }
+    )
+    store = Weights(copy.deepcopy(model), tmp_path)
+    stop = threading.Event()
+    actor = make_actor(cfg, transport, store, path)
+    between = actor._sync_in_flight
+    seen = {"calls": 0, "rewound": False}
+
+    def publishing_mid_round() -> None:
+        seen["calls"] += 1
+        if actor.rounds == 0 and seen["calls"] == 2:
+            with torch.no_grad():
+                for p in store.model.parameters():
+                    p.add_(0.1)
+            store.publish(1)
+        elif actor.rounds == 1 and not seen["rewound"]:
+            seen["rewound"] = True
+            store.publish(0, rewind=True)
+        between()
+
+    actor._sync_in_flight = publishing_mid_round  # type: ignore[method-assign]
+    thread, result = start(actor, stop)
+    wait_until(lambda: len(groups(transport)) >= 8)
+    stop.set()
+    thread.join(10)
+    assert "error" not in result
+    first, second = groups(transport)[:4], groups(transport)[4:8]
+    assert {g.policy_version for g in first} == {0}
+    straddling = [g for g in first if g.token_versions is not None]
+    assert straddling, "no response of the first round ran past the in-flight load"
+    for g in straddling:
+        for row, k in zip(g.token_versions, g.response_lengths, strict=True):
+            assert row[: min(k, 2)].tolist() == [0] * min(k, 2)
+            assert row[2:k].tolist() == [1] * max(k - 2, 0)
+    # The second round started on version 1 and kept it: the rewind waited for its end.
+    assert {g.policy_version for g in second} == {1}
+    assert all(g.token_versions is None for g in second)
+    assert transport.state.loaded_versions("rollout-0")[:3] == [0, 1, 0]
+    assert result["report"]["inflight_loads"] == 1
