@@ -178,7 +178,6 @@ class RolloutWorker:
         return groups, rb.gen_seconds
 
 
-
 def group_versions(
     versions: np.ndarray | None, lengths: np.ndarray, batch_version: int
 ) -> tuple[int, np.ndarray | None]:
