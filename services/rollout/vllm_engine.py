@@ -33,10 +33,19 @@ the engine is never restarted:
 vLLM's own weight-transfer engines (``init_weight_transfer_engine``) are NCCL or CUDA IPC only;
 the worker extension speaks our transport's protocol (membership, late joiners from the catch-up
 files, a dead member's recovery, checksums) on gloo and NCCL alike.
+
+In-flight updates. ``generate(..., between_steps=hook)`` drives vLLM's engine one step at a time
+and calls the hook between steps; a weight load the hook starts pauses the scheduler with its
+requests kept (``pause_scheduler("keep")``: no step runs, KV caches stay), loads, relabels the
+engine's weight version and resumes. vLLM stamps every step's tokens with the label it ran under,
+so each token's version comes back exactly (``CompletionOutput.weight_versions``). The prefix
+cache, which may hold blocks of the old weights, is dropped once the round's requests are done.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -46,6 +55,7 @@ import torch
 
 from services.policy.tokenizer import decode_ids, encode_text, special_ids
 from services.rollout.engine import (
+    BetweenSteps,
     RolloutBatch,
     check_sampling,
     cut_at_stop,
@@ -67,6 +77,16 @@ def prompt_seed(seed: int, prompt_index: int, n: int) -> int:
     """Seed of prompt ``prompt_index``'s request; vLLM gives its ``n`` samples ``s .. s+n-1``,
     so consecutive prompts get disjoint ranges and no two samples of one call share noise."""
     return (int(seed) * 1_000_003 + prompt_index * n) % (2**31 - 1)
+
+
+def token_versions(spans: Sequence[Any] | None, length: int, default: int) -> list[int]:
+    """Per-token weight versions of a response's first ``length`` tokens from vLLM's spans
+    (``version`` label, ``start``, ``end``); ``default`` where vLLM reported none."""
+    out = [default] * length
+    for span in spans or ():
+        for j in range(max(span.start, 0), min(span.end, length)):
+            out[j] = int(span.version)
+    return out
 
 
 def weight_chunks(
@@ -171,6 +191,10 @@ class VLLMRolloutEngine:
             **dict(engine_kwargs or {}),
         )
         self.max_model_len = int(self._llm.llm_engine.model_config.max_model_len)
+        self._request_ids = itertools.count()
+        self._in_round = False  # requests are being stepped: a weight load must pause them
+        self._prefix_cache_stale = False
+        self._core_call("set_weight_version", str(self.version))
 
     @property
     def model(self) -> None:
@@ -186,12 +210,37 @@ class VLLMRolloutEngine:
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         """Stream named tensors (Hugging Face names, any subset) into every worker's model in
         place, then drop the prefix cache and set ``version``."""
-        self._llm.collective_rpc("d3s_begin_update")
-        for chunk in weight_chunks(weights, WEIGHT_CHUNK_BYTES):
-            self._llm.collective_rpc("d3s_load_weights", args=(chunk,))
-        self._llm.collective_rpc("d3s_finish_update")
-        self._llm.reset_prefix_cache()
-        self.version = int(version)
+        with self.swapping_weights():
+            self._llm.collective_rpc("d3s_begin_update")
+            for chunk in weight_chunks(weights, WEIGHT_CHUNK_BYTES):
+                self._llm.collective_rpc("d3s_load_weights", args=(chunk,))
+            self._llm.collective_rpc("d3s_finish_update")
+            self.version = int(version)
+
+    @contextlib.contextmanager
+    def swapping_weights(self) -> Iterator[None]:
+        """Around a weight load (which sets ``version``): during a stepped round, pause the
+        scheduler with its requests kept and resume after; relabel the engine's weight version;
+        drop the prefix cache now, or after the round when requests hold its blocks."""
+        paused = self._in_round
+        if paused:
+            self._core_call("pause_scheduler", "keep", False)
+        try:
+            yield
+        finally:
+            self._core_call("set_weight_version", str(self.version))
+            if paused:
+                self._core_call("resume_scheduler")
+                self._prefix_cache_stale = True
+            else:
+                self._llm.reset_prefix_cache()
+
+    def _core_call(self, method: str, *args: Any) -> Any:
+        """Call an engine-core method: a utility call to its process, or directly in-process."""
+        client = self._llm.llm_engine.engine_core
+        if hasattr(client, "call_utility"):
+            return client.call_utility(method, *args)
+        return getattr(client.engine_core, method)(*args)
 
     def weight_receiver(
         self,
@@ -223,6 +272,12 @@ class VLLMRolloutEngine:
 
     # ---- generation ----------------------------------------------------------------------------
 
+    @property
+    def _final_only(self):
+        from vllm.sampling_params import RequestOutputKind
+
+        return RequestOutputKind.FINAL_ONLY
+
     def _params(self, n: int, temperature: float, top_p: float, seed: int | None):
         return self._sampling_params_cls(
             n=n,
@@ -238,21 +293,63 @@ class VLLMRolloutEngine:
             detokenize=False,
         )
 
-    def generate(self, prompts: list[Prompt], n: int, seed: int) -> RolloutBatch:
-        """Sample ``n`` responses for each prompt (deterministic for a given seed and weights)."""
+    def generate(
+        self,
+        prompts: list[Prompt],
+        n: int,
+        seed: int,
+        *,
+        between_steps: BetweenSteps | None = None,
+    ) -> RolloutBatch:
+        """Sample ``n`` responses for each prompt (deterministic for a given seed and weights).
+
+        With ``between_steps`` the engine is stepped here and the hook runs between steps;
+        weights it loads sample the later tokens, and each token's version is recorded.
+        """
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         params = [
             self._params(n, self.temperature, self.top_p, prompt_seed(seed, i, n))
             for i in range(len(prompts))
         ]
-        return self._run(prompts, n, params)
+        return self._run(prompts, n, params, between_steps)
 
     def greedy(self, prompts: list[Prompt]) -> RolloutBatch:
         """One argmax response per prompt; ``behav_logp`` is the temperature-1 log-prob."""
         return self._run(prompts, 1, [self._params(1, 0.0, 1.0, None) for _ in prompts])
 
-    def _run(self, prompts: list[Prompt], n: int, params: list) -> RolloutBatch:
+    def _stepped(self, prompt_ids: list[list[int]], params: list, between_steps: BetweenSteps):
+        """``LLM.generate`` with ``between_steps`` called between engine steps."""
+        engine = self._llm.llm_engine
+        ids = []
+        for tokens, p in zip(prompt_ids, params, strict=True):
+            p.output_kind = self._final_only
+            # Outputs carry the id given here (vLLM's internal id adds a suffix).
+            ids.append(f"d3s-{next(self._request_ids)}")
+            engine.add_request(ids[-1], {"prompt_token_ids": tokens}, p)
+        done = {}
+        self._in_round = True
+        try:
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+                if engine.has_unfinished_requests():
+                    between_steps()
+        finally:
+            self._in_round = False
+            if self._prefix_cache_stale:
+                self._llm.reset_prefix_cache()
+                self._prefix_cache_stale = False
+        return [done[i] for i in ids]
+
+    def _run(
+        self,
+        prompts: list[Prompt],
+        n: int,
+        params: list,
+        between_steps: BetweenSteps | None = None,
+    ) -> RolloutBatch:
         if not prompts:
             raise ValueError("no prompts")
         t0 = time.perf_counter()
@@ -265,11 +362,16 @@ class VLLMRolloutEngine:
                 f"prompt of {longest} tokens + {self.max_new_tokens} new tokens exceeds the "
                 f"engine's {self.max_model_len} positions (max_model_len)"
             )
-        outputs = self._llm.generate(
-            [{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False
-        )
+        start_version = self.version
+        if between_steps is None:
+            outputs = self._llm.generate(
+                [{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False
+            )
+        else:
+            outputs = self._stepped(prompt_ids, params, between_steps)
         tokens: list[list[int]] = []
         logps: list[list[float]] = []
+        versions: list[list[int]] = []
         for out in outputs:
             samples = sorted(out.outputs, key=lambda c: c.index)
             if len(samples) != n:
@@ -282,9 +384,16 @@ class VLLMRolloutEngine:
                 ids = ids[:k]
                 tokens.append(ids)
                 logps.append([c.logprobs[j][tok].logprob for j, tok in enumerate(ids)])
+                versions.append(token_versions(c.weight_versions, k, start_version))
         responses, lengths, behav_logp, mask, stop_token = pack_rows(
             tokens, logps, self.stop_token_ids, self.pad_id
         )
+        seen = {v for row in versions for v in row}
+        token_version_t = None
+        if seen - {start_version}:
+            token_version_t = torch.zeros_like(responses)
+            for i, row in enumerate(versions):
+                token_version_t[i, : len(row)] = torch.tensor(row, dtype=torch.long)
         texts = [decode_ids(self.tokenizer, ids) for ids in tokens]
         return RolloutBatch(
             prompts=list(prompts),
@@ -296,7 +405,8 @@ class VLLMRolloutEngine:
             texts=texts,
             stop_token=stop_token,
             n=n,
-            policy_version=self.version,
+            policy_version=min(seen, default=start_version),
+            token_versions=token_version_t,
             gen_seconds=time.perf_counter() - t0,
         )
 
@@ -345,16 +455,18 @@ class EngineWeightReceiver(WeightReceiver):
     def receive(self, into: Into | None = None) -> int | None:
         """Load the pending version(s) inside the workers; ``into`` is not used (the workers
         load their own models). Returns the version loaded, or None."""
-        results = self._rpc("d3s_weights_receive")
-        versions = {v for v, _, _ in results}
-        if len(versions) != 1:
-            raise RuntimeError(f"vLLM workers loaded different weight versions: {sorted(versions)}")
-        version, digest, load_s = results[0]
-        if version is None:
-            return None
+        with self.engine.swapping_weights():
+            results = self._rpc("d3s_weights_receive")
+            versions = {v for v, _, _ in results}
+            if len(versions) != 1:
+                raise RuntimeError(
+                    f"vLLM workers loaded different weight versions: {sorted(versions)}"
+                )
+            version, digest, load_s = results[0]
+            if version is None:
+                return None
+            self.engine.version = self.version = int(version)
         self.last_load_s = float(load_s)
-        self.engine._llm.reset_prefix_cache()
-        self.engine.version = self.version = int(version)
         if digest is not None:
             self.digests[self.version] = digest
         return self.version

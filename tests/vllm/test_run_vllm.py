@@ -113,13 +113,18 @@ def _config(model_dir: Path, task_dir: Path, run_dir: Path, redis_url: str) -> d
 
 
 @pytest.mark.timeout(1800)  # vLLM's CPU engine starts in minutes on a busy 2-core box
+@pytest.mark.parametrize("inflight", [False, True], ids=["between-rounds", "in-flight"])
 def test_d3s_run_with_vllm_engines_trains_with_weights_broadcast_into_the_workers(
-    llama_dir, task_dir, tmp_path
+    llama_dir, task_dir, tmp_path, inflight
 ):
+    """In flight (``rollout.inflight_updates``) the engine also takes broadcasts between its
+    decoding steps: the same books and digests hold, and tokens of later versions reach the
+    selector inside groups that started on an older one."""
     server = EmbeddedRedis(tmp_path / "redis").start()
     try:
         run_dir = tmp_path / "run"
         data = _config(llama_dir, task_dir, run_dir, server.url)
+        data["rollout"]["inflight_updates"] = inflight
         config = tmp_path / "run.yaml"
         config.write_text(yaml.safe_dump(data))
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(task_dir), os.getcwd()])}
@@ -157,6 +162,14 @@ def test_d3s_run_with_vllm_engines_trains_with_weights_broadcast_into_the_worker
             v: digests[v] for v in loaded
         }
         assert actor["version"] == STEPS
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        shares = [r["inflight_token_share"] for r in rows if "inflight_token_share" in r]
+        assert len(shares) == STEPS
+        if inflight:
+            # The learner's publish lands while the engine generates: loaded between steps.
+            assert actor["inflight_loads"] >= 1 and max(shares) > 0
+        else:
+            assert actor["inflight_loads"] == 0 and max(shares) == 0
     finally:
         server.stop()
 

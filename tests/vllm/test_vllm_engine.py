@@ -212,3 +212,41 @@ def test_worker_renders_chat_prompts_and_skips_long_ones(engine, hf_pair):
             "\nPut the final answer after ####.<|im_end|>\n<|im_start|>assistant\n"
         )
         assert len(g.prompt) <= 60 and g.prompt_id != "long"
+
+
+def test_in_flight_load_between_steps_records_each_tokens_version(engine, hf_pair):
+    """A load between engine steps pauses the requests (kept), swaps the weights and goes on:
+    each row's tokens before the load are what the old weights sample without any load (same
+    seeds), later tokens are labelled with the new version and come from the new weights."""
+    model, tok = hf_pair
+    engine.load_state_dict(model.state_dict(), version=20)
+    plain = engine.generate(PROMPTS, n=G, seed=3)
+    new = build_model(tok, seed=1)
+    calls = {"n": 0}
+
+    def load_new_after_three_steps() -> None:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            engine.load_state_dict(new.state_dict(), version=21)
+
+    mixed = engine.generate(PROMPTS, n=G, seed=3, between_steps=load_new_after_three_steps)
+    assert calls["n"] >= 3 and engine.version == 21
+    assert mixed.policy_version == 20 and mixed.token_versions is not None
+    switched = 0
+    for row in range(len(mixed)):
+        k = int(mixed.response_lengths[row])
+        versions = mixed.token_versions[row, :k].tolist()
+        old = versions.count(20)
+        assert versions == [20] * old + [21] * (k - old)  # one switch, never back
+        assert old >= 1  # the first tokens were sampled before the load
+        assert mixed.responses[row, :old].tolist() == plain.responses[row, :old].tolist()
+        torch.testing.assert_close(
+            mixed.behav_logp[row, :old], plain.behav_logp[row, :old], atol=1e-5, rtol=0
+        )
+        switched += k > old
+    assert switched > 0, "no response ran past the load"
+    assert (mixed.token_versions[~mixed.response_mask] == 0).all()
+    # After the round the engine samples the new weights from the start, unlabelled by the old.
+    after = engine.generate(PROMPTS, n=G, seed=3)
+    assert after.policy_version == 21 and after.token_versions is None
+    engine.load_state_dict(model.state_dict(), version=0)  # as the other tests expect
