@@ -130,6 +130,7 @@ def render_status(data: StatusData, now: float | None = None) -> Group:
     run.add_row(
         "staleness",
         f"mean {_num(metrics.get('staleness_mean'), 2)}  max {_num(metrics.get('staleness_max'), 0)}"
+        f"  per token {_num(metrics.get('token_staleness_mean'), 2)}"
         f"  stale groups {counters.get('groups_stale', 0)}",
     )
     latest = data.checkpoints.get("latest")

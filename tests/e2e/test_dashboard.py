@@ -123,6 +123,7 @@ class StepWriter(threading.Thread):
                 "token_ratio": token_ratio,
                 "staleness_mean": 0.5 + 0.3 * math.sin(s / 3),
                 "staleness_max": 1.0 + (s % 3 == 0),
+                "token_staleness_mean": 0.4 + 0.2 * math.sin(s / 3),
                 "samples_total": before * sample_ratio * s,
                 "learner_tokens_total": 400.0 * token_ratio * s,
                 "learner_seconds_total": 0.12 * s,

@@ -10,7 +10,8 @@
   const QUEUE_POINTS = 600; // samples of queue depth kept in the page
   const HISTORY_NAMES = [
     "heldout_accuracy", "reward_mean", "samples_kept", "samples_before", "tokens_kept",
-    "tokens_valid", "sample_ratio", "token_ratio", "staleness_mean", "staleness_max", "loss",
+    "tokens_valid", "sample_ratio", "token_ratio", "staleness_mean", "staleness_max",
+    "token_staleness_mean", "loss",
   ];
 
   const history = { steps: [], cols: Object.fromEntries(HISTORY_NAMES.map((n) => [n, []])) };
@@ -63,7 +64,7 @@
     setChart("chart-reward", x, [c.reward_mean]);
     setChart("chart-kept", x, [ratio(c.samples_kept, c.samples_before),
       ratio(c.tokens_kept, c.tokens_valid), c.sample_ratio, c.token_ratio]);
-    setChart("chart-staleness", x, [c.staleness_mean, c.staleness_max]);
+    setChart("chart-staleness", x, [c.staleness_mean, c.staleness_max, c.token_staleness_mean]);
     setChart("chart-loss", x, [c.loss]);
   }
 
@@ -200,7 +201,7 @@
   makeChart("chart-reward", ["reward mean"]);
   makeChart("chart-kept", ["samples kept", "tokens kept", "schedule ρs", "schedule K"],
     { y01: true, dashed: ["schedule ρs", "schedule K"] });
-  makeChart("chart-staleness", ["mean", "max"]);
+  makeChart("chart-staleness", ["groups, mean", "groups, max", "tokens, mean"]);
   makeChart("chart-queues", ["groups", "batches", "dead"], { time: true });
   makeChart("chart-loss", ["loss"]);
   window.addEventListener("resize", () => {
