@@ -70,6 +70,8 @@ class RolloutActor:
         worker: generates and scores groups (its engine holds the model).
         actor_index: 0..num_actors-1; picks the seed stream and the share of each step.
         poll_s: sleep between polls while waiting.
+        inflight_check_s: least time between two looks for new weights during a round
+            (``inflight_updates``): a decoding step can be far shorter than the question.
     """
 
     def __init__(
@@ -81,6 +83,7 @@ class RolloutActor:
         actor_index: int,
         *,
         poll_s: float = 0.05,
+        inflight_check_s: float = 0.05,
     ) -> None:
         self.settings = settings
         self.t = transport
@@ -103,6 +106,8 @@ class RolloutActor:
         self.load_seconds = 0.0
         self.inflight_loads = 0  # versions loaded between decoding steps of a round
         self._generating = False
+        self._inflight_check_s = inflight_check_s
+        self._next_inflight_check = 0.0
         # How responses ended: on which stop token (by id), or cut at max_new_tokens.
         self.ended_on: dict[int, int] = {}
         self.responses_cut = 0
@@ -286,10 +291,14 @@ class RolloutActor:
             self._sync_weights()  # the final version, published before the learner said done
 
     def _sync_in_flight(self) -> None:
-        """Between two decoding steps of a round: load a newer version. A rewind (a resumed
-        learner republishing an older version) waits for the round's end, so a response's
-        token versions never go back."""
-        if self.weights.has_update() and self.weights.latest_version() > self.version:
+        """Between two decoding steps of a round: load a newer version (asked at most once per
+        ``inflight_check_s``). A rewind (a resumed learner republishing an older version) waits
+        for the round's end, so a response's token versions never go back."""
+        now = time.monotonic()
+        if now < self._next_inflight_check:
+            return
+        self._next_inflight_check = now + self._inflight_check_s
+        if self.weights.latest_version() > self.version:
             self._sync_weights()
 
     def _sync_weights(self) -> None:

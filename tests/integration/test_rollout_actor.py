@@ -71,7 +71,10 @@ def make_cfg(mode: str = "async") -> RunConfig:
 def make_actor(cfg: RunConfig, transport: Transport, weights: Weights, path: Path) -> RolloutActor:
     model, tok = load_policy(path)
     worker = build_worker(cfg, model, tok, "rollout-0")
-    return RolloutActor(cfg.rollout_settings(), transport, weights.receiver(), worker, 0)
+    # Look for weights at every decoding step: the tests publish at a chosen step.
+    return RolloutActor(
+        cfg.rollout_settings(), transport, weights.receiver(), worker, 0, inflight_check_s=0.0
+    )
 
 
 def groups(t: Transport) -> list[ScoredGroup]:
