@@ -8,8 +8,7 @@ Runs, side by side in one invocation and seeds outermost, these configurations o
 
     grpo sync, grpo async s1, d3s sync, d3s async s1, d3s async s2,
     d3s+prefilter sync, d3s+prefilter async s1 (``rollout.prefilter.enabled``),
-    d3s+prefilter+inflight async s1 (``rollout.inflight_updates``; only where the rollout config
-    has that field)
+    d3s+prefilter+inflight async s1 (``rollout.inflight_updates``)
 
 ("async s1": async mode, max_staleness 1). Every run is a real ``d3s run`` pipeline (Redis,
 Ray actors, DeepSpeed) in this process, with one rollout actor. Tasks:
@@ -125,15 +124,8 @@ class Configuration:
         return re.sub(r"[^a-z0-9]+", "-", self.label.lower()).strip("-")
 
 
-def inflight_available() -> bool:
-    """Whether the rollout config has ``inflight_updates`` (in-flight weight updates)."""
-    from services.rollout.config import RolloutConfig
-
-    return "inflight_updates" in RolloutConfig.model_fields
-
-
 def configurations() -> list[Configuration]:
-    """The default comparison, the in-flight one only where the config model knows it."""
+    """The default comparison."""
 
     def conf(
         name: str, preset: str, mode: str, staleness: int, overrides: tuple[str, ...] = ()
@@ -149,9 +141,8 @@ def configurations() -> list[Configuration]:
         conf("d3s", "d3s", "async", 2),
         conf("d3s+prefilter", "d3s", "sync", 0, PREFILTER),
         conf("d3s+prefilter", "d3s", "async", 1, PREFILTER),
+        conf("d3s+prefilter+inflight", "d3s", "async", 1, PREFILTER + INFLIGHT),
     ]
-    if inflight_available():
-        confs.append(conf("d3s+prefilter+inflight", "d3s", "async", 1, PREFILTER + INFLIGHT))
     return confs
 
 
@@ -209,10 +200,12 @@ def run_one(
     t0 = rows[0]["wall_time"] + inline * rows[0].get("eval_seconds", 0.0)
     eval_before = 0.0
     curve = []
+    eval_steps = []  # the step of each curve point: generation to a target is counted in steps
     for r in rows[1:]:
         wall = r["wall_time"] - t0 - eval_before  # the time this row's step finished
         if "heldout_accuracy" in r:
             curve.append((wall, r["heldout_accuracy"]))
+            eval_steps.append(int(r["step"]) + 1)
         eval_before += inline * r.get("eval_seconds", 0.0)
     last = rows[-1]
     wall = last["wall_time"] - t0 - (eval_before - inline * last.get("eval_seconds", 0.0))
@@ -259,12 +252,22 @@ def run_one(
         "groups_written": written,
         "final_acc": curve[-1][1] if curve else None,
         "curve": curve,
+        "eval_steps": eval_steps,
     }
 
 
 def _mean(rs: list[dict], key: str) -> float:
     vals = [r[key] for r in rs if r.get(key) is not None]
     return statistics.mean(vals) if vals else float("nan")
+
+
+def _tokens_to(run: dict, target: float) -> float | None:
+    """Generated tokens until the first evaluation at ``target`` or above: the run's mean
+    generated tokens per step times the steps trained by then."""
+    for (_, acc), step in zip(run["curve"], run.get("eval_steps", []), strict=False):
+        if acc >= target - 1e-12:
+            return run["tokens_per_step"] * step
+    return None
 
 
 def _first_wall(curve: list[tuple[float, float]], target: float) -> float | None:
@@ -393,6 +396,7 @@ def _table(runs: list[dict], target: float | None) -> list[dict]:
     for label in dict.fromkeys(r["label"] for r in runs):
         rs = [r for r in runs if r["label"] == label]
         near = [_first_wall(r["curve"], NEAR * target) for r in rs] if target is not None else []
+        tokens = [_tokens_to(r, NEAR * target) for r in rs] if target is not None else []
         table.append(
             {
                 "label": label,
@@ -423,6 +427,9 @@ def _table(runs: list[dict], target: float | None) -> list[dict]:
                 else 0.0,
                 "wall_to_near": statistics.mean(near) if near and None not in near else None,
                 "reached_near": sum(x is not None for x in near),
+                "tokens_to_near": statistics.mean(tokens)
+                if tokens and None not in tokens
+                else None,
             }
         )
     return table
@@ -467,8 +474,8 @@ def _task_section(name: str, saved: dict, seeds: list[int]) -> tuple[list[str], 
     lines += [
         "| config | steps/min | gen tokens/step | samples gen/step | prefiltered/step | "
         "zero-var groups | learner busy | generation busy | stale | final acc | "
-        f"wall s to {NEAR:.0%} (runs reaching) | x GRPO's best |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"wall s to {NEAR:.0%} (runs reaching) | x GRPO's best | gen tokens to {NEAR:.0%} |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in table:
         rel = (
@@ -482,7 +489,7 @@ def _task_section(name: str, saved: dict, seeds: list[int]) -> tuple[list[str], 
             f"{row['zero_var_share']:.1%} | {row['learner_busy']:.2f} | {row['gen_busy']:.2f} | "
             f"{row['stale_fraction']:.1%} | {row['final_acc']:.3f} ± {row['final_acc_sd']:.3f} | "
             f"{_fmt(row['wall_to_near'])} ({row['reached_near']}/{row['seeds']}) | "
-            f"{_fmt(rel, '.2f')} |"
+            f"{_fmt(rel, '.2f')} | {_fmt(row['tokens_to_near'], '.0f')} |"
         )
     lines += ["", "Ratios (same run, same machine):", ""]
     if best_grpo:
@@ -508,6 +515,22 @@ def _task_section(name: str, saved: dict, seeds: list[int]) -> tuple[list[str], 
             lines.append(
                 f"- generated tokens per learner step, d3s+prefilter {mode}: {', '.join(parts)}"
             )
+    fewest = {
+        fam: min(
+            (r for r in table if r["family"] == fam and r["tokens_to_near"] is not None),
+            key=lambda r: r["tokens_to_near"],
+            default=None,
+        )
+        for fam in ("d3s+prefilter", "d3s", "grpo")
+    }
+    if all(fewest.values()):
+        pf, d3s, grpo_few = fewest["d3s+prefilter"], fewest["d3s"], fewest["grpo"]
+        lines.append(
+            f"- generated tokens to {NEAR:.0%} of the target, fewest of each family: "
+            f"{pf['label']} {pf['tokens_to_near']:.0f} = "
+            f"{pf['tokens_to_near'] / d3s['tokens_to_near']:.2f}x {d3s['label']}'s, "
+            f"{pf['tokens_to_near'] / grpo_few['tokens_to_near']:.2f}x {grpo_few['label']}'s"
+        )
     lines += ["", "Targets:", ""]
     targets: dict[str, Any] = {}
     best_pf = _best(table, "d3s+prefilter")
