@@ -16,6 +16,7 @@ conftest).
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import redis
 
@@ -121,6 +122,10 @@ def audit(client: redis.Redis, cfg: RunConfig, *, faults: bool = False, hostile:
     # Weight versions rose by one per step, and reached every rollout actor in order.
     versions = t.state.published_versions()
     checkpointed = {int(c["step"]) for c in t.state.checkpoints() if "step" in c}
+    # A checkpoint written to disk whose record died with Redis (killed between the two) is
+    # still one a restarted learner resumes from and republishes.
+    on_disk = Path(cfg.train.run_dir) / "checkpoints"
+    checkpointed |= {int(p.name[len("step") :]) for p in on_disk.glob("step[0-9]*") if p.is_dir()}
     check_versions(versions, cfg.train.total_steps, checkpointed, faults)
     loaded = {}
     for i in range(cfg.rollout.num_actors):
