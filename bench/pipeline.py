@@ -28,6 +28,10 @@ competing for the same two cores. Then the ratios and the issue's targets (D3S +
 most 0.35x GRPO's wall-clock to that accuracy with no loss in final accuracy; async at least
 1.8x sync), each printed met or not met from the numbers.
 
+Named only (``--configs``): ``d3s+prefilter/collective async s1`` and
+``d3s+prefilter+inflight/collective async s1``, the weights broadcast into the engines, where a
+publish waits for every engine and in-flight updates answer it within a decoding step.
+
 Optional: ``--placement`` (where evaluation runs: grpo and d3s async s1 with evaluation on the
 learner and in its own Ray actor, wall-clock including evaluation) and ``--actors-sweep 1 2``
 (throughput against rollout actors, first seed and task). Writes pipeline.md, pipeline.json and
@@ -93,6 +97,9 @@ TASKS = {
 }
 PREFILTER = ("rollout.prefilter.enabled=true",)
 INFLIGHT = ("rollout.inflight_updates=true",)
+# Weights by broadcast into the engines: the learner's publish waits until every engine took
+# part, which is what in-flight updates shorten (the object store never makes it wait).
+COLLECTIVE = ("weight_sync.transport=collective", "weight_sync.catchup_every=0")
 # Greedy held-out accuracy is all the tables use; sampled pass@k would only lengthen the run
 # (evaluation is outside the clock either way).
 GREEDY_EVAL = ("eval.n_samples=0", "eval.ks=[]")
@@ -113,6 +120,7 @@ class Configuration:
     mode: str
     staleness: int
     overrides: tuple[str, ...] = ()
+    default: bool = True  # False: run only when named with --configs
 
     @property
     def label(self) -> str:
@@ -125,13 +133,18 @@ class Configuration:
 
 
 def configurations() -> list[Configuration]:
-    """The default comparison."""
+    """Every configuration; those with ``default`` False run only when named."""
 
     def conf(
-        name: str, preset: str, mode: str, staleness: int, overrides: tuple[str, ...] = ()
+        name: str,
+        preset: str,
+        mode: str,
+        staleness: int,
+        overrides: tuple[str, ...] = (),
+        default: bool = True,
     ) -> Configuration:
         family = "d3s+prefilter" if name.startswith("d3s+prefilter") else name
-        return Configuration(name, family, preset, mode, staleness, overrides)
+        return Configuration(name, family, preset, mode, staleness, overrides, default)
 
     confs = [
         conf("grpo", "grpo", "sync", 0),
@@ -142,6 +155,16 @@ def configurations() -> list[Configuration]:
         conf("d3s+prefilter", "d3s", "sync", 0, PREFILTER),
         conf("d3s+prefilter", "d3s", "async", 1, PREFILTER),
         conf("d3s+prefilter+inflight", "d3s", "async", 1, PREFILTER + INFLIGHT),
+        # The in-flight effect where a publish waits for the engines (--configs only).
+        conf("d3s+prefilter/collective", "d3s", "async", 1, PREFILTER + COLLECTIVE, False),
+        conf(
+            "d3s+prefilter+inflight/collective",
+            "d3s",
+            "async",
+            1,
+            PREFILTER + INFLIGHT + COLLECTIVE,
+            False,
+        ),
     ]
     return confs
 
@@ -303,7 +326,8 @@ def main(argv: list[str] | None = None) -> dict:
         nargs="+",
         metavar="LABEL",
         choices=labels,
-        help=f"a subset of the configurations, by label (default: all of {', '.join(labels)})",
+        help="configurations by label (default: every one but the /collective pair): "
+        + ", ".join(labels),
     )
     ap.add_argument(
         "--smoke",
@@ -333,17 +357,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", type=Path, help="results folder (default: bench/results)")
     args = ap.parse_args(argv)
     confs = configurations()
+    defaults = [c for c in confs if c.default]
     if args.smoke:
         args.steps = args.steps or 4
         args.seeds = args.seeds or [0]
         args.tasks = args.tasks or ["quickstart"]
-        args.configs = args.configs or [confs[0].label, confs[-1].label]
+        args.configs = args.configs or [defaults[0].label, defaults[-1].label]
         args.out = args.out or Path("runs/bench-pipeline-smoke")
     args.tasks = args.tasks or list(TASKS)
     args.seeds = args.seeds if args.seeds is not None else [0, 1, 2]
     args.out = args.out or Path("bench/results")
-    if args.configs:
-        confs = [c for c in confs if c.label in args.configs]
+    confs = [c for c in confs if c.label in args.configs] if args.configs else defaults
     logging.basicConfig(level=logging.WARNING)
     if args.rerender:
         saved = json.loads((args.out / "pipeline.json").read_text())
