@@ -336,6 +336,10 @@ class VLLMRolloutEngine:
                         done[out.request_id] = out
                 if engine.has_unfinished_requests():
                     between_steps()
+        except BaseException:
+            # A failed load (a bad checksum stops the run) must not leave requests behind.
+            engine.abort_request([i for i in ids if i not in done])
+            raise
         finally:
             self._in_round = False
             if self._prefix_cache_stale:
