@@ -273,6 +273,10 @@ def run_one(
         "zero_var_share": sum(r.get("groups_zero_var", 0.0) for r in rows) / max(groups, 1.0),
         "learner_busy": last["learner_seconds_total"] / wall,
         "learner_wait_s": last.get("learner_wait_seconds_total", 0.0),
+        # What publishing weights cost the learner: with the collective transport it waits
+        # until every engine took part, which in-flight updates answer within a decoding step.
+        "publish_s_per_step": last.get("weight_sync_seconds_total", 0.0) / steps,
+        "inflight_token_share": statistics.mean(r.get("inflight_token_share", 0.0) for r in rows),
         "gen_busy": gen_s / (actors * wall),
         "stale_fraction": stats.get("groups_stale", 0) / written,
         "groups_written": written,
@@ -454,6 +458,8 @@ def _table(runs: list[dict], target: float | None) -> list[dict]:
                         "learner_busy",
                         "gen_busy",
                         "stale_fraction",
+                        "publish_s_per_step",
+                        "inflight_token_share",
                         "final_acc",
                     )
                 },
@@ -525,6 +531,19 @@ def _task_section(name: str, saved: dict, seeds: list[int]) -> tuple[list[str], 
             f"{_fmt(row['wall_to_near'])} ({row['reached_near']}/{row['seeds']}) | "
             f"{_fmt(rel, '.2f')} | {_fmt(row['tokens_to_near'], '.0f')} |"
         )
+    published = [row for row in table if not np.isnan(row["publish_s_per_step"])]
+    if published:
+        lines += [
+            "",
+            "| config | learner s publishing weights per step | tokens sampled by a newer "
+            "version than their group's first |",
+            "|---|---|---|",
+        ]
+        lines += [
+            f"| {row['label']} | {row['publish_s_per_step']:.3f} | "
+            f"{row['inflight_token_share']:.1%} |"
+            for row in published
+        ]
     lines += ["", "Ratios (same run, same machine):", ""]
     if best_grpo:
         lines.append(
