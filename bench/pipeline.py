@@ -1,7 +1,7 @@
 """Wall-clock, not only learner seconds: does the asynchronous pipeline pay, do D3S's learner
 saving and the GRESO prompt prefilter's generation saving reach the user's clock?
 
-    python -m bench.pipeline [--tasks quickstart mixed] [--seeds 0 1 2] [--steps N] [--configs LABEL ...]
+    python -m bench.pipeline [--tasks quickstart zerovar] [--seeds 0 1 2] [--steps N] [--configs LABEL ...]
     python -m bench.pipeline --smoke          # 4 steps, seed 0, quickstart, two configurations
 
 Runs, side by side in one invocation and seeds outermost, these configurations on each task:
@@ -14,7 +14,7 @@ Runs, side by side in one invocation and seeds outermost, these configurations o
 Ray actors, DeepSpeed) in this process, with one rollout actor. Tasks:
 
     quickstart  configs/quickstart.yaml: 3-digit addition, 32 prompts x 8 samples, 60 steps
-    mixed       configs/bench_zerovar.yaml: the same sizes on a fixed pool of 256 prompts, 2-digit
+    zerovar     configs/bench_zerovar.yaml: the same sizes on a fixed pool of 256 prompts, 2-digit
                 sums (learnt) and 2-digit products (never learnt), so many groups are all right
                 or all wrong and prompts recur, as the prefilter needs (bench/zerovar_data.py)
 
@@ -94,7 +94,7 @@ class Task:
 
 TASKS = {
     "quickstart": Task("configs/quickstart.yaml"),
-    "mixed": Task("configs/bench_zerovar.yaml", zerovar_data.LEVELS),
+    "zerovar": Task("configs/bench_zerovar.yaml", zerovar_data.LEVELS),
 }
 PREFILTER = ("rollout.prefilter.enabled=true",)
 INFLIGHT = ("rollout.inflight_updates=true",)
@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--tasks",
         nargs="+",
         choices=sorted(TASKS),
-        help="tasks, each a panel and a table (default: quickstart mixed)",
+        help="tasks, each a panel and a table (default: quickstart zerovar)",
     )
     ap.add_argument("--seeds", type=int, nargs="+", help="run seeds (default: 0 1 2)")
     ap.add_argument("--steps", type=int, help="learner steps per run (default: the task config's)")
