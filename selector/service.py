@@ -81,7 +81,7 @@ def token_staleness(step: int, groups: list[ScoredGroup]) -> tuple[float, float]
     first (weights loaded in flight)."""
     lag_sum, newer, tokens = 0.0, 0, 0
     for g in groups:
-        valid = np.arange(g.responses.shape[1])[None, :] < g.response_lengths[:, None]
+        valid = g.response_mask()
         n = int(valid.sum())
         if g.token_versions is None:
             lag_sum += (step - g.policy_version) * n

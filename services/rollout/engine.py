@@ -70,12 +70,6 @@ class RolloutBatch:
     def __len__(self) -> int:
         return self.responses.shape[0]
 
-    def versions(self) -> torch.Tensor:
-        """int64 [N, T]: the version that sampled each token, 0 at padding."""
-        if self.token_versions is not None:
-            return self.token_versions
-        return torch.where(self.response_mask, self.policy_version, 0).long()
-
 
 # Called by an engine between two decoding steps of a generation; it may load newer weights
 # into the engine (in place, KV caches kept), which then samples the following tokens.

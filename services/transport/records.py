@@ -101,7 +101,7 @@ class ScoredGroup(WireRecord):
                 f"'responses' is {(g, t)}"
             )
         check_lengths("response_lengths", self.response_lengths, t)
-        valid = np.arange(t)[None, :] < self.response_lengths[:, None]
+        valid = self.response_mask()
         if (self.responses[valid] < 0).any():
             raise SchemaError("'responses' has a negative token id inside a response")
         check_zero_outside(
@@ -129,6 +129,10 @@ class ScoredGroup(WireRecord):
         rows_back = np.diff(np.where(valid, tv, np.iinfo(np.int32).max), axis=1)
         if ((rows_back < 0) & valid[:, 1:]).any():
             raise SchemaError("'token_versions' goes back to an older version within a response")
+
+    def response_mask(self) -> np.ndarray:
+        """bool [G, T]: True on each rollout's response tokens, False at padding."""
+        return np.arange(self.responses.shape[1])[None, :] < self.response_lengths[:, None]
 
     @property
     def max_version(self) -> int:
