@@ -13,6 +13,14 @@ this process and received by a separate engine process into a module of the same
 Run: ``python -m bench.weight_sync`` (``--sizes 1,10`` for a quick one). Writes
 ``bench/results/weight_sync.md`` unless ``--out ''``.
 
+``python -m bench.weight_sync --cost`` measures instead what one version costs with the
+collective transport, without and with catch-up files (``catchup_every: 1``): seconds per version
+end to end, seconds the learner spends in ``publish``, and the peak *extra* resident bytes of
+the learner process and of the engine process during the syncs (``VmHWM`` after the model is
+built and the peak reset, minus the resident bytes then), so a buffer per bucket, a host copy
+of the model or a second copy in the engine shows up as bytes. Appends a section to
+``bench/results/weight_sync_cost.md`` (``--label`` names it).
+
 ``python -m bench.weight_sync --engine vllm`` measures instead the sync into a running vLLM
 engine (:mod:`bench.weight_sync_vllm`): the worker-in-the-group path against a bare broadcast of
 the same bytes and against the bytes-through-RPC path.
@@ -21,6 +29,8 @@ the same bytes and against the bytes-through-RPC path.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import multiprocessing as mp
 import statistics
 import tempfile
@@ -86,21 +96,56 @@ def _step(state: dict[str, torch.Tensor], version: int) -> None:
         t.add_(1e-3 * version)
 
 
+# ---- peak resident bytes ------------------------------------------------------------------------
+
+
+def _fixed_mmap_threshold() -> None:
+    """Large blocks always come from mmap and go back to the OS when freed (glibc otherwise
+    raises its threshold after a free and serves later blocks from a heap that stays resident),
+    so resident bytes follow what is allocated."""
+    with contextlib.suppress(OSError):  # not glibc: resident bytes are only less exact
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+class PeakExtra:
+    """Peak resident bytes above those at :meth:`start` (Linux: resets ``VmHWM``)."""
+
+    def start(self) -> None:
+        Path("/proc/self/clear_refs").write_text("5")
+        self.base_kb = _status_kb("VmRSS")
+
+    def bytes(self) -> int:
+        return max(0, _status_kb("VmHWM") - self.base_kb) * 1024
+
+
 # ---- the engine process ---------------------------------------------------------------------
 
 
 def _engine(conn: Any, params: int, dtype: torch.dtype) -> None:
     torch.set_num_threads(1)
+    _fixed_mmap_threshold()
     model = Holder(synthetic_state(params, dtype=dtype))
     recv: Any = None
+    peak = PeakExtra()
     while True:
         cmd = conn.recv()
         if cmd[0] == "stop":
             if recv is not None:
                 recv.close()
             return
+        if cmd[0] == "peak":
+            conn.send(peak.bytes())
+            continue
         if cmd[0] == "collective":
             recv = CollectiveReceiver(cmd[1], "bench-engine", timeout_s=600)
+            peak.start()
             conn.send("ready")
             continue
         if cmd[0] == "files":
@@ -139,6 +184,106 @@ def _time_collective(
     conn.send(("stop",))
     pub.close()
     return out
+
+
+def _cost_collective(
+    conn: Any, state: dict[str, torch.Tensor], bucket_bytes: int, reps: int, catchup: bool
+) -> dict[str, float]:
+    """One engine process, ``reps`` + 1 versions (the first forms the group, not timed):
+    median seconds per version end to end and in the learner's ``publish``, and the peak
+    extra resident bytes of both processes over all of them."""
+    with tempfile.TemporaryDirectory(prefix="d3s-bench-ws-") as d:
+        pub = CollectivePublisher(
+            "127.0.0.1",
+            0,
+            bucket_bytes=bucket_bytes,
+            catchup_dir=d if catchup else None,
+            catchup_every=1 if catchup else 0,
+            timeout_s=600,
+        )
+        conn.send(("collective", pub.address))
+        assert conn.recv() == "ready"
+        peak = PeakExtra()
+        peak.start()
+        e2e, learner = [], []
+        for v in range(reps + 1):
+            _step(state, v)
+            conn.send(("sync", v))
+            t0 = time.perf_counter()
+            pub.publish(v, state)
+            t1 = time.perf_counter()
+            done = conn.recv()
+            if v:
+                e2e.append(done - t0)
+                learner.append(t1 - t0)
+        pub.flush()
+        learner_peak = peak.bytes()
+        conn.send(("peak",))
+        engine_peak = conn.recv()
+        conn.send(("stop",))
+        pub.close()
+    return {
+        "s_per_version": statistics.median(e2e),
+        "publish_s": statistics.median(learner),
+        "learner_peak": float(learner_peak),
+        "engine_peak": float(engine_peak),
+    }
+
+
+def cost(params: int, dtype: torch.dtype, bucket_mb: float, reps: int) -> dict[str, dict]:
+    state = synthetic_state(params, dtype=dtype)
+    out = {}
+    for name, catchup in (("collective", False), ("collective+catchup", True)):
+        parent, child = _CTX.Pipe()
+        proc = _CTX.Process(target=_engine, args=(child, params, dtype), daemon=True)
+        proc.start()
+        try:
+            out[name] = _cost_collective(parent, state, int(bucket_mb * (1 << 20)), reps, catchup)
+        finally:
+            proc.join(30)
+            if proc.is_alive():
+                proc.kill()
+    return out
+
+
+def cost_main(args: argparse.Namespace) -> None:
+    _fixed_mmap_threshold()
+    torch.set_num_threads(1)
+    head = (
+        "| params | dtype | model MiB | bucket MiB | path | s / version | learner publish s | "
+        "learner peak extra MiB | engine peak extra MiB |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for dname in args.dtypes.split(","):
+        for size in args.sizes.split(","):
+            dtype = getattr(torch, dname)
+            params = int(float(size) * 1e6)
+            mib = params * torch.tensor([], dtype=dtype).element_size() / (1 << 20)
+            for name, r in cost(params, dtype, args.bucket_mb, args.reps).items():
+                lines.append(
+                    f"| {size}M | {dname} | {mib:.0f} | {args.bucket_mb:g} | {name} | "
+                    f"{r['s_per_version']:.3f} | {r['publish_s']:.3f} | "
+                    f"{r['learner_peak'] / (1 << 20):.1f} | {r['engine_peak'] / (1 << 20):.1f} |"
+                )
+                print(lines[-1], flush=True)
+    if args.out:
+        out = Path(args.out)
+        text = (
+            out.read_text()
+            if out.exists()
+            else (
+                "# What one weight version costs (collective transport)\n\n"
+                "Peak extra = the highest resident bytes of the process during the syncs minus those "
+                "just before (model already built; Linux `VmHWM` reset, glibc mmap threshold fixed so "
+                "freed blocks leave the resident set). CPU only, gloo on loopback, one engine "
+                "process; medians over the timed versions.\n"
+            )
+        )
+        cmd = (
+            f"python -m bench.weight_sync --cost --sizes {args.sizes} --dtypes {args.dtypes} "
+            f"--bucket-mb {args.bucket_mb:g} --reps {args.reps}"
+        )
+        out.write_text(text + f"\n## {args.label}\n\n`{cmd}`\n\n" + "\n".join(lines) + "\n")
 
 
 def _time_files(conn: Any, state: dict[str, torch.Tensor], reps: int) -> list[float]:
@@ -231,8 +376,22 @@ def main() -> None:
     ap.add_argument("--bucket-mb", type=float, default=256.0)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--no-ray", action="store_true", help="skip the object-store transport")
-    ap.add_argument("--out", default="bench/results/weight_sync.md")
+    ap.add_argument("--out", default=None, help="results file ('' for none)")
+    ap.add_argument(
+        "--cost",
+        action="store_true",
+        help="what a version costs the learner and the engine (seconds, peak extra bytes), "
+        "collective without and with catch-up files",
+    )
+    ap.add_argument("--label", default="run", help="--cost: the section's title")
     args = ap.parse_args()
+    if args.cost:
+        if args.out is None:
+            args.out = "bench/results/weight_sync_cost.md"
+        cost_main(args)
+        return
+    if args.out is None:
+        args.out = "bench/results/weight_sync.md"
     torch.set_num_threads(1)
     cases = [(size, dname) for dname in args.dtypes.split(",") for size in args.sizes.split(",")]
     rows = {}
