@@ -21,6 +21,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from queue import Empty
 
 GIB = 2**30
 # Run as a script, bench/ itself would head sys.path and its selector.py would shadow the
@@ -137,8 +138,24 @@ def measure(kind: str, args: argparse.Namespace, budget: int | None = None) -> d
     queue = ctx.Queue()
     proc = ctx.Process(target=_phase, args=(kind, args, budget, queue))
     proc.start()
-    result = queue.get(timeout=3600)
-    proc.join()
+    result = None
+    deadline = time.monotonic() + 3600
+    while result is None:
+        try:
+            result = queue.get(timeout=1.0)
+        except Empty:
+            # Killed without a word (the kernel's OOM killer, for one): do not wait the hour.
+            if not proc.is_alive():
+                raise RuntimeError(
+                    f"{kind} measurement process died (exit code {proc.exitcode})"
+                ) from None
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise TimeoutError(f"{kind} measurement: no result within 3600s") from None
+    proc.join(60)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
     if "error" in result:
         raise RuntimeError(f"{kind} measurement failed: {result['error']}")
     return result

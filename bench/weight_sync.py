@@ -161,6 +161,29 @@ def _engine(conn: Any, params: int, dtype: torch.dtype) -> None:
         conn.send(time.perf_counter())
 
 
+def _start_engine(params: int, dtype: torch.dtype) -> tuple[Any, Any]:
+    """An engine process and this side of its pipe. The child's end is closed here, so an
+    engine that dies makes this side's ``recv`` raise EOFError instead of waiting forever."""
+    parent, child = _CTX.Pipe()
+    proc = _CTX.Process(target=_engine, args=(child, params, dtype), daemon=True)
+    proc.start()
+    child.close()
+    return parent, proc
+
+
+def _end_engine(conn: Any, proc: Any, timeout_s: float = 30.0) -> None:
+    """Wait for an engine told to stop; one that does not exit (a measurement failed while it
+    waited for its next command) is terminated, then killed. Nothing more is sent to it: it
+    may be exiting already, its end of the pipe gone."""
+    proc.join(timeout_s)
+    for end in (proc.terminate, proc.kill):
+        if not proc.is_alive():
+            break
+        end()
+        proc.join(5)
+    conn.close()
+
+
 # ---- measurements ---------------------------------------------------------------------------
 
 
@@ -234,15 +257,11 @@ def cost(params: int, dtype: torch.dtype, bucket_mb: float, reps: int) -> dict[s
     state = synthetic_state(params, dtype=dtype)
     out = {}
     for name, catchup in (("collective", False), ("collective+catchup", True)):
-        parent, child = _CTX.Pipe()
-        proc = _CTX.Process(target=_engine, args=(child, params, dtype), daemon=True)
-        proc.start()
+        parent, proc = _start_engine(params, dtype)
         try:
             out[name] = _cost_collective(parent, state, int(bucket_mb * (1 << 20)), reps, catchup)
         finally:
-            proc.join(30)
-            if proc.is_alive():
-                proc.kill()
+            _end_engine(parent, proc)
     return out
 
 
@@ -345,15 +364,11 @@ def measure(params: int, dtype: torch.dtype, bucket_mb: float, reps: int) -> dic
         ("per_tensor", lambda c: _time_collective(c, state, 0, reps)),
         ("files", lambda c: _time_files(c, state, reps)),
     ):
-        parent, child = _CTX.Pipe()
-        proc = _CTX.Process(target=_engine, args=(child, params, dtype), daemon=True)
-        proc.start()
+        parent, proc = _start_engine(params, dtype)
         try:
             row[name] = statistics.median(run(parent))
         finally:
-            proc.join(30)
-            if proc.is_alive():
-                proc.kill()
+            _end_engine(parent, proc)
     return row
 
 

@@ -3,6 +3,7 @@ GPT-2, full sha256 compares after every sync, corruption detected, restarted eng
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import time
 import traceback
@@ -121,24 +122,38 @@ class _Proc:
         self.conn, child = _CTX.Pipe()
         self.proc = _CTX.Process(target=target, args=(child, *args), daemon=True)
         self.proc.start()
+        child.close()  # only the child holds its end: its exit reads as EOF here
 
     def ask(self, *cmd: Any) -> None:
         self.conn.send(cmd)
 
     def answer(self, timeout: float = 90.0) -> tuple[Any, ...]:
         assert self.conn.poll(timeout), "no answer from a weight-sync process"
-        got = self.conn.recv()
+        try:
+            got = self.conn.recv()
+        except EOFError:  # it died without a word (poll is also true on a closed pipe)
+            self.proc.join(5)
+            raise AssertionError(
+                f"a weight-sync process exited with code {self.proc.exitcode} before answering"
+            ) from None
         if got[0] == "error" and got[1] != "WeightSyncError":
             raise AssertionError(f"{got[1]}: {got[2]}")
         return got
 
     def stop(self) -> None:
+        """End the process whatever state it is in. A process that answered with an error is
+        already on its way out: it may still be alive while its end of the pipe is gone, so
+        the polite "stop" can meet a broken pipe; then it is waited for, terminated, killed."""
         if self.proc.is_alive():
-            self.conn.send(("stop",))
+            with contextlib.suppress(OSError, EOFError, ValueError):
+                self.conn.send(("stop",))
             self.proc.join(10)
-        if self.proc.is_alive():
-            self.proc.kill()
+        for end in (self.proc.terminate, self.proc.kill):
+            if not self.proc.is_alive():
+                break
+            end()
             self.proc.join(5)
+        self.conn.close()
 
 
 def _sync(
@@ -152,6 +167,21 @@ def _sync(
     got = learner.answer()
     assert got[0] == "ok", got
     return got[2], {name: e.answer() for name, e in engines.items()}
+
+
+def _leaving(conn: Any) -> None:
+    """A process on its way out, as an engine after its WeightSyncError answer: its end of the
+    pipe is closed while it still runs for a moment."""
+    conn.close()
+    time.sleep(1.0)
+
+
+def test_stop_ends_a_process_whose_pipe_is_already_gone() -> None:
+    proc = _Proc(_leaving)
+    assert proc.conn.poll(10)  # the closed far end reads as EOF: the pipe is gone
+    assert proc.proc.is_alive()
+    proc.stop()  # the "stop" meets a broken pipe; stop() waits the process out instead
+    assert not proc.proc.is_alive() and proc.proc.exitcode == 0
 
 
 # ---- collective ---------------------------------------------------------------------------------
