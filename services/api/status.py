@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from rich.console import Console, Group
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from services.api.serve import DEFAULT_HOST, DEFAULT_PORT
 
@@ -85,7 +87,7 @@ def _run_state(m: dict[str, Any]) -> str:
     if m.get("done"):
         return "[blue]done[/]"
     if m.get("stop_reason"):
-        return f"[red]stopping[/] ({m['stop_reason']})"
+        return f"[red]stopping[/] ({escape(str(m['stop_reason']))})"
     return "[yellow]paused[/]" if m.get("paused") else "[green]running[/]"
 
 
@@ -95,7 +97,7 @@ def render_status(data: StatusData, now: float | None = None) -> Group:
     m, s, tp = data.metrics, data.schedule or {}, data.throughput
     metrics, counters, queues = m["metrics"], m["counters"], m["queues"]
 
-    run = Table(title=f"D3S run at {data.url}", show_header=False, title_justify="left")
+    run = Table(title=Text(f"D3S run at {data.url}"), show_header=False, title_justify="left")
     run.add_column(style="bold")
     run.add_column()
     step, total = s.get("step"), s.get("total_steps")
@@ -134,7 +136,9 @@ def render_status(data: StatusData, now: float | None = None) -> Group:
         f"  stale groups {counters.get('groups_stale', 0)}",
     )
     latest = data.checkpoints.get("latest")
-    run.add_row("checkpoint", "–" if latest is None else f"step {latest['step']}: {latest['path']}")
+    run.add_row(
+        "checkpoint", "–" if latest is None else Text(f"step {latest['step']}: {latest['path']}")
+    )
 
     actors = Table(title="Rollout actors", title_justify="left")
     for col in ("actor", "weights", "behind", "groups", "heartbeat"):
@@ -142,7 +146,7 @@ def render_status(data: StatusData, now: float | None = None) -> Group:
     for a in data.actors["actors"]:
         beat = a.get("last_heartbeat")
         actors.add_row(
-            a["name"],
+            Text(str(a["name"])),
             str(a.get("weight_version") if a.get("weight_version") is not None else "–"),
             str(a.get("versions_behind") if a.get("versions_behind") is not None else "–"),
             str(a.get("groups_published") if a.get("groups_published") is not None else "–"),
@@ -155,7 +159,7 @@ def render_status(data: StatusData, now: float | None = None) -> Group:
     dead.add_column("reason")
     dead.add_column("recent", justify="right")
     for reason, count in data.dead_letters["by_reason"].items():
-        dead.add_row(reason, str(count))
+        dead.add_row(Text(str(reason)), str(count))
     if not data.dead_letters["by_reason"]:
         dead.add_row("(none)", "")
     return Group(run, actors, dead)
@@ -170,7 +174,7 @@ def print_status(
     try:
         data = fetch_status(url, timeout_s)
     except StatusError as exc:
-        console.print(f"[red]d3s status:[/] {exc}")
+        console.print(Text.assemble(("d3s status:", "red"), f" {exc}"), soft_wrap=True)
         return 1
     console.print(render_status(data))
     return 0

@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from services.run.components import NOISY_LOGGERS
 from services.run.config import ConfigError, RunConfig, load_config
@@ -62,6 +63,23 @@ FreshOpt = Annotated[
     ),
 ]
 DRIVER_LOG = "driver.log"
+
+
+def _error(message: object, out: Console | None = None) -> None:
+    """``message`` in red, exactly as written: never read as markup, so text in brackets (an
+    extra's name like ``d3s-rl[gpu]``, a path, a log line) reaches the terminal whole."""
+    (out or console).print(str(message), style="red", markup=False, highlight=False, soft_wrap=True)
+
+
+def _print(out: Console, *parts: str | tuple[object, str]) -> None:
+    """One line of plain text and ``(value, style)`` parts; values are printed as they are."""
+    text = Text()
+    for part in parts:
+        if isinstance(part, tuple):
+            text.append(str(part[0]), style=part[1])
+        else:
+            text.append(part)
+    out.print(text, soft_wrap=True)
 
 
 def _setup_logging(
@@ -136,7 +154,7 @@ def _load(config: Path | None, overrides: list[str] | None):
     try:
         return load_config(config, overrides)
     except ConfigError as e:
-        console.print(f"[red]{e}[/red]")
+        _error(e)
         raise typer.Exit(2) from None
 
 
@@ -187,9 +205,9 @@ def train(
     (more steps, logging, API, cadences); otherwise it exits 2 naming each field."""
     cfg = _load(config, set_)
     if cfg.rollout.inflight_updates:
-        console.print(
-            "[red]rollout.inflight_updates: not read by `d3s train` (lock-step: no new weights "
-            "arrive while a round generates); use `d3s run` with service.mode async[/red]"
+        _error(
+            "rollout.inflight_updates: not read by `d3s train` (lock-step: no new weights "
+            "arrive while a round generates); use `d3s run` with service.mode async"
         )
         raise typer.Exit(2)
     _claim_run_dir(cfg, fresh)
@@ -237,8 +255,8 @@ def run(
         try:
             result = run_service(cfg, verbose=verbose)
         except ServiceError as e:
-            err.print(f"[red]run failed: {e}[/red]", soft_wrap=True)
-            err.print(f"logs: {log_file.parent}/", soft_wrap=True, markup=False)
+            _error(f"run failed: {e}", err)
+            err.print(f"logs: {log_file.parent}/", soft_wrap=True, markup=False, highlight=False)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err.print(
@@ -290,9 +308,9 @@ def _component(
 
     url = resolve_url(redis_url, cfg.service.redis_url)
     if not url:
-        console.print(
-            "[red]--redis-url (or service.redis_url, or $D3S_REDIS_URL) is required: a "
-            "component joins the Redis of a run[/red]"
+        _error(
+            "--redis-url (or service.redis_url, or $D3S_REDIS_URL) is required: a "
+            "component joins the Redis of a run"
         )
         raise typer.Exit(2)
     policy_path = None
@@ -373,9 +391,7 @@ def api(
 
     url = resolve_url(redis_url, cfg.service.redis_url)
     if not url:
-        console.print(
-            "[red]--redis-url (or service.redis_url, or $D3S_REDIS_URL) is required[/red]"
-        )
+        _error("--redis-url (or service.redis_url, or $D3S_REDIS_URL) is required")
         raise typer.Exit(2)
     from services.api.serve import run_standalone
 
@@ -396,7 +412,7 @@ def warmstart(config: ConfigArg = None, set_: SetOpt = None, verbose: VerboseOpt
     from services.run.prepare import prepare_policy
 
     path = prepare_policy(cfg)
-    console.print(f"warm-start checkpoint: [bold]{path}[/bold]")
+    _print(console, "warm-start checkpoint: ", (path, "bold"))
 
 
 @app.command("prepare-model")
@@ -440,9 +456,9 @@ def prepare_model(
             else:
                 path = convert_gguf(gguf, out or Path(".cache/models") / gguf.stem, force=force)
     except (FileNotFoundError, ImportError, RuntimeError) as exc:
-        console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
+        _error(f"error: {exc}")
         raise typer.Exit(2) from exc
-    console.print(f"model directory: [bold]{path}[/bold]", soft_wrap=True)
+    _print(console, "model directory: ", (path, "bold"))
 
 
 @app.command()
@@ -460,9 +476,9 @@ def _policy_dir(run_dir: Path, policy: Path | None) -> Path:
     ``final_policy``."""
     d = policy or run_dir / "final_policy"
     if not (d / "config.json").is_file():
-        console.print(
-            f"[red]{d}: no model directory (config.json) for the architecture and "
-            "tokenizer; pass --policy MODEL_DIR (e.g. the policy the run started from)[/red]"
+        _error(
+            f"{d}: no model directory (config.json) for the architecture and "
+            "tokenizer; pass --policy MODEL_DIR (e.g. the policy the run started from)"
         )
         raise typer.Exit(2)
     return d
@@ -536,7 +552,7 @@ def eval_(
 
             EvalConfig.model_validate({**cfg.eval.model_dump(), **changes})
         except Exception as e:  # pydantic names the field
-            console.print(f"[red]invalid evaluation settings (--n/--k/--temperature): {e}[/red]")
+            _error(f"invalid evaluation settings (--n/--k/--temperature): {e}")
             raise typer.Exit(2) from None
     import tempfile
 
@@ -549,15 +565,15 @@ def eval_(
         and not (target / "checkpoints").is_dir()
         and not (target / "final_policy").is_dir()
     ):
-        console.print(
-            f"[red]{target}: neither a model directory (config.json) nor a run directory "
-            "(checkpoints/ or final_policy/)[/red]"
+        _error(
+            f"{target}: neither a model directory (config.json) nor a run directory "
+            "(checkpoints/ or final_policy/)"
         )
         raise typer.Exit(2)
     with tempfile.TemporaryDirectory(prefix="d3s-eval-") as tmp:
         if step is not None:
             if is_model:
-                console.print("[red]--step needs a run directory, not a model directory[/red]")
+                _error("--step needs a run directory, not a model directory")
                 raise typer.Exit(2)
             from learner.export import export_checkpoint
 
@@ -566,7 +582,7 @@ def eval_(
                     target / "checkpoints", _policy_dir(target, policy), Path(tmp) / "model", step
                 )
             except (FileNotFoundError, ValueError) as e:
-                console.print(f"[red]{e}[/red]")
+                _error(e)
                 raise typer.Exit(2) from None
             default_out = target / "eval" / f"step-{step}.json"
         else:
@@ -576,7 +592,7 @@ def eval_(
         try:
             result = run_evaluation(cfg, model, tokenizer, **changes)
         except ValueError as e:
-            console.print(f"[red]{e}[/red]")
+            _error(e)
             raise typer.Exit(2) from None
     path = out or default_out
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -587,18 +603,20 @@ def eval_(
         **result.to_dict(),
     }
     path.write_text(json.dumps(record, indent=1))
-    from rich.table import Table
+    from rich.table import Column, Table
 
     header, rows = result.table()
     table = Table(
-        *header,
-        title=f"{target}"
-        + (f" step {step}" if step is not None else "")
-        + f": {result.overall.n_prompts} prompts, n={result.n_samples}, "
-        f"T={result.temperature:g}",
+        *(Column(Text(str(h))) for h in header),
+        title=Text(
+            f"{target}"
+            + (f" step {step}" if step is not None else "")
+            + f": {result.overall.n_prompts} prompts, n={result.n_samples}, "
+            f"T={result.temperature:g}"
+        ),
     )
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*(Text(str(cell)) for cell in row))
     Console().print(table)
     console.print(f"wrote {path}", soft_wrap=True, markup=False)
 
@@ -627,9 +645,9 @@ def export(
     try:
         path = export_checkpoint(run_dir / "checkpoints", _policy_dir(run_dir, policy), out, step)
     except (FileNotFoundError, ValueError) as e:
-        console.print(f"[red]{e}[/red]")
+        _error(e)
         raise typer.Exit(2) from None
-    console.print(f"exported to [bold]{path}[/bold]")
+    _print(console, "exported to ", (path, "bold"))
 
 
 @app.command()
@@ -646,7 +664,7 @@ def report(
     try:
         paths = write_report(run_dirs, out or run_dirs[0] / "report")
     except (FileNotFoundError, ValueError) as e:
-        console.print(f"[red]{e}[/red]")
+        _error(e)
         raise typer.Exit(2) from None
     for p in paths:
         console.print(f"wrote {p}", soft_wrap=True, markup=False)

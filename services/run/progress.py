@@ -27,6 +27,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Column
+from rich.text import Text
 
 __all__ = [
     "ConsoleLines",
@@ -88,19 +89,15 @@ class ConsoleLines(logging.Handler):
             if record.exc_info and not self.quiet:
                 text += "\n" + logging.Formatter().formatException(record.exc_info)
             if record.levelno >= logging.ERROR:
-                self.console.print(f"[bold red]error:[/] {_escape(text)}", soft_wrap=True)
+                line = Text.assemble(("error:", "bold red"), " ", text)
             elif record.levelno >= logging.WARNING:
-                self.console.print(f"[yellow]warning:[/] {_escape(text)}", soft_wrap=True)
+                line = Text.assemble(("warning:", "yellow"), " ", text)
             else:
-                self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+                line = Text(text)
+            # A Text is never read as markup: a message's brackets ("d3s-rl[gpu]") stay.
+            self.console.print(line, highlight=False, soft_wrap=True)
         except Exception:
             self.handleError(record)
-
-
-def _escape(text: str) -> str:
-    from rich.markup import escape
-
-    return escape(text)
 
 
 @contextlib.contextmanager
@@ -167,7 +164,8 @@ class StepProgress:
         self._p: Progress | None = None
         if self.console.is_terminal:
             self._p = Progress(
-                TextColumn("[bold]{task.description}"),
+                # The run's name is the user's text: shown as written, not read as markup.
+                TextColumn("{task.description}", style="bold", markup=False),
                 BarColumn(bar_width=16),
                 MofNCompleteColumn(),
                 TimeElapsedColumn(),

@@ -29,6 +29,7 @@ from typing import Any
 from rich import box
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from services.telemetry.run_log import read_metrics
 
@@ -236,10 +237,22 @@ def _heldout_rows(heldout: Mapping[str, Mapping[str, float]]) -> list[tuple[str,
     return rows
 
 
+class _PlainTable(Table):
+    """A table whose cells are shown as written: the run's name, paths and presets are the
+    user's text, and a ``[...]`` in them is not markup."""
+
+    def add_row(self, *cells: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        super().add_row(*(Text(c) if isinstance(c, str) else c for c in cells), **kwargs)
+
+
 def summary_table(summary: Mapping[str, Any], title: str) -> Table:
     """The rows a user reads at the end of a run."""
-    t = Table(
-        title=title, title_justify="left", show_header=False, box=box.SIMPLE_HEAD, pad_edge=False
+    t = _PlainTable(
+        title=Text(title),
+        title_justify="left",
+        show_header=False,
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
     )
     t.add_column(style="bold")
     t.add_column(overflow="fold")

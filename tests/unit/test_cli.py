@@ -6,8 +6,10 @@ import subprocess
 import sys
 
 import pytest
+from d3s_cli import run_d3s
 from typer.testing import CliRunner
 
+from services.rollout.config import vllm_installed
 from services.run.cli import app
 
 runner = CliRunner()
@@ -43,6 +45,31 @@ def test_a_bad_config_exits_2_naming_the_field(tmp_path) -> None:
         result = runner.invoke(app, [command, str(cfg)])
         assert result.exit_code == 2, (command, result.output)
         assert "rollout.prompt_per_step" in result.output
+
+
+@pytest.mark.skipif(vllm_installed(), reason="the message is about vLLM missing")
+def test_config_errors_reach_the_terminal_with_their_brackets(tmp_path) -> None:
+    """The install hint names the extra in brackets: read as markup, '[gpu]' vanished and the
+    user installed no vLLM. The command runs as a user runs it, on a real terminal's stderr."""
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("rollout:\n  engine: vllm\n  prompts[gpu]/x: 1\n")
+    out = run_d3s("validate", str(cfg), timeout=120)
+    assert out.returncode == 2, out.stderr
+    # Two errors: the unknown field (the user's own bracketed text) ...
+    assert "rollout.prompts[gpu]/x: Extra inputs are not permitted" in out.stderr
+    cfg.write_text("rollout:\n  engine: vllm\n")
+    out = run_d3s("validate", str(cfg), timeout=120)
+    assert out.returncode == 2, out.stderr
+    # ... and the install hint, each exactly as the config check wrote it.
+    assert "(pip install 'd3s-rl[gpu]'; " in out.stderr, out.stderr
+
+
+def test_a_message_that_looks_like_markup_is_printed_as_written(tmp_path) -> None:
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text('rollout:\n  "[/red][bold]x[gpu]": 1\n')
+    result = runner.invoke(app, ["validate", str(cfg)])
+    assert result.exit_code == 2  # a closing tag with no opening one no longer breaks the print
+    assert "rollout.[/red][bold]x[gpu]: Extra inputs are not permitted" in result.output
 
 
 def test_a_missing_config_file_exits_2(tmp_path) -> None:

@@ -133,6 +133,44 @@ def test_quiet_console_lines_keep_the_run_lines_and_project_warnings() -> None:
     assert verbose.filter(_record("ray.serve", logging.INFO))
 
 
+def test_console_lines_print_every_level_as_written() -> None:
+    buf = io.StringIO()
+    h = ConsoleLines(Console(file=buf, width=200), quiet=True)
+    for level in (logging.INFO, logging.WARNING, logging.ERROR):
+        h.handle(_record("services.run.orchestrator", level, "pip install 'd3s-rl[gpu]' [/red]"))
+    assert buf.getvalue().splitlines() == [
+        "pip install 'd3s-rl[gpu]' [/red]",
+        "warning: pip install 'd3s-rl[gpu]' [/red]",
+        "error: pip install 'd3s-rl[gpu]' [/red]",
+    ]
+
+
+def test_the_summary_and_the_progress_line_show_names_and_paths_as_written(tmp_path) -> None:
+    run_dir = tmp_path / "runs" / "[gpu] run"
+    (run_dir / "logs").mkdir(parents=True)
+    summary = build_summary(
+        {"steps": 0},
+        run_dir,
+        total_steps=1,
+        mode="d3s run, async",
+        preset="d3s",
+        counters={},
+        wall_seconds=1.0,
+    )
+    buf = io.StringIO()
+    Console(file=buf, width=200).print(summary_table(summary, "tiny [gpu]: done"))
+    text = buf.getvalue()
+    assert text.splitlines()[0].strip() == "tiny [gpu]: done"
+    assert "[gpu] run" in text and "[gpu] run/logs/" in text
+    for terminal in (False, True):  # the final line, and the live bar
+        buf = io.StringIO()
+        console = Console(file=buf, force_terminal=terminal, width=100)
+        bar = StepProgress(2, description="[bold]x[/bold] (async)", console=console)
+        bar.update(2, {"reward_mean": 0.5}, None)
+        bar.close()
+        assert "[bold]x[/bold] (async)" in buf.getvalue(), buf.getvalue()
+
+
 def test_quiet_terminal_sends_every_output_to_the_log(tmp_path, capfd) -> None:
     # (pytest's capture bypasses fd 1 for print(); the d3s e2e tests see print() land there too)
     log = tmp_path / "logs" / "driver.log"
