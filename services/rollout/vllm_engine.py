@@ -125,6 +125,9 @@ class VLLMRolloutEngine:
         max_model_len: Longest prompt + response; ``None`` takes the model's own limit.
         dtype: Parameter dtype (``"auto"``, ``"bfloat16"``, ``"float32"``...).
         seed: vLLM's global seed (each request also carries its own).
+        cpu_kv_cache_gib: KV cache size on vLLM's CPU platform (its ``kv_cache_memory_bytes``),
+            instead of ``gpu_memory_utilization`` read there as a share of all RAM; ignored on
+            GPU. ``VLLM_CPU_KVCACHE_SPACE``, when set, overrides it inside vLLM.
         engine_kwargs: Further ``vllm.LLM`` arguments (e.g. ``kv_cache_memory_bytes``).
 
     Raises:
@@ -146,6 +149,7 @@ class VLLMRolloutEngine:
         max_model_len: int | None = None,
         dtype: str = "auto",
         seed: int = 0,
+        cpu_kv_cache_gib: float | None = None,
         engine_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         check_sampling(temperature, top_p, max_new_tokens)
@@ -167,7 +171,11 @@ class VLLMRolloutEngine:
         if not (model_path / "config.json").is_file():
             raise FileNotFoundError(f"{model_path} is not a model directory (no config.json)")
         from vllm import LLM, SamplingParams  # only here: vLLM is an optional dependency
+        from vllm.platforms import current_platform
 
+        engine_kwargs = dict(engine_kwargs or {})
+        if cpu_kv_cache_gib is not None and current_platform.is_cpu():
+            engine_kwargs.setdefault("kv_cache_memory_bytes", int(cpu_kv_cache_gib * (1 << 30)))
         self._sampling_params_cls = SamplingParams
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
@@ -188,7 +196,7 @@ class VLLMRolloutEngine:
             max_model_len=max_model_len,
             dtype=dtype,
             seed=seed,
-            **dict(engine_kwargs or {}),
+            **engine_kwargs,
         )
         self.max_model_len = int(self._llm.llm_engine.model_config.max_model_len)
         self._request_ids = itertools.count()

@@ -205,6 +205,17 @@ def build_worker(
         if model_path is None:
             raise ValueError("rollout.engine: vllm needs the policy's model directory")
         v = r.vllm_settings
+        kv = None
+        if r.num_gpus == 0:
+            from services.rollout.vllm_memory import cpu_kv_cache, read_model_memory
+
+            kv = cpu_kv_cache(r, read_model_memory(model_path))
+            log.info(
+                "vLLM KV cache on CPU: %g GiB (%s; the model and batch call for %g)",
+                kv.gib,
+                kv.source,
+                kv.derived_gib,
+            )
         engine: Any = VLLMRolloutEngine(
             model_path,
             tokenizer,
@@ -217,6 +228,7 @@ def build_worker(
             max_model_len=v.max_model_len,
             dtype=v.dtype,
             seed=cfg.train.seed,
+            cpu_kv_cache_gib=None if kv is None else kv.gib,
         )
     else:
         from services.rollout.hf_engine import HFRolloutEngine

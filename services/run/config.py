@@ -270,7 +270,33 @@ class RunConfig(_Section):
                 f"rollout.num_actors: {self.rollout.num_actors} exceeds prompts_per_step="
                 f"{self.rollout.prompts_per_step}; in mode sync every actor needs a share of a step"
             )
+        self._vllm_fits_on_cpu()
         return self
+
+    def _vllm_fits_on_cpu(self) -> None:
+        """vLLM engines on this machine's CPU: their KV caches must fit in the RAM available
+        here beside the learner and the models, or the engines would fail at start."""
+        if (
+            self.rollout.engine != "vllm"
+            or self.rollout.num_gpus > 0
+            or self.policy.path is None  # the built-in policy: its model is made at start
+            or self.service.ray_address is not None  # the engines run on other machines
+            or os.environ.get("RAY_ADDRESS")
+        ):
+            return
+        from services.rollout.vllm_memory import (
+            available_ram_bytes,
+            check_cpu_fit,
+            read_model_memory,
+        )
+
+        check_cpu_fit(
+            self.rollout,
+            read_model_memory(self.policy.path),
+            learner_ranks=self.learner.world_size,
+            background_eval=self.eval.background,
+            available=available_ram_bytes(),
+        )
 
     def control_token(self) -> str | None:
         return os.environ.get(self.api.control_token_env) or None
