@@ -39,9 +39,14 @@ KV_STEP_GIB = 0.25  # the derived size is rounded up to this, so logs show round
 LEARNER_RANK_BYTES_PER_PARAM = 8
 OPTIMIZER_BYTES_PER_PARAM = 8
 EVALUATOR_BYTES_PER_PARAM = 4
-# Resident memory of a vLLM engine's processes before weights and cache (torch, vLLM, its engine
-# core and worker), a lower bound of what SmolLM2's engine measured on CPU.
-ENGINE_RUNTIME_BYTES = 1 * GIB
+# The learner's logits and their gradient, float32 [tokens, vocab] each, for one micro-batch.
+LOGITS_BYTES_PER_TOKEN_AND_ID = 8
+# Resident memory of processes before weights, caches and activations, lower bounds of what
+# SmolLM2's run measured on CPU: a process with torch loaded (learner rank, evaluator: 0.5 GiB),
+# and a vLLM engine's worker and engine-core processes with the rollout actor that drives them
+# (about 2.3 GiB beyond weights and KV cache).
+PROCESS_RUNTIME_BYTES = GIB // 2
+ENGINE_RUNTIME_BYTES = 2 * GIB
 _DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2, "float64": 8}
 _SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I8": 1, "U8": 1, "F8_E4M3": 1}
 
@@ -51,6 +56,7 @@ class ModelMemory:
     """What sizes a model's memory: its parameters and the shape of its attention."""
 
     params: int
+    vocab_size: int
     num_layers: int
     num_kv_heads: int
     head_dim: int
@@ -98,7 +104,13 @@ def read_model_memory(path: str | Path) -> ModelMemory:
         params = (1 + untied) * int(text.vocab_size) * hidden + hidden  # embeddings, final norm
         params += layers * (attention + 3 * hidden * inner + 2 * hidden)
     return ModelMemory(
-        params, layers, kv_heads, head_dim, int(positions) if positions else None, dtype_bytes
+        params,
+        int(text.vocab_size),
+        layers,
+        kv_heads,
+        head_dim,
+        int(positions) if positions else None,
+        dtype_bytes,
     )
 
 
@@ -208,19 +220,30 @@ def rest_of_run_bytes(
     rollout: RolloutConfig,
     *,
     learner_ranks: int,
+    micro_batch_tokens: int | None,
     background_eval: bool,
 ) -> dict[str, int]:
-    """Lower bounds of what the run holds in RAM besides the engines' KV caches, by part."""
+    """Lower bounds of what the run holds in RAM besides the engines' KV caches, by part.
+    ``micro_batch_tokens`` None: one step's samples in one micro-batch (the learner's default),
+    each at least ``max_new_tokens`` long (plus ``max_prompt_tokens`` when it is set)."""
+    tokens = micro_batch_tokens or (
+        rollout.prompts_per_step
+        * rollout.samples_per_prompt
+        * (rollout.max_new_tokens + (rollout.max_prompt_tokens or 0))
+    )
     parts = {
         "learner": model.params
-        * (LEARNER_RANK_BYTES_PER_PARAM * learner_ranks + OPTIMIZER_BYTES_PER_PARAM),
-        "engine weights": rollout.num_actors
-        * model.params
-        * engine_dtype_bytes(model, rollout.vllm_settings.dtype),
-        "engine runtime": rollout.num_actors * ENGINE_RUNTIME_BYTES,
+        * (LEARNER_RANK_BYTES_PER_PARAM * learner_ranks + OPTIMIZER_BYTES_PER_PARAM)
+        + learner_ranks * PROCESS_RUNTIME_BYTES,
+        "learner logits": learner_ranks * tokens * model.vocab_size * LOGITS_BYTES_PER_TOKEN_AND_ID,
+        "engines": rollout.num_actors
+        * (
+            model.params * engine_dtype_bytes(model, rollout.vllm_settings.dtype)
+            + ENGINE_RUNTIME_BYTES
+        ),
     }
     if background_eval:
-        parts["evaluator"] = model.params * EVALUATOR_BYTES_PER_PARAM
+        parts["evaluator"] = model.params * EVALUATOR_BYTES_PER_PARAM + PROCESS_RUNTIME_BYTES
     return parts
 
 
@@ -229,6 +252,7 @@ def check_cpu_fit(
     model: ModelMemory,
     *,
     learner_ranks: int,
+    micro_batch_tokens: int | None,
     background_eval: bool,
     available: int | None,
     environ: Mapping[str, str] | None = None,
@@ -244,7 +268,11 @@ def check_cpu_fit(
     if available is None:
         return kv
     parts = rest_of_run_bytes(
-        model, rollout, learner_ranks=learner_ranks, background_eval=background_eval
+        model,
+        rollout,
+        learner_ranks=learner_ranks,
+        micro_batch_tokens=micro_batch_tokens,
+        background_eval=background_eval,
     )
     rest = sum(parts.values())
     actors = rollout.num_actors

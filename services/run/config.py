@@ -294,6 +294,7 @@ class RunConfig(_Section):
             self.rollout,
             read_model_memory(self.policy.path),
             learner_ranks=self.learner.world_size,
+            micro_batch_tokens=self.learner.micro_batch_tokens,
             background_eval=self.eval.background,
             available=available_ram_bytes(),
         )

@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parents[2]
 # SmolLM2-135M-Instruct's shape, as `d3s prepare-model` writes it (float32).
 SMOLLM2 = ModelMemory(
     params=134_515_008,
+    vocab_size=49_152,
     num_layers=30,
     num_kv_heads=3,
     head_dim=64,
@@ -163,24 +164,35 @@ def test_environment_then_field_then_derived():
 
 
 def test_fit_check_counts_every_engine_and_the_rest_of_the_run():
-    # Rest of the run for SmolLM2 in float32 with one engine and the background evaluator:
-    # learner 16 B/param, engine weights 4 B/param, engine runtime 1 GiB, evaluator 4 B/param.
-    rest = SMOLLM2.params * 24 + GIB
     rollout = _rollout(num_actors=2, vllm={"dtype": "float32", "cpu_kv_cache_gib": 4})
-    rest2 = rest + SMOLLM2.params * 4 + GIB  # a second engine's weights and runtime
-    fit = {"learner_ranks": 1, "background_eval": True, "environ": {}}
-    assert check_cpu_fit(rollout, SMOLLM2, available=rest2 + 8 * GIB, **fit).gib == 4
+    # What SmolLM2's run holds besides the KV caches, at least: the learner's weights, gradients
+    # and Adam moments (16 B/param) and its process; its logits and their gradient for one step's
+    # 32 x 136 tokens in one micro-batch; each engine's float32 weights and its processes; the
+    # background evaluator's float32 copy and its process.
+    rest = (
+        SMOLLM2.params * 16
+        + GIB // 2
+        + 32 * 136 * 49_152 * 8
+        + 2 * (SMOLLM2.params * 4 + 2 * GIB)
+        + SMOLLM2.params * 4
+        + GIB // 2
+    )
+    fit = {"learner_ranks": 1, "micro_batch_tokens": None, "background_eval": True, "environ": {}}
+    assert check_cpu_fit(rollout, SMOLLM2, available=rest + 8 * GIB, **fit).gib == 4
     with pytest.raises(ValueError) as err:
-        check_cpu_fit(rollout, SMOLLM2, available=rest2 + 8 * GIB - 1, **fit)
+        check_cpu_fit(rollout, SMOLLM2, available=rest + 8 * GIB - 1, **fit)
     message = str(err.value)
     assert message.startswith("rollout.vllm.cpu_kv_cache_gib: 4 GiB of KV cache (as configured)")
     assert "for each of 2 vLLM engine(s)" in message
     assert message.endswith("set rollout.vllm.cpu_kv_cache_gib to at most 3.75")
+    # A smaller learner micro-batch leaves room (its logits: 512 tokens instead of 4,352).
+    small = {**fit, "micro_batch_tokens": 512}
+    assert check_cpu_fit(rollout, SMOLLM2, available=rest + 8 * GIB - 1, **small).gib == 4
     # Not checkable (no /proc/meminfo): passes, the engine reports its own refusal.
     assert check_cpu_fit(rollout, SMOLLM2, available=None, **fit).gib == 4
     # Where not even the floor fits, no size is proposed.
     with pytest.raises(ValueError, match="free memory, or lower rollout.num_actors"):
-        check_cpu_fit(rollout, SMOLLM2, available=rest2 + GIB, **fit)
+        check_cpu_fit(rollout, SMOLLM2, available=rest + GIB, **fit)
 
 
 def test_validate_takes_the_readme_command_and_refuses_what_cannot_fit(smollm2_dir, monkeypatch):
