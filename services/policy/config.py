@@ -77,6 +77,9 @@ class WarmstartConfig(BaseModel):
     """Held-out prompts scored after training, recorded with the checkpoint; 0 skips it."""
     cache_dir: Path = Path(".cache/warmstart")
     """Where finished warm starts are kept, one directory per cache key."""
+    use_shipped: bool = True
+    """Start from the checkpoint shipped with the package for this spec when there is one
+    (sha256-checked), so every machine begins from the same weights; false trains one here."""
 
     @property
     def effective_wrong_fraction(self) -> float:
@@ -89,7 +92,7 @@ class WarmstartConfig(BaseModel):
         has always had), or the identity of another built-in task as a JSON-ready dict (e.g.
         ``{"type": "mixed", "levels": [1, 2]}``).
         """
-        d = self.model_dump(mode="json", exclude={"cache_dir"})
+        d = self.model_dump(mode="json", exclude={"cache_dir", "use_shipped"})
         d["wrong_fraction"] = self.effective_wrong_fraction
         d["clean"] = d["wrong_fraction"] == 0.0
         if isinstance(task, int):

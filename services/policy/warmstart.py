@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from services.policy import shipped
 from services.policy.config import WARMSTART_FORMAT, PolicySpec, WarmstartConfig
 from services.policy.evaluate import evaluate_greedy
 from services.policy.model import build_policy, save_policy
@@ -166,21 +167,29 @@ def warmstart(
     policy: PolicySpec,
     task: TaskSpec,
     progress: ProgressFn | None = None,
+    rebuild: bool = False,
 ) -> Path:
     """Path of a warm-started checkpoint of ``policy`` on ``task`` (a built-in task config, or
-    the addition task's digits), trained as ``spec`` says, training it only if not cached.
+    the addition task's digits), trained as ``spec`` says.
 
-    The checkpoint lives in ``spec.cache_dir/<cache key>/`` (HF format, tokenizer included,
-    + ``warmstart.json`` with the spec, timings and held-out accuracy). Training writes into a
-    temporary directory that is renamed into place, so a crash never leaves a half checkpoint
-    and concurrent callers end up with one complete copy.
+    In order: the start shipped with the package for this spec (checksums verified; see
+    :mod:`services.policy.shipped`) when ``spec.use_shipped``; else one cached in
+    ``spec.cache_dir/<cache key>/``; else it is trained here and cached (HF format, tokenizer
+    included, + ``warmstart.json`` with the spec, timings and probe). ``rebuild`` skips both
+    and trains. Training writes into a temporary directory that is renamed into place, so a
+    crash never leaves a half checkpoint and concurrent callers end up with one complete copy.
     """
     cache_dir = Path(spec.cache_dir)
     identity = task_identity(task)
-    final = cache_dir / spec.cache_key(policy, identity)
-    if (final / METADATA_FILE).is_file():
-        logger.info("warm start cached at %s", final)
-        return final
+    key = spec.cache_key(policy, identity)
+    final = cache_dir / key
+    if not rebuild:
+        if spec.use_shipped and (found := shipped.find(key)) is not None:
+            logger.info("warm start shipped with the package: %s", found)
+            return found
+        if (final / METADATA_FILE).is_file():
+            logger.info("warm start cached at %s", final)
+            return final
     cache_dir.mkdir(parents=True, exist_ok=True)
     logger.info("warm start: training %s into %s", spec, final)
     model, tokenizer, stats = train_demonstrations(spec, policy, task, progress)
@@ -196,7 +205,7 @@ def warmstart(
     try:
         save_policy(model, tokenizer, tmp)
         meta = {
-            "spec": spec.model_dump(mode="json", exclude={"cache_dir"}),
+            "spec": spec.model_dump(mode="json", exclude={"cache_dir", "use_shipped"}),
             "model": policy.model_dump(),
             "task": identity,
             "format": WARMSTART_FORMAT,
@@ -207,6 +216,8 @@ def warmstart(
         # Metadata last: its presence marks a complete checkpoint.
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=1))
         try:
+            if rebuild and final.exists():
+                shutil.rmtree(final)
             os.rename(tmp, final)
         except OSError:
             if not (final / METADATA_FILE).is_file():
@@ -217,3 +228,17 @@ def warmstart(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def describe_warmstart(path: Path) -> str:
+    """One line on a warm-start checkpoint from its metadata: steps, accuracy, probe."""
+    meta = json.loads((Path(path) / METADATA_FILE).read_text())
+    parts = [f"{meta.get('steps_run', '?')} steps, seed {meta['spec']['seed']}"]
+    if meta.get("heldout_accuracy") is not None:
+        parts.append(f"held-out greedy accuracy {meta['heldout_accuracy']:.3f}")
+    if probe := meta.get("probe"):
+        parts.append(
+            f"sampled accuracy {probe['sample_accuracy']:.3f}, "
+            f"pass@{probe['samples']} {probe['pass_at_k']:.3f}, entropy {probe['entropy']:.2f}"
+        )
+    return "; ".join(parts)

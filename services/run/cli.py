@@ -16,9 +16,10 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
+from services.policy.warmstart import describe_warmstart
 from services.run.components import NOISY_LOGGERS
 from services.run.config import ConfigError, RunConfig, load_config
-from services.run.progress import ConsoleLines, quiet_terminal, terminal
+from services.run.progress import ConsoleLines, quiet_terminal, terminal, warmstart_progress
 from services.run.resume import (
     ResumeCheck,
     check_resume,
@@ -405,14 +406,43 @@ def api(
 
 
 @app.command()
-def warmstart(config: ConfigArg = None, set_: SetOpt = None, verbose: VerboseOpt = False) -> None:
-    """Supervised warm start of the tiny policy (cached: a second call returns at once)."""
+def warmstart(
+    config: ConfigArg = None,
+    set_: SetOpt = None,
+    rebuild: Annotated[
+        bool,
+        typer.Option(
+            "--rebuild", help="train here even when a start ships or is cached (replaces the cache)"
+        ),
+    ] = False,
+    ship: Annotated[
+        bool,
+        typer.Option(
+            "--ship",
+            help="with --rebuild: install the result as the start shipped with the package "
+            "(services/policy/starts/), with its checksums, for maintainers to commit",
+        ),
+    ] = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """The warm start of the built-in policy: shipped with the package (checksum-verified),
+    else cached, else trained here; prints where it is and what it scores."""
     _setup_logging(verbose)
     cfg = _load(config, set_)
-    from services.run.prepare import prepare_policy
+    if cfg.policy.path is not None:
+        _error(f"policy.path is set ({cfg.policy.path}): this config starts from that model")
+        raise typer.Exit(2)
+    if ship and not rebuild:
+        _error("--ship installs a start trained by this call: give --rebuild with it")
+        raise typer.Exit(2)
+    from services.run.prepare import prepare_policy, ship_policy
 
-    path = prepare_policy(cfg)
+    with warmstart_progress(enabled=not verbose) as progress:
+        path = prepare_policy(cfg, progress=progress, rebuild=rebuild)
+    if ship:
+        path = ship_policy(cfg, path)
     _print(console, "warm-start checkpoint: ", (path, "bold"))
+    _print(console, describe_warmstart(path))
 
 
 @app.command("prepare-model")
