@@ -288,7 +288,8 @@ def check_cpu_fit(
     advice = (
         f"set {kv.field} to at most {math.floor(fits * 4) / 4:g}"
         if fits >= KV_FLOOR_GIB
-        else "free memory, or lower rollout.num_actors or the model's size"
+        else "free memory, or lower learner.micro_batch_tokens, rollout.num_actors or the "
+        "model's size"
     )
     raise ValueError(
         f"{kv.field}: {kv.gib:g} GiB of KV cache ({what}) for each of {actors} vLLM engine(s) "

@@ -191,7 +191,7 @@ def test_fit_check_counts_every_engine_and_the_rest_of_the_run():
     # Not checkable (no /proc/meminfo): passes, the engine reports its own refusal.
     assert check_cpu_fit(rollout, SMOLLM2, available=None, **fit).gib == 4
     # Where not even the floor fits, no size is proposed.
-    with pytest.raises(ValueError, match="free memory, or lower rollout.num_actors"):
+    with pytest.raises(ValueError, match="free memory, or lower learner.micro_batch_tokens"):
         check_cpu_fit(rollout, SMOLLM2, available=rest + GIB, **fit)
 
 
