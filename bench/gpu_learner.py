@@ -61,7 +61,7 @@ for label, kw in [
     m = model()
     nparams = sum(p.numel() for p in m.parameters())
     eng = LearnerEngine(
-        m, LearnerConfig(device="cuda", bf16="on", zero_stage=2, lr=1e-6, **kw), total_steps=10
+        m, LearnerConfig(device="cuda", bf16="on", zero_stage=2, lr=1e-6, **kw), schedule_steps=10
     )
     for preset, ratio in (("grpo", 1.0), ("d3s", 0.3)):
         torch.cuda.synchronize()

@@ -108,7 +108,7 @@ def _measure(kind: str, args: argparse.Namespace, budget: int | None) -> dict:
         micro_batch_tokens=budget,
         gradient_checkpointing=args.checkpointing,
     )
-    engine = LearnerEngine(model, cfg, total_steps=10)
+    engine = LearnerEngine(model, cfg, schedule_steps=10)
     ids = torch.randint(3, len(tokenizer), (rows, width), generator=g)
     prompt = torch.full((rows,), plen)
     seq = torch.full((rows,), width)

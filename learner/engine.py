@@ -35,13 +35,17 @@ from selector.presets import Preset, select_tokens
 log = logging.getLogger(__name__)
 
 
-def _lr_lambda(cfg: LearnerConfig, total_steps: int):
+def _lr_lambda(cfg: LearnerConfig, schedule_steps: int):
+    """The LR factor at each optimizer step: linear warm-up, then constant or cosine decay that
+    reaches ``min_lr_ratio`` at ``schedule_steps`` (the run's schedule horizon) and holds it, so
+    a run extended past its horizon trains on at the final LR."""
+
     def f(step: int) -> float:
         if cfg.warmup_steps and step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
         if cfg.lr_schedule == "constant":
             return 1.0
-        span = max(1, total_steps - cfg.warmup_steps)
+        span = max(1, schedule_steps - cfg.warmup_steps)
         p = min(1.0, (step - cfg.warmup_steps) / span)
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p))
 
@@ -86,7 +90,9 @@ def _last_kept_width(mask: torch.Tensor) -> torch.Tensor:
 class LearnerEngine:
     """Wraps a Hugging Face causal LM in a DeepSpeed engine and takes D3S/GRPO steps."""
 
-    def __init__(self, model: torch.nn.Module, cfg: LearnerConfig, total_steps: int) -> None:
+    def __init__(self, model: torch.nn.Module, cfg: LearnerConfig, schedule_steps: int) -> None:
+        """``schedule_steps``: the LR schedule's horizon (``train.schedule_steps``, which is
+        ``train.total_steps`` unless a resumed run kept its first horizon)."""
         import deepspeed
 
         self.cfg = cfg
@@ -101,7 +107,7 @@ class LearnerEngine:
         opt = torch.optim.AdamW(
             model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
         )
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, total_steps))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, schedule_steps))
         ds_config: dict[str, Any] = {
             # The learner forms its own micro-batches (a varying number per step) and marks the
             # last one as the accumulation boundary itself, so DeepSpeed's own count stays 1.

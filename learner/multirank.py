@@ -97,7 +97,7 @@ def _follower_main(
     world: int,
     port: int,
     learner_cfg,
-    total_steps: int,
+    schedule_steps: int,
     policy_path: str,
     master_addr: str = "127.0.0.1",
     local_rank: int | None = None,
@@ -113,7 +113,7 @@ def _follower_main(
     from services.policy.model import load_policy
 
     model, _ = load_policy(policy_path)
-    engine = LearnerEngine(model, learner_cfg, total_steps)
+    engine = LearnerEngine(model, learner_cfg, schedule_steps)
     steps = follow(engine)
     log.info("follower rank %d done after %d steps", rank, steps)
     return steps
@@ -134,7 +134,7 @@ class FollowerRank:
         master_addr: str,
         port: int,
         learner_cfg,
-        total_steps: int,
+        schedule_steps: int,
         policy_path: str,
     ) -> int:
         """Join rank 0 at ``master_addr:port`` and follow it until it says stop; returns the steps
@@ -146,7 +146,7 @@ class FollowerRank:
 
         local_rank = 0 if ray.get_gpu_ids() else rank
         return _follower_main(
-            rank, world, port, learner_cfg, total_steps, policy_path, master_addr, local_rank
+            rank, world, port, learner_cfg, schedule_steps, policy_path, master_addr, local_rank
         )
 
 
@@ -163,7 +163,7 @@ Launcher = Callable[[int, int], tuple[str, list[Any]]]
 
 def start_ranks(
     learner_cfg,
-    total_steps: int,
+    schedule_steps: int,
     policy_path: str,
     model: torch.nn.Module,
     launch: Launcher | None = None,
@@ -181,7 +181,7 @@ def start_ranks(
         procs = [
             ctx.Process(
                 target=_follower_main,
-                args=(r, world, port, learner_cfg, total_steps, policy_path),
+                args=(r, world, port, learner_cfg, schedule_steps, policy_path),
                 daemon=True,
             )
             for r in range(1, world)
@@ -195,7 +195,7 @@ def start_ranks(
         MASTER_ADDR=master_addr,
         MASTER_PORT=str(port),
     )
-    engine = LearnerEngine(model, learner_cfg, total_steps)
+    engine = LearnerEngine(model, learner_cfg, schedule_steps)
     log.info(
         "learner: rank 0 of %d leads at %s:%d; followers %s",
         world,

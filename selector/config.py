@@ -90,3 +90,9 @@ class SelectorSettings:
     max_abs_reward: float = 1e6
     vocab_size: int | None = None
     max_positions: int | None = None
+    schedule_steps: int | None = None
+    """The keep-ratio schedule's horizon (``train.schedule_steps``); None: ``total_steps``."""
+
+    @property
+    def horizon(self) -> int:
+        return self.schedule_steps if self.schedule_steps is not None else self.total_steps

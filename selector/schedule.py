@@ -1,6 +1,8 @@
 """The dynamic schedule: keep ratios that move from aggressive to relaxed as training goes on.
 
-Progress p = step / total_steps, clamped to [0, 1]; x(p) interpolates x_init -> x_final.
+Progress p = step / horizon, clamped to [0, 1]; x(p) interpolates x_init -> x_final. The horizon
+is the run's ``train.schedule_steps``: its ``total_steps`` at its first start, kept when a resumed
+run is extended, so the steps past it hold x_final.
 """
 
 from __future__ import annotations
@@ -59,7 +61,8 @@ class Schedule:
         return min(1.0, step / total_steps)
 
     def at(self, step: int, total_steps: int) -> tuple[float, float]:
-        """(sample_ratio, token_ratio) at ``step`` of ``total_steps``; past the end it holds."""
+        """(sample_ratio, token_ratio) at ``step`` of a schedule over ``total_steps`` steps (the
+        horizon); at and past it, the final values."""
         w = _interpolate(self.kind, self.progress(step, total_steps))
         sample = (1.0 - w) * self.sample_init + w * self.sample_final
         token = (1.0 - w) * self.token_init + w * self.token_final

@@ -239,9 +239,7 @@ class SelectorService:
         t0 = time.perf_counter()
         groups: list[ScoredGroup] = [d.record for d in chosen]  # type: ignore[misc]
         gen = torch.Generator().manual_seed(step_seed(self.settings.seed, step))
-        res = curate(
-            groups, self.preset, step, self.settings.total_steps, self.settings.adv_eps, gen
-        )
+        res = curate(groups, self.preset, step, self.settings.horizon, self.settings.adv_eps, gen)
         res.stats["selector_seconds"] = time.perf_counter() - t0  # curate and pack, not the commit
         result = self._commit(held.stale, held.duplicate, chosen, res)
         if not result.committed:
@@ -344,13 +342,13 @@ class SelectorService:
         return result
 
     def _schedule_fields(self, step: int) -> dict[str, Any]:
-        """The schedule as the API shows it: the step the selector builds next, its ratios."""
-        total = self.settings.total_steps
-        sample_ratio, token_ratio = self.preset.ratios(step, total)
+        """The schedule as the API shows it: the step the selector builds next, its ratios
+        (over the schedule's horizon), and how far the run is (``progress``: over its length)."""
+        sample_ratio, token_ratio = self.preset.ratios(step, self.settings.horizon)
         return {
             "step": step,
-            "total_steps": total,
-            "progress": self.preset.schedule.progress(step, total),
+            "total_steps": self.settings.total_steps,
+            "progress": self.preset.schedule.progress(step, self.settings.total_steps),
             "sample_ratio": sample_ratio,
             "token_ratio": token_ratio,
             "preset": self.preset.name,

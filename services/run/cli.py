@@ -167,6 +167,7 @@ def _resume_check(cfg: RunConfig) -> ResumeCheck:
     if not check.ok:
         console.print(check.refusal(), style="red", markup=False, soft_wrap=True)
         raise typer.Exit(2)
+    check.apply_to(cfg)  # the resumed run keeps its schedules' horizon
     line = check.summary_line()
     if line is not None:
         console.print(line, markup=False, highlight=False, soft_wrap=True)

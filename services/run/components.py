@@ -420,12 +420,12 @@ def _build_learner(
 
             def launch(world: int, port: int) -> tuple[str, list[Any]]:
                 return start_followers(
-                    world, port, cfg.learner, cfg.train.total_steps, policy_path, log_dir
+                    world, port, cfg.learner, cfg.train.horizon, policy_path, log_dir
                 )
 
         engine, procs = start_ranks(
             cfg.learner,
-            cfg.train.total_steps,
+            cfg.train.horizon,
             policy_path,
             model,
             launch=launch,
@@ -435,7 +435,7 @@ def _build_learner(
         def stop_followers() -> None:
             stop_ranks(engine, procs)
     else:
-        engine = LearnerEngine(model, cfg.learner, cfg.train.total_steps)
+        engine = LearnerEngine(model, cfg.learner, cfg.train.horizon)
     ns = cfg.service.namespace
     if cfg.weight_sync.transport == "object_store":
         from services.weightsync.object_store import get_or_create_store

@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from learner.config import LearnerConfig
 from learner.settings import LearnerServiceSettings
 from selector.config import AlgorithmConfig, SelectorSettings
 from services.policy.config import PolicyConfig, WarmstartConfig
 from services.policy.limits import ModelLimits
-from services.rollout.config import RolloutConfig
+from services.rollout.config import RolloutConfig, VLLMConfig
 from services.rollout.settings import RolloutSettings
 from services.tasks.config import ArithmeticTaskConfig, MixedTaskConfig, TaskConfig
 from services.weightsync.config import WeightSyncConfig
@@ -39,7 +40,14 @@ class TrainConfig(_Section):
     """Length of the run, what it records, where it lives."""
 
     total_steps: int = Field(200, ge=1)
-    """Learner steps (one curated batch each); the schedule spans them."""
+    """Learner steps (one curated batch each); the schedules span them unless
+    ``schedule_steps`` says otherwise."""
+    schedule_steps: int | None = Field(None, ge=1)
+    """The horizon of the keep-ratio schedule (rho_s, K) and of the learning-rate schedule:
+    both reach their final values at this step and hold them after it. None: ``total_steps``
+    at the run's first start. A resumed run keeps the horizon it started with, so raising
+    ``total_steps`` extends a run with its schedules at their final values instead of
+    stretching them (see docs/architecture.md, "Resuming a run")."""
     eval_every: int = Field(10, ge=1)
     """Held-out evaluation every this many steps (and at the first and last)."""
     checkpoint_every: int = Field(50, ge=1)
@@ -56,6 +64,12 @@ class TrainConfig(_Section):
     """Continue from the run directory's latest checkpoint (``d3s train``)."""
     progress_bar: bool = True
     """One live progress line on the terminal."""
+
+    @property
+    def horizon(self) -> int:
+        """The step at which the schedules reach their final values (``schedule_steps``, else
+        ``total_steps``)."""
+        return self.schedule_steps if self.schedule_steps is not None else self.total_steps
 
 
 class EvalConfig(_Section):
@@ -309,6 +323,7 @@ class RunConfig(_Section):
         return SelectorSettings(
             preset=self.algorithm.build_preset(),
             total_steps=self.train.total_steps,
+            schedule_steps=self.train.horizon,
             prompts_per_step=self.rollout.prompts_per_step,
             samples_per_prompt=self.rollout.samples_per_prompt,
             seed=self.train.seed,
@@ -372,6 +387,58 @@ class RunConfig(_Section):
         """Keyword arguments of the run's metric logger (``RunReporter`` -> ``RunLogger``)."""
         wandb = self.logging.wandb.model_dump(exclude_none=True) if self.logging.wandb else None
         return {"tensorboard": self.logging.tensorboard, "wandb": wandb, "config": self.redacted()}
+
+
+def effective_config(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored config (JSON-ready, as :meth:`RunConfig.stored` wrote it, perhaps by an older
+    d3s) as the run would use it: each section through its model, so every field it leaves out
+    takes its default, and a section left out where that means its defaults (``rollout.vllm``
+    under ``engine: vllm``) filled in. Comparing two such configs reports only what a run would
+    do differently.
+
+    Sections are validated one at a time and without the whole-run checks, some of which read
+    the machine (an installed vLLM, a model directory). A section its model refuses (a field a
+    later d3s removed, a check that fails here) keeps its stored values over the defaults.
+    """
+    defaults = RunConfig().model_dump(mode="json")
+    out: dict[str, Any] = {}
+    for name, value in data.items():
+        info = RunConfig.model_fields.get(name)
+        if info is None:
+            out[name] = value
+            continue
+        try:
+            out[name] = TypeAdapter(info.annotation).dump_python(
+                TypeAdapter(info.annotation).validate_python(value), mode="json"
+            )
+        except ValidationError:
+            out[name] = _over_defaults(defaults.get(name), value)
+    for name, value in defaults.items():
+        out.setdefault(name, value)
+    rollout = out.get("rollout")
+    if isinstance(rollout, dict) and rollout.get("engine") == "vllm":
+        given = rollout.get("vllm")
+        vllm = VLLMConfig().model_dump(mode="json")
+        rollout["vllm"] = _over_defaults(vllm, given) if isinstance(given, Mapping) else vllm
+    return out
+
+
+def _over_defaults(default: Any, value: Any) -> Any:
+    """``value`` with the fields it lacks taken from ``default`` (sections merged key by key; a
+    section of another ``type``, such as another task, is taken as it is)."""
+    if not (isinstance(default, Mapping) and isinstance(value, Mapping)):
+        return value
+    if "type" in default and default["type"] != value.get("type", default["type"]):
+        return dict(value)
+    keys = list(default) + [k for k in value if k not in default]
+    return {
+        k: _over_defaults(default[k], value[k])
+        if k in default and k in value
+        else value[k]
+        if k in value
+        else default[k]
+        for k in keys
+    }
 
 
 def run_dir_for(name: str) -> Path:

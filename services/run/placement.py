@@ -178,7 +178,7 @@ class RayFollower:
         master_addr: str,
         port: int,
         learner_cfg: Any,
-        total_steps: int,
+        schedule_steps: int,
         policy_path: str,
         log_dir: str | None,
     ) -> None:
@@ -209,7 +209,7 @@ class RayFollower:
             ),
         ).remote(log_dir)
         self.ref = self.actor.run.remote(
-            rank, world, master_addr, port, learner_cfg, total_steps, policy_path
+            rank, world, master_addr, port, learner_cfg, schedule_steps, policy_path
         )
         self.pid: Any = f"ray actor (bundle {rank})"
 
@@ -234,7 +234,7 @@ def start_followers(
     world: int,
     port: int,
     learner_cfg: Any,
-    total_steps: int,
+    schedule_steps: int,
     policy_path: str,
     log_dir: str | None = None,
 ) -> tuple[str, list[RayFollower]]:
@@ -243,7 +243,7 @@ def start_followers(
     master = node_address()
     t0 = time.perf_counter()
     followers = [
-        RayFollower(r, world, master, port, learner_cfg, total_steps, policy_path, log_dir)
+        RayFollower(r, world, master, port, learner_cfg, schedule_steps, policy_path, log_dir)
         for r in range(1, world)
     ]
     log.info(

@@ -9,10 +9,18 @@ config is compared, field by field, with the one stored there (``run_config.json
   they may differ, and are listed in one line;
 * any other difference (preset, loss, model, task, batch shape, seed, ...) would silently mix
   two experiments in one directory: it is refused, each field named with both values;
-* ``train.total_steps`` may change but not below the steps the directory already holds.
+* ``train.total_steps`` may change but not below the steps the directory already holds;
+* the schedules' horizon (``train.schedule_steps``; ``train.total_steps`` at the run's first
+  start) is kept: a config that leaves it unset goes on with the stored one
+  (:attr:`ResumeCheck.schedule_steps`, which the caller applies), one that names another is
+  refused. So a run extended past its horizon trains its extra steps at the schedules' final
+  keep ratios and learning rate instead of having them stretched back toward their start.
 
-The functions here are pure over the two config mappings except :func:`inspect_run_dir`,
-:func:`write_stored_config` and :func:`move_aside`, which touch the directory.
+Both configs are compared as the run would use them (:func:`~services.run.config.effective_config`:
+defaults filled in), so a field an older d3s did not store, or a section given as "the defaults",
+is no difference. The functions here are pure over the two config mappings except
+:func:`inspect_run_dir`, :func:`write_stored_config` and :func:`move_aside`, which touch the
+directory.
 """
 
 from __future__ import annotations
@@ -23,7 +31,12 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from services.run.config import effective_config
+
+if TYPE_CHECKING:
+    from services.run.config import RunConfig
 
 __all__ = [
     "SAFE_ON_RESUME",
@@ -45,9 +58,11 @@ STORED_CONFIG = "run_config.json"
 
 # Dotted paths (a section name covers all its fields) that may differ when a run is resumed.
 # Each changes how the run is driven, logged or served, never what a step computes; anything
-# not listed is refused, so a field added later is safe until someone argues it onto this list.
+# not listed is refused, so a field added later is refused until someone argues it onto this
+# list. A section is listed whole only when every one of its fields passes that test.
 SAFE_ON_RESUME: tuple[str, ...] = (
-    "train.total_steps",  # checked separately against the steps already done
+    # Checked separately against the steps already done; the schedules keep their horizon.
+    "train.total_steps",
     "train.eval_every",
     "train.checkpoint_every",
     "train.progress_bar",
@@ -71,7 +86,21 @@ SAFE_ON_RESUME: tuple[str, ...] = (
     "service.redis_maxmemory_mb",
     "learner.dist_timeout_s",
     # How the same weights reach the engines (a resumed learner republishes its checkpoint's).
-    "weight_sync",
+    # Not weight_sync.wire_dtype: bfloat16 on the wire rounds a float32 model's weights, so the
+    # rollouts would sample from another policy than before.
+    "weight_sync.transport",
+    "weight_sync.bucket_mb",
+    "weight_sync.path",
+    "weight_sync.keep_last",
+    "weight_sync.timeout_s",
+    "weight_sync.rendezvous",
+    "weight_sync.catchup_every",
+    "weight_sync.member_timeout_s",
+    "weight_sync.sample_every",  # the checksum's sampling, not the weights
+    "weight_sync.sample_elements",
+    "weight_sync.engine_digest",
+    # Memory vLLM may take on a GPU (the other vllm fields change what or how it samples).
+    "rollout.vllm.gpu_memory_utilization",
     # Only where the cached warm start lives; the resumed run starts from its checkpoint.
     "warmstart.cache_dir",
 )
@@ -121,10 +150,20 @@ class ResumeCheck:
     state: RunDirState
     allowed: list[Difference] = field(default_factory=list)
     refused: list[Difference] = field(default_factory=list)
+    schedule_steps: int | None = None
+    """The schedules' horizon the resumed run goes on with (the stored one); None: the run is
+    new, or was stored without its config, and uses the horizon given."""
+    total_steps: int | None = None
+    """The run length given (to say what the steps past the horizon do)."""
 
     @property
     def ok(self) -> bool:
         return not self.refused
+
+    def apply_to(self, cfg: RunConfig) -> None:
+        """Make ``cfg`` go on with the run's horizon (before it is stored and run)."""
+        if self.schedule_steps is not None:
+            cfg.train.schedule_steps = self.schedule_steps
 
     def summary_line(self) -> str | None:
         """One line for a resume that may go ahead; None for a directory with no run in it."""
@@ -135,6 +174,11 @@ class ResumeCheck:
             line += "; it has no stored config (an older d3s), so only its length was checked"
         if self.allowed:
             line += "; changed: " + ", ".join(d.short() for d in self.allowed)
+        h = self.schedule_steps
+        if h is not None and self.total_steps is not None and self.total_steps != h:
+            line += f"; the schedules keep their horizon of {h} steps"
+            if self.total_steps > h:
+                line += f" (steps after {h} train at the final keep ratios and learning rate)"
         return line
 
     def refusal(self) -> str:
@@ -172,7 +216,8 @@ def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def diff_configs(stored: Mapping[str, Any], given: Mapping[str, Any]) -> list[Difference]:
     """Every leaf field whose value differs between two config mappings (as JSON-ready data),
-    in dotted-path order; a field present on one side only differs from ``"(unset)"``."""
+    in dotted-path order; a field present on one side only differs from ``"(unset)"``.
+    Compared as given: :func:`check_resume` fills both with defaults first."""
     a, b = _flatten(stored), _flatten(given)
     return [
         Difference(path, a.get(path, _MISSING), b.get(path, _MISSING))
@@ -187,6 +232,12 @@ def is_safe(path: str, allow: tuple[str, ...] = SAFE_ON_RESUME) -> bool:
     return any(path == p or path.startswith(p + ".") for p in allow)
 
 
+def _horizon(train: Mapping[str, Any]) -> int | None:
+    """The schedules' horizon a ``train`` section sets: ``schedule_steps``, else ``total_steps``."""
+    value = train.get("schedule_steps")
+    return value if value is not None else train.get("total_steps")
+
+
 def check_resume(
     run_dir: Path, state: RunDirState, given: Mapping[str, Any], total_steps: int
 ) -> ResumeCheck:
@@ -194,16 +245,19 @@ def check_resume(
 
     ``total_steps``: the given run length, refused when below ``state.steps_done`` (a run
     cannot be shorter than what it has already trained). Without a stored config only that is
-    checked.
+    checked. The stored horizon is kept (:attr:`ResumeCheck.schedule_steps`); a given
+    ``train.schedule_steps`` other than it is refused.
     """
-    check = ResumeCheck(Path(run_dir), state)
+    check = ResumeCheck(Path(run_dir), state, total_steps=total_steps)
     if not state.holds_run:
         return check
     if state.stored is not None:
-        for diff in diff_configs(state.stored, given):
-            if diff.path == "train.total_steps":
-                continue  # judged below, with or without a stored config
+        stored, now = effective_config(state.stored), effective_config(given)
+        for diff in diff_configs(stored, now):
+            if diff.path in ("train.total_steps", "train.schedule_steps"):
+                continue  # judged below
             (check.allowed if is_safe(diff.path) else check.refused).append(diff)
+        _judge_horizon(check, stored.get("train", {}), now.get("train", {}))
     stored_total = (state.stored or {}).get("train", {}).get("total_steps", _MISSING)
     if total_steps < state.steps_done:
         check.refused.insert(
@@ -218,6 +272,27 @@ def check_resume(
     elif stored_total != _MISSING and stored_total != total_steps:
         check.allowed.insert(0, Difference("train.total_steps", stored_total, total_steps))
     return check
+
+
+def _judge_horizon(check: ResumeCheck, stored: Mapping[str, Any], given: Mapping[str, Any]) -> None:
+    """Keep the stored horizon; refuse a given ``schedule_steps`` that names another one (it
+    would move the keep ratios and learning rate of every step still to come)."""
+    horizon = _horizon(stored)
+    if not isinstance(horizon, int):
+        return  # a stored config without a length: nothing to keep
+    asked = given.get("schedule_steps")
+    if asked is not None and asked != horizon:
+        check.refused.append(
+            Difference(
+                "train.schedule_steps",
+                horizon,
+                asked,
+                "the schedules' horizon is kept on resume (changing it moves the keep ratios "
+                "and learning rate of every later step); leave it unset to keep it",
+            )
+        )
+        return
+    check.schedule_steps = horizon
 
 
 def _steps_in_checkpoints(ckpt_dir: Path) -> int | None:

@@ -48,8 +48,8 @@ class SyncTrainer:
         self.preset = cfg.algorithm.build_preset()
 
     def run(self, stop_at: int | None = None) -> dict[str, Any]:
-        """Train to train.total_steps, or stop after step ``stop_at`` (the schedule still spans
-        total_steps, so a stopped run resumes exactly where an uninterrupted one would be)."""
+        """Train to train.total_steps, or stop after step ``stop_at`` (the schedules still span
+        their horizon, so a stopped run resumes exactly where an uninterrupted one would be)."""
         if self.cfg.learner.world_size > 1 and not torch.distributed.is_initialized():
             from learner.launch import spawn_local
 
@@ -68,7 +68,7 @@ class SyncTrainer:
             policy_path = prepare_policy(cfg, progress)
             model, tokenizer = load_policy(policy_path)
         rollout_model = copy.deepcopy(model)
-        learner = LearnerEngine(model, cfg.learner, total)
+        learner = LearnerEngine(model, cfg.learner, cfg.train.horizon)
         lead = learner.rank == 0
         ckpt_dir = self.run_dir / "checkpoints"
         totals = dict.fromkeys(_TOTALS, 0.0)
@@ -161,7 +161,7 @@ class SyncTrainer:
                 groups,
                 self.preset,
                 step,
-                cfg.train.total_steps,
+                cfg.train.horizon,
                 cfg.algorithm.adv_eps,
                 torch.Generator().manual_seed(seed),
             )

@@ -17,6 +17,7 @@ import yaml
 from d3s_cli import run_d3s
 from typer.testing import CliRunner
 
+from selector.presets import get_preset
 from services.run.cli import app
 from services.run.resume import STORED_CONFIG
 from services.telemetry.run_log import read_metrics
@@ -102,6 +103,7 @@ def test_more_steps_continue_the_run_and_train_only_the_extra_steps(
     assert out.returncode == 0, (out.stderr + out.stdout)[-3000:]
     (line,) = [x for x in out.stderr.splitlines() if x.startswith("resuming the run in")]
     assert f"({STEPS} steps done)" in line and f"train.total_steps {STEPS} -> {more}" in line
+    assert f"the schedules keep their horizon of {STEPS} steps" in line
     assert f"{more}/{more} steps" in out.stderr
     assert f"{more} / {more}" in out.stdout
     # The steps already done were kept, the extra ones trained once each.
@@ -109,10 +111,19 @@ def test_more_steps_continue_the_run_and_train_only_the_extra_steps(
     assert [r["step"] for r in rows] == list(range(more + 1))
     assert rows[: STEPS + 1] == before
     assert all("loss" in r or "tokens_valid" in r for r in rows[STEPS + 1 :])
+    # The schedule kept the horizon of the first start (docs/architecture.md, "Resuming a
+    # run"): the steps after the old end are curated at the final keep ratios (d3s: rho_s and
+    # K both 0.5), not at the mid-schedule ones a horizon of `more` steps would give.
+    schedule = get_preset("d3s").schedule
+    final = (schedule.sample_final, schedule.token_final)
+    assert [(r["sample_ratio"], r["token_ratio"]) for r in rows[STEPS + 1 :]] == [final] * 2
+    assert schedule.at(STEPS, more) != final  # what a stretched schedule would have used
+    assert (rows[1]["sample_ratio"], rows[1]["token_ratio"]) == schedule.at(0, STEPS)
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step{more:07d}"
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == more
     # The next resume compares against the config the run went on with.
-    assert json.loads((run_dir / STORED_CONFIG).read_text())["train"]["total_steps"] == more
+    stored = json.loads((run_dir / STORED_CONFIG).read_text())["train"]
+    assert stored["total_steps"] == more and stored["schedule_steps"] == STEPS
 
 
 def test_a_refused_change_exits_2_naming_each_field_and_touches_nothing(

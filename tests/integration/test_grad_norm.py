@@ -15,7 +15,7 @@ pytestmark = pytest.mark.integration
 
 def _manual_norm(batch) -> float:
     """The gradient norm of one step at ZeRO-0 with a clip too large to act."""
-    eng = LearnerEngine(tiny_model(), LearnerConfig(zero_stage=0, grad_clip=1e9), total_steps=4)
+    eng = LearnerEngine(tiny_model(), LearnerConfig(zero_stage=0, grad_clip=1e9), schedule_steps=4)
     return eng.train_step(batch, get_preset("grpo"), 1.0)["grad_norm"]
 
 
@@ -24,7 +24,7 @@ def test_grad_norm_is_before_clipping(stage):
     batch = make_batch(0)
     clip = 1e-3
     eng = LearnerEngine(
-        tiny_model(), LearnerConfig(zero_stage=stage, grad_clip=clip), total_steps=4
+        tiny_model(), LearnerConfig(zero_stage=stage, grad_clip=clip), schedule_steps=4
     )
     before = {k: v.clone() for k, v in eng.state_dict_cpu().items()}
     m = eng.train_step(batch, get_preset("grpo"), 1.0)

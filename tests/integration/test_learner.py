@@ -44,7 +44,7 @@ def make_batch(seed: int, n: int = 24) -> LearnerBatch:
 def run_steps(
     n_steps: int, preset: str, cfg_kwargs: dict, ckpt_dir: str | None = None, resume: bool = False
 ):
-    eng = LearnerEngine(tiny_model(), LearnerConfig(**cfg_kwargs), total_steps=10)
+    eng = LearnerEngine(tiny_model(), LearnerConfig(**cfg_kwargs), schedule_steps=10)
     start = 0
     if resume:
         state = eng.load_checkpoint(ckpt_dir)

@@ -42,7 +42,7 @@ def make_batch(seed: int, n: int = 24) -> LearnerBatch:
 
 
 def run_steps(cfg_kwargs: dict, preset: str = "d3s", pool: str = "batch", n_steps: int = 2):
-    eng = LearnerEngine(policy(), LearnerConfig(lr=1e-3, **cfg_kwargs), total_steps=10)
+    eng = LearnerEngine(policy(), LearnerConfig(lr=1e-3, **cfg_kwargs), schedule_steps=10)
     p = get_preset(preset, token_pool=pool)
     metrics = [eng.train_step(make_batch(step), p, 0.4) for step in range(n_steps)]
     return metrics, eng.state_dict_cpu()
@@ -90,7 +90,7 @@ def test_micro_batches_with_the_full_pass_and_seq_mean_aggregation():
 
 
 def test_every_forward_stays_within_the_token_budget():
-    eng = LearnerEngine(policy(), LearnerConfig(micro_batch_tokens=BUDGET), total_steps=10)
+    eng = LearnerEngine(policy(), LearnerConfig(micro_batch_tokens=BUDGET), schedule_steps=10)
     shapes: list[tuple[int, int]] = []
     eng.module.register_forward_pre_hook(
         lambda _m, _a, kw: shapes.append(tuple(kw["input_ids"].shape)), with_kwargs=True
@@ -113,7 +113,7 @@ def test_gradient_checkpointing_gives_the_same_weights():
 
 def block_calls_in_one_step(gradient_checkpointing: bool) -> tuple[int, float]:
     cfg = LearnerConfig(micro_batch_tokens=BUDGET, gradient_checkpointing=gradient_checkpointing)
-    eng = LearnerEngine(policy(), cfg, total_steps=10)
+    eng = LearnerEngine(policy(), cfg, schedule_steps=10)
     calls = [0]
     # A pre-hook inside the block: hooks on the block itself stay outside the checkpoint, and
     # the recompute stops (early) before the inner module's forward returns.
@@ -137,7 +137,7 @@ def test_gradient_checkpointing_refused_for_a_model_without_it():
             self.w = torch.nn.Linear(2, 2)
 
     with pytest.raises(ValueError, match=r"^learner\.gradient_checkpointing:"):
-        LearnerEngine(Plain(), LearnerConfig(gradient_checkpointing=True), total_steps=1)
+        LearnerEngine(Plain(), LearnerConfig(gradient_checkpointing=True), schedule_steps=1)
 
 
 def _rank_worker(micro_batch_tokens: int | None):

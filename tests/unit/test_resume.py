@@ -6,12 +6,16 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
+from typing import Any, get_args
 
+from pydantic import BaseModel
 from rich.console import Console
 
+from learner.engine import _lr_lambda
 from services.run.config import RunConfig, load_config, parse_config
 from services.run.progress import StepProgress
 from services.run.resume import (
+    SAFE_ON_RESUME,
     STORED_CONFIG,
     RunDirState,
     check_resume,
@@ -168,3 +172,126 @@ def test_the_run_directory_follows_the_name_unless_given() -> None:
     # Resolved once: a dumped config validates back to the same directory.
     cfg = load_config(None, ["name=a"])
     assert RunConfig.model_validate(cfg.model_dump()).train.run_dir == Path("runs/a")
+
+
+def _model_classes(annotation: Any) -> list[type[BaseModel]]:
+    """The config models a field's annotation can hold (through Optional, unions, Annotated)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in get_args(annotation) for m in _model_classes(arg)]
+
+
+def _in_schema(path: str) -> bool:
+    models: list[type[BaseModel]] = [RunConfig]
+    for part in path.split("."):
+        fields = [m.model_fields[part] for m in models if part in m.model_fields]
+        if not fields:
+            return False
+        models = [m for f in fields for m in _model_classes(f.annotation)]
+    return True
+
+
+def test_every_safe_entry_names_a_field_or_section_of_the_schema() -> None:
+    # A renamed field must not leave a dead entry behind (its new name would be refused while
+    # the list still reads as if it were allowed).
+    dead = [p for p in SAFE_ON_RESUME if not _in_schema(p)]
+    assert dead == []
+    assert len(set(SAFE_ON_RESUME)) == len(SAFE_ON_RESUME)
+    # The walk itself tells a missing name from a present one.
+    assert _in_schema("logging.wandb.project") and _in_schema("rollout.vllm.dtype")
+    assert not _in_schema("weight_sync.wire") and not _in_schema("train.total")
+
+
+def test_weight_sync_is_safe_field_by_field_but_not_the_wire_dtype() -> None:
+    check = _check(
+        _cfg(),
+        _cfg(
+            "weight_sync.bucket_mb=8",
+            "weight_sync.timeout_s=60",
+            "weight_sync.wire_dtype=bfloat16",
+        ),
+    )
+    assert [d.path for d in check.allowed] == ["weight_sync.bucket_mb", "weight_sync.timeout_s"]
+    assert [(d.path, d.stored, d.given) for d in check.refused] == [
+        ("weight_sync.wire_dtype", "auto", "bfloat16")
+    ]
+
+
+def _vllm_run(**vllm: Any) -> dict:
+    """A stored config of a run on vLLM (built by hand: this venv may have no vLLM to validate
+    ``engine: vllm`` against); ``vllm`` None leaves the section out, as a user's config may."""
+    data = _cfg()
+    data["rollout"]["engine"] = "vllm"
+    data["rollout"]["vllm"] = vllm or None
+    return data
+
+
+def test_a_section_left_out_compares_as_its_defaults() -> None:
+    defaults = RunConfig.model_fields["rollout"].default.vllm_settings.model_dump(mode="json")
+    # The issue's case: the stored run spelt out the defaults, the given config leaves vllm out.
+    assert _check(_vllm_run(**defaults), _vllm_run()).ok
+    assert _check(_vllm_run(), _vllm_run(**defaults)).ok
+    # Only what the run would really do differently is reported, once, against the default.
+    check = _check(_vllm_run(**{**defaults, "dtype": "float32"}), _vllm_run())
+    assert [d.describe() for d in check.refused] == [
+        f'rollout.vllm.dtype: "float32" (stored) -> "{defaults["dtype"]}" (given)'
+    ]
+    assert "(unset)" not in check.refusal() and "null" not in check.refusal()
+    # A field the stored config lacks (written by an older d3s) takes its default too.
+    older = _cfg()
+    del older["train"]["schedule_steps"], older["eval"]["max_pending"]
+    assert _check(older, _cfg()).ok and not _check(older, _cfg()).allowed
+    # ...and a real difference beside it is still reported.
+    assert [d.path for d in _check(older, _cfg("eval.max_pending=4")).allowed] == [
+        "eval.max_pending"
+    ]
+
+
+def test_extending_a_run_keeps_its_schedule_horizon_and_the_later_steps_hold_the_end() -> None:
+    stored, given = _cfg("train.total_steps=60"), _cfg("train.total_steps=120")
+    check = _check(stored, given)
+    assert check.ok and check.schedule_steps == 60
+    line = check.summary_line()
+    assert line is not None and "train.total_steps 60 -> 120" in line
+    assert "horizon of 60 steps (steps after 60 train at the final keep ratios" in line
+    cfg = parse_config(
+        {"name": "r", "train": {"run_dir": "runs/r"}},
+        ["train.total_steps=120", "learner.lr_schedule=cosine"],
+    )
+    check.apply_to(cfg)
+    assert cfg.train.schedule_steps == 60 and cfg.train.total_steps == 120
+    # What the docs say of the step after the old end: rho_s and K at their final values, the
+    # LR at its final value (min_lr_ratio x lr), and so for every later step.
+    schedule = cfg.algorithm.build_preset().schedule
+    settings = cfg.selector_settings()
+    assert settings.horizon == 60 and settings.total_steps == 120
+    for step in (60, 61, 119):
+        assert settings.preset.ratios(step, settings.horizon) == (
+            schedule.sample_final,
+            schedule.token_final,
+        )
+        assert _lr_lambda(cfg.learner, cfg.train.horizon)(step) == cfg.learner.min_lr_ratio
+    # Before the old end nothing moved: the step-30 ratios are those of the 60-step run.
+    assert settings.preset.ratios(30, settings.horizon) == schedule.at(30, 60)
+    # The run goes on with the horizon stored, so the next resume keeps it again.
+    assert cfg.stored()["train"]["schedule_steps"] == 60
+    again = _check(
+        cfg.stored(), _cfg("train.total_steps=200", "learner.lr_schedule=cosine"), steps_done=120
+    )
+    assert again.ok and again.schedule_steps == 60
+
+
+def test_a_horizon_given_explicitly_must_match_the_stored_one() -> None:
+    stored = _cfg("train.total_steps=60")
+    same = _check(stored, _cfg("train.total_steps=120", "train.schedule_steps=60"))
+    assert same.ok and same.schedule_steps == 60
+    other = _check(stored, _cfg("train.total_steps=120", "train.schedule_steps=120"))
+    assert [(d.path, d.stored, d.given) for d in other.refused] == [
+        ("train.schedule_steps", 60, 120)
+    ]
+    assert "the schedules' horizon is kept on resume" in other.refusal()
+    # An unchanged length keeps the horizon without a word about it.
+    plain = _check(stored, _cfg("train.total_steps=60"))
+    assert plain.ok and plain.schedule_steps == 60 and "horizon" not in plain.summary_line()
+    # Without a stored config there is nothing to keep: the given horizon is used.
+    assert _check(None, _cfg("train.total_steps=120")).schedule_steps is None
