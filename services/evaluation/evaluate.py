@@ -21,7 +21,7 @@ from services.policy.evaluate import evaluate_greedy
 from services.rollout.engine import NO_STOP
 from services.rollout.hf_engine import HFRolloutEngine
 from services.tasks.base import Prompt
-from services.tasks.verify import VERIFIERS, Verifier
+from services.tasks.verify import CORRECT_REWARD, VERIFIERS, Verifier
 
 
 def prompt_difficulty(prompt: Prompt) -> int | None:
@@ -336,7 +336,7 @@ def _sample(
                     difficulty=prompt_difficulty(p),
                     answers=[extract(t) for t in texts],
                     formatted=p.task in extractors,
-                    correct=[float(verify(t, p.answer)) >= 1.0 for t in texts],
+                    correct=[float(verify(t, p.answer)) >= CORRECT_REWARD for t in texts],
                     lengths=[int(lengths[r]) for r in rows],
                     truncated=[bool(truncated[r]) for r in rows],
                 )

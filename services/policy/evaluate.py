@@ -9,7 +9,7 @@ from services.policy.model import left_pad
 from services.policy.tokenizer import decode_ids, encode_text, special_ids
 from services.rollout.engine import default_stop_token_ids
 from services.tasks.base import Prompt
-from services.tasks.verify import resolve_verifier
+from services.tasks.verify import CORRECT_REWARD, resolve_verifier
 
 
 @torch.no_grad()
@@ -50,7 +50,7 @@ def evaluate_greedy(
                 if ends:
                     row = row[: ends[0]]
                 reward = resolve_verifier(p.task)(decode_ids(tokenizer, row), p.answer)
-                total += 1.0 if reward >= 1.0 else 0.0
+                total += 1.0 if reward >= CORRECT_REWARD else 0.0
     finally:
         model.train(was_training)
     return total / len(prompts)

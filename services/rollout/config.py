@@ -10,9 +10,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 class PrefilterConfig(BaseModel):
     """Pre-rollout prompt selection (GRESO, arXiv 2506.02177): a prompt whose last ``n`` groups
-    in a row were all right ("easy") or all wrong ("hard") is skipped before generation with
-    probability ``1 - max(p^n, floor)``, one p per kind, each adapted once per round toward
-    its share of ``target_zero_var``; replacements are drawn so a round keeps its prompts.
+    in a row were all right ("easy") or all wrong ("hard", by the verifier's correctness, not
+    the reward's sign) is skipped before generation with probability ``1 - max(p^n, floor)``,
+    one p per kind, each adapted once per learner step (from every actor's groups at that
+    step) toward its share of ``target_zero_var``; replacements are drawn so a round keeps its
+    prompts.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -20,14 +22,14 @@ class PrefilterConfig(BaseModel):
     enabled: bool = False
     """Skip prompts predicted to give zero-variance groups (off: every drawn prompt is used)."""
     target_zero_var: float = Field(0.25, gt=0, lt=1)
-    """Share of a round's groups that may be zero-variance; the p's adapt toward it."""
+    """Share of a learner step's groups that may be zero-variance; the p's adapt toward it."""
     easy_fraction: float = Field(1 / 3, ge=0, le=1)
     """Part of ``target_zero_var`` allotted to all-right groups (the rest: all-wrong)."""
     p_init: float = Field(0.5, gt=0, lt=1)
-    """Both p's before the first adaptation (a run's first round)."""
+    """Both p's before the first adaptation (a run's first step)."""
     p_step: float = Field(0.01, gt=0, le=0.5)
-    """Change of a p per round: down when its kind's zero-variance share exceeded its target
-    (skip more), up otherwise."""
+    """Change of a p per learner step (however many actors): down when its kind's share of the
+    step's groups exceeded its target (skip more), up otherwise."""
     p_min: float = Field(0.05, gt=0, lt=1)
     """Lowest p (the most aggressive skipping)."""
     p_max: float = Field(0.95, gt=0, lt=1)

@@ -125,7 +125,9 @@ class RolloutWorker:
             ]
             self.prompts_skipped_too_long += len(batch) - len(fits)
             if filtering and self.prefilter is not None and fits:
-                chances = self.prefilter.skip_chances([p.prompt_id for p in fits])
+                # The weight version is the learner step the round belongs to: the p's adapt
+                # once per step, whichever actor draws first at a new one.
+                chances = self.prefilter.skip_chances([p.prompt_id for p in fits], self.version)
                 passed = [p for p, c in zip(fits, chances, strict=True) if coins.random() >= c]
                 self.prompts_prefiltered += len(fits) - len(passed)
                 fits = passed
@@ -143,13 +145,14 @@ class RolloutWorker:
         prompts = self.draw_prompts(n_prompts, rng, np.random.default_rng([seed, _SKIP_STREAM]))
         g = self.samples_per_prompt
         inflight = {} if between_steps is None else {"between_steps": between_steps}
+        step = self.version  # before generating: in-flight updates may move it meanwhile
         rb = self.engine.generate(prompts, g, seed, **inflight)
         versions = None if rb.token_versions is None else rb.token_versions.numpy()
         lengths = rb.response_lengths.numpy()
         rewards = self.tasks.score(prompts, rb.texts, g)
         if self.prefilter is not None:
             self.last_prefilter_report = self.prefilter.observe(
-                [p.prompt_id for p in prompts], rewards
+                [p.prompt_id for p in prompts], rewards, step
             )
         now = time.time()
         groups = []

@@ -123,6 +123,11 @@ def gsm8k_answer(response_text: str, answer: str) -> float:
 # What gsm8k_format_answer gives a response in the asked format with the wrong number.
 FORMAT_CREDIT = 0.1
 
+CORRECT_REWARD = 1.0
+"""A response is correct when its verifier's reward is at least this: evaluation's accuracy and
+pass@k, and the prefilter's all-right / all-wrong groups. Partial credit (``FORMAT_CREDIT``)
+is reward, not correctness."""
+
 
 def gsm8k_format_answer(response_text: str, answer: str) -> float:
     """:func:`gsm8k_answer` with a little credit for the format alone: 1.0 for the right number

@@ -141,6 +141,13 @@ class RunKeys:
         floor) for prompts of that kind (absent: ``rollout.prefilter.p_init``)."""
         return self._key("prefilter:p")
 
+    @property
+    def prefilter_counts(self) -> str:
+        """Hash ``step`` -> the learner step whose rounds are being counted, and ``groups`` |
+        ``easy`` | ``hard`` -> the groups generated at that step, by every actor, and how many
+        were all right and all wrong: the p's adapt once from them when a later step begins."""
+        return self._key("prefilter:counts")
+
     def loaded_versions(self, actor: str) -> str:
         """List of the weight versions rollout actor ``actor`` loaded, in order."""
         return self._key(f"rollout:{actor}:versions")

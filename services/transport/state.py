@@ -220,23 +220,44 @@ class RunState:
         """The adaptive p of each kind written so far (``easy``, ``hard``; absent: never)."""
         return {k: float(v) for k, v in self._hash(self.keys.prefilter_p).items()}
 
-    def update_prefilter_p(
-        self, update: Callable[[dict[str, float]], Mapping[str, float]]
+    def advance_prefilter(
+        self,
+        step: int,
+        counts: Mapping[str, int],
+        adapt: Callable[[dict[str, float], dict[str, int]], Mapping[str, float]],
     ) -> dict[str, float]:
-        """Replace the adaptive p's by ``update(current)`` atomically: every rollout actor adapts
-        them after its rounds, and a read-modify-write that raced another would lose its step
-        (optimistic: retried when the hash changed in between). Returns what was written."""
-        written: dict[str, float] = {}
+        """Add a round's ``counts`` to those of learner step ``step`` and return the p's.
+
+        The counts of one step are summed over every actor's rounds. The first call for a later
+        step closes the counted one: the p's become ``adapt(p, its counts)``, once, whichever
+        actor gets there first (the read-modify-write is optimistic over both hashes, retried
+        when another actor changed them in between). A round of an earlier step than the one
+        counted (an actor still on older weights) adds to the current step's counts.
+        """
+        p_key, c_key = self.keys.prefilter_p, self.keys.prefilter_counts
+        out: dict[str, float] = {}
 
         def apply(pipe: redis.client.Pipeline) -> None:
-            current = {text(k): float(v) for k, v in pipe.hgetall(self.keys.prefilter_p).items()}
-            written.clear()
-            written.update(update(current))
+            p = {text(k): float(v) for k, v in pipe.hgetall(p_key).items()}
+            bucket = {text(k): int(v) for k, v in pipe.hgetall(c_key).items()}
+            counted = bucket.pop("step", None)
+            adapted: Mapping[str, float] = {}
+            if counted is None or step > counted:
+                if counted is not None and bucket.get("groups", 0) > 0:
+                    adapted = adapt(dict(p), dict(bucket))
+                bucket, counted = {}, step
+            for k, v in counts.items():
+                bucket[k] = bucket.get(k, 0) + int(v)
             pipe.multi()
-            pipe.hset(self.keys.prefilter_p, mapping={k: hash_value(v) for k, v in written.items()})
+            pipe.delete(c_key)  # a new step's counts replace the old step's fields
+            pipe.hset(c_key, mapping={"step": counted, **bucket})
+            if adapted:
+                pipe.hset(p_key, mapping={k: hash_value(v) for k, v in adapted.items()})
+            out.clear()
+            out.update({**p, **adapted})
 
-        self.client.transaction(apply, self.keys.prefilter_p)
-        return dict(written)
+        self.client.transaction(apply, p_key, c_key)
+        return dict(out)
 
     # ---- per-step history, checkpoints, config -------------------------------------------------
 

@@ -4,6 +4,8 @@ them and reports the prefilter's metrics."""
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import redis
@@ -34,9 +36,11 @@ def test_history_is_shared_and_survives_a_restart(
 ):
     cfg = PrefilterConfig(enabled=True)
     first = Prefilter(cfg, PromptHistory(transport.state, cfg.p_init))
-    first.observe(["a", "b", "c"], np.array([[1, 1], [0, 0], [0, 1]], dtype=np.float32))
-    first.observe(["a", "b"], np.array([[1, 1], [1, 1]], dtype=np.float32))
-    # easy: 1/3 then 2/2 above 0.0833 -> 0.48; hard: 1/3 above 0.1667, then 0 -> 0.50.
+    first.observe(["a", "b", "c"], np.array([[1, 1], [0, 0], [0, 1]], dtype=np.float32), step=0)
+    first.observe(["a", "b"], np.array([[1, 1], [1, 1]], dtype=np.float32), step=1)
+    first.skip_chances([], step=2)
+    # Step 0: easy 1/3 above 0.0833 -> 0.49, hard 1/3 above 0.1667 -> 0.49; step 1: easy 2/2
+    # -> 0.48, hard 0 -> 0.50.
     expected_p = {"easy": pytest.approx(0.48), "hard": pytest.approx(0.50)}
     assert first.history.probabilities() == expected_p
 
@@ -50,17 +54,67 @@ def test_history_is_shared_and_survives_a_restart(
             None,
         ]
         assert again.history.probabilities() == expected_p
-        assert again.skip_chances(["a", "c"]) == [pytest.approx(1 - 0.48**2), 0.0]
-        # Both actors adapt the shared p's; neither step is lost.
-        again.observe(["c"], np.zeros((1, 2), dtype=np.float32))
-        first.observe(["c"], np.zeros((1, 2), dtype=np.float32))
-        assert first.history.probabilities() == {
-            "easy": pytest.approx(0.50),
-            "hard": pytest.approx(0.48),
+        assert again.skip_chances(["a", "c"], step=2) == [pytest.approx(1 - 0.48**2), 0.0]
+        # Both actors count toward the shared step; the next step adapts once from both.
+        again.observe(["c"], np.zeros((1, 2), dtype=np.float32), step=2)
+        first.observe(["c"], np.zeros((1, 2), dtype=np.float32), step=2)
+        assert first.history.probabilities() == expected_p
+        first.skip_chances([], step=3)
+        assert again.history.probabilities() == {
+            "easy": pytest.approx(0.49),
+            "hard": pytest.approx(0.49),
         }
         assert again.history.streaks(["c"]) == [Streak("hard", 2)]
     finally:
         other.close()
+
+
+def test_actors_racing_into_a_new_step_adapt_it_once(
+    transport: Transport, redis_server: EmbeddedRedis
+):
+    """Eight actors, each on its own connection, count rounds at step 0 and then all reach
+    step 1 at once: exactly one of them applies step 0's adaptation (one p_step, not eight)."""
+    cfg = PrefilterConfig(enabled=True, p_step=0.05)
+    actors = [_reopen(redis_server, transport) for _ in range(8)]
+    try:
+        filters = [Prefilter(cfg, PromptHistory(t.state, cfg.p_init)) for t in actors]
+        for i, pf in enumerate(filters):  # each round: one all-wrong group of 4
+            pf.observe([f"p{i}"], np.zeros((1, 4), dtype=np.float32), step=0)
+        counts = transport.client.hgetall(transport.keys.prefilter_counts)
+        assert {k.decode(): int(v) for k, v in counts.items()} == {
+            "step": 0,
+            "groups": 8,
+            "easy": 0,
+            "hard": 8,
+        }
+        barrier = threading.Barrier(len(filters))
+
+        def reach_step_1(pf: Prefilter) -> None:
+            barrier.wait()
+            for _ in range(5):  # draws and rounds of step 1
+                pf.skip_chances(["p0"], step=1)
+                pf.observe(["x"], np.array([[0, 1, 0, 1]], dtype=np.float32), step=1)
+
+        threads = [threading.Thread(target=reach_step_1, args=(pf,)) for pf in filters]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        # Hard share 1.0 > 0.167: down by one step; easy 0 -> up by one.
+        assert transport.state.prefilter_p() == {
+            "easy": pytest.approx(0.55),
+            "hard": pytest.approx(0.45),
+        }
+        counts = transport.client.hgetall(transport.keys.prefilter_counts)
+        assert {k.decode(): int(v) for k, v in counts.items()} == {
+            "step": 1,
+            "groups": 40,
+            "easy": 0,
+            "hard": 0,
+        }
+    finally:
+        for t in actors:
+            t.close()
 
 
 def test_actor_round_skips_counts_and_reports(transport: Transport, redis_server: EmbeddedRedis):

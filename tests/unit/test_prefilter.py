@@ -25,6 +25,7 @@ from services.rollout.prefilter import (
 from services.rollout.worker import RolloutWorker
 from services.run.config import ConfigError, parse_config
 from services.tasks.base import Prompt
+from services.tasks.verify import CORRECT_REWARD, gsm8k_format_answer
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -64,6 +65,27 @@ def test_zero_variance_kind():
     assert zero_variance_kind(np.array([0.0, 1.0, 1.0])) is None
 
 
+def test_easy_and_hard_follow_correctness_not_the_sign_of_the_reward():
+    # gsm8k_format: every answer formatted but wrong earns FORMAT_CREDIT each; that group is
+    # all wrong (hard), as evaluation would count it, though every reward is positive.
+    wrong = gsm8k_format_answer("so #### 7", "#### 5")
+    right = gsm8k_format_answer("so #### 5", "#### 5")
+    assert 0 < wrong < CORRECT_REWARD <= right
+    assert zero_variance_kind(np.full(4, wrong)) == "hard"
+    assert zero_variance_kind(np.full(4, right)) == "easy"
+    assert zero_variance_kind(np.array([wrong, wrong, 0.0])) is None  # format spread: signal
+    assert zero_variance_kind(np.array([right, wrong])) is None
+    # A verifier with partial credit only (never 1) has no easy groups at all.
+    assert zero_variance_kind(np.full(3, 0.5)) == "hard"
+    # Such groups drive the hard p, not the easy one.
+    cfg = PrefilterConfig(enabled=True)
+    pf = Prefilter(cfg, PromptHistory(MemoryHistoryStore(), cfg.p_init))
+    pf.observe(["a", "b"], np.full((2, 4), wrong), step=0)
+    report = pf.observe(["c"], np.array([[right, wrong, 0.0, 0.0]]), step=1)
+    assert report.p == {"easy": pytest.approx(0.51), "hard": pytest.approx(0.49)}
+    assert pf.history.streaks(["a", "b", "c"]) == [Streak("hard", 1), Streak("hard", 1), None]
+
+
 def test_history_streaks_extend_switch_and_reset():
     h = PromptHistory(MemoryHistoryStore(), p_init=0.5)
     h.record({"a": "hard", "b": "easy", "c": None})
@@ -74,19 +96,24 @@ def test_history_streaks_extend_switch_and_reset():
     assert h.streaks(["a"]) == [None]
 
 
-def test_observe_adapts_each_p_toward_its_share():
+def test_observe_adapts_each_p_toward_its_share_once_per_learner_step():
     cfg = PrefilterConfig(enabled=True)  # targets: easy 0.25/3, hard 0.25*2/3
     pf = Prefilter(cfg, PromptHistory(MemoryHistoryStore(), cfg.p_init))
-    # 1 easy, 0 hard of 4 groups: easy share 0.25 > 0.0833 -> down; hard 0 <= 0.1667 -> up.
+    # Step 0: 1 easy, 0 hard of 4 groups. Counted, not yet adapted (the step is still open).
     rewards = np.array([[1, 1], [0, 1], [1, 0], [0, 1]], dtype=np.float32)
-    report = pf.observe(["a", "b", "c", "d"], rewards)
-    assert report.p == {"easy": pytest.approx(0.49), "hard": pytest.approx(0.51)}
+    report = pf.observe(["a", "b", "c", "d"], rewards, step=0)
+    assert report.p == {"easy": 0.5, "hard": 0.5}
     assert report.actual_zero_var == 0.25 and report.predicted_zero_var == 0.0
-    # "a" now has an easy streak of 1: predicted for 1 of 2 prompts; both groups all wrong.
-    report = pf.observe(["a", "e"], np.zeros((2, 2), dtype=np.float32))
+    # The first draw at step 1 adapts once from step 0's shares: easy 0.25 > 0.0833 -> down;
+    # hard 0 <= 0.1667 -> up. The draw already uses them ("a" has an easy streak of 1).
+    assert pf.skip_chances(["a", "z"], step=1) == [pytest.approx(1 - 0.49), 0.0]
+    assert pf.history.probabilities() == {"easy": pytest.approx(0.49), "hard": pytest.approx(0.51)}
+    # "a" predicted for 1 of 2 prompts; both groups all wrong; counted toward step 1.
+    report = pf.observe(["a", "e"], np.zeros((2, 2), dtype=np.float32), step=1)
     assert report.predicted_zero_var == 0.5 and report.actual_zero_var == 1.0
-    assert report.p == {"easy": pytest.approx(0.50), "hard": pytest.approx(0.50)}
-    assert pf.skip_chances(["a", "e", "z"]) == [
+    assert report.p == {"easy": pytest.approx(0.49), "hard": pytest.approx(0.51)}
+    # Step 2 closes step 1 (hard share 1.0 -> down, easy 0 -> up).
+    assert pf.skip_chances(["a", "e", "z"], step=2) == [
         pytest.approx(0.5),
         pytest.approx(0.5),
         0.0,
@@ -163,6 +190,33 @@ def test_worker_skips_are_reproducible_from_the_seeds():
     assert first == draw() and first[1] > 0
 
 
+def test_many_rounds_at_one_step_adapt_p_once_from_their_summed_shares():
+    """N actors' rounds at one learner step move p by one p_step, as one round would: the
+    shares are those of all their groups together."""
+    cfg = PrefilterConfig(enabled=True, p_step=0.05)
+    pf = Prefilter(cfg, PromptHistory(MemoryHistoryStore(), cfg.p_init))
+    hard = np.zeros((1, 4), dtype=np.float32)
+    signal = np.array([[0, 1, 0, 1]], dtype=np.float32)
+    for actor in range(8):  # 8 rounds at step 3: 2 all-wrong groups of 8 (share 0.25 > 0.167)
+        pf.observe([f"p{actor}"], hard if actor < 2 else signal, step=3)
+        assert pf.history.probabilities() == {"easy": 0.5, "hard": 0.5}
+    # A late round of an actor still on step 2's weights counts toward the open step.
+    pf.observe(["late"], signal, step=2)
+    assert pf.history.store.counts == {"groups": 9, "easy": 0, "hard": 2}
+    pf.skip_chances([], step=4)
+    once = {"easy": pytest.approx(0.55), "hard": pytest.approx(0.45)}
+    assert pf.history.probabilities() == once
+    # More draws and rounds at step 4, from any actor, adapt nothing until step 5 begins.
+    for _ in range(3):
+        pf.skip_chances(["p0"], step=4)
+        pf.observe(["p0"], signal, step=4)
+    assert pf.history.probabilities() == once
+    # A step with no rounds counted leaves p as it was; skipped steps adapt once, not per step.
+    pf.skip_chances([], step=9)
+    pf.skip_chances([], step=12)
+    assert pf.history.probabilities() == {"easy": pytest.approx(0.6), "hard": pytest.approx(0.5)}
+
+
 def test_no_prompt_is_starved_under_the_floor():
     """Every prompt of a pool whose groups are always all wrong keeps being generated: p falls
     to p_min and every streak grows long, but each prompt still passes its coin with the floor's
@@ -176,13 +230,13 @@ def test_no_prompt_is_starved_under_the_floor():
     longest_gap = 0
     tries_after_warmup = considered_after_warmup = 0
     for epoch in range(1, epochs + 1):  # an epoch considers every prompt once
-        chances = pf.skip_chances(ids)
+        chances = pf.skip_chances(ids, step=epoch)
         tried = [pid for pid, c in zip(ids, chances, strict=True) if rng.random() >= c]
         for pid in tried:
             longest_gap = max(longest_gap, epoch - last_tried[pid])
             last_tried[pid] = epoch
         if tried:
-            pf.observe(tried, np.zeros((len(tried), 4), dtype=np.float32))
+            pf.observe(tried, np.zeros((len(tried), 4), dtype=np.float32), step=epoch)
         if epoch > 200:  # p has reached p_min and every streak is long: pure floor
             assert all(c == pytest.approx(1 - floor) for c in chances)
             tries_after_warmup += len(tried)
