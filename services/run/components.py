@@ -138,6 +138,7 @@ def build_component(
     )
     name = component_name(kind, index)
     with stop_run_on_failure(transport, name):
+        cfg = with_run_horizon(cfg, transport)
         if kind == "selector":
             from selector.service import SelectorService
             from services.policy.limits import model_limits
@@ -170,6 +171,26 @@ def build_component(
                 shutdown()
 
         return Component(name, transport, learn)
+
+
+def with_run_horizon(cfg: RunConfig, transport: Transport) -> RunConfig:
+    """``cfg`` with the schedules' horizon the run in ``transport`` started with (claimed in its
+    Redis by the first component of the run), so components started one by one (``d3s
+    selector``, ``d3s learner``), which no resume check passed, also keep it. A different
+    horizon given explicitly is refused."""
+    horizon = transport.state.claim_schedule_horizon(cfg.train.horizon)
+    if cfg.train.schedule_steps not in (None, horizon):
+        raise ValueError(
+            f"train.schedule_steps: {cfg.train.schedule_steps} given, but this run's schedules "
+            f"span {horizon} steps (set at its first start and kept on resume); leave it unset "
+            "to keep it, or start a new run"
+        )
+    if cfg.train.horizon == horizon:
+        return cfg
+    log.info("train.schedule_steps: the run's horizon of %d steps is kept", horizon)
+    return cfg.model_copy(
+        update={"train": cfg.train.model_copy(update={"schedule_steps": horizon})}
+    )
 
 
 def run_component(kind: str, cfg: RunConfig, redis_url: str, **kwargs: Any) -> dict[str, Any]:

@@ -129,6 +129,12 @@ class RunKeys:
         return self._key("config")
 
     @property
+    def schedule_horizon(self) -> str:
+        """String: the step at which the run's schedules (keep ratios, learning rate) reach
+        their final values, set by the first component to start and kept on every resume."""
+        return self._key("schedule_horizon")
+
+    @property
     def prefilter_streaks(self) -> str:
         """Hash prompt id -> ``easy:<n>`` | ``hard:<n>``: the prompt's last ``n`` groups in a row
         were all right (easy) or all wrong (hard); a prompt whose last group had signal has no

@@ -189,6 +189,12 @@ class RunState:
     def heartbeats(self) -> dict[str, dict[str, Any]]:
         return {k: json.loads(v) for k, v in self._hash(self.keys.actors).items()}
 
+    def claim_schedule_horizon(self, horizon: int) -> int:
+        """The run's schedule horizon: ``horizon`` if this is the first claim (the run's first
+        start), else the one stored then (a resumed or restarted component keeps it)."""
+        self.client.set(self.keys.schedule_horizon, int(horizon), nx=True)
+        return int(self.client.get(self.keys.schedule_horizon))
+
     # ---- pre-rollout prompt selection (rollout.prefilter) --------------------------------------
 
     def prefilter_streaks(self, prompt_ids: list[str]) -> list[tuple[str, int] | None]:
