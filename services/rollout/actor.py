@@ -34,7 +34,7 @@ from services.rollout.settings import RolloutSettings
 from services.rollout.worker import RolloutWorker
 from services.transport.bundle import Transport
 from services.transport.waiting import WaitPolicy
-from services.weightsync.base import WeightReceiver
+from services.weightsync.base import WeightLoader, WeightReceiver
 from services.weightsync.checksum import WeightSyncError, sample_checksum
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,44 @@ def check_loaded(model: torch.nn.Module, received: dict[str, torch.Tensor], vers
         {n: received[n] for n in names}, cast=cast
     ):
         raise WeightSyncError(f"weights of version {version} did not load into the engine intact")
+
+
+class EngineLoader(WeightLoader):
+    """A rollout engine as the place a receiver loads each bucket into as it arrives (no
+    version is ever held whole on the actor's side). An engine with a model in this process
+    has each bucket checked against what arrived, and every parameter (tied ones through the
+    tensor they share) must have been given by the version's end."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.version = -1
+        self._loaded: set[int] = set()
+
+    def begin(self, version: int) -> None:
+        self.version, self._loaded = version, set()
+        self.engine.begin_update()
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.engine.load_weights(tensors.items(), None)
+        model = self.engine.model
+        if model is not None:
+            check_loaded(model, tensors, self.version)
+            state = model.state_dict(keep_vars=True)
+            self._loaded.update(state[n].data_ptr() for n in tensors if n in state)
+
+    def finish(self, version: int) -> None:
+        model = self.engine.model
+        if model is not None:
+            missing = [n for n, p in model.named_parameters() if p.data_ptr() not in self._loaded]
+            if missing:
+                raise WeightSyncError(
+                    f"weights of version {version} lack parameters the engine's model has: "
+                    f"{missing[:5]}"
+                )
+        self.engine.finish_update(version)
+
+    def abort(self) -> None:
+        self.engine.abort_update()
 
 
 class RolloutActor:
@@ -106,6 +144,7 @@ class RolloutActor:
         self.load_seconds = 0.0
         self.inflight_loads = 0  # versions loaded between decoding steps of a round
         self._generating = False
+        self._said_dirty = False
         self._inflight_check_s = inflight_check_s
         self._next_inflight_check = 0.0
         # How responses ended: on which stop token (by id), or cut at max_new_tokens.
@@ -159,6 +198,10 @@ class RolloutActor:
             self._sync_weights()
             if self.waiter.stop_reason() is not None:
                 return  # the new weights may be the final ones: nothing left to do
+            if self.weights.dirty and not self._wait(
+                self._whole, "a whole weights version (one failed midway)"
+            ):
+                return
             if not self.settings.lock_step and not self._admitted(reserve=True):
                 # Generating now would only make groups the selector drops as stale: wait for
                 # newer weights (or for the queue ahead to drain), then look again.
@@ -298,8 +341,15 @@ class RolloutActor:
         if now < self._next_inflight_check:
             return
         self._next_inflight_check = now + self._inflight_check_s
-        if self.weights.latest_version() > self.version:
+        if self.weights.dirty or self.weights.latest_version() > self.version:
             self._sync_weights()
+        if self.weights.dirty:
+            # A load that failed midway: the round resumes once the engine holds a whole
+            # version again (the engine itself refuses to take another step before).
+            self._wait(self._whole, "a whole weights version (one failed midway)")
+
+    def _whole(self) -> bool:
+        return not self.weights.dirty
 
     def _sync_weights(self) -> None:
         """Load the published version when it differs from the loaded one: newer, or older
@@ -308,10 +358,18 @@ class RolloutActor:
         if not self.weights.has_update():
             return
         t0 = time.perf_counter()
-        received: dict[str, torch.Tensor] = {}
-        # A receiver inside the engine's workers loads them itself and hands nothing over.
-        version = self.weights.receive(None if self.weights.loads_engine else received.update)
+        # Buckets go into the engine as they arrive; a receiver inside the engine's workers
+        # loads them itself.
+        loader = None if self.weights.loads_engine else EngineLoader(self.worker.engine)
+        version = self.weights.receive(loader)
         if version is None:
+            if self.weights.dirty and not self._said_dirty:
+                self._said_dirty = True
+                log.warning(
+                    "%s: the engine holds part of a weights version; not generating until a "
+                    "whole one loads (catch-up files or the next publish)",
+                    self.name,
+                )
             return
         if version < self.version:
             log.warning(
@@ -321,10 +379,7 @@ class RolloutActor:
                 version,
                 self.version,
             )
-        if not self.weights.loads_engine:
-            self.worker.load_weights(received, version)
-        if self.worker.engine.model is not None:  # vLLM holds its model in its own workers
-            check_loaded(self.worker.engine.model, received, version)
+        self._said_dirty = False
         digest = getattr(self.weights, "digests", {}).get(version)
         if digest is not None:
             self.t.state.record_engine_digest(self.name, version, digest)

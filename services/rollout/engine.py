@@ -87,9 +87,12 @@ class RolloutEngine(Protocol):
         stop_token_ids: Token ids that end a response.
         model: The local ``torch.nn.Module`` where the engine holds one in this process
             (HF engine), else ``None`` (vLLM keeps its model inside its workers).
+        dirty: True while the model holds parts of two versions (a streamed update is under
+            way, or failed midway); the engine refuses to generate then.
     """
 
     version: int
+    dirty: bool
     tokenizer: Any
     max_new_tokens: int
     stop_token_ids: list[int]
@@ -120,9 +123,24 @@ class RolloutEngine(Protocol):
         """Replace all weights in place (a full Hugging Face state dict) and set ``version``."""
         ...
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+    def load_weights(
+        self, weights: Iterable[tuple[str, torch.Tensor]], version: int | None
+    ) -> None:
         """Copy named tensors into the live model in place (any subset, streamed) and set
-        ``version``."""
+        ``version`` (None: one part of an update between :meth:`begin_update` and
+        :meth:`finish_update`)."""
+        ...
+
+    def begin_update(self) -> None:
+        """A version starts arriving in parts: :attr:`dirty` until :meth:`finish_update`."""
+        ...
+
+    def finish_update(self, version: int) -> None:
+        """Every part of ``version`` loaded: set ``version``, clear :attr:`dirty`."""
+        ...
+
+    def abort_update(self) -> None:
+        """The update failed midway: the model stays :attr:`dirty`."""
         ...
 
 

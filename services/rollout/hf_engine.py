@@ -116,6 +116,9 @@ class HFRolloutEngine:
         self.pad_id, self.eos_id = special_ids(tokenizer)
         self.stop_token_ids = resolve_stop_token_ids(tokenizer, stop_token_ids)
         self.version = 0
+        # True from the first tensor of a streamed update until it finished: the model then
+        # holds parts of two versions and must not generate.
+        self.dirty = False
         self._max_positions = getattr(model.config, "n_positions", None) or getattr(
             model.config, "max_position_embeddings", None
         )
@@ -158,9 +161,32 @@ class HFRolloutEngine:
                 raise KeyError(f"state dict lacks keys: {untied[:5]}")
         self.version = int(version)
 
+    def begin_update(self) -> None:
+        """A streamed update starts: until :meth:`finish_update` the engine refuses to generate
+        (it holds parts of two versions)."""
+        self.dirty = True
+
+    def finish_update(self, version: int) -> None:
+        """Every tensor of ``version`` has been loaded."""
+        self.version = int(version)
+        self.dirty = False
+
+    def abort_update(self) -> None:
+        """The update failed midway: the engine stays dirty until a whole version loads."""
+
+    def _check_whole(self) -> None:
+        if self.dirty:
+            raise RuntimeError(
+                "the engine holds part of a weights version (an update failed midway); it "
+                "generates again once a whole version has loaded"
+            )
+
     @torch.no_grad()
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
-        """Copy named tensors into the live parameters/buffers one at a time and set ``version``.
+    def load_weights(
+        self, weights: Iterable[tuple[str, torch.Tensor]], version: int | None
+    ) -> None:
+        """Copy named tensors into the live parameters/buffers one at a time and set ``version``
+        (None: a part of a streamed update, see :meth:`begin_update`; the version stays).
 
         Any subset may be given (a streamed update never holds a second full copy).
 
@@ -179,7 +205,8 @@ class HFRolloutEngine:
                     f"{name}: shape {tuple(tensor.shape)} != model's {tuple(target.shape)}"
                 )
             target.copy_(tensor)
-        self.version = int(version)
+        if version is not None:
+            self.version = int(version)
 
     # ---- generation ----------------------------------------------------------------------------
 
@@ -230,6 +257,7 @@ class HFRolloutEngine:
     ) -> RolloutBatch:
         if not prompts:
             raise ValueError("no prompts")
+        self._check_whole()
         t0 = time.perf_counter()
         prompt_ids = [encode_text(self.tokenizer, p.text) for p in prompts]
         longest = max(len(s) for s in prompt_ids)
@@ -339,6 +367,7 @@ class HFRolloutEngine:
                 break
             if between_steps is not None:
                 between_steps()
+                self._check_whole()  # a load between steps that failed midway ends the round
             step_ids = token.unsqueeze(1)
             step_pos = step_pos[:, -1:] + 1
             mask = torch.cat([mask, mask.new_ones(n_rows, 1)], dim=1)

@@ -201,6 +201,10 @@ class VLLMRolloutEngine:
         self.max_model_len = int(self._llm.llm_engine.model_config.max_model_len)
         self._request_ids = itertools.count()
         self._in_round = False  # requests are being stepped: a weight load must pause them
+        # True while the workers' models hold parts of two versions (an update in parts is
+        # under way or failed midway): the engine refuses to generate then.
+        self.dirty = False
+        self._update: contextlib.ExitStack | None = None
         self._prefix_cache_stale = False
         self._core_call("set_weight_version", str(self.version))
 
@@ -215,15 +219,58 @@ class VLLMRolloutEngine:
         """Copy a full Hugging Face-named state dict into the running engine; set ``version``."""
         self.load_weights(state_dict.items(), version)
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+    def load_weights(
+        self, weights: Iterable[tuple[str, torch.Tensor]], version: int | None
+    ) -> None:
         """Stream named tensors (Hugging Face names, any subset) into every worker's model in
-        place, then drop the prefix cache and set ``version``."""
+        place, then drop the prefix cache and set ``version``. ``version=None``: one part of an
+        update between :meth:`begin_update` and :meth:`finish_update`."""
+        if version is None:
+            if self._update is None:
+                raise RuntimeError("load_weights(version=None) outside begin_update/finish_update")
+            for chunk in weight_chunks(weights, WEIGHT_CHUNK_BYTES):
+                self._llm.collective_rpc("d3s_load_weights", args=(chunk,))
+            return
         with self.swapping_weights():
             self._llm.collective_rpc("d3s_begin_update")
             for chunk in weight_chunks(weights, WEIGHT_CHUNK_BYTES):
                 self._llm.collective_rpc("d3s_load_weights", args=(chunk,))
             self._llm.collective_rpc("d3s_finish_update")
             self.version = int(version)
+
+    def begin_update(self) -> None:
+        """An update in parts starts (a receiver loading bucket by bucket): the swap begins
+        and the engine is dirty until :meth:`finish_update`."""
+        self.dirty = True
+        self._update = contextlib.ExitStack()
+        self._update.enter_context(self.swapping_weights())
+        self._llm.collective_rpc("d3s_begin_update")
+
+    def finish_update(self, version: int) -> None:
+        self._llm.collective_rpc("d3s_finish_update")
+        self.version = int(version)
+        self.dirty = False
+        self._end_update()
+
+    def abort_update(self) -> None:
+        """The update failed midway: close vLLM's reload (the layers keep what they got) and
+        stay dirty until a whole version loads."""
+        try:
+            self._llm.collective_rpc("d3s_finish_update")
+        finally:
+            self._end_update()
+
+    def _end_update(self) -> None:
+        update, self._update = self._update, None
+        if update is not None:
+            update.close()
+
+    def _check_whole(self) -> None:
+        if self.dirty:
+            raise RuntimeError(
+                "the vLLM engine holds part of a weights version (an update failed midway); it "
+                "generates again once a whole version has loaded"
+            )
 
     @contextlib.contextmanager
     def swapping_weights(self) -> Iterator[None]:
@@ -344,6 +391,7 @@ class VLLMRolloutEngine:
                         done[out.request_id] = out
                 if engine.has_unfinished_requests():
                     between_steps()
+                    self._check_whole()  # a load that failed midway ends the round
         except BaseException:
             # A failed load (a bad checksum stops the run) must not leave requests behind.
             engine.abort_request([i for i in ids if i not in done])
@@ -364,6 +412,7 @@ class VLLMRolloutEngine:
     ) -> RolloutBatch:
         if not prompts:
             raise ValueError("no prompts")
+        self._check_whole()
         t0 = time.perf_counter()
         prompt_ids = [encode_text(self.tokenizer, p.text) for p in prompts]
         if any(not ids for ids in prompt_ids):
@@ -462,19 +511,28 @@ class EngineWeightReceiver(WeightReceiver):
     def has_update(self) -> bool:
         # Every worker of a tensor-parallel engine is its own member: any one with a broadcast
         # pending means all must take part (they received the same publishes).
-        return any(self._rpc("d3s_weights_has_update"))
+        return self.dirty or any(self._rpc("d3s_weights_has_update"))
 
     def receive(self, into: Into | None = None) -> int | None:
         """Load the pending version(s) inside the workers; ``into`` is not used (the workers
         load their own models). Returns the version loaded, or None."""
         with self.engine.swapping_weights():
-            results = self._rpc("d3s_weights_receive")
-            versions = {v for v, _, _ in results}
+            try:
+                results = self._rpc("d3s_weights_receive")
+            except BaseException:
+                # a worker may hold part of a version: generate no more until the workers
+                # answer a receive clean
+                self.engine.dirty = self.dirty = True
+                raise
+            # A worker whose version failed midway (dirty) restores itself at its next receive;
+            # until then the engine does not generate.
+            self.engine.dirty = self.dirty = any(d for _, _, _, d in results)
+            versions = {v for v, _, _, _ in results}
             if len(versions) != 1:
                 raise RuntimeError(
                     f"vLLM workers loaded different weight versions: {sorted(versions)}"
                 )
-            version, digest, load_s = results[0]
+            version, digest, load_s, _ = results[0]
             if version is None:
                 return None
             self.engine.version = self.version = int(version)

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from services.weightsync.base import WeightLoader
+
 WORKER_EXTENSION = f"{__name__}.WeightUpdateExtension"
 
 # A tensor on the wire: (name, dtype name, shape, raw bytes). Plain bytes cross every vLLM
@@ -126,14 +128,15 @@ class WeightUpdateExtension:
     def d3s_weights_has_update(self) -> bool:
         return self._d3s_receiver.has_update()
 
-    def d3s_weights_receive(self) -> tuple[int | None, str | None, float]:
-        """Take part in the pending broadcasts (or load the catch-up files) into the live model;
-        returns ``(version loaded or None, sha256 of the live parameters when asked for,
-        seconds spent in vLLM's own weight loading)``."""
-        self._d3s_load_s = 0.0
-        version = self._d3s_receiver.receive(self._d3s_load_named)
+    def d3s_weights_receive(self) -> tuple[int | None, str | None, float, bool]:
+        """Take part in the pending broadcasts (or load the catch-up files) into the live model,
+        bucket by bucket as they arrive; returns ``(version loaded or None, sha256 of the live
+        parameters when asked for, seconds spent in vLLM's own weight loading, whether the
+        model holds part of a version: one failed midway and is not restored yet)``."""
+        loader = _BucketLoader(self)
+        version = self._d3s_receiver.receive(loader)
         digest = self.d3s_weights_digest() if version is not None and self._d3s_digest else None
-        return version, digest, self._d3s_load_s
+        return version, digest, loader.load_s, self._d3s_receiver.dirty
 
     def d3s_leave_weight_group(self) -> None:
         receiver = getattr(self, "_d3s_receiver", None)
@@ -141,11 +144,38 @@ class WeightUpdateExtension:
             receiver.close()
             self._d3s_receiver = None
 
-    def _d3s_load_named(self, tensors: dict[str, torch.Tensor]) -> None:
+
+class _BucketLoader(WeightLoader):
+    """A worker's model as the place the weight group's receiver loads each bucket into as it
+    arrives, through vLLM's layerwise reload (begin, the model's own ``load_weights`` per
+    bucket, finish). The reload keeps the tensors of a layer whose weights have not all
+    arrived until the rest comes, possibly in a later bucket; the receiver reuses its buffers
+    for later buckets, so those tensors are copied first (freed once their layer is loaded)."""
+
+    def __init__(self, worker: Any) -> None:
+        self.worker = worker
+        self.load_s = 0.0
+        self._copy = _layerwise_reload() is not None
+
+    def begin(self, version: int) -> None:
         t0 = time.perf_counter()
-        self.d3s_begin_update()
-        model = self.model_runner.get_model()
+        self.worker.d3s_begin_update()
+        self.load_s += time.perf_counter() - t0
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        t0 = time.perf_counter()
+        model = self.worker.model_runner.get_model()
+        items = ((n, t.clone() if self._copy else t) for n, t in tensors.items())
         with torch.no_grad():
-            model.load_weights(weights=iter(tensors.items()))
-        self.d3s_finish_update()
-        self._d3s_load_s += time.perf_counter() - t0
+            model.load_weights(weights=items)
+        self.load_s += time.perf_counter() - t0
+
+    def finish(self, version: int) -> None:
+        t0 = time.perf_counter()
+        self.worker.d3s_finish_update()
+        self.load_s += time.perf_counter() - t0
+
+    def abort(self) -> None:
+        """Close the reload (the layers keep what they got); the receiver stays dirty and a
+        whole version (the catch-up files, or the next publish) replaces every layer."""
+        self.worker.d3s_finish_update()

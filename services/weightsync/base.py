@@ -9,6 +9,13 @@ publisher from the bytes it sends and by the receiver from the bytes it got; a m
 :class:`~services.weightsync.checksum.WeightSyncError`, which the rollout actor turns into a
 run stop.
 
+Receivers load a version *bucket by bucket* into a :class:`WeightLoader` (a module and a plain
+callback are wrapped into one): ``begin``, ``load`` per bucket, ``finish``. They never hold the
+version whole. A version that fails after its first bucket landed leaves the receiver
+:attr:`~WeightReceiver.dirty` (its engine holds a mix of two versions); an engine must not
+generate until a complete version has loaded again (the collective receiver restores itself
+from the catch-up files, or takes the next publish whole).
+
 Versions normally grow; a learner that resumes from a checkpoint republishes the checkpoint's
 version with ``rewind=True``, and receivers then load it although it is older than theirs:
 a receiver loads whatever is *different* from what it holds, not only what is newer.
@@ -16,8 +23,9 @@ a receiver loads whatever is *different* from what it holds, not only what is ne
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from typing import Any, Union
 
@@ -27,7 +35,73 @@ from services.weightsync.checksum import WeightSyncError, sample_checksum
 
 NamedTensors = Mapping[str, torch.Tensor]
 LoadFn = Callable[[dict[str, torch.Tensor]], None]
-Into = Union[torch.nn.Module, LoadFn]  # noqa: UP007 (a runtime alias, py3.10 safe)
+
+
+class WeightLoader:
+    """Where a receiver puts one version, a bucket at a time: :meth:`begin`, :meth:`load` once
+    per bucket (each bucket already checked against its part of the sampled checksum), then
+    :meth:`finish`; :meth:`abort` instead of finish when the version fails after begin.
+
+    The tensors given to :meth:`load` are valid only during the call (views into a receive
+    buffer the next bucket reuses): copy them into the model, never keep them.
+    """
+
+    def begin(self, version: int) -> None:
+        """A version starts arriving."""
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def finish(self, version: int) -> None:
+        """Every bucket of ``version`` loaded and the whole version's checksum matched."""
+
+    def abort(self) -> None:
+        """The version failed after :meth:`begin`; the model holds part of it."""
+
+
+class _ModuleLoader(WeightLoader):
+    """Copies each bucket into the module's state by name and checks what landed."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+        self.version = -1
+        self.state: dict[str, torch.Tensor] | None = None
+
+    def begin(self, version: int) -> None:
+        self.version, self.state = version, self.module.state_dict()
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        if self.state is None:
+            self.begin(self.version)
+        copy_into_state(self.state, tensors, self.version)  # type: ignore[arg-type]
+
+    def finish(self, version: int) -> None:
+        self.state = None
+
+    abort = finish  # type: ignore[assignment]
+
+
+class _FnLoader(WeightLoader):
+    """Calls ``fn`` with each bucket."""
+
+    def __init__(self, fn: LoadFn) -> None:
+        self.fn = fn
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.fn(tensors)
+
+
+Into = Union[torch.nn.Module, LoadFn, WeightLoader]  # noqa: UP007 (a runtime alias, py3.10 safe)
+
+
+def as_loader(into: Into) -> WeightLoader:
+    """``into`` as a :class:`WeightLoader`: a module gets each bucket copied into its state
+    (and checked), a callback is called with each bucket."""
+    if isinstance(into, WeightLoader):
+        return into
+    if isinstance(into, torch.nn.Module):
+        return _ModuleLoader(into)
+    return _FnLoader(into)
 
 
 class GatheredWeights(ABC):
@@ -75,6 +149,9 @@ class WeightReceiver(ABC):
 
     #: the version loaded last, -1 before the first
     version: int = -1
+    #: True while the engine holds part of a version: one is arriving, or one failed midway
+    #: (the engine must not generate until a whole version loaded again)
+    dirty: bool = False
     #: True when :meth:`receive` loads the weights into the engine itself (inside vLLM's workers)
     #: and hands nothing to ``into``; the caller then only records the version.
     loads_engine: bool = False
@@ -98,6 +175,26 @@ class WeightReceiver(ABC):
     def close(self) -> None:  # noqa: B027 (optional hook)
         """Release sockets, groups and threads."""
 
+    def _load_version(
+        self, into: Into, version: int, buckets: Iterable[dict[str, torch.Tensor]]
+    ) -> None:
+        """Load ``version`` bucket by bucket (``buckets`` may be a generator that receives and
+        checks each one as it is asked for); :attr:`dirty` from the first bucket until the
+        last loaded and the version's checksum matched, and left set when it fails."""
+        loader = as_loader(into)
+        self.dirty = True
+        loader.begin(version)
+        try:
+            for bucket in buckets:
+                loader.load(bucket)
+        except BaseException:
+            with contextlib.suppress(Exception):  # the original error is the one to report
+                loader.abort()
+            raise
+        loader.finish(version)
+        self.version = version
+        self.dirty = False
+
 
 # ---- helpers shared by the transports ---------------------------------------------------------
 
@@ -115,15 +212,12 @@ def to_wire(named_tensors: NamedTensors, wire: torch.dtype | None) -> dict[str, 
     return {n: t.detach().to(wire_dtype_of(t, wire)).contiguous() for n, t in named_tensors.items()}
 
 
-def load_into(into: Into, received: dict[str, torch.Tensor], version: int) -> None:
-    """Hand ``received`` to the engine: a callback gets it as is; a module gets each tensor
-    copied into the parameter or buffer of the same name (cast to its dtype and device), and
-    is then checked against what arrived, so a load that silently drops or mangles a tensor
-    is caught as well as a corrupted transfer."""
-    if not isinstance(into, torch.nn.Module):
-        into(received)
-        return
-    state = into.state_dict()
+def copy_into_state(
+    state: dict[str, torch.Tensor], received: dict[str, torch.Tensor], version: int
+) -> None:
+    """Copy each tensor of ``received`` into the state tensor of the same name (cast to its
+    dtype and device), then check them against what arrived, so a load that silently drops or
+    mangles a tensor is caught as well as a corrupted transfer."""
     missing = sorted(set(received) - set(state))
     if missing:
         raise WeightSyncError(
@@ -144,6 +238,23 @@ def load_into(into: Into, received: dict[str, torch.Tensor], version: int) -> No
         raise WeightSyncError(
             f"weights of version {version} did not load into the engine's model intact"
         )
+
+
+def chunked(
+    tensors: Iterable[tuple[str, torch.Tensor]], max_bytes: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Groups of consecutive tensors of about ``max_bytes`` each (a larger tensor alone)."""
+    group: dict[str, torch.Tensor] = {}
+    size = 0
+    for name, t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if group and size + nbytes > max_bytes:
+            yield group
+            group, size = {}, 0
+        group[name] = t
+        size += nbytes
+    if group:
+        yield group
 
 
 def split_aliases(named_tensors: NamedTensors) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -168,6 +279,14 @@ def split_aliases(named_tensors: NamedTensors) -> tuple[dict[str, torch.Tensor],
             seen[key] = name
             unique[name] = t
     return unique, aliases
+
+
+def bucket_aliases(
+    tensors: dict[str, torch.Tensor], aliases: Mapping[str, str]
+) -> dict[str, torch.Tensor]:
+    """``tensors`` (one bucket) plus each alias whose tensor is in it."""
+    extra = {a: tensors[target] for a, target in aliases.items() if target in tensors}
+    return {**tensors, **extra} if extra else tensors
 
 
 def with_aliases(

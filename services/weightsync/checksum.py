@@ -82,6 +82,15 @@ def combine_sample_parts(parts: dict[str, bytes]) -> str:
     return SAMPLE_PREFIX + h.hexdigest()
 
 
+def bucket_digest(parts: dict[str, bytes]) -> bytes:
+    """32 bytes over one bucket's :func:`sample_part` results in name order: what the publisher
+    sends after each bucket, so a receiver checks a bucket before it loads it."""
+    h = hashlib.sha256()
+    for name in sorted(parts):
+        h.update(parts[name])
+    return h.digest()
+
+
 def sample_checksum(
     named_tensors: dict[str, torch.Tensor],
     every: int = 1,

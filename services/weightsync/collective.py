@@ -2,12 +2,20 @@
 their own (NCCL on GPU, gloo on CPU), separate from the learner's training group.
 
 Per version the publisher sends a small header (version, sequence number, the bucket layout,
-aliases), then one broadcast per *bucket*: many tensors of one wire dtype copied into one flat
-buffer of about ``bucket_mb``, then a trailer with the sampled checksum (computed bucket by bucket,
-so a ZeRO-3 learner can gather, pack and release one bucket at a time). Receivers unflatten the
-buckets into views, check the checksum and copy into their model (or, inside a vLLM worker, load
-them into vLLM's model). bf16 models travel as bf16 (``wire_dtype: auto``). The broadcast is sent
-from the device the learner's tensors are on: no host copy on the way.
+aliases), then per *bucket* one broadcast of its flat buffer (many tensors of one wire dtype,
+about ``bucket_mb``) and one of its 32-byte digest (the sampled checksum's part for the bucket's
+tensors), then a trailer with the version's sampled checksum. bf16 models travel as bf16
+(``wire_dtype: auto``). The broadcast is sent from the device the learner's tensors are on.
+
+Neither side ever holds a second copy of the model. The publisher packs into a ring of two
+bucket buffers (a ZeRO-3 learner gathers, packs and releases one bucket at a time; a one-tensor
+bucket of a plain tensor is sent as is), with at most two buckets in flight. A receiver receives
+into a pool of two bucket buffers (double-buffered: the next bucket arrives while this one
+loads), checks each bucket against its digest and loads it into its model (or, inside a vLLM
+worker, into vLLM's model) before the buffer is reused. The extra memory per side is therefore
+about 2 x max(``bucket_mb``, the largest tensor), whatever the model's size. A version that fails
+after its first bucket loaded leaves the engine *dirty* (:attr:`WeightReceiver.dirty`): it must
+not generate until it restored itself from the catch-up files or loaded the next version whole.
 
 Rendezvous and membership go through a TCP store that rank 0 serves (``host:port``):
 
@@ -20,14 +28,21 @@ Rendezvous and membership go through a TCP store that rank 0 serves (``host:port
   receivers walk the records in order, so one that is a few versions behind receives them all
   on the right group and loads the newest.
 
-Late joiners (chosen design): an engine that starts late or restarts first loads the current
+Late joiners (chosen design): an engine that starts late or restarts first loads the newest
 version from the *catch-up* files (``weight_sync.path``, written by rank 0 every
-``catchup_every`` versions in a background thread, off the broadcast's critical path), so it can
-generate at once; its join request makes the next publish form a new generation that includes it,
-and from then on it receives by broadcast. With ``catchup_every: 0`` a late engine waits for the
-next publish instead. A failed broadcast (a member died mid-transfer) drops the group: rank 0
-writes that version to the catch-up files, every live engine re-joins, and the next publish forms
-a group without the dead one; the run does not stop. Only a checksum mismatch stops it.
+``catchup_every`` versions), so it can generate at once; its join request makes the next publish
+form a new generation that includes it, and from then on it receives by broadcast. With
+``catchup_every: 0`` a late engine waits for the next publish instead. The catch-up write is off
+the broadcast's path: it starts once the trailer is sent (the engines already hold the version),
+gathers the buckets again and copies each into one of two host staging buffers, which a
+background thread streams into the file; ``publish`` returns once the last bucket is copied out
+(the learner's next step may change its tensors), so the learner pays about the write's time
+every ``catchup_every`` versions and never holds a host copy of the model.
+
+A failed broadcast (a member died mid-transfer) drops the group: rank 0 writes that version to
+the catch-up files, every live engine re-joins (an engine the failure left dirty restores itself
+from those files), and the next publish forms a group without the dead one; the run does not
+stop. Only a checksum mismatch stops it.
 
 A publish blocks until every member of the group has called :meth:`receive` (a collective has no
 other way): engines poll between generations, so the learner waits at most one generation.
@@ -40,9 +55,11 @@ import datetime
 import json
 import logging
 import math
+import queue
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,19 +74,18 @@ from services.weightsync.base import (
     NamedTensors,
     WeightPublisher,
     WeightReceiver,
-    load_into,
+    bucket_aliases,
     split_aliases,
-    with_aliases,
 )
 from services.weightsync.checksum import (
+    SAMPLE_PREFIX,
     WeightSyncError,
+    bucket_digest,
     combine_sample_parts,
-    sample_checksum,
     sample_part,
     sampled_names,
-    verify_checksum,
 )
-from services.weightsync.files import FilesReceiver, write_version
+from services.weightsync.files import FilesReceiver, VersionWriter
 
 log = logging.getLogger(__name__)
 
@@ -199,19 +215,43 @@ class _Held(GatheredWeights):
         yield {n: self.unique[n] for n in names}
 
 
-def _host_copy(
-    source: GatheredWeights,
-    buckets: list[Bucket],
-    layout: dict[str, tuple[tuple[int, ...], torch.dtype]],
-) -> dict[str, torch.Tensor]:
-    """Every tensor of ``source`` on the host in its wire dtype, gathered bucket by bucket."""
-    out: dict[str, torch.Tensor] = {}
-    for bucket in buckets:
-        names = [n for n, _, _ in bucket.tensors]
-        with source.gather(names) as whole:
-            for n in names:
-                out[n] = whole[n].detach().to("cpu", layout[n][1], copy=True)
-    return out
+def bucket_nbytes(bucket: Bucket) -> int:
+    return bucket.numel * _itemsize(_DTYPES[bucket.dtype])
+
+
+def _slot_view(slot: torch.Tensor, bucket: Bucket) -> torch.Tensor:
+    """The bucket's flat buffer ``[bucket.numel]`` at the start of a byte buffer."""
+    return slot[: bucket_nbytes(bucket)].view(_DTYPES[bucket.dtype])
+
+
+def pack_into(flat: torch.Tensor, whole: dict[str, torch.Tensor], bucket: Bucket) -> None:
+    """Copy the bucket's tensors into ``flat`` at their offsets (cast to its dtype)."""
+    for name, _shape, offset in bucket.tensors:
+        t = whole[name].detach()
+        flat[offset : offset + t.numel()].copy_(t.reshape(-1), non_blocking=True)
+
+
+def _digest_tensor(parts: dict[str, bytes], device: torch.device) -> torch.Tensor:
+    return torch.frombuffer(bytearray(bucket_digest(parts)), dtype=torch.uint8).to(device)
+
+
+_ABANDON = ("abandon",)  # tells the catch-up writer the publisher stopped mid-version
+
+
+class _GroupLost(Exception):
+    """A collective of the weight group failed (a peer died or timed out)."""
+
+
+@contextlib.contextmanager
+def _on_group() -> Iterator[None]:
+    """Collective calls inside raise :class:`_GroupLost` when the group fails, so a failure of
+    the engine's own loading is never mistaken for a lost peer."""
+    try:
+        yield
+    except WeightSyncError:
+        raise
+    except (RuntimeError, dist.DistError) as exc:
+        raise _GroupLost(str(exc)) from exc
 
 
 def _send_json(pg: Any, obj: Any, device: torch.device) -> None:
@@ -330,7 +370,10 @@ class CollectivePublisher(WeightPublisher):
         self._joins_seen = 0
         self._beats: dict[int, tuple[int, float]] = {}  # ticket -> (counter, when it last moved)
         self._pg: Any = None
-        self._buffers: list[torch.Tensor] = []
+        # Two byte buffers packed in turn (a bucket's is free again once its broadcast, two
+        # buckets back, completed) and two host staging buffers for the catch-up writer.
+        self._ring: list[torch.Tensor | None] = [None, None]
+        self._staging: list[torch.Tensor | None] = [None, None]
         self._writer: threading.Thread | None = None
         self._writer_error: BaseException | None = None
         self.last_timing: dict[str, float] = {}
@@ -400,15 +443,32 @@ class CollectivePublisher(WeightPublisher):
     # -- publishing --
 
     def _pack(
-        self, wire: dict[str, torch.Tensor], index: int, bucket: Bucket, transient: bool
+        self,
+        whole: dict[str, torch.Tensor],
+        slot: int,
+        bucket: Bucket,
+        layout: dict[str, tuple[tuple[int, ...], torch.dtype]],
+        transient: bool,
     ) -> torch.Tensor:
-        """The bucket's flat buffer: a one-tensor bucket of tensors that outlive the publish is
-        the tensor itself (no copy); others are packed into a buffer kept from the previous
-        publish (``transient``: the tensors are released right after packing)."""
+        """The bucket's flat buffer: a one-tensor bucket of a tensor that outlives the publish,
+        already in its wire dtype, is the tensor itself (no copy); others are copied (cast to
+        the wire dtype) into ring buffer ``slot``, which grows to the largest bucket once.
+        ``transient``: the tensors are released right after packing (a ZeRO-3 gather)."""
         if len(bucket.tensors) == 1 and not transient:
-            return wire[bucket.tensors[0][0]].reshape(-1)
-        self._buffers[index] = flatten(wire, bucket, self._buffers[index])
-        return self._buffers[index]
+            name = bucket.tensors[0][0]
+            t = whole[name].detach()
+            if t.dtype == layout[name][1] and t.is_contiguous():
+                return t.reshape(-1)
+        device = next(iter(whole.values())).device
+        buf = self._ring[slot]
+        if buf is None or buf.numel() < bucket_nbytes(bucket) or buf.device != device:
+            self._ring[slot] = buf = None  # let the old one go before the new one is taken
+            buf = self._ring[slot] = torch.empty(
+                bucket_nbytes(bucket), dtype=torch.uint8, device=device
+            )
+        flat = _slot_view(buf, bucket)
+        pack_into(flat, whole, bucket)
+        return flat
 
     def _wire_dtype(self, dtype: torch.dtype) -> torch.dtype:
         return dtype if self.wire is None or not dtype.is_floating_point else self.wire
@@ -417,10 +477,11 @@ class CollectivePublisher(WeightPublisher):
         self, version: int, named_tensors: NamedTensors | GatheredWeights, *, rewind: bool = False
     ) -> float:
         """Broadcast ``named_tensors`` as ``version``: a header (version, sequence number, the
-        bucket layout, aliases), one broadcast per bucket, then a trailer with the sampled
-        checksum. A :class:`GatheredWeights` source is gathered one bucket at a time, packed and
-        let go while the previous bucket is on the wire, so the whole model is never held
-        twice; the catch-up files alone take a host copy (every ``catchup_every`` versions)."""
+        bucket layout, aliases), per bucket its buffer and its digest, then a trailer with the
+        sampled checksum. Buckets are packed into a ring of two buffers, at most two in flight;
+        a :class:`GatheredWeights` source is gathered one bucket at a time and let go once
+        packed, so the learner holds about two buckets beyond its own weights. Every
+        ``catchup_every`` versions the catch-up file is written after the broadcast."""
         t0 = time.perf_counter()
         self._check_writer()
         source = (
@@ -430,17 +491,12 @@ class CollectivePublisher(WeightPublisher):
         aliases = source.aliases()
         layout = {n: (shape, self._wire_dtype(dt)) for n, (shape, dt) in source.layout().items()}
         buckets = plan_layout(layout, self.bucket_bytes)
-        if len(self._buffers) != len(buckets):
-            self._buffers = [None] * len(buckets)  # type: ignore[list-item]
-        sampled = sampled_names(set(layout), self.sample[0])
         device = source.device()
         backend = "nccl" if device.type == "cuda" else "gloo"
         self.seq += 1
         catchup_due = bool(self.catchup_every) and (
             rewind or self.seq == 1 or self.seq % self.catchup_every == 0
         )
-        host: dict[str, torch.Tensor] | None = {} if catchup_due else None
-        parts: dict[str, bytes] = {}
         pack_s = 0.0
         t_group = t0
         try:
@@ -465,26 +521,9 @@ class CollectivePublisher(WeightPublisher):
                     "buckets": [b.to_json() for b in buckets],
                 }
                 _send_json(pg, header, device)
-            pending = []
-            for index, bucket in enumerate(buckets):
-                t_pack = time.perf_counter()
-                names = [n for n, _, _ in bucket.tensors]
-                with source.gather(names) as whole:
-                    wire = {n: whole[n].detach().to(layout[n][1]) for n in names}
-                    flat = self._pack(wire, index, bucket, transient)
-                for name in sampled.intersection(names):
-                    parts[name] = sample_part(name, wire[name], self.sample[1])
-                if host is not None:
-                    host.update(unflatten(flat.to("cpu", copy=True), bucket))
-                del wire
-                pack_s += time.perf_counter() - t_pack
-                if pg is not None:
-                    pending.append(_broadcast(pg, flat, wait=False))
-            for work in pending:
-                work.wait()
-            checksum = combine_sample_parts(parts)
-            if pg is not None:
-                _send_json(pg, {"checksum": checksum}, device)
+                parts: dict[str, bytes] = {}
+                pack_s = self._send_buckets(pg, source, buckets, layout, transient, parts)
+                _send_json(pg, {"checksum": combine_sample_parts(parts)}, device)
                 if device.type == "cuda":
                     torch.cuda.current_stream(device).synchronize()
             failed = False
@@ -502,46 +541,141 @@ class CollectivePublisher(WeightPublisher):
             failed = True
         t_bcast = time.perf_counter()
         if self.catchup_every and (failed or catchup_due):
-            if failed or host is None or len(host) != len(layout):
-                host = _host_copy(source, buckets, layout)
-            checksum = sample_checksum(host, *self.sample)
-            self._write_catchup(version, host, checksum, rewind, aliases, wait=failed or rewind)
+            # engines a failure left dirty restore themselves from this file: wait for it
+            self._write_catchup(
+                version, source, buckets, layout, rewind, aliases, wait=failed or rewind
+            )
         self.last_timing = {
             "pack_s": pack_s,
             "group_s": t_group - t0,
             "broadcast_s": t_bcast - t_group - pack_s,
+            "catchup_s": time.perf_counter() - t_bcast,
             "total_s": time.perf_counter() - t0,
             "buckets": float(len(buckets)),
         }
         return time.perf_counter() - t0
 
+    def _send_buckets(
+        self,
+        pg: Any,
+        source: GatheredWeights,
+        buckets: list[Bucket],
+        layout: dict[str, tuple[tuple[int, ...], torch.dtype]],
+        transient: bool,
+        parts: dict[str, bytes],
+    ) -> float:
+        """Gather, pack and broadcast each bucket, then its digest; bucket ``i`` is packed
+        while ``i - 1`` is on the wire, into the ring buffer ``i - 2`` used (waited for first).
+        Fills ``parts`` (the sampled checksum's per-tensor parts); returns the packing seconds."""
+        sampled = sampled_names(set(layout), self.sample[0])
+        in_flight: deque[tuple[list[Any], torch.Tensor, torch.Tensor]] = deque()
+        pack_s = 0.0
+        for index, bucket in enumerate(buckets):
+            if len(in_flight) == 2:
+                for work in in_flight.popleft()[0]:
+                    work.wait()
+            t_pack = time.perf_counter()
+            names = [n for n, _, _ in bucket.tensors]
+            with source.gather(names) as whole:
+                flat = self._pack(whole, index % 2, bucket, layout, transient)
+            views = unflatten(flat, bucket)
+            mine = {n: sample_part(n, views[n], self.sample[1]) for n in names if n in sampled}
+            parts.update(mine)
+            digest = _digest_tensor(mine, flat.device)
+            pack_s += time.perf_counter() - t_pack
+            works = [_broadcast(pg, flat, wait=False), _broadcast(pg, digest, wait=False)]
+            in_flight.append((works, flat, digest))  # the tensors live until their send ends
+        for works, _, _ in in_flight:
+            for work in works:
+                work.wait()
+        return pack_s
+
     def _write_catchup(
         self,
         version: int,
-        views: dict[str, torch.Tensor],
-        checksum: str,
+        source: GatheredWeights,
+        buckets: list[Bucket],
+        layout: dict[str, tuple[tuple[int, ...], torch.dtype]],
         rewind: bool,
         aliases: dict[str, str],
         wait: bool,
     ) -> None:
-        """Write the version for late joiners from host copies, in a background thread (off the
-        broadcast's critical path); one write in flight at most."""
+        """Write the version for late joiners with bounded host memory: each bucket is
+        gathered again and copied into one of two host staging buffers, which a background
+        thread streams into the file (the next bucket is copied while the last is written).
+        Returns once every bucket is copied out of the learner's tensors (its next step may
+        change them); the file is finished in the background (``wait``: before returning).
+        One write at a time."""
         self._join_writer()
-        cpu = views  # host copies made for this write: the learner's next step cannot touch them
         assert self.catchup_dir is not None
+        order = [(n, shape, layout[n][1]) for b in buckets for n, shape, _ in b.tensors]
+        writer = VersionWriter(self.catchup_dir, version, order, aliases)
+        sampled = sampled_names(set(layout), self.sample[0])
+        free: queue.Queue[int] = queue.Queue()
+        for slot in (0, 1):
+            free.put(slot)
+        work: queue.Queue[Any] = queue.Queue()
+        parts: dict[str, bytes] = {}
 
         def write() -> None:
+            failed: BaseException | None = None
+            while (item := work.get()) is not None:
+                if item == _ABANDON:  # the publisher's own error is the one reported
+                    writer.discard()
+                    return
+                slot, bucket = item
+                try:
+                    if failed is None:
+                        views = unflatten(_slot_view(self._staging[slot], bucket), bucket)
+                        for name, _shape, _offset in bucket.tensors:
+                            writer.write(name, views[name])
+                except BaseException as exc:  # keep draining: the publisher waits on slots
+                    failed = exc
+                free.put(slot)
             try:
-                write_version(
-                    self.catchup_dir, version, cpu, checksum, self.keep_last, rewind, aliases
-                )  # type: ignore[arg-type]
+                if failed is not None:
+                    raise failed
+                writer.commit(combine_sample_parts(parts), self.keep_last, rewind)
             except BaseException as exc:  # surfaced at the next publish
+                writer.discard()
                 self._writer_error = exc
 
         self._writer = threading.Thread(target=write, name="weightsync-catchup", daemon=True)
         self._writer.start()
+        try:
+            for bucket in buckets:
+                slot = free.get()
+                names = [n for n, _, _ in bucket.tensors]
+                with source.gather(names) as whole:
+                    flat = self._stage(slot, bucket, whole)
+                views = unflatten(flat, bucket)
+                parts.update(
+                    {n: sample_part(n, views[n], self.sample[1]) for n in names if n in sampled}
+                )
+                work.put((slot, bucket))
+        except BaseException:
+            work.put(_ABANDON)
+            raise
+        finally:
+            work.put(None)
         if wait:
             self._join_writer()
+
+    def _stage(self, slot: int, bucket: Bucket, whole: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Copy the bucket's tensors (cast to the wire dtype) into host staging buffer
+        ``slot`` (pinned when they are on a GPU); returns its flat view."""
+        device = next(iter(whole.values())).device
+        buf = self._staging[slot]
+        if buf is None or buf.numel() < bucket_nbytes(bucket):
+            self._staging[slot] = None
+            buf = self._staging[slot] = torch.empty(
+                bucket_nbytes(bucket), dtype=torch.uint8, pin_memory=device.type == "cuda"
+            )
+        flat = _slot_view(buf, bucket)
+        pack_into(flat, whole, bucket)
+        if device.type == "cuda":
+            torch.cuda.current_stream(device).synchronize()  # the copies landed
+        return flat
 
     def _join_writer(self) -> None:
         if self._writer is not None:
@@ -603,7 +737,7 @@ class CollectiveReceiver(WeightReceiver):
         self.seq = 0
         self.generation = 0
         self._pg: Any = None
-        self._buffers: list[torch.Tensor] = []
+        self._pool: list[torch.Tensor] = []  # two byte buffers, each the largest bucket
         self._connect()
 
     def _connect(self) -> None:
@@ -658,6 +792,8 @@ class CollectiveReceiver(WeightReceiver):
         catch-up files newer than what is loaded). Collective members must call receive then,
         even when the version number did not change (a rewind), or the publisher waits."""
         latest = self._latest()
+        if self.dirty:  # a version failed midway: restore before generating
+            return True
         if latest is None:
             return False
         if self._pg is not None or self._member_of(int(latest["gen"])):
@@ -669,13 +805,17 @@ class CollectiveReceiver(WeightReceiver):
         return record is not None and [self.name, self.ticket] in record["members"]
 
     def receive(self, into: Into) -> int | None:
+        """Take part in the pending broadcasts, loading each version bucket by bucket as it
+        arrives; outside a group (or dirty after a version failed midway), load the newest
+        catch-up file. Returns the version the engine now holds whole, or None."""
         latest = self._latest()
         if latest is None:
             return None
-        got: tuple[int, dict[str, torch.Tensor]] | None = None
+        loaded: int | None = None
         try:
             if self._pg is None:
-                self._enter_generation(int(latest["gen"]))
+                with _on_group():
+                    self._enter_generation(int(latest["gen"]))
             while self._pg is not None and self.seq < int(latest["seq"]):
                 s = self.seq + 1
                 record = _get_json(self.store, f"seq/{s}")
@@ -687,22 +827,25 @@ class CollectiveReceiver(WeightReceiver):
                     )
                     self._join()
                     break
-                if int(record["gen"]) != self.generation and not self._enter_generation(
-                    int(record["gen"])
-                ):
-                    break  # left out of the new generation; the catch-up files and a re-join follow
-                got = self._receive_one(s)
+                if int(record["gen"]) != self.generation:
+                    with _on_group():
+                        entered = self._enter_generation(int(record["gen"]))
+                    if not entered:
+                        break  # left out of the new generation: catch-up files, a re-join
+                loaded = self._receive_one(s, into)
                 self.seq = s
-        except WeightSyncError:
-            raise
-        except (RuntimeError, dist.DistError) as exc:  # the publisher or a peer died mid-transfer
-            log.warning("weight sync: %s lost its group (%s); re-joining", self.name, exc)
+        except _GroupLost as exc:  # the publisher or a peer died mid-transfer
+            log.warning(
+                "weight sync: %s lost its group (%s); re-joining%s",
+                self.name,
+                exc,
+                " (the engine holds part of a version: restoring from the catch-up files)"
+                if self.dirty
+                else "",
+            )
             self._join()
-        if got is not None:
-            version, tensors = got
-            load_into(into, tensors, version)
-            self.version = version
-            return version
+        if loaded is not None and not self.dirty:
+            return loaded
         return self._catch_up(into)
 
     def _enter_generation(self, generation: int) -> bool:
@@ -726,48 +869,110 @@ class CollectiveReceiver(WeightReceiver):
         log.info("weight sync: %s is rank %d of generation %d", self.name, rank, generation)
         return True
 
-    def _receive_one(self, seq: int) -> tuple[int, dict[str, torch.Tensor]]:
-        header = _recv_json(self._pg, self.device)
+    def _receive_one(self, seq: int, into: Into) -> int:
+        """Receive publish ``seq`` and load it bucket by bucket; returns its version."""
+        with _on_group():
+            header = _recv_json(self._pg, self.device)
         if int(header["seq"]) != seq:
             raise WeightSyncError(
                 f"weight sync: expected publish #{seq}, the header says #{header['seq']}"
             )
-        buckets = [Bucket.from_json(b) for b in header["buckets"]]
-        if len(self._buffers) != len(buckets):
-            self._buffers = [None] * len(buckets)  # type: ignore[list-item]
-        bufs = []
-        for i, b in enumerate(buckets):
-            buf, dtype = self._buffers[i], _DTYPES[b.dtype]
-            if buf is None or buf.numel() != b.numel or buf.dtype != dtype:
-                buf = self._buffers[i] = torch.empty(b.numel, dtype=dtype, device=self.device)
-            bufs.append(buf)
-        works = [_broadcast(self._pg, buf, wait=False) for buf in bufs]
-        tensors: dict[str, torch.Tensor] = {}
-        for i, (work, buf, b) in enumerate(zip(works, bufs, buckets, strict=True)):
-            work.wait()
-            self._on_bucket(int(header["version"]), i, buf)
-            tensors.update(unflatten(buf, b))
         version = int(header["version"])
-        trailer = _recv_json(self._pg, self.device)
-        verify_checksum(
-            trailer["checksum"], tensors, version, f"broadcast #{seq} to {self.name}", *self.sample
-        )
-        return version, with_aliases(tensors, header.get("aliases", {}))
+        self._load_version(into, version, self._buckets(header, version, seq))
+        return version
+
+    def _buffers(self, buckets: list[Bucket]) -> list[torch.Tensor]:
+        """The two receive buffers, grown to the largest bucket (kept between versions)."""
+        need = max((bucket_nbytes(b) for b in buckets), default=0)
+        if not self._pool or self._pool[0].numel() < need:
+            self._pool = []  # let the old ones go before the new ones are taken
+            self._pool = [
+                torch.empty(need, dtype=torch.uint8, device=self.device) for _ in range(2)
+            ]
+        return self._pool
+
+    def _buckets(
+        self, header: dict[str, Any], version: int, seq: int
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """Each bucket of the publish, checked against its digest, as views into one of the
+        two receive buffers (valid until the next bucket is asked for). Bucket ``i + 1``
+        arrives while ``i`` is loaded; ``i + 2`` is posted into ``i``'s buffer once ``i``
+        loaded. A bucket that fails its check is not handed out, nor any after it: the rest
+        of the publish is drained (the publisher is not left waiting), then WeightSyncError."""
+        buckets = [Bucket.from_json(b) for b in header["buckets"]]
+        aliases = header.get("aliases", {})
+        every, k = self.sample
+        sampled = sampled_names({n for b in buckets for n, _, _ in b.tensors}, every)
+        slots = self._buffers(buckets)
+        digests = [torch.empty(32, dtype=torch.uint8, device=self.device) for _ in range(2)]
+        where = f"broadcast #{seq} to {self.name}"
+
+        def post(i: int) -> tuple[torch.Tensor, list[Any]]:
+            flat = _slot_view(slots[i % 2], buckets[i])
+            with _on_group():
+                works = [
+                    _broadcast(self._pg, flat, wait=False),
+                    _broadcast(self._pg, digests[i % 2], wait=False),
+                ]
+            return flat, works
+
+        parts: dict[str, bytes] = {}
+        bad: str | None = None
+        in_flight = deque(post(i) for i in range(min(2, len(buckets))))
+        for i, bucket in enumerate(buckets):
+            flat, works = in_flight.popleft()
+            with _on_group():
+                for work in works:
+                    work.wait()
+            if bad is None:
+                self._on_bucket(version, i, flat)
+                tensors = unflatten(flat, bucket)
+                mine = {n: sample_part(n, t, k) for n, t in tensors.items() if n in sampled}
+                if bucket_digest(mine) != bytes(digests[i % 2].cpu().numpy()):
+                    bad = (
+                        f"weights of version {version} arrived corrupted ({where}): bucket "
+                        f"{i + 1} of {len(buckets)} ({bucket.tensors[0][0]} ...) does not match "
+                        "its sampled checksum and was not loaded; the engine holds part of the "
+                        "version and will not generate; stopping rather than generating with "
+                        "weights the learner never had"
+                    )
+                else:
+                    parts.update(mine)
+                    yield bucket_aliases(tensors, aliases)
+            if i + 2 < len(buckets):
+                in_flight.append(post(i + 2))
+        with _on_group():
+            trailer = _recv_json(self._pg, self.device)
+        if bad is not None:
+            raise WeightSyncError(bad)
+        got, sent = combine_sample_parts(parts), str(trailer["checksum"])
+        if got != sent:
+            raise WeightSyncError(
+                f"weights of version {version} arrived corrupted ({where}): sampled checksum "
+                f"{got.removeprefix(SAMPLE_PREFIX)[:12]} != published "
+                f"{sent.removeprefix(SAMPLE_PREFIX)[:12]}"
+            )
 
     def _on_bucket(self, version: int, index: int, flat: torch.Tensor) -> None:
         """Called with each bucket as it arrives (a test injects corruption here)."""
 
     def _catch_up(self, into: Into) -> int | None:
-        """Not in a group yet: load the newest catch-up file if it differs from what is loaded."""
+        """Not in a group yet, or dirty: load the newest catch-up file if it differs from what
+        is loaded (dirty: whatever it is, so the engine holds one whole version again)."""
         if self.catchup is None:
             return None
-        self.catchup.version = self.version
-        got = self.catchup.receive(into)
+        was_dirty = self.dirty
+        self.catchup.version, self.catchup.dirty = self.version, self.dirty
+        try:
+            got = self.catchup.receive(into)
+        finally:
+            self.dirty = self.catchup.dirty
         if got is not None:
             self.version = got
             log.info(
-                "weight sync: %s caught up to version %d from %s",
+                "weight sync: %s %s version %d from %s",
                 self.name,
+                "restored itself (a version had failed midway) to" if was_dirty else "caught up to",
                 got,
                 self.catchup.directory,
             )

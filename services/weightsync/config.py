@@ -60,13 +60,16 @@ class WeightSyncConfig(BaseModel):
         "serves; None binds a free port on rank 0's node and announces it in the run's Redis",
     )
     catchup_every: int = Field(
-        1,
+        10,
         ge=0,
         le=1_000_000,
-        description="collective: also write every N-th version to `path` (off the broadcast's "
-        "critical path) so an engine that starts late or restarts loads the current weights "
-        "at once and joins the broadcast group at the next publish; 0 disables (a late engine "
-        "then waits for the next publish)",
+        description="collective: also write every N-th version to `path` (after the broadcast, "
+        "through two host staging buffers of a bucket each) so an engine that starts late or "
+        "restarts loads recent weights at once and joins the broadcast group at the next "
+        "publish, and an engine a failed broadcast left half-loaded restores itself; a failed "
+        "broadcast always writes its version. The learner pays about one file write (a 7B bf16 "
+        "model: ~15 GB) per N versions, hence 10 by default; 0 disables (a late or half-loaded "
+        "engine then waits for the next publish)",
     )
     member_timeout_s: float = Field(
         60.0,

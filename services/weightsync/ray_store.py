@@ -18,7 +18,6 @@ from services.weightsync.base import (
     NamedTensors,
     WeightPublisher,
     WeightReceiver,
-    load_into,
     to_wire,
 )
 from services.weightsync.checksum import sample_checksum, verify_checksum
@@ -78,6 +77,6 @@ class ObjectStoreReceiver(WeightReceiver):
             return None
         version, tensors, checksum = got
         verify_checksum(checksum, tensors, version, "Ray object store", *self.sample)
-        load_into(into, tensors, version)
-        self.version = version
+        # the object store hands the version over whole: one bucket
+        self._load_version(into, version, [tensors])
         return version

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing as mp
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -342,7 +343,7 @@ def test_a_zero3_learner_is_gathered_and_sent_one_bucket_at_a_time():
     from learner.weights import ZeroShardedWeights
     from services.weightsync.collective import plan_layout
 
-    engine = LearnerEngine(_model(seed=0), LearnerConfig(zero_stage=3, lr=1e-3), total_steps=2)
+    engine = LearnerEngine(_model(seed=0), LearnerConfig(zero_stage=3, lr=1e-3), 2)
     source = engine.device_weights()
     assert isinstance(source, ZeroShardedWeights)
     gathered: list[list[str]] = []
@@ -368,7 +369,8 @@ def test_a_zero3_learner_is_gathered_and_sent_one_bucket_at_a_time():
     while not receiver.has_update():
         time.sleep(0.01)
     got: dict[str, torch.Tensor] = {}
-    assert receiver.receive(got.update) == 1
+    # buckets are views into the receiver's two reused buffers: copy what is kept
+    assert receiver.receive(lambda b: got.update({n: t.clone() for n, t in b.items()})) == 1
     thread.join(60)
     assert not thread.is_alive() and not errors, errors
 
@@ -381,4 +383,327 @@ def test_a_zero3_learner_is_gathered_and_sent_one_bucket_at_a_time():
     assert [names for names in gathered] == [[n for n, _, _ in b.tensors] for b in buckets]
     assert max(map(len, gathered)) < len(source.layout())
     receiver.close()
+    pub.close()
+
+
+# ---- memory: a sync holds about two buckets, whatever the model's size ----------------------------
+
+MEM_BUCKET = 4 << 20
+MEM_TENSOR = 1 << 18  # float32 elements: 1 MiB tensors, four to a bucket
+
+
+def _fixed_mmap_threshold() -> None:
+    """Large blocks always come from mmap and go back to the OS when freed, so resident bytes
+    follow what is allocated (glibc otherwise keeps freed blocks in a heap that stays
+    resident)."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"/proc/self/status has no {field}")
+
+
+def _peak_reset() -> int:
+    """Reset the peak resident set (VmHWM) and return the resident KiB now."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_kb("VmRSS")
+
+
+def _mem_state(mib: int) -> dict[str, torch.Tensor]:
+    return {f"w{i:04d}": torch.zeros(MEM_TENSOR) for i in range(mib)}
+
+
+def _mem_learner(conn: Any, mib: int, catchup: str | None) -> None:
+    torch.set_num_threads(1)
+    try:
+        _fixed_mmap_threshold()
+        state = _mem_state(mib)
+        pub = CollectivePublisher(
+            bucket_bytes=MEM_BUCKET,
+            catchup_dir=catchup,
+            catchup_every=1 if catchup else 0,
+            timeout_s=60,
+        )
+        conn.send(("address", pub.address))
+        base = _peak_reset()
+        for version in (1, 2, 3):
+            assert conn.recv() == ("publish", version)
+            for t in state.values():
+                t.add_(1.0)
+            pub.publish(version, state)
+            pub.flush()
+            conn.send(("ok", version))
+        ring = [b.numel() for b in pub._ring if b is not None]
+        staging = [b.numel() for b in pub._staging if b is not None]
+        conn.send(("peak", (_status_kb("VmHWM") - base) << 10, ring, staging))
+        pub.close()
+    except BaseException as exc:
+        conn.send(("error", type(exc).__name__, f"{exc}\n{traceback.format_exc()}"))
+
+
+def _mem_engine(conn: Any, address: str, mib: int) -> None:
+    torch.set_num_threads(1)
+    try:
+        _fixed_mmap_threshold()
+        model = torch.nn.Module()
+        for name, t in _mem_state(mib).items():
+            model.register_buffer(name, t)
+        recv = CollectiveReceiver(address, "rollout-0", timeout_s=60)
+        conn.send(("ready",))  # joined: the first publish forms a group with it
+        base = _peak_reset()
+        deadline = time.monotonic() + 120
+        while recv.version != 3:
+            assert time.monotonic() < deadline, f"stuck at version {recv.version}"
+            if recv.has_update():
+                recv.receive(model)
+            else:
+                time.sleep(0.005)
+        assert float(model.w0000[0]) == 3.0
+        pool = [b.numel() for b in recv._pool]
+        conn.send(("peak", (_status_kb("VmHWM") - base) << 10, pool))
+        recv.close()
+    except BaseException as exc:
+        conn.send(("error", type(exc).__name__, f"{exc}\n{traceback.format_exc()}"))
+
+
+def _extra_during_sync(mib: int, catchup: str | None) -> tuple[int, int, tuple[Any, ...]]:
+    """(learner's, engine's) peak resident bytes above those before three syncs of a float32
+    model of ``mib`` MiB, and the learner's answer."""
+    learner = _Proc(_mem_learner, mib, catchup)
+    procs = [learner]
+    try:
+        kind, address = learner.answer()
+        assert kind == "address"
+        engine = _Proc(_mem_engine, address, mib)
+        procs.append(engine)
+        assert engine.answer() == ("ready",)
+        for version in (1, 2, 3):
+            learner.ask("publish", version)
+            assert learner.answer() == ("ok", version)
+        lpeak = learner.answer()
+        epeak = engine.answer()
+        assert lpeak[0] == "peak" and epeak[0] == "peak", (lpeak, epeak)
+        assert epeak[2] == [MEM_BUCKET, MEM_BUCKET]  # the receive pool: two buckets
+        return lpeak[1], epeak[1], lpeak
+    finally:
+        for p in procs:
+            p.stop()
+
+
+# What a sync costs beyond its buffers: gloo's and the store's threads, the JSON header,
+# sampled parts, the allocator's slack. Independent of the model's size.
+MEM_CONSTANT = 24 << 20
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+def test_a_sync_holds_two_buckets_on_each_side_whatever_the_model_size(tmp_path: Path) -> None:
+    """Three versions of a 32 MiB and a 128 MiB model (4x apart) through 4 MiB buckets: the
+    learner's and the engine's peak resident bytes grow by at most 2 buckets + a constant, the
+    same for both sizes (a buffer per bucket, as before, would add the whole model: 128 MiB).
+    With catch-up files the learner adds its two host staging buckets, no host copy."""
+    small = _extra_during_sync(32, None)
+    large = _extra_during_sync(128, None)
+    for (learner, engine, answer), mib in ((small, 32), (large, 128)):
+        assert answer[2] == [MEM_BUCKET, MEM_BUCKET], answer  # the learner's ring: two buckets
+        assert learner <= 2 * MEM_BUCKET + MEM_CONSTANT, (mib, learner)
+        assert engine <= 2 * MEM_BUCKET + MEM_CONSTANT, (mib, engine)
+    # independent of the model's size: 96 MiB more model, at most a few MiB more extra
+    assert abs(large[0] - small[0]) < 8 << 20 and abs(large[1] - small[1]) < 8 << 20, (
+        small,
+        large,
+    )
+
+    learner, engine, answer = _extra_during_sync(128, str(tmp_path / "catchup"))
+    assert answer[3] == [MEM_BUCKET, MEM_BUCKET], answer  # two host staging buckets
+    assert learner <= 4 * MEM_BUCKET + MEM_CONSTANT, learner
+    assert engine <= 2 * MEM_BUCKET + MEM_CONSTANT, engine
+    written = sorted((tmp_path / "catchup").glob("weights-v*.safetensors"))
+    assert [p.name for p in written] == [
+        "weights-v0000000002.safetensors",
+        "weights-v0000000003.safetensors",
+    ]
+    tensors = load_file(str(written[-1]))
+    assert len(tensors) == 128 and all(float(t[0]) == 3.0 for t in tensors.values())
+
+
+def _cuda_learner(conn: Any, mib: int) -> None:
+    try:
+        torch.cuda.set_device(0)
+        state = {n: t.cuda() for n, t in _mem_state(mib).items()}
+        pub = CollectivePublisher(bucket_bytes=MEM_BUCKET, catchup_every=0, timeout_s=60)
+        conn.send(("address", pub.address))
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        assert conn.recv() == ("publish", 1)
+        pub.publish(1, state)
+        conn.send(("ok", 1))
+        conn.send(("peak", torch.cuda.max_memory_allocated() - base, [], []))
+        pub.close()
+    except BaseException as exc:
+        conn.send(("error", type(exc).__name__, f"{exc}\n{traceback.format_exc()}"))
+
+
+def _cuda_engine(conn: Any, address: str, mib: int) -> None:
+    try:
+        torch.cuda.set_device(1)
+        model = torch.nn.Module()
+        for name, t in _mem_state(mib).items():
+            model.register_buffer(name, t.cuda())
+        recv = CollectiveReceiver(address, "rollout-0", device="cuda:1", timeout_s=60)
+        conn.send(("ready",))
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        while recv.version != 1:
+            if recv.has_update():
+                recv.receive(model)
+            else:
+                time.sleep(0.005)
+        conn.send(("peak", torch.cuda.max_memory_allocated() - base, []))
+        recv.close()
+    except BaseException as exc:
+        conn.send(("error", type(exc).__name__, f"{exc}\n{traceback.format_exc()}"))
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+    reason="needs two CUDA devices (an NCCL group has one rank per device)",
+)
+def test_a_cuda_sync_allocates_two_buckets_on_each_device_whatever_the_model_size() -> None:
+    ctx = mp.get_context("spawn")  # CUDA does not survive a fork
+    extras = []
+    for mib in (32, 128):
+        lconn, lchild = ctx.Pipe()
+        learner = ctx.Process(target=_cuda_learner, args=(lchild, mib), daemon=True)
+        learner.start()
+        kind, address = lconn.recv()
+        assert kind == "address"
+        econn, echild = ctx.Pipe()
+        engine = ctx.Process(target=_cuda_engine, args=(echild, address, mib), daemon=True)
+        engine.start()
+        assert econn.recv() == ("ready",)
+        lconn.send(("publish", 1))
+        assert lconn.recv() == ("ok", 1)
+        lpeak, epeak = lconn.recv(), econn.recv()
+        learner.join(30)
+        engine.join(30)
+        assert lpeak[0] == "peak" and epeak[0] == "peak", (lpeak, epeak)
+        assert lpeak[1] <= 2 * MEM_BUCKET + (4 << 20), (mib, lpeak)
+        assert epeak[1] <= 2 * MEM_BUCKET + (4 << 20), (mib, epeak)
+        extras.append((lpeak[1], epeak[1]))
+    assert extras[0] == extras[1], extras
+
+
+# ---- a version that fails midway ------------------------------------------------------------------
+
+
+class _CorruptAt(CollectiveReceiver):
+    """Corrupts bucket ``index`` of ``version`` on arrival (after earlier buckets loaded)."""
+
+    at = (-1, -1)
+
+    def _on_bucket(self, version: int, index: int, flat: torch.Tensor) -> None:
+        if (version, index) == self.at:
+            flat.mul_(-1.0)
+
+
+def _publish_in_thread(pub: CollectivePublisher, version: int, state: dict) -> Any:
+    errors: list[BaseException] = []
+
+    def go() -> None:
+        try:
+            pub.publish(version, state)
+            pub.flush()
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=go, daemon=True)
+    thread.start()
+
+    def join() -> None:
+        thread.join(60)
+        assert not thread.is_alive() and not errors, errors
+
+    return join
+
+
+def _receive_into(recv: CollectiveReceiver, loader: Any) -> int | None:
+    deadline = time.monotonic() + 60
+    while not recv.has_update():
+        assert time.monotonic() < deadline, "no update"
+        time.sleep(0.01)
+    return recv.receive(loader)
+
+
+def test_a_bucket_corrupted_mid_version_leaves_no_engine_generating_from_half_a_model(
+    tmp_path: Path,
+) -> None:
+    """Version 2's third bucket arrives corrupted, after two buckets already loaded into the
+    engine's model: the receiver raises, the engine is marked dirty and refuses to generate
+    (before a round and between two decoding steps), and the next receive restores it from
+    the catch-up files to exactly the learner's version 2, after which it generates again."""
+    from services.rollout.actor import EngineLoader
+    from services.rollout.hf_engine import HFRolloutEngine
+    from services.tasks.base import Prompt
+
+    learner = _model(seed=0)
+    engine = HFRolloutEngine(_model(seed=1), CharTokenizer(), max_new_tokens=4)
+    prompts = [Prompt("p0", "1+2=", "3", "mixed")]
+    catchup = tmp_path / "catchup"
+    pub = CollectivePublisher(
+        bucket_bytes=BUCKET_BYTES, catchup_dir=catchup, catchup_every=1, timeout_s=60
+    )
+    recv = _CorruptAt(pub.address, "rollout-0", catchup_dir=catchup, timeout_s=60)
+    recv.at = (2, 2)
+    assert len(plan_buckets(dict(learner.state_dict()), BUCKET_BYTES)) > 3
+
+    _step(learner, 1)
+    join = _publish_in_thread(pub, 1, learner.state_dict())
+    assert _receive_into(recv, EngineLoader(engine)) == 1
+    join()
+    v1 = {n: t.clone() for n, t in learner.state_dict().items()}
+    assert state_checksum(engine.model.state_dict()) == state_checksum(v1)
+    engine.generate(prompts, 2, seed=0)  # a whole version: generates
+
+    _step(learner, 2)
+    join = _publish_in_thread(pub, 2, learner.state_dict())
+    with pytest.raises(WeightSyncError, match="bucket 3 of .* was not loaded"):
+        _receive_into(recv, EngineLoader(engine))
+    join()  # the receiver drained the rest of the publish: the learner was not left waiting
+    v2 = learner.state_dict()
+    held = engine.model.state_dict()
+    from_v2 = {n for n in v2 if torch.equal(held[n], v2[n]) and not torch.equal(v1[n], v2[n])}
+    from_v1 = {n for n in v2 if torch.equal(held[n], v1[n]) and not torch.equal(v1[n], v2[n])}
+    assert from_v2 and from_v1, "the failure should have come after part of version 2 loaded"
+    assert recv.dirty and engine.dirty and engine.version == 1 and recv.version == 1
+    with pytest.raises(RuntimeError, match="holds part of a weights version"):
+        engine.generate(prompts, 2, seed=0)
+
+    # A load between two decoding steps that fails midway ends the round at that step.
+    engine.dirty = False
+    steps: list[int] = []
+
+    def failing_load() -> None:
+        steps.append(1)
+        engine.begin_update()  # a streamed update starts and never finishes
+
+    with pytest.raises(RuntimeError, match="holds part of a weights version"):
+        engine.generate(prompts, 2, seed=0, between_steps=failing_load)
+    assert len(steps) == 1
+    engine.dirty = True
+
+    # The receiver restores itself from the catch-up file of version 2 (written after the
+    # broadcast), and the engine generates again from whole weights.
+    assert recv.has_update()
+    assert recv.receive(EngineLoader(engine)) == 2
+    assert not recv.dirty and not engine.dirty and engine.version == 2
+    assert state_checksum(engine.model.state_dict()) == state_checksum(v2)
+    engine.generate(prompts, 2, seed=0)
+    recv.close()
     pub.close()
