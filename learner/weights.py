@@ -3,7 +3,9 @@
 Under ZeRO-3 each parameter is sharded across the learner's ranks. Gathering the whole model to
 publish it would hold it twice on the device (or, as a host copy, once more in host memory);
 :class:`ZeroShardedWeights` lets the publisher gather exactly the parameters of the bucket it is
-about to send and release them once packed. Gathering is collective: with several ranks,
+about to send and release them once packed into its ring of two bucket buffers, so rank 0 holds
+its shard, one gathered bucket and the two packed ones, never the whole model (the catch-up
+files gather each bucket once more, after the broadcast, into two host staging buffers). Gathering is collective: with several ranks,
 ``announce`` tells the followers which names to gather, so every rank enters each all-gather
 together (:func:`learner.multirank.follow` answers it with :func:`gather_and_release`).
 """
