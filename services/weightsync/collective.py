@@ -798,7 +798,20 @@ class CollectiveReceiver(WeightReceiver):
             return False
         if self._pg is not None or self._member_of(int(latest["gen"])):
             return int(latest["seq"]) > self.seq
-        return self.catchup is not None and self.catchup.latest_version() not in (-1, self.version)
+        return self._catch_up_due(latest)
+
+    def _catch_up_due(self, latest: dict[str, int]) -> bool:
+        """Whether the newest catch-up file should load: always when the engine holds nothing
+        or part of a version (dirty); else only when it is the published version (files are
+        written every ``catchup_every`` versions, so an older one would take an engine back)."""
+        if self.catchup is None:
+            return False
+        newest = self.catchup.latest_version()
+        if newest == -1:
+            return False
+        if self.dirty or self.version == -1:
+            return True
+        return newest == int(latest["version"]) and newest != self.version
 
     def _member_of(self, generation: int) -> bool:
         record = _get_json(self.store, f"gen/{generation}")
@@ -846,6 +859,8 @@ class CollectiveReceiver(WeightReceiver):
             self._join()
         if loaded is not None and not self.dirty:
             return loaded
+        if not self._catch_up_due(latest):
+            return None
         return self._catch_up(into)
 
     def _enter_generation(self, generation: int) -> bool:
