@@ -258,6 +258,10 @@ def run(
             result = run_service(cfg, verbose=verbose)
         except ServiceError as e:
             _error(f"run failed: {e}", err)
+            for source, lines in e.causes:  # the root cause, from the failed component's log
+                err.print(f"from {source}:", markup=False, highlight=False, soft_wrap=True)
+                for line in lines:
+                    _error(f"  {line}", err)
             err.print(f"logs: {log_file.parent}/", soft_wrap=True, markup=False, highlight=False)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:

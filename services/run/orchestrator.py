@@ -35,6 +35,7 @@ from services.run.placement import (
 )
 from services.run.progress import warmstart_progress
 from services.run.supervisor import RedisLost, RedisWatch, ServiceError, Supervisor
+from services.telemetry.logfiles import error_lines, last_errors, log_sizes
 from services.transport.bundle import Transport
 from services.transport.queue import connect
 from services.transport.redis_server import mask_url
@@ -57,12 +58,55 @@ def run_service(
     Raises :class:`ServiceError` when a component fails (after stopping everything), and
     re-raises KeyboardInterrupt after the same clean-up.
     """
+    run_dir = Path(run_dir or cfg.train.run_dir).resolve()
+    # Where this session's lines start in each log (a resumed run appends to the old ones).
+    marks = log_sizes(run_dir / "logs")
     previous_sigterm = _sigterm_as_interrupt()
     try:
-        return _run_service(cfg, Path(run_dir or cfg.train.run_dir).resolve(), verbose)
+        return _run_service(cfg, run_dir, verbose)
+    except ServiceError as exc:
+        exc.causes = failure_causes(exc, run_dir / "logs", marks)
+        raise
     finally:
         if previous_sigterm is not None:
             signal.signal(signal.SIGTERM, previous_sigterm)
+
+
+# Processes a component starts that log beside it: the learner's other ranks, its evaluator.
+_RELATED_LOGS = {"learner": ("learner-rank*.log", "evaluator.log")}
+CAUSE_LINES = 6
+
+
+def failure_causes(
+    exc: ServiceError, log_dir: Path, marks: dict[str, int] | None = None
+) -> list[tuple[str, list[str]]]:
+    """``(source, lines)``: the last error lines this session wrote to the logs of the
+    components ``exc`` names (and of the processes they started), then those of its
+    ``detail``; lines the message already says are left out, and sources with none.
+
+    The message alone often names only the last link: vLLM's "Engine core initialization
+    failed. See root cause above." is all a rollout actor's exception says, while the engine's
+    own error went from its child process to the actor's log."""
+    marks = marks or {}
+    said = str(exc)
+    causes: list[tuple[str, list[str]]] = []
+    seen: set[str] = set()
+
+    def add(source: str, lines: list[str]) -> None:
+        fresh = [x for x in lines if x not in said and x not in seen]
+        seen.update(fresh)
+        if fresh:
+            causes.append((source, fresh))
+
+    for name in exc.components:
+        paths = [log_dir / f"{name}.log"]
+        for pattern in _RELATED_LOGS.get(name, ()):
+            paths += sorted(p for p in log_dir.glob(pattern) if p not in paths)
+        for path in paths:
+            add(path.name, last_errors(path, marks.get(path.name, 0), CAUSE_LINES))
+    if exc.detail:
+        add("the error's full text", error_lines(exc.detail, CAUSE_LINES))
+    return causes
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -136,10 +180,18 @@ def _run_service(cfg: RunConfig, run_dir: Path, verbose: bool = False) -> dict[s
             )
             api_url = None
             if cfg.api.enabled:
-                api_url = start_api(
-                    redis_url, svc.namespace, cfg.api.host, cfg.api.port, cfg.control_token()
-                )
                 stack.callback(_best_effort, "stopping the API", stop_api)
+                try:
+                    api_url = start_api(
+                        redis_url, svc.namespace, cfg.api.host, cfg.api.port, cfg.control_token()
+                    )
+                except Exception as exc:  # Serve's error carries the replica's traceback
+                    first = (str(exc).strip().splitlines() or [""])[0]
+                    raise ServiceError(
+                        f"api failed to start: {type(exc).__name__}: {first}",
+                        components=("api",),
+                        detail=str(exc),
+                    ) from exc
                 log.info("HTTP API and dashboard at %s/", api_url)
             # A store left by an earlier run in this Ray would hand out that run's weights.
             with contextlib.suppress(ValueError):
@@ -262,13 +314,18 @@ def _prepare_all(actors: dict[str, Any], timeout_s: float) -> None:
         left = max(0.0, timeout_s - (time.perf_counter() - t0))
         ready, _ = ray.wait(list(waiting), num_returns=1, timeout=left)
         if not ready:
-            raise ServiceError(f"{', '.join(waiting.values())} not ready after {timeout_s:.0f}s")
+            raise ServiceError(
+                f"{', '.join(waiting.values())} not ready after {timeout_s:.0f}s",
+                components=tuple(waiting.values()),
+            )
         name = waiting.pop(ready[0])
         try:
             ray.get(ready[0])
         except ray.exceptions.RayError as exc:
             cause = getattr(exc, "cause", None) or exc
-            raise ServiceError(f"{name} failed to start: {type(cause).__name__}: {cause}") from exc
+            raise ServiceError(
+                f"{name} failed to start: {type(cause).__name__}: {cause}", components=(name,)
+            ) from exc
     log.info("all %d components ready in %.1fs", len(actors), time.perf_counter() - t0)
 
 

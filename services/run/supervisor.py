@@ -49,7 +49,21 @@ _REDIS_DOWN = (
 
 
 class ServiceError(RuntimeError):
-    """A component of the run failed; the message names it and says why."""
+    """A component of the run failed; the message names it and says why.
+
+    Attributes:
+        components: The components whose logs may hold the root cause, the failed one first.
+        detail: Text that may hold it where no log does (a failed call's whole error message).
+        causes: ``(source, error lines)`` for each source that had any, filled in by the
+            orchestrator before the error leaves it (see :func:`failure_causes`).
+    """
+
+    def __init__(
+        self, message: str, *, components: tuple[str, ...] = (), detail: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.components, self.detail = components, detail
+        self.causes: list[tuple[str, list[str]]] = []
 
 
 class RedisLost(ServiceError):
@@ -244,7 +258,14 @@ class Supervisor:
                     self._show(bar)
             if not self._is_done():
                 reason = self._safe(self.t.control.stop_reason) or "unknown reason"
-                raise ServiceError(f"the learner stopped before the run was done: {reason}")
+                # "rollout-0 failed: ..." when a component stopped the run on its way out
+                first = reason.split(":", 1)[0].split(" ", 1)[0]
+                raise ServiceError(
+                    f"the learner stopped before the run was done: {reason}",
+                    components=tuple(dict.fromkeys((first, "learner")))
+                    if first in self.hosts
+                    else ("learner",),
+                )
             self._show(bar)
         finally:
             bar.close()
@@ -277,7 +298,7 @@ class Supervisor:
         except ray.exceptions.RayError as exc:
             if not is_death(exc) or self.spawn is None:
                 self._safe(self.t.control.request_stop, f"{name} failed")
-                raise ServiceError(f"{name} failed: {_cause(exc)}") from None
+                raise ServiceError(f"{name} failed: {_cause(exc)}", components=(name,)) from None
             self._schedule_restart(name, exc)
             return
         log.info("%s finished: %s", name, _short(results[name]))
@@ -289,7 +310,8 @@ class Supervisor:
             raise ServiceError(
                 f"{name} died {done + 1} times ({_cause(exc)}); its restart budget "
                 f"service.max_restarts={self.policy.max_restarts} is spent, so the run stopped; "
-                "`d3s run` again resumes it"
+                "`d3s run` again resumes it",
+                components=(name,),
             )
         delay = self.policy.delay(done)
         now = time.monotonic()

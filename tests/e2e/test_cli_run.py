@@ -158,3 +158,40 @@ def test_d3s_train_quiet_and_verbose(
     verbose = _d3s("train", str(config), "--verbose", "--set", f"train.run_dir={tmp_path / 'run2'}")
     assert verbose.returncode == 0, _terminal(verbose)[-3000:]
     assert "real_accelerator" in _terminal(verbose)  # DeepSpeed's own line, on the terminal
+
+
+def test_d3s_run_prints_the_root_cause_of_a_component_that_cannot_start(
+    tiny_config, tmp_path: Path
+) -> None:
+    """A policy whose config.json is not JSON: every component that loads it fails at start
+    with transformers' "not a valid JSON file", whose cause (the JSON error, with its line and
+    column) is only in the component's log. ``d3s run`` prints it under the log's name, and
+    still only a few lines. (The vLLM suite shows the same for an engine that fails in its
+    own process.)"""
+    policy = tmp_path / "policy"
+    policy.mkdir()
+    (policy / "config.json").write_text('{"model_type": "gpt2",\n  "n_layer": 1,,\n}\n')
+    config, run_dir = _write_config(
+        tiny_config,
+        tmp_path,
+        tmp_path / "unused-warmstart",
+        policy={"path": str(policy)},
+        service={"namespace": f"bad{uuid.uuid4().hex[:8]}", "wait_timeout_s": 120},
+    )
+    out = _d3s("run", str(config), timeout=300)
+    shown = _terminal(out)
+    print(f"\n{shown}")
+    assert out.returncode == 1, shown[-3000:]
+    lines = out.stderr.splitlines()
+    (failed,) = [i for i, x in enumerate(lines) if x.startswith("run failed: ")]
+    # learner, selector or rollout-0: whichever reported first
+    name = lines[failed].split()[2]
+    assert name in ("learner", "selector", "rollout-0"), lines[failed]
+    assert "is not a valid JSON file" in lines[failed] and "line 2" not in lines[failed]
+    assert lines[failed + 1] == f"from {name}.log:", shown
+    assert (
+        "  json.decoder.JSONDecodeError: Expecting property name enclosed in double quotes: "
+        "line 2 column 16 (char 38)" in lines[failed + 2 :]
+    ), shown
+    assert lines[-1] == f"logs: {run_dir.resolve() / 'logs'}/", shown
+    assert len(shown.splitlines()) <= MAX_LINES, shown

@@ -14,8 +14,11 @@ import pytest
 from rich.console import Console
 
 from services.run.config import ConfigError, parse_config
+from services.run.orchestrator import failure_causes
 from services.run.progress import ConsoleLines, StepProgress, quiet_terminal
 from services.run.summary import build_summary, summary_table, token_totals, write_summary
+from services.run.supervisor import ServiceError
+from services.telemetry.logfiles import error_lines, log_sizes
 
 
 def _rows() -> list[dict]:
@@ -169,6 +172,83 @@ def test_the_summary_and_the_progress_line_show_names_and_paths_as_written(tmp_p
         bar.update(2, {"reward_mean": 0.5}, None)
         bar.close()
         assert "[bold]x[/bold] (async)" in buf.getvalue(), buf.getvalue()
+
+
+# A rollout actor's log after its vLLM engine failed to start, as vLLM and the actor write it:
+# the engine core (a child process) logs its traceback with a header on every line, then dies
+# with the bare traceback; the actor's own exception only says "See root cause above".
+VLLM_FAILED_START = """\
+2026-01-01 12:00:00,000 INFO services.run.components: rollout-0: loading the engine
+(EngineCore_DP0 pid=4242) INFO 01-01 12:00:01 [core.py:93] Initializing a V1 LLM engine
+(EngineCore_DP0 pid=4242) ERROR 01-01 12:00:05 [core.py:708] EngineCore failed to start.
+(EngineCore_DP0 pid=4242) ERROR 01-01 12:00:05 [core.py:708] Traceback (most recent call last):
+(EngineCore_DP0 pid=4242) ERROR 01-01 12:00:05 [core.py:708]   File "core.py", line 699, in run
+(EngineCore_DP0 pid=4242) ERROR 01-01 12:00:05 [core.py:708]     raise ValueError(msg)
+(EngineCore_DP0 pid=4242) ERROR 01-01 12:00:05 [core.py:708] ValueError: Available memory on \
+node 0 (19.1/23.54 GiB) on startup is less than desired CPU memory utilization (0.9, 21.19 GiB).
+Process EngineCore_DP0:
+Traceback (most recent call last):
+  File "/usr/lib/python3.11/multiprocessing/process.py", line 314, in _bootstrap
+ValueError: Available memory on node 0 (19.1/23.54 GiB) on startup is less than desired CPU \
+memory utilization (0.9, 21.19 GiB).
+2026-01-01 12:00:06,000 WARNING services.rollout.vllm_engine: not an error
+2026-01-01 12:00:06,500 ERROR services.run.components: rollout-0 failed
+Traceback (most recent call last):
+  File "components.py", line 150, in build_component
+
+The above exception was the direct cause of the following exception:
+
+RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}
+"""
+MEMORY = (
+    "ValueError: Available memory on node 0 (19.1/23.54 GiB) on startup is less than desired "
+    "CPU memory utilization (0.9, 21.19 GiB)."
+)
+
+
+def test_error_lines_find_a_child_processes_root_cause() -> None:
+    assert error_lines(VLLM_FAILED_START) == [
+        "EngineCore failed to start.",
+        MEMORY,
+        "rollout-0 failed",
+        "RuntimeError: Engine core initialization failed. See root cause above. "
+        "Failed core proc(s): {}",
+    ]
+    assert error_lines(VLLM_FAILED_START, limit=2)[0] == "rollout-0 failed"  # the last ones
+    assert error_lines("x" * 50 + "Error: " + "y" * 500, width=40) == ["x" * 39 + "…"]
+    assert error_lines("2026-01-01 12:00:00,000 INFO a: ValueError: fine\nok\n") == []
+
+
+def test_failure_causes_read_this_sessions_lines_of_the_failed_component(tmp_path) -> None:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    old = "2026-01-01 11:00:00,000 ERROR services.run.components: an earlier session's error\n"
+    (logs / "rollout-0.log").write_text(old)
+    (logs / "selector.log").write_text(
+        "2026-01-01 12:00:00,000 ERROR selector.service: not the failed one\n"
+    )
+    marks = log_sizes(logs)
+    with (logs / "rollout-0.log").open("a") as fh:
+        fh.write(VLLM_FAILED_START)
+    exc = ServiceError(
+        "rollout-0 failed to start: RuntimeError: Engine core initialization failed. See root "
+        "cause above. Failed core proc(s): {}",
+        components=("rollout-0",),
+    )
+    # What the message says already (the actor's own error, "rollout-0 failed") is left out.
+    assert failure_causes(exc, logs, marks) == [
+        ("rollout-0.log", ["EngineCore failed to start.", MEMORY])
+    ]
+    assert "an earlier session's error" in failure_causes(exc, logs)[0][1]  # no marks: all
+    api = ServiceError(
+        "api failed to start: RuntimeError: deploying failed",
+        components=("api",),
+        detail="deploying failed\nTraceback (most recent call last):\n  File x\n"
+        "KeyError: 'D3S_TOKEN'\n",
+    )
+    assert failure_causes(api, logs, marks) == [
+        ("the error's full text", ["KeyError: 'D3S_TOKEN'"])
+    ]
 
 
 def test_quiet_terminal_sends_every_output_to_the_log(tmp_path, capfd) -> None:
