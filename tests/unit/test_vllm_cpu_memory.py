@@ -131,7 +131,8 @@ def test_derived_kv_cache_follows_the_model_and_the_batch():
     big = _rollout(prompts_per_step=64, samples_per_prompt=16, max_new_tokens=400)
     assert derived_kv_cache_gib(big, SMOLLM2) == 28.25
     # Half the bytes in bfloat16; max_model_len bounds every sequence (2 x 128-token blocks).
-    assert derived_kv_cache_gib(big.model_copy(update={"vllm": None}), SMOLLM2) == 14.25
+    bf16 = big.model_copy(update={"vllm": big.vllm.model_copy(update={"dtype": "bfloat16"})})
+    assert derived_kv_cache_gib(bf16, SMOLLM2) == 14.25
     capped = _rollout(
         prompts_per_step=64,
         samples_per_prompt=16,
