@@ -115,8 +115,12 @@ class RolloutConfig(BaseModel):
 
     @property
     def vllm_settings(self) -> VLLMConfig:
-        """The ``vllm`` section, or its defaults when it was left out."""
-        return self.vllm if self.vllm is not None else VLLMConfig()
+        """The ``vllm`` section, or its defaults when it was left out, with ``dtype`` resolved
+        for this rollout's device when it was left unset."""
+        v = self.vllm if self.vllm is not None else VLLMConfig()
+        if v.dtype is None:
+            v = v.model_copy(update={"dtype": "bfloat16" if self.num_gpus > 0 else "float32"})
+        return v
 
 
 class VLLMConfig(BaseModel):
@@ -146,8 +150,12 @@ class VLLMConfig(BaseModel):
     max_model_len: int | None = Field(None, ge=2)
     """Longest prompt + response the engine serves (sizes the KV cache); None: the model's own
     context length."""
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
-    """Weights and activations; ``auto`` takes the checkpoint's."""
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] | None = None
+    """Weights and activations; ``auto`` takes the checkpoint's. None: the precision the HF
+    engine and the learner (``learner.bf16: auto``) use on the same device, float32 on CPU
+    (``rollout.num_gpus: 0``) and bfloat16 on GPU. A sampler coarser than the learner samples
+    from another policy: SmolLM2 in bf16 against the fp32 learner is 0.03 nats off per token
+    on average (up to 0.3), and most steps of a small learning rate vanish in its rounding."""
 
 
 def vllm_installed() -> bool:
