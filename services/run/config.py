@@ -417,10 +417,22 @@ def effective_config(data: Mapping[str, Any]) -> dict[str, Any]:
         out.setdefault(name, value)
     rollout = out.get("rollout")
     if isinstance(rollout, dict) and rollout.get("engine") == "vllm":
-        given = rollout.get("vllm")
-        vllm = VLLMConfig().model_dump(mode="json")
-        rollout["vllm"] = _over_defaults(vllm, given) if isinstance(given, Mapping) else vllm
+        rollout["vllm"] = _vllm_as_run(rollout)
     return out
+
+
+def _vllm_as_run(rollout: dict[str, Any]) -> Any:
+    """The ``vllm`` section a run with this ``rollout`` section uses: its defaults, and those
+    that depend on the rest of the section (``dtype`` by ``num_gpus``), filled in."""
+    given = rollout.get("vllm")
+    try:
+        vllm = VLLMConfig.model_validate(given or {})
+        # Built without the section's own checks (an installed vLLM), only to read its settings.
+        section = RolloutConfig.model_construct(**{**rollout, "vllm": vllm})
+        return section.vllm_settings.model_dump(mode="json")
+    except (ValidationError, TypeError, ValueError):
+        defaults = VLLMConfig().model_dump(mode="json")
+        return _over_defaults(defaults, given) if isinstance(given, Mapping) else defaults
 
 
 def _over_defaults(default: Any, value: Any) -> Any:
