@@ -53,7 +53,7 @@ PRESETS: dict[str, tuple[str, tuple[str, ...]]] = {
 DEFAULT_PRESETS = ["grpo", "random", "d1s", "d1s-cross", "d2s", "d3s", "d3s-i", "d3s+gspo"]
 LONG_PRESETS = ["grpo", "d1s", "d2s", "d3s"]
 EXPERIMENTS = ("ladder", "long", "warmstart", "token_score", "noclip")
-CLEAN = ("warmstart.clean=true",)
+CLEAN = ("warmstart.clean=true", "warmstart.band=null")
 # A clip no step reaches: at learner.grad_clip 1.0 nearly every down-sampled step is clipped, which
 # rescales away the larger gradient that selection is meant to produce.
 NOCLIP = ("learner.grad_clip=1e6",)

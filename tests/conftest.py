@@ -28,7 +28,7 @@ def tiny_config():
             "name": "tiny",
             "task": {"type": "arithmetic", "digits": 1, "heldout_size": 50},
             "policy": {"n_layer": 1, "n_embd": 32, "n_head": 2},
-            "warmstart": {"steps": 200, "cache_dir": str(cache_dir)},
+            "warmstart": {"steps": 200, "band": None, "cache_dir": str(cache_dir)},
             "rollout": {"prompts_per_step": 4, "samples_per_prompt": 4},
             "eval": {"n_samples": 4, "ks": [1, 4]},
             "train": {"run_dir": str(run_dir), "progress_bar": False},

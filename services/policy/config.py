@@ -5,12 +5,16 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+if TYPE_CHECKING:
+    from services.policy.probe import StartProbe
 
 # Bump when the warm-start procedure changes, so old cached checkpoints are not reused.
-WARMSTART_FORMAT = 2  # 2: the char tokenizer is saved as a Hugging Face fast tokenizer
+# 2: the char tokenizer is saved as a Hugging Face fast tokenizer; 3: stop in a probed band.
+WARMSTART_FORMAT = 3
 
 
 class PolicySpec(BaseModel):
@@ -40,18 +44,47 @@ class PolicyConfig(PolicySpec):
         return PolicySpec(**self.model_dump(exclude={"path"}))
 
 
-class WarmstartConfig(BaseModel):
-    """Supervised training of the built-in policy on imperfect demonstrations before RL.
+class StartBand(BaseModel):
+    """Where a warm start must land to be a good start for RL, measured on the dev prompts
+    (training split) by the probe in :mod:`services.policy.probe`.
 
-    3000 steps by default: the policy learns the sums (carries included) but prefers the
-    off-by-one answer, so greedy accuracy starts low (~0.16) and RL has a clear, verifiable job.
-    Every field but ``cache_dir`` enters the cache key, with the architecture and task digits.
+    RL at the quickstart's budget re-weights answers the policy can already produce; it does
+    not teach the sums. A start whose temperature-1 samples are rarely right (~0.1) sees little
+    reward, and RL barely moves it; one sampling the right answer a quarter of the time or more,
+    while greedy decoding still prefers the wrong one, climbs to ~0.9 in 60 steps.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    steps: int = Field(3000, ge=0)
-    """Optimiser steps always run."""
+    min_sample_accuracy: float = Field(0.25, ge=0, le=1)
+    """Share of temperature-1 samples that are right, at least (the first RL step's reward)."""
+    max_greedy_accuracy: float = Field(0.45, ge=0, le=1)
+    """Greedy accuracy at most: the headroom RL is there to climb."""
+    samples: int = Field(8, ge=1)
+    """Samples per dev prompt."""
+
+    def holds(self, probe: StartProbe) -> bool:
+        return (
+            probe.sample_accuracy >= self.min_sample_accuracy
+            and probe.greedy_accuracy <= self.max_greedy_accuracy
+        )
+
+
+class WarmstartConfig(BaseModel):
+    """Supervised training of the built-in policy on imperfect demonstrations before RL.
+
+    The policy learns the sums (carries included) but the demonstrations prefer the off-by-one
+    answer, so greedy accuracy starts low and RL has a clear, verifiable job. After ``steps``,
+    the start is probed every ``check_every`` steps and training stops at the first probe inside
+    ``band``; a start that is not in the band by ``max_steps`` is begun again from a fresh
+    initialisation, up to ``attempts`` times. Every field but ``cache_dir`` and ``use_shipped``
+    enters the cache key, with the architecture and the task.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    steps: int = Field(1500, ge=0)
+    """Optimiser steps always run (the end, when ``band`` is null)."""
     batch_size: int = Field(64, ge=1)
     """Demonstrations per step."""
     lr: float = Field(2e-3, gt=0)
@@ -61,16 +94,17 @@ class WarmstartConfig(BaseModel):
     wrong_fraction: float = Field(0.55, ge=0, le=1)
     """Probability that a demonstration is the off-by-one answer."""
     clean: bool = False
-    """Train on correct answers only (wrong_fraction is then 0)."""
+    """Train on correct answers only (wrong_fraction is then 0); needs ``band: null``."""
     seed: int = 0
-    """Model initialisation and data order."""
-    min_accuracy: float = Field(0.0, ge=0, le=1)
-    """After ``steps``, keep training until greedy accuracy on training-split dev prompts reaches
-    this (checked every ``eval_every`` steps), up to ``max_steps``; 0 disables."""
-    max_steps: int = Field(3000, ge=0)
-    """Upper bound on steps when min_accuracy is not reached (then a warning)."""
-    eval_every: int = Field(50, ge=1)
-    """Steps between dev evaluations past ``steps``."""
+    """Model initialisation and data order (attempt k > 0 derives its own from it)."""
+    band: StartBand | None = StartBand()
+    """Where the start must land; null: stop after exactly ``steps``, unprobed."""
+    max_steps: int = Field(6000, ge=0)
+    """Steps after which an attempt that never landed in the band is abandoned."""
+    check_every: int = Field(250, ge=1)
+    """Steps between probes past ``steps``."""
+    attempts: int = Field(3, ge=1)
+    """Fresh initialisations tried before the warm start fails, naming the band."""
     dev_prompts: int = Field(500, ge=1)
     """Dev-set size, drawn from the training split (the held-out set never influences training)."""
     eval_prompts: int = Field(500, ge=0)
@@ -80,6 +114,17 @@ class WarmstartConfig(BaseModel):
     use_shipped: bool = True
     """Start from the checkpoint shipped with the package for this spec when there is one
     (sha256-checked), so every machine begins from the same weights; false trains one here."""
+
+    @model_validator(mode="after")
+    def _band_fits(self) -> WarmstartConfig:
+        if self.clean and self.band is not None:
+            raise ValueError(
+                "band: a clean warm start is meant to start near the ceiling, outside any "
+                "band; set warmstart.band: null with warmstart.clean: true"
+            )
+        if self.band is not None and self.max_steps < self.steps:
+            raise ValueError(f"max_steps ({self.max_steps}) is below steps ({self.steps})")
+        return self
 
     @property
     def effective_wrong_fraction(self) -> float:

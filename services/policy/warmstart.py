@@ -17,6 +17,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from services.policy import shipped
 from services.policy.config import WARMSTART_FORMAT, PolicySpec, WarmstartConfig
 from services.policy.evaluate import evaluate_greedy
 from services.policy.model import build_policy, save_policy
+from services.policy.probe import probe_start
 from services.policy.tokenizer import CharTokenizer
 from services.tasks.base import Prompt
 from services.tasks.config import ArithmeticTaskConfig, SyntheticTaskConfig
@@ -40,8 +42,8 @@ TaskSpec = SyntheticTaskConfig | int
 """A built-in task config, or an int: the addition task's operand digits."""
 
 ProgressFn = Callable[[int, int, float], None]
-"""``progress(step, total_steps, loss)``, called after every optimiser step; ``total_steps`` is
-the upper bound (``max_steps`` when ``min_accuracy`` may extend training)."""
+"""``progress(step, total_steps, loss)``, called after every optimiser step of an attempt;
+``total_steps`` is the upper bound (``max_steps`` with a band, else ``steps``)."""
 
 
 def _lr_factor(step: int, spec: WarmstartConfig) -> float:
@@ -85,27 +87,42 @@ def demonstration_batch(
     return ids[:, :-1], labels[:, 1:], mask[:, :-1]
 
 
-def train_demonstrations(
+class NoStartInBand(RuntimeError):
+    """No attempt of a warm start landed in its band."""
+
+
+def attempt_seed(seed: int, attempt: int) -> int:
+    """The initialisation and data seed of attempt ``attempt`` (0: ``seed`` itself, so a start
+    in the band at its first attempt is what the fixed recipe with that seed trains)."""
+    if attempt == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, attempt, 0x57A7]).generate_state(1)[0] % (1 << 31))
+
+
+def _train_attempt(
     spec: WarmstartConfig,
     policy: PolicySpec,
     task_spec: TaskSpec,
-    progress: ProgressFn | None = None,
+    seed: int,
+    progress: ProgressFn | None,
 ) -> tuple[torch.nn.Module, CharTokenizer, dict]:
-    """Run the supervised training in memory. Returns (model in eval mode, tokenizer, stats)."""
-    task, alphabet = synthetic_task(task_spec, seed=spec.seed)
+    """One attempt: train from the initialisation ``seed`` until the band holds at a probe
+    (every ``check_every`` steps from ``steps`` on) or ``max_steps``; without a band, exactly
+    ``steps``. Returns (model in eval mode, tokenizer, stats with ``in_band`` and the probes)."""
+    task, alphabet = synthetic_task(task_spec, seed=seed)
     tokenizer = CharTokenizer(alphabet)
-    model = build_policy(policy, tokenizer, seed=spec.seed)
-    rng = np.random.default_rng([spec.seed, 0x5F7])
-    dev = task.train_prompts(spec.dev_prompts, np.random.default_rng([spec.seed, 0xDE5]))
+    model = build_policy(policy, tokenizer, seed=seed)
+    rng = np.random.default_rng([seed, 0x5F7])
+    dev = task.train_prompts(spec.dev_prompts, np.random.default_rng([seed, 0xDE5]))
     max_new = task.max_answer_len + 1
-    adaptive = spec.min_accuracy > 0 and spec.dev_prompts > 0
-    last_step = max(spec.steps, spec.max_steps) if adaptive else spec.steps
+    band = spec.band
+    last_step = spec.max_steps if band is not None else spec.steps
     optim = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: _lr_factor(s, spec))
     wrong = spec.effective_wrong_fraction
     model.train()
     t0 = time.perf_counter()
-    ema, dev_acc, step = None, None, 0
+    ema, step, probes, in_band = None, 0, [], band is None
     while step < last_step:
         prompts = task.train_prompts(spec.batch_size, rng)
         targets = [task.demonstration(p, wrong, rng) for p in prompts]
@@ -126,40 +143,77 @@ def train_demonstrations(
         ema = value if ema is None else 0.95 * ema + 0.05 * value
         if progress is not None:
             progress(step, last_step, value)
-        if step % 50 == 0 or step == spec.steps:
+        if step % 250 == 0:
             logger.info(
-                "warmstart step %d/%d loss %.4f (ema %.4f) %.1fs",
+                "warmstart step %d loss %.4f (ema %.4f) %.1fs",
                 step,
-                spec.steps,
                 value,
                 ema,
                 time.perf_counter() - t0,
             )
-        if adaptive and step >= spec.steps and (step - spec.steps) % spec.eval_every == 0:
-            dev_acc = evaluate_greedy(model, tokenizer, dev, max_new)
+        if band is not None and step >= spec.steps and (step - spec.steps) % spec.check_every == 0:
+            # Sampling must not move the training's RNG streams (numpy's is separate).
+            with torch.random.fork_rng(devices=[]):
+                probe = probe_start(model, tokenizer, dev, max_new, band.samples, seed=seed)
+            model.train()
+            probes.append({"step": step, **asdict(probe)})
             logger.info(
-                "warmstart step %d dev accuracy %.3f (target %.2f)",
+                "warmstart step %d: dev greedy %.3f, sampled %.3f, pass@%d %.3f, entropy %.3f",
                 step,
-                dev_acc,
-                spec.min_accuracy,
+                probe.greedy_accuracy,
+                probe.sample_accuracy,
+                probe.samples,
+                probe.pass_at_k,
+                probe.entropy,
             )
-            if dev_acc >= spec.min_accuracy:
+            if band.holds(probe):
+                in_band = True
                 break
-    if adaptive and (dev_acc is None or dev_acc < spec.min_accuracy):
-        logger.warning(
-            "warm start stopped at max_steps=%d with dev accuracy %.3f < %.2f",
-            step,
-            dev_acc or 0.0,
-            spec.min_accuracy,
-        )
     model.eval()
     stats = {
+        "seed_used": seed,
         "steps_run": step,
         "train_seconds": time.perf_counter() - t0,
         "final_loss_ema": ema,
-        "dev_accuracy": dev_acc,
+        "in_band": in_band,
+        "probe": probes[-1] if probes else None,
+        "probes": probes,
     }
     return model, tokenizer, stats
+
+
+def train_demonstrations(
+    spec: WarmstartConfig,
+    policy: PolicySpec,
+    task_spec: TaskSpec,
+    progress: ProgressFn | None = None,
+) -> tuple[torch.nn.Module, CharTokenizer, dict]:
+    """Run the supervised training in memory, attempt after attempt until one lands in the
+    band. Returns (model in eval mode, tokenizer, stats of the kept attempt).
+
+    Raises:
+        NoStartInBand: after ``spec.attempts`` attempts outside the band.
+    """
+    tried = []
+    for attempt in range(spec.attempts):
+        seed = attempt_seed(spec.seed, attempt)
+        model, tokenizer, stats = _train_attempt(spec, policy, task_spec, seed, progress)
+        if stats["in_band"]:
+            return model, tokenizer, {"attempt": attempt, "attempts_outside_band": tried, **stats}
+        logger.warning(
+            "warm start attempt %d (seed %d) never reached the band %s in %d steps; last probe %s",
+            attempt,
+            seed,
+            spec.band,
+            stats["steps_run"],
+            stats["probe"],
+        )
+        tried.append({"seed": seed, "probes": stats["probes"]})
+    raise NoStartInBand(
+        f"warmstart: none of {spec.attempts} attempts reached warmstart.band ({spec.band}) by "
+        f"max_steps={spec.max_steps}; last probes: {[t['probes'][-1:] for t in tried]}. Widen the "
+        "band, raise max_steps or attempts, or set warmstart.band: null to keep a fixed step count"
+    )
 
 
 def warmstart(
@@ -196,9 +250,14 @@ def warmstart(
     if spec.eval_prompts > 0:
         built, _ = synthetic_task(task, seed=spec.seed)
         t0 = time.perf_counter()
+        heldout = built.heldout(spec.eval_prompts)
         stats["heldout_accuracy"] = evaluate_greedy(
-            model, tokenizer, built.heldout(spec.eval_prompts), built.max_answer_len + 1
+            model, tokenizer, heldout, built.max_answer_len + 1
         )
+        if spec.band is not None:
+            stats["heldout_probe"] = asdict(
+                probe_start(model, tokenizer, heldout, built.max_answer_len + 1, spec.band.samples)
+            )
         stats["eval_seconds"] = time.perf_counter() - t0
         logger.info("warm start held-out greedy accuracy %.3f", stats["heldout_accuracy"])
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=cache_dir))
@@ -233,10 +292,10 @@ def warmstart(
 def describe_warmstart(path: Path) -> str:
     """One line on a warm-start checkpoint from its metadata: steps, accuracy, probe."""
     meta = json.loads((Path(path) / METADATA_FILE).read_text())
-    parts = [f"{meta.get('steps_run', '?')} steps, seed {meta['spec']['seed']}"]
+    parts = [f"{meta.get('steps_run', '?')} steps from seed {meta.get('seed_used', '?')}"]
     if meta.get("heldout_accuracy") is not None:
         parts.append(f"held-out greedy accuracy {meta['heldout_accuracy']:.3f}")
-    if probe := meta.get("probe"):
+    if probe := meta.get("heldout_probe"):
         parts.append(
             f"sampled accuracy {probe['sample_accuracy']:.3f}, "
             f"pass@{probe['samples']} {probe['pass_at_k']:.3f}, entropy {probe['entropy']:.2f}"

@@ -53,7 +53,11 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         "name": "tiny",
         "task": {"type": "arithmetic", "digits": 1, "heldout_size": 20},
         "policy": {"n_layer": 1, "n_embd": 32, "n_head": 2},
-        "warmstart": {"steps": 200, "cache_dir": str(tmp_path_factory.getbasetemp() / "warmstart")},
+        "warmstart": {
+            "steps": 200,
+            "band": None,
+            "cache_dir": str(tmp_path_factory.getbasetemp() / "warmstart"),
+        },
         "rollout": {"prompts_per_step": 4, "samples_per_prompt": 4},
         "eval": {"n_samples": 4, "ks": [1, 4]},
         "train": {

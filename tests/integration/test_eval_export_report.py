@@ -46,7 +46,7 @@ def runs(tmp_path_factory, tiny_config_module):
             root / name,
             root / "ws_cache",
             task=over["task"],
-            warmstart={"steps": 150, "lr": 3e-3, "eval_prompts": 0},
+            warmstart={"steps": 150, "band": None, "lr": 3e-3, "eval_prompts": 0},
             learner={**over["learner"], "lr": 1e-3},
             train={"total_steps": 2, "eval_every": 1, "checkpoint_every": 1},
         )

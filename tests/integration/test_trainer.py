@@ -20,7 +20,7 @@ def tiny_cfg(tiny_config):
         cfg = tiny_config(
             tmp_path / run,
             tmp_path.parent / "ws_cache",
-            warmstart={"steps": 150, "batch_size": 64, "lr": 3e-3, "min_accuracy": 0.0},
+            warmstart={"steps": 150, "band": None, "batch_size": 64, "lr": 3e-3},
             task={"heldout_size": 40},
             rollout={"prompts_per_step": 6},
             learner={"lr": 1e-3},

@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 
-from services.policy.config import PolicySpec, WarmstartConfig
+from services.policy.config import PolicySpec, StartBand, WarmstartConfig
 from services.policy.evaluate import evaluate_greedy
 from services.policy.model import (
     build_policy,
@@ -28,6 +28,8 @@ from services.policy.tokenizer import (
 )
 from services.policy.warmstart import (
     METADATA_FILE,
+    NoStartInBand,
+    attempt_seed,
     demonstration_batch,
     warmstart,
 )
@@ -150,7 +152,7 @@ def _tiny_spec(cache_dir, **kw) -> WarmstartConfig:
         steps=4,
         batch_size=8,
         lr=1e-3,
-        min_accuracy=0.0,
+        band=None,
         eval_prompts=16,
         dev_prompts=16,
         warmup_steps=2,
@@ -193,14 +195,33 @@ def test_warmstart_caches_and_does_not_retrain(tmp_path):
     assert _key(_tiny_spec(tmp_path / "elsewhere")) == _key(spec)
 
 
-def test_warmstart_keeps_training_until_target_or_max_steps(tmp_path, caplog):
-    spec = _tiny_spec(tmp_path, min_accuracy=1.0, max_steps=7, eval_every=1, eval_prompts=0)
-    with caplog.at_level(logging.WARNING, logger="services.policy.warmstart"):
-        path = warmstart(spec, TINY, 2)
-    meta = json.loads((path / METADATA_FILE).read_text())
-    assert meta["steps_run"] == 7 and meta["dev_accuracy"] is not None
-    assert "heldout_accuracy" not in meta
-    assert any("max_steps" in r.message for r in caplog.records)
+def test_warmstart_stops_at_the_first_probe_inside_the_band(tmp_path):
+    band = StartBand(min_sample_accuracy=0.0, max_greedy_accuracy=1.0, samples=2)
+    spec = _tiny_spec(tmp_path, band=band, steps=4, max_steps=40, check_every=2)
+    meta = json.loads((warmstart(spec, TINY, 2) / METADATA_FILE).read_text())
+    assert meta["steps_run"] == 4 and meta["in_band"] and meta["attempt"] == 0
+    assert meta["probe"]["step"] == 4 and meta["probe"]["samples"] == 2
+    assert meta["seed_used"] == spec.seed
+
+
+def test_warmstart_outside_its_band_tries_fresh_starts_then_fails_naming_the_band(tmp_path, caplog):
+    band = StartBand(min_sample_accuracy=1.0, samples=2)  # a 4-step model never gets there
+    spec = _tiny_spec(tmp_path, band=band, steps=4, max_steps=8, check_every=2, attempts=2)
+    with (
+        caplog.at_level(logging.WARNING, logger="services.policy.warmstart"),
+        pytest.raises(NoStartInBand, match=r"none of 2 attempts reached warmstart\.band"),
+    ):
+        warmstart(spec, TINY, 2)
+    tried = [r.message for r in caplog.records if "never reached the band" in r.message]
+    assert len(tried) == 2 and "attempt 0 (seed 0)" in tried[0] and "attempt 1" in tried[1]
+    assert list(tmp_path.iterdir()) == []  # nothing cached
+    assert attempt_seed(0, 0) == 0 and len({attempt_seed(0, k) for k in range(5)}) == 5
+
+
+def test_a_clean_warm_start_needs_no_band():
+    with pytest.raises(ValueError, match="band: null with warmstart.clean"):
+        WarmstartConfig(clean=True)
+    assert WarmstartConfig(clean=True, band=None).effective_wrong_fraction == 0.0
 
 
 def test_evaluate_greedy_matches_unbatched_decoding(monkeypatch):
