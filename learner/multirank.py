@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -206,9 +208,78 @@ def start_ranks(
     return LeaderEngine(engine), procs
 
 
-def stop_ranks(leader: LeaderEngine, procs: list[Any], timeout_s: float = 60.0) -> None:
-    leader.stop()
-    for p in procs:
-        p.join(timeout_s)
-        if p.is_alive():
-            p.kill()
+def stop_ranks(
+    leader: LeaderEngine, procs: list[Any], timeout_s: float = 60.0, grace_s: float = 5.0
+) -> list[str]:
+    """Tell the followers to stop and make sure each has ended; returns how each did
+    (``"exited"``, ``"terminated"`` or ``"killed"``), in rank order.
+
+    This runs in teardown, often because something failed (a follower died mid-step, say), so it
+    never raises and never waits unboundedly: a follower already dead, or one dying while told,
+    must not replace the error that brought the learner down. The "stop" broadcast is skipped
+    when a follower is known dead (gloo would fail or wait on it). Once told, followers have
+    ``timeout_s`` in all (broadcast included) to exit; when the broadcast fails or does not
+    finish they cannot hear it, and get only ``grace_s``. Then each left is terminated, then
+    killed, ``grace_s`` apiece.
+    """
+    start = time.monotonic()
+    dead = [r for r, p in enumerate(procs, 1) if not p.is_alive()]
+    if dead:
+        log.warning("learner: follower ranks %s ended early; not announcing stop", dead)
+        told = False
+    else:
+        told = _announce_stop(leader, timeout_s)
+    deadline = start + timeout_s if told else time.monotonic() + grace_s
+    return [_end(r, p, deadline, grace_s) for r, p in enumerate(procs, 1)]
+
+
+def _announce_stop(leader: LeaderEngine, timeout_s: float) -> bool:
+    """Broadcast "stop" in a thread so a broadcast stuck on an unresponsive rank cannot hold up
+    teardown; whether it went through in ``timeout_s``. A thread left stuck ends when the
+    followers are killed (its peers gone, the collective fails) and, a daemon, never holds up
+    exit."""
+    outcome: list[BaseException | None] = []
+    device = torch.cuda.current_device() if torch.cuda.is_initialized() else None
+
+    def announce() -> None:
+        try:
+            if device is not None:  # NCCL works on the calling thread's current device
+                torch.cuda.set_device(device)
+            leader.stop()
+            outcome.append(None)
+        except BaseException as e:  # reported below; teardown goes on to end the ranks
+            outcome.append(e)
+
+    thread = threading.Thread(target=announce, name="d3s-stop-ranks", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if not outcome:
+        log.warning("learner: stop broadcast to followers not done in %.0fs", timeout_s)
+        return False
+    if outcome[0] is not None:
+        log.warning("learner: stop broadcast to followers failed: %r", outcome[0])
+        return False
+    return True
+
+
+def _end(rank: int, proc: Any, deadline: float, grace_s: float) -> str:
+    """Wait for follower ``rank`` until ``deadline``, then terminate it (a local process; a Ray
+    actor has only kill), then kill it, each with ``grace_s`` to take effect."""
+    how = "exited"
+    try:
+        proc.join(max(0.0, deadline - time.monotonic()))
+        for step, end in (("terminated", getattr(proc, "terminate", None)), ("killed", proc.kill)):
+            if not proc.is_alive():
+                break
+            if end is not None:
+                how = step
+                end()
+                proc.join(grace_s)
+        if proc.is_alive():
+            log.error("learner: follower rank %d (pid %s) outlived kill", rank, proc.pid)
+    except Exception as e:  # one follower's failure to end must not leave the others running
+        log.warning("learner: ending follower rank %d failed: %r", rank, e)
+    code = getattr(proc, "exitcode", None)
+    if how != "exited" or code not in (0, None):
+        log.warning("learner: follower rank %d %s (exit code %s)", rank, how, code)
+    return how
