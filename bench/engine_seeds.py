@@ -52,6 +52,8 @@ def train_one(engine: str, seed: int, out: Path, sets: list[str]) -> None:
             f"service.namespace=seeds-{engine}-{seed}",
             "train.progress_bar=false",
             "api.enabled=false",
+            # A vLLM engine starting on a busy 2-core box takes minutes.
+            "service.wait_timeout_s=1200",
             *sets,
         ],
     )
