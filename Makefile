@@ -12,7 +12,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 # elsewhere those tests skip and say why.
 SYSTEM_PACKAGES := chromium chromium-driver docker-compose
 
-.PHONY: venv system-deps run test bench-pipeline bench-transport bench-selector bench-weight-sync bench-weight-sync-vllm bench-real-model model bench-memory test-slow test-vllm test-vllm-slow venv-vllm lint bench-select bench-learning clean
+.PHONY: venv system-deps run test bench-pipeline bench-transport bench-selector bench-weight-sync bench-weight-sync-vllm bench-real-model model bench-memory test-slow test-vllm test-vllm-slow venv-vllm lint bench-select bench-learning bench-start-seeds clean
 
 venv: $(STAMP)
 
@@ -79,6 +79,10 @@ bench-select: venv
 
 bench-learning: venv
 	$(BIN)/python -m bench.learning
+
+# Quickstart RL (grpo, d3s) from each of 5 shipped warm-start seeds, 60 lock-step steps each.
+bench-start-seeds: venv
+	$(BIN)/python -m bench.start_seeds
 
 bench-pipeline: venv
 	$(BIN)/python -m bench.pipeline

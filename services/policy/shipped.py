@@ -98,13 +98,15 @@ def ship(checkpoint: Path, key: str, starts_dir: Path | None = None) -> Path:
     try:
         lines = []
         for src in files:
-            shutil.copy2(src, tmp / src.name)
+            shutil.copyfile(src, tmp / src.name)
+            (tmp / src.name).chmod(0o644)
             lines.append(f"{file_sha256(tmp / src.name)}  {src.name}")
         (tmp / CHECKSUMS_FILE).write_text("\n".join(lines) + "\n")
         verify(tmp)
         final = starts_dir / key
         if final.exists():
             shutil.rmtree(final)
+        tmp.chmod(0o755)  # mkdtemp's 0700 would hide an installed start from other users
         tmp.rename(final)
         return final
     finally:
