@@ -27,7 +27,7 @@ from pathlib import Path
 
 CONFIG = "configs/smollm2.yaml"
 LEARNED_MARGIN = 0.05
-TRAP_FORMAT = 0.9
+TRAP_FORMAT = 0.8
 
 
 def _run_dir(out: Path, engine: str, seed: int) -> Path:
@@ -65,7 +65,7 @@ def read_run(run_dir: Path) -> dict | None:
     from services.telemetry.run_log import read_metrics
 
     path = run_dir / "metrics.jsonl"
-    if not (run_dir / "summary.json").exists() or not path.exists():
+    if not path.exists():
         return None
     rows = read_metrics(path)
     evals = [r for r in rows if "eval/pass@1" in r]
