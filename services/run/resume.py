@@ -101,8 +101,11 @@ SAFE_ON_RESUME: tuple[str, ...] = (
     "weight_sync.engine_digest",
     # Memory vLLM may take on a GPU (the other vllm fields change what or how it samples).
     "rollout.vllm.gpu_memory_utilization",
-    # Only where the cached warm start lives; the resumed run starts from its checkpoint.
+    "rollout.vllm.cpu_kv_cache_gib",
+    # Only where the warm start comes from (the cache, or the copy shipped with the package);
+    # the resumed run starts from its checkpoint.
     "warmstart.cache_dir",
+    "warmstart.use_shipped",
 )
 
 _MISSING = "(unset)"
