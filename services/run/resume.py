@@ -99,7 +99,8 @@ SAFE_ON_RESUME: tuple[str, ...] = (
     "weight_sync.sample_every",  # the checksum's sampling, not the weights
     "weight_sync.sample_elements",
     "weight_sync.engine_digest",
-    # Memory vLLM may take on a GPU (the other vllm fields change what or how it samples).
+    # Memory vLLM may take: its GPU share, its CPU KV cache (the other vllm fields change what
+    # or how it samples).
     "rollout.vllm.gpu_memory_utilization",
     "rollout.vllm.cpu_kv_cache_gib",
     # Only where the warm start comes from (the cache, or the copy shipped with the package);
