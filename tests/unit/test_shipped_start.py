@@ -7,13 +7,16 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
+from bench import zerovar_data
 from services.policy import shipped
 from services.policy.config import PolicySpec, WarmstartConfig
 from services.policy.evaluate import evaluate_greedy
 from services.policy.model import load_policy
 from services.policy.warmstart import METADATA_FILE, task_identity, warmstart
 from services.run.config import load_config
+from services.tasks.config import MixedTaskConfig, SyntheticTaskConfig
 from services.tasks.source import synthetic_task
 
 TINY = PolicySpec(n_layer=1, n_embd=16, n_head=2, n_positions=16)
@@ -90,19 +93,55 @@ def test_checksum_file_must_list_the_weights_and_be_well_formed(tmp_path, starts
         shipped.verify(directory)
 
 
-@pytest.mark.parametrize("config", ["configs/quickstart.yaml", "configs/bench.yaml"])
-def test_the_quickstart_start_ships_and_scores_what_its_metadata_records(config):
-    """The shipped start of the quickstart (and the learning benchmark, which shares it) is
+def _shipped_spec(config: str) -> tuple[WarmstartConfig, PolicySpec, SyntheticTaskConfig]:
+    """What a config's warm start trains, as the run (or, for the zero-variance benchmark's
+    JSONL config, ``bench/pipeline.py``) reads it."""
+    if config == "configs/bench_zerovar.yaml":
+        data = yaml.safe_load((REPO / config).read_text())
+        return (
+            WarmstartConfig(**data["warmstart"]),
+            PolicySpec(**data.get("policy", {})),
+            MixedTaskConfig(levels=list(zerovar_data.LEVELS)),
+        )
+    cfg = load_config(REPO / config)
+    return cfg.warmstart, cfg.policy.spec(), cfg.task
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        "configs/quickstart.yaml",
+        "configs/bench.yaml",
+        "configs/bench_mixed.yaml",
+        "configs/bench_zerovar.yaml",
+    ],
+)
+def test_the_configs_starts_ship_and_score_what_their_metadata_records(config):
+    """The shipped start of each CPU config (the learning benchmark shares the quickstart's) is
     found for the config as written, passes its checksums, and its held-out greedy accuracy on
     this machine is the one recorded when it was built, within 0.01."""
-    cfg = load_config(REPO / config)
-    key = cfg.warmstart.cache_key(cfg.policy.spec(), task_identity(cfg.task))
+    spec, policy, task_config = _shipped_spec(config)
+    key = spec.cache_key(policy, task_identity(task_config))
     directory = shipped.find(key)
     assert directory is not None, f"no start ships for {config} (key {key})"
     meta = json.loads((directory / METADATA_FILE).read_text())
     model, tokenizer = load_policy(directory)
-    task, _ = synthetic_task(cfg.task, seed=cfg.warmstart.seed)
+    task, _ = synthetic_task(task_config, seed=spec.seed)
     accuracy = evaluate_greedy(
-        model, tokenizer, task.heldout(cfg.warmstart.eval_prompts), task.max_answer_len + 1
+        model, tokenizer, task.heldout(spec.eval_prompts), task.max_answer_len + 1
     )
     assert accuracy == pytest.approx(meta["heldout_accuracy"], abs=0.01)
+
+
+def test_every_start_seed_of_the_robustness_benchmark_ships():
+    """bench/start_seeds.py trains from warm-start seeds 0-4: each must ship, so the benchmark
+    starts from the same weights on every machine; a start that landed in the band records it."""
+    for seed in range(5):
+        cfg = load_config(REPO / "configs/quickstart.yaml", [f"warmstart.seed={seed}"])
+        directory = shipped.find(
+            cfg.warmstart.cache_key(cfg.policy.spec(), task_identity(cfg.task))
+        )
+        assert directory is not None, f"no start ships for warmstart.seed={seed}"
+        meta = json.loads((directory / METADATA_FILE).read_text())
+        assert meta["in_band"] and meta["spec"]["seed"] == seed
+        assert meta["probe"]["sample_accuracy"] >= cfg.warmstart.band.min_sample_accuracy
