@@ -512,8 +512,11 @@ def test_a_sync_holds_two_buckets_on_each_side_whatever_the_model_size(tmp_path:
         assert answer[2] == [MEM_BUCKET, MEM_BUCKET], answer  # the learner's ring: two buckets
         assert learner <= 2 * MEM_BUCKET + MEM_CONSTANT, (mib, learner)
         assert engine <= 2 * MEM_BUCKET + MEM_CONSTANT, (mib, engine)
-    # independent of the model's size: 96 MiB more model, at most a few MiB more extra
-    assert abs(large[0] - small[0]) < 8 << 20 and abs(large[1] - small[1]) < 8 << 20, (
+    # Independent of the model's size: 96 MiB more model moves the extra by at most a few
+    # buckets' worth of allocator slack (8.4 MiB measured once on a loaded box), where one
+    # held copy of the model would move it by 96 MiB.
+    slack = 3 * MEM_BUCKET
+    assert abs(large[0] - small[0]) < slack and abs(large[1] - small[1]) < slack, (
         small,
         large,
     )
