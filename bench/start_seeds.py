@@ -76,6 +76,46 @@ def _read(path: Path) -> dict:
     return {"evals": evals, "rewards": rewards}
 
 
+def _cpu() -> str:
+    """The CPU's model name and the vector extensions its kernels can use."""
+    info = Path("/proc/cpuinfo")
+    text = info.read_text() if info.exists() else ""
+    name = next(
+        (x.split(":", 1)[1].strip() for x in text.splitlines() if x.startswith("model name")),
+        "unknown CPU",
+    )
+    flags = set(next((x for x in text.splitlines() if x.startswith("flags")), "").split())
+    ext = [
+        n for f, n in (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("amx_tile", "AMX")) if f in flags
+    ]
+    return f"{name} ({', '.join(ext)})" if ext else name
+
+
+def _starts(seeds: list[int]) -> list[dict]:
+    """What each seed's warm start is: the attempt and step it stopped at, and its probe."""
+    from services.policy.warmstart import METADATA_FILE, warmstart
+    from services.run.config import load_config
+
+    out = []
+    for seed in seeds:
+        cfg = load_config(CONFIG, [f"warmstart.seed={seed}"])
+        path = warmstart(cfg.warmstart, cfg.policy.spec(), cfg.task)
+        meta = json.loads((path / METADATA_FILE).read_text())
+        probe = meta.get("probe") or {}
+        out.append(
+            {
+                "start_seed": seed,
+                "shipped": path.parent.name == "starts",
+                "attempt": meta.get("attempt"),
+                "steps": meta.get("steps_run"),
+                "dev_sample_accuracy": probe.get("sample_accuracy"),
+                "dev_greedy_accuracy": probe.get("greedy_accuracy"),
+                "dev_pass_at_k": probe.get("pass_at_k"),
+            }
+        )
+    return out
+
+
 def summarise(out: Path, runs: list[Run]) -> dict:
     rows = []
     for run in runs:
@@ -108,7 +148,29 @@ def summarise(out: Path, runs: list[Run]) -> dict:
                 r["start_seed"] for r in rows if r["preset"] == preset and r["gain"] < TARGET_GAIN
             ],
         }
-    return {"rows": rows, "by_preset": by_preset, "target_gain": TARGET_GAIN}
+    seeds = list(dict.fromkeys(r.start_seed for r in runs))
+    return {
+        "rows": rows,
+        "by_preset": by_preset,
+        "target_gain": TARGET_GAIN,
+        "starts": _starts(seeds),
+        "cpu": _cpu(),
+    }
+
+
+def starts_table(result: dict) -> str:
+    lines = [
+        "| start seed | shipped | attempt | warm-start steps | dev: sampled right | dev: greedy "
+        "| dev: pass@8 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for s in result["starts"]:
+        lines.append(
+            f"| {s['start_seed']} | {'yes' if s['shipped'] else 'no'} | {s['attempt']} "
+            f"| {s['steps']} | {s['dev_sample_accuracy']:.3f} | {s['dev_greedy_accuracy']:.3f} "
+            f"| {s['dev_pass_at_k']:.3f} |"
+        )
+    return "\n".join(lines)
 
 
 def table(result: dict) -> str:
@@ -197,7 +259,12 @@ def main(argv: list[str] | None = None) -> dict:
     (out / "start_seeds.md").write_text(
         "# Quickstart RL from every warm-start seed\n\n"
         f"`python -m bench.start_seeds` ({args.steps} lock-step steps, held-out greedy accuracy "
-        f"on 500 prompts every {args.eval_every} steps).\n\n" + table(result) + "\n"
+        f"on 500 prompts every {args.eval_every} steps; {result['cpu']}, one torch thread per "
+        "run).\n\nThe starts (the probe at which each stopped, on the dev prompts):\n\n"
+        + starts_table(result)
+        + "\n\nRL from each:\n\n"
+        + table(result)
+        + "\n"
     )
     figure(result, out / "start_seeds.png")
     print(table(result))
