@@ -16,7 +16,6 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from services.policy.warmstart import describe_warmstart
 from services.run.components import NOISY_LOGGERS
 from services.run.config import ConfigError, RunConfig, load_config
 from services.run.progress import ConsoleLines, quiet_terminal, terminal, warmstart_progress
@@ -440,6 +439,7 @@ def warmstart(
     if ship and not rebuild:
         _error("--ship installs a start trained by this call: give --rebuild with it")
         raise typer.Exit(2)
+    from services.policy.warmstart import describe_warmstart
     from services.run.prepare import prepare_policy, ship_policy
 
     with warmstart_progress(enabled=not verbose) as progress:
