@@ -250,14 +250,13 @@ def warmstart(
     if spec.eval_prompts > 0:
         built, _ = synthetic_task(task, seed=spec.seed)
         t0 = time.perf_counter()
-        heldout = built.heldout(spec.eval_prompts)
-        stats["heldout_accuracy"] = evaluate_greedy(
-            model, tokenizer, heldout, built.max_answer_len + 1
-        )
-        if spec.band is not None:
-            stats["heldout_probe"] = asdict(
-                probe_start(model, tokenizer, heldout, built.max_answer_len + 1, spec.band.samples)
-            )
+        heldout, max_new = built.heldout(spec.eval_prompts), built.max_answer_len + 1
+        if spec.band is not None:  # the probe's greedy pass is the held-out accuracy
+            probe = probe_start(model, tokenizer, heldout, max_new, spec.band.samples)
+            stats["heldout_probe"] = asdict(probe)
+            stats["heldout_accuracy"] = probe.greedy_accuracy
+        else:
+            stats["heldout_accuracy"] = evaluate_greedy(model, tokenizer, heldout, max_new)
         stats["eval_seconds"] = time.perf_counter() - t0
         logger.info("warm start held-out greedy accuracy %.3f", stats["heldout_accuracy"])
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=cache_dir))
