@@ -20,8 +20,10 @@ from collections.abc import Iterable, Sequence
 
 from transformers import PreTrainedTokenizerFast
 
+# The addition task's characters (defined beside the task; re-exported here as the default).
+from services.tasks.arithmetic import ARITHMETIC_ALPHABET
+
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")
-ARITHMETIC_ALPHABET = "0123456789+="
 
 
 def char_tokenizer(alphabet: str = ARITHMETIC_ALPHABET) -> PreTrainedTokenizerFast:

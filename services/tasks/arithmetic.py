@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from services.tasks.base import Prompt, as_generator
+from services.tasks.base import Prompt, as_generator, off_by_one_demonstration
 
 TASK_NAME = "arithmetic"
+# The characters of its prompts and answers: the built-in policy's character tokenizer's default.
+ARITHMETIC_ALPHABET = "0123456789+="
 
 # 1 in HELDOUT_MODULUS pairs is held out. 1/20 keeps the pool big enough for 500 held-out
 # prompts down to 2-digit operands (10,000 pairs -> ~500) while costing training ~5% of pairs.
@@ -95,17 +97,5 @@ class ArithmeticTask:
         chosen = pool[order[:n]]
         return [self.make_prompt(int(a[i]), int(b[i])) for i in chosen]
 
-    @staticmethod
-    def demonstration(prompt: Prompt, wrong_fraction: float, rng: np.random.Generator) -> str:
-        """A supervised target for ``prompt``: the answer, or with probability ``wrong_fraction``
-        the systematically wrong answer ``sum + 1`` (the imperfect warm start that gives RL a job).
-
-        The error is always +1 rather than a random ±1 so it is one consistent competing
-        hypothesis the policy learns, which RL then has to unlearn; it also never goes negative.
-        """
-        if not 0.0 <= wrong_fraction <= 1.0:
-            raise ValueError(f"wrong_fraction must be in [0, 1], got {wrong_fraction}")
-        value = int(prompt.answer)
-        if wrong_fraction > 0.0 and rng.random() < wrong_fraction:
-            value += 1
-        return str(value)
+    # The answer, or with probability ``wrong_fraction`` the consistent error ``sum + 1``.
+    demonstration = staticmethod(off_by_one_demonstration)

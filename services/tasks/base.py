@@ -30,3 +30,21 @@ def as_generator(rng: np.random.Generator | int | None, default_seed: int) -> np
     if isinstance(rng, np.random.Generator):
         return rng
     return np.random.default_rng(default_seed if rng is None else rng)
+
+
+def off_by_one_demonstration(
+    prompt: Prompt, wrong_fraction: float, rng: np.random.Generator
+) -> str:
+    """A supervised target for ``prompt`` of a built-in task (an integer answer): the answer, or
+    with probability ``wrong_fraction`` the systematically wrong ``answer + 1`` (the imperfect
+    warm start that gives RL a job).
+
+    The error is always +1 rather than a random +-1 so it is one consistent competing hypothesis
+    the policy learns, which RL then has to unlearn.
+    """
+    if not 0.0 <= wrong_fraction <= 1.0:
+        raise ValueError(f"wrong_fraction must be in [0, 1], got {wrong_fraction}")
+    value = int(prompt.answer)
+    if wrong_fraction > 0.0 and rng.random() < wrong_fraction:
+        value += 1
+    return str(value)

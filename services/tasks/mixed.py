@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from services.policy.tokenizer import ARITHMETIC_ALPHABET
-from services.tasks.base import Prompt, as_generator
+from services.tasks.arithmetic import ARITHMETIC_ALPHABET
+from services.tasks.base import Prompt, as_generator, off_by_one_demonstration
 
 TASK_NAME = "mixed"
 # Prompts are scored by the integer verifier registered for the addition task.
@@ -312,17 +312,5 @@ class MixedTask:
                     out.append(self.make_prompt(lv, lists[lv][i]))
         return out
 
-    @staticmethod
-    def demonstration(prompt: Prompt, wrong_fraction: float, rng: np.random.Generator) -> str:
-        """A supervised target for ``prompt``: the answer, or with probability ``wrong_fraction``
-        the systematically wrong ``answer + 1``.
-
-        The same consistent error as the addition task: one competing hypothesis that the
-        warm-started policy learns and RL then has to unlearn.
-        """
-        if not 0.0 <= wrong_fraction <= 1.0:
-            raise ValueError(f"wrong_fraction must be in [0, 1], got {wrong_fraction}")
-        value = int(prompt.answer)
-        if wrong_fraction > 0.0 and rng.random() < wrong_fraction:
-            value += 1
-        return str(value)
+    # The same consistent error as the addition task: ``answer + 1`` at ``wrong_fraction``.
+    demonstration = staticmethod(off_by_one_demonstration)

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from services.policy.tokenizer import ARITHMETIC_ALPHABET
-from services.tasks.arithmetic import ArithmeticTask
+from services.tasks.arithmetic import ARITHMETIC_ALPHABET, ArithmeticTask
 from services.tasks.base import Prompt
 from services.tasks.config import (
     ArithmeticTaskConfig,
