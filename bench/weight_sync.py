@@ -324,8 +324,8 @@ def _time_files(conn: Any, state: dict[str, torch.Tensor], reps: int) -> list[fl
 def _time_object_store(state: dict[str, torch.Tensor], reps: int) -> list[float]:
     import ray
 
-    from services.weightsync.object_store import get_or_create_store
-    from services.weightsync.ray_store import ObjectStorePublisher, ObjectStoreReceiver
+    from services.weightsync.object_store import ObjectStorePublisher, ObjectStoreReceiver
+    from services.weightsync.ray_store import get_or_create_store
 
     @ray.remote(num_cpus=0)
     class Engine:

@@ -323,7 +323,7 @@ def _component(
         import ray
 
         from services.run.prepare import prepare_policy
-        from services.weightsync.object_store import RAY_NAMESPACE
+        from services.weightsync.ray_store import RAY_NAMESPACE
 
         policy_path = str(prepare_policy(cfg))
         ray.init(

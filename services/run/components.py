@@ -459,7 +459,7 @@ def _build_learner(
         engine = LearnerEngine(model, cfg.learner, cfg.train.horizon)
     ns = cfg.service.namespace
     if cfg.weight_sync.transport == "object_store":
-        from services.weightsync.object_store import get_or_create_store
+        from services.weightsync.ray_store import get_or_create_store
 
         get_or_create_store(ns, detached_store)  # the publisher below finds it
     publisher = make_publisher(

@@ -39,7 +39,6 @@ from services.telemetry.logfiles import error_lines, last_errors, log_sizes
 from services.transport.bundle import Transport
 from services.transport.queue import connect
 from services.transport.redis_server import mask_url
-from services.weightsync.factory import rendezvous_key
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +128,7 @@ def _run_service(cfg: RunConfig, run_dir: Path, verbose: bool = False) -> dict[s
     from services.api.serve import start_api, stop_api
     from services.run.prepare import prepare_policy
     from services.transport.redis_server import connect_or_start
-    from services.weightsync.object_store import RAY_NAMESPACE, get_or_create_store, store_name
+    from services.weightsync.ray_store import RAY_NAMESPACE, get_or_create_store, store_name
 
     run_dir.mkdir(parents=True, exist_ok=True)
     svc = cfg.service
@@ -199,7 +198,7 @@ def _run_service(cfg: RunConfig, run_dir: Path, verbose: bool = False) -> dict[s
             actors = {"weight store": get_or_create_store(svc.namespace)}
             stack.callback(_kill_all, actors)
             # A rendezvous left by an earlier session would send the engines to a dead learner.
-            transport.client.delete(rendezvous_key(svc.namespace))
+            transport.client.delete(transport.keys.weight_rendezvous)
             plan = plan_placement(
                 cfg.learner.world_size,
                 _learner_gpu(cfg),
@@ -281,7 +280,7 @@ def _start_hosts(
     selector on CPU; role resources where the cluster defines them."""
     import ray
 
-    from services.weightsync.object_store import RAY_NAMESPACE
+    from services.weightsync.ray_store import RAY_NAMESPACE
 
     host_cls = ray.remote(num_cpus=0, max_restarts=0)(ComponentHost)
     specs = [("learner", 0), ("selector", 0)] + [

@@ -154,6 +154,12 @@ class RunKeys:
         were all right and all wrong: the p's adapt once from them when a later step begins."""
         return self._key("prefilter:counts")
 
+    @property
+    def weight_rendezvous(self) -> str:
+        """String: ``host:port`` of the collective weight transport's rendezvous store, set by
+        learner rank 0 when it starts publishing."""
+        return self._key("weightsync:rendezvous")
+
     def loaded_versions(self, actor: str) -> str:
         """List of the weight versions rollout actor ``actor`` loaded, in order."""
         return self._key(f"rollout:{actor}:versions")

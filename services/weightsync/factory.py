@@ -7,15 +7,11 @@ from typing import Any
 
 import torch
 
+from services.transport.keys import RunKeys
 from services.weightsync.base import WeightPublisher, WeightReceiver
 from services.weightsync.collective import CollectivePublisher, CollectiveReceiver, parse_address
 from services.weightsync.config import WeightSyncConfig
 from services.weightsync.files import FilesPublisher, FilesReceiver
-
-
-def rendezvous_key(namespace: str) -> str:
-    """Redis key holding ``host:port`` of the collective transport's rendezvous store."""
-    return f"{namespace}:weightsync:rendezvous"
 
 
 def make_publisher(
@@ -23,13 +19,13 @@ def make_publisher(
 ) -> WeightPublisher:
     """The learner's publisher. ``host``: this node's address as the engines reach it (used
     when ``cfg.rendezvous`` is None); the collective transport announces its ``host:port`` under
-    :func:`rendezvous_key` when a Redis client is given."""
+    :attr:`~services.transport.keys.RunKeys.weight_rendezvous` when a Redis client is given."""
     sample = {"sample_every": cfg.sample_every, "sample_elements": cfg.sample_elements}
     if cfg.transport == "files":
         assert cfg.path is not None  # the config's validator
         return FilesPublisher(cfg.path, cfg.keep_last, cfg.wire(), **sample)
     if cfg.transport == "object_store":
-        from services.weightsync.ray_store import ObjectStorePublisher
+        from services.weightsync.object_store import ObjectStorePublisher
 
         return ObjectStorePublisher(namespace, wire=cfg.wire(), **sample)
     bind_host, port = parse_address(cfg.rendezvous) if cfg.rendezvous else (host, 0)
@@ -46,20 +42,21 @@ def make_publisher(
         **sample,
     )
     if redis_client is not None:
-        redis_client.set(rendezvous_key(namespace), pub.address)
+        redis_client.set(RunKeys(namespace).weight_rendezvous, pub.address)
     return pub
 
 
 def lookup_rendezvous(redis_client: Any, namespace: str, timeout_s: float) -> str:
     """The ``host:port`` the learner announced, waiting up to ``timeout_s`` for it."""
+    key = RunKeys(namespace).weight_rendezvous
     deadline = time.monotonic() + timeout_s
     while True:
-        value = redis_client.get(rendezvous_key(namespace))
+        value = redis_client.get(key)
         if value:
             return value.decode() if isinstance(value, bytes) else str(value)
         if time.monotonic() > deadline:
             raise TimeoutError(
-                f"no weight-sync rendezvous under {rendezvous_key(namespace)!r} after "
+                f"no weight-sync rendezvous under {key!r} after "
                 f"{timeout_s:.0f}s; is the learner running with weight_sync.transport: collective?"
             )
         time.sleep(0.2)
@@ -79,7 +76,7 @@ def make_receiver(
         assert cfg.path is not None
         return FilesReceiver(cfg.path, cfg.timeout_s, **sample)
     if cfg.transport == "object_store":
-        from services.weightsync.ray_store import ObjectStoreReceiver
+        from services.weightsync.object_store import ObjectStoreReceiver
 
         return ObjectStoreReceiver(namespace, cfg.timeout_s, **sample)
     address = cfg.rendezvous

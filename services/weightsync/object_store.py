@@ -1,176 +1,82 @@
-"""The weight store: a named Ray actor holding the newest policy weights as an object-store ref.
+"""The Ray object-store transport behind the common interface (one machine or a Ray cluster).
 
-Local/CPU weight sync: the learner ``ray.put``s its state dict once per
-version and hands the ref here; rollout actors poll :meth:`WeightStore.latest_version` between
-generations and fetch the ref only when it is newer than what they run. Only the latest ref is
-kept, so the object store holds one copy of the weights (plus any a rollout actor is still
-loading), however long the run.
-
-The ref travels inside a list: Ray resolves a bare ObjectRef argument to its value, which would
-copy the whole state dict into this actor; nested in a list it stays a ref.
+The learner ``ray.put``s the wire-dtype tensors (on CPU) once per version and hands the ref to
+the run's :class:`~services.weightsync.ray_store.WeightStore` actor with a sampled checksum;
+engines fetch the ref when its version differs from theirs. The store keeps only the latest ref,
+so the object store holds one copy of the weights however long the run.
 """
 
 from __future__ import annotations
 
-import logging
 import time
-from dataclasses import dataclass
 from typing import Any
 
-log = logging.getLogger(__name__)
+import torch
 
-RAY_NAMESPACE = "d3s"
-
-
-def store_name(namespace: str) -> str:
-    """The Ray actor name of the weight store of a run namespace."""
-    return f"{namespace}-weights"
-
-
-@dataclass(frozen=True)
-class WeightVersion:
-    """One published version: the ref (in a one-element list, see module doc) and its checksum."""
-
-    version: int
-    refs: list[Any]
-    checksum: str
-    published_at: float
+from services.weightsync.base import (
+    Into,
+    NamedTensors,
+    WeightPublisher,
+    WeightReceiver,
+    to_wire,
+)
+from services.weightsync.checksum import sample_checksum, verify_checksum
+from services.weightsync.ray_store import RayWeightSource, get_or_create_store
 
 
-class WeightStore:
-    """Holds (version, [ObjectRef of the state dict], checksum) of the newest weights.
+class ObjectStorePublisher(WeightPublisher):
+    """``store``: the weight store actor handle (default: the run namespace's, created if needed)."""
 
-    Versions only move forward, with one exception: a learner that resumes from a checkpoint
-    republishes the checkpoint's version, which may be older than the last one it published
-    before it crashed. That republish is accepted (``allow_rewind``), because the weights now
-    live in the learner are those of the checkpoint and rollout actors must not keep believing
-    a newer version exists.
-    """
-
-    def __init__(self) -> None:
-        self._latest: WeightVersion | None = None
-        self._published = 0
-
-    def publish(
-        self, version: int, refs: list[Any], checksum: str, allow_rewind: bool = False
-    ) -> int:
-        """Make ``version`` the latest; returns it. Refuses a version that goes backwards."""
-        if not isinstance(refs, list) or len(refs) != 1:
-            raise ValueError("refs must be a list holding exactly one ObjectRef")
-        current = self._latest.version if self._latest is not None else -1
-        if version < current and not allow_rewind:
-            raise ValueError(f"weight version {version} is older than the stored {current}")
-        # Replacing the entry drops the store's reference to the previous version's object.
-        self._latest = WeightVersion(int(version), refs, checksum, time.time())
-        self._published += 1
-        return int(version)
-
-    def latest_version(self) -> int:
-        """The newest version, or -1 before the learner published any."""
-        return self._latest.version if self._latest is not None else -1
-
-    def get(self) -> tuple[int, list[Any], str] | None:
-        """(version, [ref], checksum) of the newest weights, or None before any was published."""
-        if self._latest is None:
-            return None
-        return self._latest.version, self._latest.refs, self._latest.checksum
-
-    def info(self) -> dict[str, Any]:
-        """Version, checksum and publish count, for logs and tests."""
-        latest = self._latest
-        return {
-            "version": latest.version if latest else -1,
-            "checksum": latest.checksum if latest else None,
-            "published": self._published,
-        }
-
-
-def get_or_create_store(namespace: str, detached: bool = False) -> Any:
-    """The run's weight store actor handle, created if it does not exist yet.
-
-    ``detached``: the store outlives the process that created it (the standalone ``d3s learner``
-    on a cluster, so a restarted learner finds it); otherwise it dies with the creating job, as
-    under ``d3s run``. Works whatever namespace ``ray.init`` was given.
-    """
-    import ray
-
-    # num_cpus=0: it only stores a ref; a reserved CPU would be one the learner cannot use.
-    actor_cls = ray.remote(num_cpus=0, max_restarts=0)(WeightStore)
-    options: dict[str, Any] = {
-        "name": store_name(namespace),
-        "namespace": RAY_NAMESPACE,
-        "get_if_exists": True,
-    }
-    if detached:
-        options["lifetime"] = "detached"
-    return actor_cls.options(**options).remote()
-
-
-def wait_for_store(namespace: str, timeout_s: float) -> Any:
-    """The handle of an existing weight store, waiting up to ``timeout_s`` for it to appear."""
-    import ray
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            return ray.get_actor(store_name(namespace), namespace=RAY_NAMESPACE)
-        except ValueError:
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"no weight store {store_name(namespace)!r} in Ray namespace "
-                    f"{RAY_NAMESPACE!r} after {timeout_s:.0f}s; is the learner running?"
-                ) from None
-            time.sleep(0.5)
-
-
-class RayWeightPublisher:
-    """The learner side: put a state dict in the object store and make it the latest version."""
-
-    def __init__(self, store: Any) -> None:
-        self.store = store
-
-    def __call__(
-        self, version: int, state_dict: dict[str, Any], checksum: str, rewind: bool
+    def __init__(
+        self,
+        namespace: str,
+        store: Any = None,
+        wire: torch.dtype | None = None,
+        sample_every: int = 1,
+        sample_elements: int = 1024,
     ) -> None:
+        self.store = store if store is not None else get_or_create_store(namespace)
+        self.wire = wire
+        self.sample = (sample_every, sample_elements)
+
+    def publish(self, version: int, named_tensors: NamedTensors, *, rewind: bool = False) -> float:
         import ray
 
-        ref = ray.put(state_dict)
-        # Waiting for the store's answer orders versions: a rollout actor that sees version v
-        # can fetch it, and the learner never runs ahead of what it published.
+        t0 = time.perf_counter()
+        wire = {n: t.to("cpu") for n, t in to_wire(named_tensors, self.wire).items()}
+        checksum = sample_checksum(wire, *self.sample)
+        ref = ray.put(wire)
+        # waiting for the store orders versions: an engine that sees v can fetch v
         ray.get(self.store.publish.remote(version, [ref], checksum, rewind))
+        return time.perf_counter() - t0
 
 
-class RayWeightSource:
-    """The rollout side: poll the store's version, fetch the newest state dict when asked."""
+class ObjectStoreReceiver(WeightReceiver):
+    """Polls the run's weight store; accepts sampled checksums and the full ones earlier
+    publishers sent."""
 
-    def __init__(self, namespace: str, timeout_s: float) -> None:
-        self.namespace = namespace
-        self.timeout_s = timeout_s
-        self.store = wait_for_store(namespace, timeout_s)
+    def __init__(
+        self,
+        namespace: str,
+        timeout_s: float = 300.0,
+        sample_every: int = 1,
+        sample_elements: int = 1024,
+    ) -> None:
+        self.source = RayWeightSource(namespace, timeout_s)
+        self.sample = (sample_every, sample_elements)
+        self.version = -1
 
     def latest_version(self) -> int:
-        import ray
+        return self.source.latest_version()
 
-        return int(ray.get(self.store.latest_version.remote(), timeout=self.timeout_s))
-
-    def fetch(self) -> tuple[int, dict[str, Any], str] | None:
-        """(version, state dict, checksum) of the newest weights; None if there are none, or
-        the object is gone (its owner, the learner, died: the caller keeps its weights)."""
-        import ray
-        from ray.exceptions import ObjectLostError, OwnerDiedError
-
-        got = ray.get(self.store.get.remote(), timeout=self.timeout_s)
-        if got is None:
+    def receive(self, into: Into) -> int | None:
+        if self.latest_version() in (-1, self.version):
             return None
-        version, refs, checksum = got
-        try:
-            state = ray.get(refs[0], timeout=self.timeout_s)
-        except (ObjectLostError, OwnerDiedError) as exc:
-            log.warning(
-                "weights of version %d are gone from the object store (%s); keeping the "
-                "current weights until the learner publishes again",
-                version,
-                type(exc).__name__,
-            )
+        got = self.source.fetch()
+        if got is None or got[0] == self.version:
             return None
-        return int(version), state, checksum
+        version, tensors, checksum = got
+        verify_checksum(checksum, tensors, version, "Ray object store", *self.sample)
+        # the object store hands the version over whole: one bucket
+        self._load_version(into, version, [tensors])
+        return version

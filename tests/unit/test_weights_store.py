@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.weightsync.object_store import WeightStore, store_name
+from services.weightsync.ray_store import WeightStore, store_name
 
 
 def test_keeps_only_the_latest_version() -> None:
