@@ -75,9 +75,9 @@ from services.api.views import (
     parse_names,
     parse_schedule,
     read_snapshot,
-    redact_config,
     throughput,
 )
+from services.common.secrets import redact_config
 from services.transport.bundle import Transport
 from services.transport.keys import RunKeys
 

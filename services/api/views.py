@@ -34,7 +34,6 @@ __all__ = [
     "MAX_NAMES",
     "NAMES_MAX_LENGTH",
     "NAMES_PATTERN",
-    "REDACTED",
     "MalformedValue",
     "RunSnapshot",
     "actors_view",
@@ -47,13 +46,11 @@ __all__ = [
     "parse_names",
     "parse_schedule",
     "read_snapshot",
-    "redact_config",
     "throughput",
 ]
 
 log = logging.getLogger(__name__)
 
-REDACTED = "<redacted>"
 MAX_NAMES = 64
 # Metric names as the services write them (``eval/acc@1`` included), nothing that needs escaping.
 _NAME_CHARS = r"[A-Za-z0-9_./@:-]{1,128}"
@@ -61,13 +58,6 @@ _NAME = re.compile(f"^{_NAME_CHARS}$")
 # A comma-separated list of 1..MAX_NAMES names: documented as the parameter's pattern.
 NAMES_PATTERN = f"^{_NAME_CHARS}(,{_NAME_CHARS}){{0,{MAX_NAMES - 1}}}$"
 NAMES_MAX_LENGTH = MAX_NAMES * 129 - 1
-# Keys whose every value is a secret, whatever its type (a YAML password can parse as a number).
-_ALWAYS_SECRET = re.compile(r"password|passwd|secret|credential|authorization", re.IGNORECASE)
-# Keys that name a secret when they hold text: "hf_token", "api_key". Numbers under such keys are
-# settings ("token_init", "max_new_tokens") and stay visible.
-_TEXT_SECRET = re.compile(r"token|key", re.IGNORECASE)
-# The password in a URL's userinfo (``redis://user:pw@host``), wherever the URL sits.
-_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/@:\s]*:)[^/@\s]+(?=@)")
 
 
 class MalformedValue(ValueError):
@@ -365,61 +355,3 @@ def checkpoints_view(rows: Sequence[Mapping[str, Any]]) -> CheckpointsResponse:
         out.append(Checkpoint(step=step, path=path, time=_float_or_none(row.get("time"))))
     out.sort(key=lambda c: c.step)
     return CheckpointsResponse(checkpoints=out, latest=out[-1] if out else None)
-
-
-# ---- config -------------------------------------------------------------------------------------
-
-
-def _mask(value: Any, text_only: bool) -> Any:
-    """``value`` with every secret leaf replaced; None stays None (it says "not set")."""
-    if value is None:
-        return None
-    if isinstance(value, dict):
-        return {k: _mask(v, text_only) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_mask(v, text_only) for v in value]
-    if text_only and isinstance(value, (bool, int, float)):
-        return _json_safe(value)
-    return REDACTED
-
-
-def redact_config(
-    config: Any, known_secrets: Sequence[str] = (), path: str = ""
-) -> tuple[Any, list[str]]:
-    """``config`` with secrets replaced by :data:`REDACTED`, and the dotted paths replaced.
-
-    A value is a secret when its key contains ``password``, ``passwd``, ``secret``,
-    ``credential`` or ``authorization`` (any type), or ``token`` or ``key`` (text only: numbers under such keys are
-    settings like ``token_init``), case-insensitively; or when it is a string equal to one of
-    ``known_secrets`` wherever it sits; a URL keeps its shape with only the password of its
-    userinfo replaced (``redis://:<redacted>@host``). This runs on top of the orchestrator's own redaction, so a
-    secret that slipped into a new field is still not served.
-    """
-    secrets = {s for s in known_secrets if s}
-    if isinstance(config, dict):
-        out: dict[str, Any] = {}
-        paths: list[str] = []
-        for key, value in config.items():
-            sub = f"{path}.{key}" if path else str(key)
-            if _ALWAYS_SECRET.search(str(key)) or _TEXT_SECRET.search(str(key)):
-                masked = _mask(value, text_only=not _ALWAYS_SECRET.search(str(key)))
-                if masked != value:
-                    paths.append(sub)
-                out[key] = masked
-                continue
-            out[key], inner = redact_config(value, tuple(secrets), sub)
-            paths.extend(inner)
-        return out, paths
-    if isinstance(config, list):
-        items, paths = [], []
-        for i, value in enumerate(config):
-            item, inner = redact_config(value, tuple(secrets), f"{path}[{i}]")
-            items.append(item)
-            paths.extend(inner)
-        return items, paths
-    if isinstance(config, str):
-        if config in secrets:
-            return REDACTED, [path]
-        masked = _URL_PASSWORD.sub(lambda m: m.group("head") + REDACTED, config)
-        return masked, [path] if masked != config else []
-    return _json_safe(config), []

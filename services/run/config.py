@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from learner.config import LearnerConfig
 from learner.settings import LearnerServiceSettings
 from selector.config import AlgorithmConfig, SelectorSettings
+from services.common.secrets import mask_url, redact_config
 from services.policy.config import PolicyConfig, WarmstartConfig
 from services.policy.limits import ModelLimits
 from services.rollout.config import RolloutConfig, VLLMConfig
@@ -367,8 +368,6 @@ class RunConfig(_Section):
         """The config as JSON-ready data, for the API, the run directory and W&B, with no
         secrets: the control token lives in the environment (only its variable's name is here)
         and a password in a URL (``service.redis_url``) is masked."""
-        from services.api.views import redact_config
-
         return redact_config(self.model_dump(mode="json"))[0]
 
     def stored(self) -> dict[str, Any]:
@@ -376,8 +375,6 @@ class RunConfig(_Section):
         field as given, only the Redis URL's password masked. Not :meth:`redacted`, whose
         name-based masking would also hide settings such as ``learner.token_pass`` and so let
         a change of them through unnoticed."""
-        from services.transport.redis_server import mask_url
-
         data = self.model_dump(mode="json")
         if data["service"].get("redis_url"):
             data["service"]["redis_url"] = mask_url(data["service"]["redis_url"])

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from services.common.secrets import mask_url
 from services.run.components import ComponentHost, component_name, link_ray_logs
 from services.run.config import RunConfig
 from services.run.lockdown import loopback_ray
@@ -38,7 +39,6 @@ from services.run.supervisor import RedisLost, RedisWatch, ServiceError, Supervi
 from services.telemetry.logfiles import error_lines, last_errors, log_sizes
 from services.transport.bundle import Transport
 from services.transport.queue import connect
-from services.transport.redis_server import mask_url
 
 log = logging.getLogger(__name__)
 

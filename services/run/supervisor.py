@@ -31,10 +31,11 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from services.common.secrets import mask_url
 from services.run.config import RunConfig
 from services.run.progress import StepProgress
 from services.transport.bundle import Transport
-from services.transport.redis_server import EmbeddedRedis, RedisStartError, mask_url
+from services.transport.redis_server import EmbeddedRedis, RedisStartError
 
 log = logging.getLogger(__name__)
 

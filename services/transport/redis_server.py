@@ -36,6 +36,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from services.common.net import free_port
+from services.common.secrets import mask_url  # re-exported: the URLs this module hands out
 
 __all__ = [
     "REDIS_URL_ENV",
@@ -54,7 +55,6 @@ REDIS_URL_ENV = "D3S_REDIS_URL"
 _HOST = "127.0.0.1"
 _LOG_NAME = "redis.log"
 _CONF_NAME = "redis.conf"
-_MASK = "***"
 
 
 def is_loopback(host: str) -> bool:
@@ -68,18 +68,6 @@ def is_loopback(host: str) -> bool:
         return False
     mapped = getattr(addr, "ipv4_mapped", None)
     return bool(addr.is_loopback or (mapped is not None and mapped.is_loopback))
-
-
-def mask_url(url: str | None) -> str:
-    """``url`` with the password of its userinfo replaced by ``***`` (for logs and messages)."""
-    if not url:
-        return str(url)
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.netloc.rsplit("@", 1)[1]
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:{_MASK}@{host}"))
 
 
 class RedisStartError(RuntimeError):

@@ -20,8 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from services.api.app import MAX_HISTORY_PAGE, create_app
 from services.api.prometheus import prometheus_name
 from services.api.serve import serve_in_thread
-from services.api.views import REDACTED
 from services.common.net import free_port
+from services.common.secrets import REDACTED
 from services.transport.bundle import Transport
 from services.transport.records import ScoredGroup
 from services.transport.redis_server import EmbeddedRedis
