@@ -10,20 +10,20 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from learner.config import LearnerConfig
 from learner.settings import LearnerServiceSettings
 from selector.config import AlgorithmConfig, SelectorSettings
 from services.common.secrets import mask_url, redact_config
+from services.common.settings import settings_from
 from services.policy.config import PolicyConfig, WarmstartConfig
 from services.policy.limits import ModelLimits
-from services.rollout.config import RolloutConfig, VLLMConfig
+from services.rollout.config import RolloutConfig
 from services.rollout.settings import RolloutSettings
 from services.tasks.config import ArithmeticTaskConfig, MixedTaskConfig, TaskConfig
 from services.weightsync.config import WeightSyncConfig
@@ -318,50 +318,37 @@ class RunConfig(_Section):
         return os.environ.get(self.api.control_token_env) or None
 
     # ---- each component's settings -------------------------------------------------------------
+    # A settings field takes the field of the same name from the one run-level section that has
+    # it (services.common.settings); only values derived here are passed by name.
+
+    def _run_sections(self) -> dict[str, BaseModel]:
+        sections = {"train": self.train, "rollout": self.rollout, "service": self.service}
+        return {**sections, "algorithm": self.algorithm}
 
     def selector_settings(self, limits: ModelLimits | None = None) -> SelectorSettings:
         """``limits``: the policy's vocabulary and context, to refuse groups outside them."""
-        return SelectorSettings(
+        return settings_from(
+            SelectorSettings,
+            self._run_sections(),
             preset=self.algorithm.build_preset(),
-            total_steps=self.train.total_steps,
             schedule_steps=self.train.horizon,
-            prompts_per_step=self.rollout.prompts_per_step,
-            samples_per_prompt=self.rollout.samples_per_prompt,
-            seed=self.train.seed,
-            max_staleness=self.service.max_staleness,
-            max_batch_backlog=self.service.max_batch_backlog,
-            wait_timeout_s=self.service.wait_timeout_s,
-            adv_eps=self.algorithm.adv_eps,
-            max_abs_reward=self.service.max_abs_reward,
             vocab_size=limits.vocab_size if limits else None,
             max_positions=limits.max_positions if limits else None,
         )
 
     def learner_settings(self, run_dir: Path | None = None) -> LearnerServiceSettings:
         preset = self.algorithm.build_preset()
-        return LearnerServiceSettings(
+        return settings_from(
+            LearnerServiceSettings,
+            self._run_sections(),
             preset=preset,
-            total_steps=self.train.total_steps,
-            seed=self.train.seed,
-            checkpoint_every=self.train.checkpoint_every,
-            eval_every=self.train.eval_every,
-            wait_timeout_s=self.service.wait_timeout_s,
             run_dir=Path(run_dir or self.train.run_dir),
             title=f"{self.name} ({preset.name}, {self.service.mode})",
         )
 
     def rollout_settings(self) -> RolloutSettings:
-        return RolloutSettings(
-            prompts_per_step=self.rollout.prompts_per_step,
-            samples_per_prompt=self.rollout.samples_per_prompt,
-            num_actors=self.rollout.num_actors,
-            total_steps=self.train.total_steps,
-            seed=self.train.seed,
-            lock_step=self.service.mode == "sync",
-            max_group_backlog=self.service.max_group_backlog,
-            wait_timeout_s=self.service.wait_timeout_s,
-            max_staleness=self.service.max_staleness,
-            inflight_updates=self.rollout.inflight_updates,
+        return settings_from(
+            RolloutSettings, self._run_sections(), lock_step=self.service.mode == "sync"
         )
 
     def redacted(self) -> dict[str, Any]:
@@ -384,70 +371,6 @@ class RunConfig(_Section):
         """Keyword arguments of the run's metric logger (``RunReporter`` -> ``RunLogger``)."""
         wandb = self.logging.wandb.model_dump(exclude_none=True) if self.logging.wandb else None
         return {"tensorboard": self.logging.tensorboard, "wandb": wandb, "config": self.redacted()}
-
-
-def effective_config(data: Mapping[str, Any]) -> dict[str, Any]:
-    """A stored config (JSON-ready, as :meth:`RunConfig.stored` wrote it, perhaps by an older
-    d3s) as the run would use it: each section through its model, so every field it leaves out
-    takes its default, and a section left out where that means its defaults (``rollout.vllm``
-    under ``engine: vllm``) filled in. Comparing two such configs reports only what a run would
-    do differently.
-
-    Sections are validated one at a time and without the whole-run checks, some of which read
-    the machine (an installed vLLM, a model directory). A section its model refuses (a field a
-    later d3s removed, a check that fails here) keeps its stored values over the defaults.
-    """
-    defaults = RunConfig().model_dump(mode="json")
-    out: dict[str, Any] = {}
-    for name, value in data.items():
-        info = RunConfig.model_fields.get(name)
-        if info is None:
-            out[name] = value
-            continue
-        try:
-            out[name] = TypeAdapter(info.annotation).dump_python(
-                TypeAdapter(info.annotation).validate_python(value), mode="json"
-            )
-        except ValidationError:
-            out[name] = _over_defaults(defaults.get(name), value)
-    for name, value in defaults.items():
-        out.setdefault(name, value)
-    rollout = out.get("rollout")
-    if isinstance(rollout, dict) and rollout.get("engine") == "vllm":
-        rollout["vllm"] = _vllm_as_run(rollout)
-    return out
-
-
-def _vllm_as_run(rollout: dict[str, Any]) -> Any:
-    """The ``vllm`` section a run with this ``rollout`` section uses: its defaults, and those
-    that depend on the rest of the section (``dtype`` by ``num_gpus``), filled in."""
-    given = rollout.get("vllm")
-    try:
-        vllm = VLLMConfig.model_validate(given or {})
-        # Built without the section's own checks (an installed vLLM), only to read its settings.
-        section = RolloutConfig.model_construct(**{**rollout, "vllm": vllm})
-        return section.vllm_settings.model_dump(mode="json")
-    except (ValidationError, TypeError, ValueError):
-        defaults = VLLMConfig().model_dump(mode="json")
-        return _over_defaults(defaults, given) if isinstance(given, Mapping) else defaults
-
-
-def _over_defaults(default: Any, value: Any) -> Any:
-    """``value`` with the fields it lacks taken from ``default`` (sections merged key by key; a
-    section of another ``type``, such as another task, is taken as it is)."""
-    if not (isinstance(default, Mapping) and isinstance(value, Mapping)):
-        return value
-    if "type" in default and default["type"] != value.get("type", default["type"]):
-        return dict(value)
-    keys = list(default) + [k for k in value if k not in default]
-    return {
-        k: _over_defaults(default[k], value[k])
-        if k in default and k in value
-        else value[k]
-        if k in value
-        else default[k]
-        for k in keys
-    }
 
 
 def run_dir_for(name: str) -> Path:

@@ -16,7 +16,7 @@ config is compared, field by field, with the one stored there (``run_config.json
   refused. So a run extended past its horizon trains its extra steps at the schedules' final
   keep ratios and learning rate instead of having them stretched back toward their start.
 
-Both configs are compared as the run would use them (:func:`~services.run.config.effective_config`:
+Both configs are compared as the run would use them (:func:`effective_config`:
 defaults filled in), so a field an older d3s did not store, or a section given as "the defaults",
 is no difference. The functions here are pure over the two config mappings except
 :func:`inspect_run_dir`, :func:`write_stored_config` and :func:`move_aside`, which touch the
@@ -31,12 +31,12 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from services.run.config import effective_config
+from pydantic import TypeAdapter, ValidationError
 
-if TYPE_CHECKING:
-    from services.run.config import RunConfig
+from services.rollout.config import RolloutConfig, VLLMConfig
+from services.run.config import RunConfig
 
 __all__ = [
     "SAFE_ON_RESUME",
@@ -46,6 +46,7 @@ __all__ = [
     "RunDirState",
     "check_resume",
     "diff_configs",
+    "effective_config",
     "inspect_run_dir",
     "is_safe",
     "move_aside",
@@ -228,6 +229,70 @@ def diff_configs(stored: Mapping[str, Any], given: Mapping[str, Any]) -> list[Di
         for path in sorted(a.keys() | b.keys())
         if a.get(path, _MISSING) != b.get(path, _MISSING)
     ]
+
+
+def effective_config(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored config (JSON-ready, as :meth:`RunConfig.stored` wrote it, perhaps by an older
+    d3s) as the run would use it: each section through its model, so every field it leaves out
+    takes its default, and a section left out where that means its defaults (``rollout.vllm``
+    under ``engine: vllm``) filled in. Comparing two such configs reports only what a run would
+    do differently.
+
+    Sections are validated one at a time and without the whole-run checks, some of which read
+    the machine (an installed vLLM, a model directory). A section its model refuses (a field a
+    later d3s removed, a check that fails here) keeps its stored values over the defaults.
+    """
+    defaults = RunConfig().model_dump(mode="json")
+    out: dict[str, Any] = {}
+    for name, value in data.items():
+        info = RunConfig.model_fields.get(name)
+        if info is None:
+            out[name] = value
+            continue
+        try:
+            out[name] = TypeAdapter(info.annotation).dump_python(
+                TypeAdapter(info.annotation).validate_python(value), mode="json"
+            )
+        except ValidationError:
+            out[name] = _over_defaults(defaults.get(name), value)
+    for name, value in defaults.items():
+        out.setdefault(name, value)
+    rollout = out.get("rollout")
+    if isinstance(rollout, dict) and rollout.get("engine") == "vllm":
+        rollout["vllm"] = _vllm_as_run(rollout)
+    return out
+
+
+def _vllm_as_run(rollout: dict[str, Any]) -> Any:
+    """The ``vllm`` section a run with this ``rollout`` section uses: its defaults, and those
+    that depend on the rest of the section (``dtype`` by ``num_gpus``), filled in."""
+    given = rollout.get("vllm")
+    try:
+        vllm = VLLMConfig.model_validate(given or {})
+        # Built without the section's own checks (an installed vLLM), only to read its settings.
+        section = RolloutConfig.model_construct(**{**rollout, "vllm": vllm})
+        return section.vllm_settings.model_dump(mode="json")
+    except (ValidationError, TypeError, ValueError):
+        defaults = VLLMConfig().model_dump(mode="json")
+        return _over_defaults(defaults, given) if isinstance(given, Mapping) else defaults
+
+
+def _over_defaults(default: Any, value: Any) -> Any:
+    """``value`` with the fields it lacks taken from ``default`` (sections merged key by key; a
+    section of another ``type``, such as another task, is taken as it is)."""
+    if not (isinstance(default, Mapping) and isinstance(value, Mapping)):
+        return value
+    if "type" in default and default["type"] != value.get("type", default["type"]):
+        return dict(value)
+    keys = list(default) + [k for k in value if k not in default]
+    return {
+        k: _over_defaults(default[k], value[k])
+        if k in default and k in value
+        else value[k]
+        if k in value
+        else default[k]
+        for k in keys
+    }
 
 
 def is_safe(path: str, allow: tuple[str, ...] = SAFE_ON_RESUME) -> bool:
