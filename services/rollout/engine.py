@@ -6,19 +6,27 @@ Two engines implement :class:`RolloutEngine`: :class:`services.rollout.hf_engine
 return a :class:`RolloutBatch` whose ``behav_logp`` is the log-prob of each sampled token under
 the distribution it was drawn from, which the learner's importance weights divide by.
 
-The helpers here are shared by both engines: sampling-setting checks, the default stop tokens
-(EOS and the chat template's end-of-turn token) and the packing of per-row token lists into
-right-padded tensors.
+Both engines derive from :class:`EngineBase`, which does once what does not depend on how
+tokens are sampled: the sampling settings and stop tokens, prompt encoding and its checks, the
+refusal to generate from a half-loaded model, and the assembly of the sampled rows into a
+:class:`RolloutBatch` with each token's weight version. An engine adds how it samples
+(:meth:`EngineBase._sample`) and how it loads weights.
+
+The functions here are shared by both engines too: sampling-setting checks, the default stop
+tokens (EOS and the chat template's end-of-turn token) and the packing of per-row token lists
+into right-padded tensors.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from services.policy.tokenizer import decode_ids, encode_text, special_ids
 from services.tasks.base import Prompt
 
 # Returned in ``RolloutBatch.stop_token`` for a row that the length limit ended.
@@ -267,3 +275,143 @@ def pack_rows(
         [t[-1] if t[-1] in stops else NO_STOP for t in tokens], dtype=torch.long
     )
     return responses, length_t, behav, mask, stop_token
+
+
+@dataclass
+class Sampled:
+    """What an engine sampled for N = B * n rows, before :class:`EngineBase` assembles the
+    batch: the fields of the same names in :class:`RolloutBatch`, on the CPU, and ``versions``,
+    each row's weight version of every response token (``response_lengths[i]`` of them)."""
+
+    responses: torch.Tensor
+    response_lengths: torch.Tensor
+    behav_logp: torch.Tensor
+    response_mask: torch.Tensor
+    stop_token: torch.Tensor
+    versions: list[list[int]]
+
+
+def batch_versions(
+    versions: Sequence[Sequence[int]], shape: torch.Size, start_version: int
+) -> tuple[int, torch.Tensor | None]:
+    """A batch's ``policy_version`` (its oldest token's version; ``start_version`` when it has
+    none) and ``token_versions`` (int64 ``shape``, 0 at padding; None when every token came
+    from ``start_version``) from each row's per-token versions."""
+    seen = {v for row in versions for v in row}
+    if not seen - {start_version}:
+        return start_version, None
+    out = torch.zeros(shape, dtype=torch.long)
+    for i, row in enumerate(versions):
+        out[i, : len(row)] = torch.as_tensor(list(row), dtype=torch.long)
+    return min(seen), out
+
+
+class EngineBase:
+    """What both engines do alike; a subclass adds :meth:`_sample` and weight loading.
+
+    Args:
+        tokenizer, max_new_tokens, temperature, top_p, stop_token_ids: as the engines take them
+            (checked here, :func:`check_sampling` and :func:`resolve_stop_token_ids`).
+
+    Attributes:
+        max_positions: Longest prompt + response the engine holds (None: no known limit); a
+            subclass sets it, and ``positions_source`` names where it comes from in errors.
+        joins_weight_group: True where the engine's own workers join the learner's weight
+            group with the collective transport (vLLM), so the rollout actor receives nothing
+            itself (:func:`services.rollout.vllm_weights.rollout_receiver`).
+    """
+
+    joins_weight_group = False
+    max_positions: int | None = None
+    positions_source = "the model's config"
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        stop_token_ids: Sequence[int] | None,
+    ) -> None:
+        check_sampling(temperature, top_p, max_new_tokens)
+        self.tokenizer = tokenizer
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.top_p = top_p
+        self.pad_id, self.eos_id = special_ids(tokenizer)
+        self.stop_token_ids = resolve_stop_token_ids(tokenizer, stop_token_ids)
+        self.version = 0
+        # True while the model holds parts of two versions (an update in parts is under way or
+        # failed midway): the engine refuses to generate then.
+        self.dirty = False
+
+    def _check_whole(self) -> None:
+        if self.dirty:
+            raise RuntimeError(
+                "the engine holds part of a weights version (an update failed midway); it "
+                "generates again once a whole version has loaded"
+            )
+
+    def encode_prompts(self, prompts: Sequence[Prompt]) -> list[list[int]]:
+        """Each prompt's token ids (no special tokens added).
+
+        Raises:
+            ValueError: on no prompts, a prompt that encodes to no tokens, or one too long for
+                ``max_new_tokens`` more within ``max_positions``.
+        """
+        if not prompts:
+            raise ValueError("no prompts")
+        prompt_ids = [encode_text(self.tokenizer, p.text) for p in prompts]
+        if any(not ids for ids in prompt_ids):
+            raise ValueError("a prompt encodes to no tokens")
+        longest = max(len(s) for s in prompt_ids)
+        limit = self.max_positions
+        if limit is not None and longest + self.max_new_tokens > limit:
+            raise ValueError(
+                f"prompt of {longest} tokens + {self.max_new_tokens} new tokens exceeds the "
+                f"engine's {limit} positions ({self.positions_source})"
+            )
+        return prompt_ids
+
+    def _sample(
+        self, prompt_ids: list[list[int]], n: int, how: Any, between_steps: BetweenSteps | None
+    ) -> Sampled:
+        """Sample ``n`` responses per prompt, rows grouped by prompt; ``how`` is what the
+        engine's ``generate`` or ``greedy`` decided (a sampling rule, request parameters)."""
+        raise NotImplementedError
+
+    def _run(
+        self,
+        prompts: list[Prompt],
+        n: int,
+        how: Any,
+        between_steps: BetweenSteps | None = None,
+    ) -> RolloutBatch:
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        self._check_whole()
+        t0 = time.perf_counter()
+        prompt_ids = self.encode_prompts(prompts)
+        start_version = self.version  # in-flight loads may move it while sampling
+        s = self._sample(prompt_ids, n, how, between_steps)
+        policy_version, token_versions = batch_versions(
+            s.versions, s.responses.shape, start_version
+        )
+        texts = [
+            decode_ids(self.tokenizer, row[: int(k)].tolist())
+            for row, k in zip(s.responses, s.response_lengths, strict=True)
+        ]
+        return RolloutBatch(
+            prompts=list(prompts),
+            prompt_ids=prompt_ids,
+            responses=s.responses,
+            response_lengths=s.response_lengths,
+            behav_logp=s.behav_logp,
+            response_mask=s.response_mask,
+            texts=texts,
+            stop_token=s.stop_token,
+            n=n,
+            policy_version=policy_version,
+            token_versions=token_versions,
+            gen_seconds=time.perf_counter() - t0,
+        )

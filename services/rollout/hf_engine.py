@@ -17,20 +17,12 @@ from __future__ import annotations
 
 import inspect
 import logging
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 
 from services.policy.model import left_pad
-from services.policy.tokenizer import decode_ids, encode_text, special_ids
-from services.rollout.engine import (
-    NO_STOP,
-    BetweenSteps,
-    RolloutBatch,
-    check_sampling,
-    resolve_stop_token_ids,
-)
+from services.rollout.engine import NO_STOP, BetweenSteps, EngineBase, RolloutBatch, Sampled
 from services.tasks.base import Prompt
 
 __all__ = ["HFRolloutEngine", "RolloutBatch", "process_logits", "top_p_filter"]
@@ -76,7 +68,7 @@ def process_logits(logits: torch.Tensor, temperature: float, top_p: float) -> to
     return top_p_filter(logits / temperature, top_p)
 
 
-class HFRolloutEngine:
+class HFRolloutEngine(EngineBase):
     """Sample responses from a causal LM and return a :class:`RolloutBatch`.
 
     Args:
@@ -103,23 +95,13 @@ class HFRolloutEngine:
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        check_sampling(temperature, top_p, max_new_tokens)
+        super().__init__(tokenizer, max_new_tokens, temperature, top_p, stop_token_ids)
         if device is not None:
             device = torch.device(device)
             if dtype is None and device.type == "cuda":
                 dtype = torch.bfloat16
         self._model = model.to(device=device, dtype=dtype).eval()
-        self.tokenizer = tokenizer
-        self.max_new_tokens = max_new_tokens
-        self.temperature = temperature
-        self.top_p = top_p
-        self.pad_id, self.eos_id = special_ids(tokenizer)
-        self.stop_token_ids = resolve_stop_token_ids(tokenizer, stop_token_ids)
-        self.version = 0
-        # True from the first tensor of a streamed update until it finished: the model then
-        # holds parts of two versions and must not generate.
-        self.dirty = False
-        self._max_positions = getattr(model.config, "n_positions", None) or getattr(
+        self.max_positions = getattr(model.config, "n_positions", None) or getattr(
             model.config, "max_position_embeddings", None
         )
         forward_params = inspect.signature(model.forward).parameters
@@ -174,13 +156,6 @@ class HFRolloutEngine:
     def abort_update(self) -> None:
         """The update failed midway: the engine stays dirty until a whole version loads."""
 
-    def _check_whole(self) -> None:
-        if self.dirty:
-            raise RuntimeError(
-                "the engine holds part of a weights version (an update failed midway); it "
-                "generates again once a whole version has loaded"
-            )
-
     @torch.no_grad()
     def load_weights(
         self, weights: Iterable[tuple[str, torch.Tensor]], version: int | None
@@ -225,8 +200,6 @@ class HFRolloutEngine:
         but the last; weights it loads sample every later token (the KV cache of the tokens
         before stays, as in PipelineRL), and the batch records each token's version.
         """
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
         generator = torch.Generator(device=self.device).manual_seed(int(seed))
 
         def sample(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -248,30 +221,18 @@ class HFRolloutEngine:
 
         return self._run(prompts, 1, argmax)
 
-    def _run(
+    def _sample(
         self,
-        prompts: list[Prompt],
+        prompt_ids: list[list[int]],
         n: int,
         choose: Chooser,
-        between_steps: BetweenSteps | None = None,
-    ) -> RolloutBatch:
-        if not prompts:
-            raise ValueError("no prompts")
-        self._check_whole()
-        t0 = time.perf_counter()
-        prompt_ids = [encode_text(self.tokenizer, p.text) for p in prompts]
-        longest = max(len(s) for s in prompt_ids)
-        if self._max_positions is not None and longest + self.max_new_tokens > self._max_positions:
-            raise ValueError(
-                f"prompt of {longest} tokens + {self.max_new_tokens} new tokens exceeds the "
-                f"model's {self._max_positions} positions"
-            )
+        between_steps: BetweenSteps | None,
+    ) -> Sampled:
         input_ids, attention_mask = left_pad(prompt_ids, self.pad_id)
         device = self.device
         # Rows grouped by prompt: repeat each prompt n times in place.
         input_ids = input_ids.repeat_interleave(n, dim=0).to(device)
         attention_mask = attention_mask.repeat_interleave(n, dim=0).to(device)
-        start_version = self.version
         gen, logp, step_versions = self._decode(input_ids, attention_mask, choose, between_steps)
 
         stops = torch.tensor(self.stop_token_ids, device=gen.device)
@@ -284,30 +245,15 @@ class HFRolloutEngine:
         gen, logp = gen[:, :t_max], logp[:, :t_max]
         mask = torch.arange(t_max, device=gen.device).unsqueeze(0) < lengths.unsqueeze(1)
         stop_token = torch.where(stopped, gen.gather(1, last.unsqueeze(1)).squeeze(1), NO_STOP)
-        responses = gen.masked_fill(~mask, self.pad_id).long().cpu()
-        behav_logp = logp.masked_fill(~mask, 0.0).float().cpu()
-        lengths, mask = lengths.long().cpu(), mask.cpu()
-        token_versions = None
-        if any(v != start_version for v in step_versions[:t_max]):
-            per_step = torch.tensor(step_versions[:t_max], dtype=torch.long)
-            token_versions = torch.where(mask, per_step.unsqueeze(0), 0)
-        texts = [
-            decode_ids(self.tokenizer, row[: int(k)].tolist())
-            for row, k in zip(responses, lengths, strict=True)
-        ]
-        return RolloutBatch(
-            prompts=list(prompts),
-            prompt_ids=prompt_ids,
-            responses=responses,
+        lengths = lengths.long().cpu()
+        return Sampled(
+            responses=gen.masked_fill(~mask, self.pad_id).long().cpu(),
             response_lengths=lengths,
-            behav_logp=behav_logp,
-            response_mask=mask,
-            texts=texts,
+            behav_logp=logp.masked_fill(~mask, 0.0).float().cpu(),
+            response_mask=mask.cpu(),
             stop_token=stop_token.long().cpu(),
-            n=n,
-            policy_version=start_version,
-            token_versions=token_versions,
-            gen_seconds=time.perf_counter() - t0,
+            # Every row's step j ran under the same weights: row i's tokens are its first k.
+            versions=[step_versions[:k] for k in lengths.tolist()],
         )
 
     @torch.no_grad()

@@ -20,19 +20,10 @@ stop set and the sampling settings are exactly ours. Prompts go in as token ids 
 are decoded by our tokenizer (``skip_tokenizer_init``), so prompt encoding is identical for
 both engines.
 
-Weights. Two ways in, both through a worker extension (:mod:`services.rollout.vllm_worker`)
-and both followed by a prefix-cache reset (cached KV blocks were computed by the old weights);
-the engine is never restarted:
-
-- With the collective transport, each vLLM worker joins the learner's broadcast group itself
-  (:meth:`VLLMRolloutEngine.weight_receiver`) and receives the buckets into its own device
-  memory; ``collective_rpc`` carries only the call and the version number back.
-- Otherwise (object store, files, or a caller holding a state dict) the tensors travel as bytes
-  in ``collective_rpc`` arguments, in chunks (:meth:`VLLMRolloutEngine.load_weights`).
-
-vLLM's own weight-transfer engines (``init_weight_transfer_engine``) are NCCL or CUDA IPC only;
-the worker extension speaks our transport's protocol (membership, late joiners from the catch-up
-files, a dead member's recovery, checksums) on gloo and NCCL alike.
+Weights. They load in place through a worker extension, the engine never restarted: as bytes in
+``collective_rpc`` calls (:meth:`VLLMRolloutEngine.load_weights`), or with the collective
+transport by the workers themselves as members of the learner's weight group. Both live in
+:mod:`services.rollout.vllm_weights`; this module holds the engine and its stepped loop.
 
 In-flight updates. ``generate(..., between_steps=hook)`` drives vLLM's engine one step at a time
 and calls the hook between steps; a weight load the hook starts pauses the scheduler with its
@@ -46,29 +37,23 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from services.policy.tokenizer import decode_ids, encode_text, special_ids
 from services.rollout.engine import (
     BetweenSteps,
+    EngineBase,
     RolloutBatch,
-    check_sampling,
+    Sampled,
     cut_at_stop,
     pack_rows,
-    resolve_stop_token_ids,
 )
-from services.rollout.vllm_worker import WORKER_EXTENSION, WireTensor, to_wire
+from services.rollout.vllm_weights import WORKER_EXTENSION, weight_chunks
 from services.tasks.base import Prompt
-from services.weightsync.base import Into, WeightReceiver
 
-# One collective_rpc carries at most this many bytes of tensors (at least one tensor), so an
-# update never holds a second full copy of the model in the message layer.
-WEIGHT_CHUNK_BYTES = 256 << 20
 # vLLM refuses sampling temperatures above this.
 MAX_TEMPERATURE = 2.0
 
@@ -89,26 +74,7 @@ def token_versions(spans: Sequence[Any] | None, length: int, default: int) -> li
     return out
 
 
-def weight_chunks(
-    weights: Iterable[tuple[str, torch.Tensor]], max_bytes: int = WEIGHT_CHUNK_BYTES
-) -> Iterator[list[WireTensor]]:
-    """Group named tensors, in wire form, into lists of at most ``max_bytes`` of data (a
-    bigger tensor travels alone)."""
-    chunk: list[WireTensor] = []
-    size = 0
-    for name, tensor in weights:
-        item = to_wire(name, tensor)
-        nbytes = len(item[3])
-        if chunk and size + nbytes > max_bytes:
-            yield chunk
-            chunk, size = [], 0
-        chunk.append(item)
-        size += nbytes
-    if chunk:
-        yield chunk
-
-
-class VLLMRolloutEngine:
+class VLLMRolloutEngine(EngineBase):
     """Sample responses with vLLM and return a :class:`RolloutBatch`.
 
     Args:
@@ -134,6 +100,11 @@ class VLLMRolloutEngine:
         ValueError: on a bad setting, naming it.
     """
 
+    # With the collective transport the workers receive the weights themselves
+    # (services.rollout.vllm_weights), not the rollout actor.
+    joins_weight_group = True
+    positions_source = "max_model_len"
+
     def __init__(
         self,
         model_path: str | Path,
@@ -152,7 +123,7 @@ class VLLMRolloutEngine:
         cpu_kv_cache_gib: float | None = None,
         engine_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
-        check_sampling(temperature, top_p, max_new_tokens)
+        super().__init__(tokenizer, max_new_tokens, temperature, top_p, stop_token_ids)
         if temperature > MAX_TEMPERATURE:
             raise ValueError(
                 f"temperature must be <= {MAX_TEMPERATURE} for vLLM, got {temperature}"
@@ -177,13 +148,6 @@ class VLLMRolloutEngine:
         if cpu_kv_cache_gib is not None and current_platform.is_cpu():
             engine_kwargs.setdefault("kv_cache_memory_bytes", int(cpu_kv_cache_gib * (1 << 30)))
         self._sampling_params_cls = SamplingParams
-        self.tokenizer = tokenizer
-        self.max_new_tokens = max_new_tokens
-        self.temperature = temperature
-        self.top_p = top_p
-        self.pad_id, self.eos_id = special_ids(tokenizer)
-        self.stop_token_ids = resolve_stop_token_ids(tokenizer, stop_token_ids)
-        self.version = 0
         self._llm = LLM(
             model=str(model_path),
             skip_tokenizer_init=True,
@@ -198,12 +162,9 @@ class VLLMRolloutEngine:
             seed=seed,
             **engine_kwargs,
         )
-        self.max_model_len = int(self._llm.llm_engine.model_config.max_model_len)
+        self.max_positions = int(self._llm.llm_engine.model_config.max_model_len)
         self._request_ids = itertools.count()
         self._in_round = False  # requests are being stepped: a weight load must pause them
-        # True while the workers' models hold parts of two versions (an update in parts is
-        # under way or failed midway): the engine refuses to generate then.
-        self.dirty = False
         self._update: contextlib.ExitStack | None = None
         self._prefix_cache_stale = False
         self._core_call("set_weight_version", str(self.version))
@@ -212,6 +173,18 @@ class VLLMRolloutEngine:
     def model(self) -> None:
         """vLLM keeps the model inside its workers; there is none in this process."""
         return None
+
+    @property
+    def running(self) -> bool:
+        """False once :meth:`shutdown` stopped vLLM."""
+        return getattr(self, "_llm", None) is not None
+
+    def collective_rpc(self, method: str | Callable[..., Any], *args: Any) -> list[Any]:
+        """Call ``method`` on every worker (a worker-extension method's name, or a function
+        given the worker first); one result per worker."""
+        if self._llm is None:
+            raise RuntimeError("the vLLM engine is shut down")
+        return self._llm.collective_rpc(method, args=args)
 
     # ---- weights -------------------------------------------------------------------------------
 
@@ -228,15 +201,17 @@ class VLLMRolloutEngine:
         if version is None:
             if self._update is None:
                 raise RuntimeError("load_weights(version=None) outside begin_update/finish_update")
-            for chunk in weight_chunks(weights, WEIGHT_CHUNK_BYTES):
-                self._llm.collective_rpc("d3s_load_weights", args=(chunk,))
+            self._load_chunks(weights)
             return
         with self.swapping_weights():
-            self._llm.collective_rpc("d3s_begin_update")
-            for chunk in weight_chunks(weights, WEIGHT_CHUNK_BYTES):
-                self._llm.collective_rpc("d3s_load_weights", args=(chunk,))
-            self._llm.collective_rpc("d3s_finish_update")
+            self.collective_rpc("d3s_begin_update")
+            self._load_chunks(weights)
+            self.collective_rpc("d3s_finish_update")
             self.version = int(version)
+
+    def _load_chunks(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        for chunk in weight_chunks(weights):
+            self.collective_rpc("d3s_load_weights", chunk)
 
     def begin_update(self) -> None:
         """An update in parts starts (a receiver loading bucket by bucket): the swap begins
@@ -244,10 +219,10 @@ class VLLMRolloutEngine:
         self.dirty = True
         self._update = contextlib.ExitStack()
         self._update.enter_context(self.swapping_weights())
-        self._llm.collective_rpc("d3s_begin_update")
+        self.collective_rpc("d3s_begin_update")
 
     def finish_update(self, version: int) -> None:
-        self._llm.collective_rpc("d3s_finish_update")
+        self.collective_rpc("d3s_finish_update")
         self.version = int(version)
         self.dirty = False
         self._end_update()
@@ -256,7 +231,7 @@ class VLLMRolloutEngine:
         """The update failed midway: close vLLM's reload (the layers keep what they got) and
         stay dirty until a whole version loads."""
         try:
-            self._llm.collective_rpc("d3s_finish_update")
+            self.collective_rpc("d3s_finish_update")
         finally:
             self._end_update()
 
@@ -264,13 +239,6 @@ class VLLMRolloutEngine:
         update, self._update = self._update, None
         if update is not None:
             update.close()
-
-    def _check_whole(self) -> None:
-        if self.dirty:
-            raise RuntimeError(
-                "the vLLM engine holds part of a weights version (an update failed midway); it "
-                "generates again once a whole version has loaded"
-            )
 
     @contextlib.contextmanager
     def swapping_weights(self) -> Iterator[None]:
@@ -297,33 +265,9 @@ class VLLMRolloutEngine:
             return client.call_utility(method, *args)
         return getattr(client.engine_core, method)(*args)
 
-    def weight_receiver(
-        self,
-        address: str,
-        name: str,
-        *,
-        catchup_dir: str | Path | None = None,
-        timeout_s: float = 300.0,
-        sample_every: int = 1,
-        sample_elements: int = 1024,
-        digest: bool = False,
-    ) -> EngineWeightReceiver:
-        """Make every worker a member ``name`` of the learner's weight group at ``address``
-        (``host:port`` of its rendezvous store); returns the receiver the rollout actor polls.
-        ``digest``: hash the live parameters after each load (an audit, one pass over them)."""
-        options = {
-            "catchup_dir": None if catchup_dir is None else str(catchup_dir),
-            "timeout_s": timeout_s,
-            "sample_every": sample_every,
-            "sample_elements": sample_elements,
-            "digest": digest,
-        }
-        members = self._llm.collective_rpc("d3s_join_weight_group", args=(address, name, options))
-        return EngineWeightReceiver(self, members)
-
     def weights_digest(self) -> str:
         """sha256 of the first worker's live parameters (changes when a load changed them)."""
-        return self._llm.collective_rpc("d3s_weights_digest")[0]
+        return self.collective_rpc("d3s_weights_digest")[0]
 
     # ---- generation ----------------------------------------------------------------------------
 
@@ -361,17 +305,11 @@ class VLLMRolloutEngine:
         With ``between_steps`` the engine is stepped here and the hook runs between steps;
         weights it loads sample the later tokens, and each token's version is recorded.
         """
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
-        params = [
-            self._params(n, self.temperature, self.top_p, prompt_seed(seed, i, n))
-            for i in range(len(prompts))
-        ]
-        return self._run(prompts, n, params, between_steps)
+        return self._run(prompts, n, int(seed), between_steps)
 
     def greedy(self, prompts: list[Prompt]) -> RolloutBatch:
         """One argmax response per prompt; ``behav_logp`` is the temperature-1 log-prob."""
-        return self._run(prompts, 1, [self._params(1, 0.0, 1.0, None) for _ in prompts])
+        return self._run(prompts, 1, None)
 
     def _stepped(self, prompt_ids: list[list[int]], params: list, between_steps: BetweenSteps):
         """``LLM.generate`` with ``between_steps`` called between engine steps."""
@@ -403,26 +341,21 @@ class VLLMRolloutEngine:
                 self._prefix_cache_stale = False
         return [done[i] for i in ids]
 
-    def _run(
+    def _sample(
         self,
-        prompts: list[Prompt],
+        prompt_ids: list[list[int]],
         n: int,
-        params: list,
-        between_steps: BetweenSteps | None = None,
-    ) -> RolloutBatch:
-        if not prompts:
-            raise ValueError("no prompts")
-        self._check_whole()
-        t0 = time.perf_counter()
-        prompt_ids = [encode_text(self.tokenizer, p.text) for p in prompts]
-        if any(not ids for ids in prompt_ids):
-            raise ValueError("a prompt encodes to no tokens")
-        longest = max(len(s) for s in prompt_ids)
-        if longest + self.max_new_tokens > self.max_model_len:
-            raise ValueError(
-                f"prompt of {longest} tokens + {self.max_new_tokens} new tokens exceeds the "
-                f"engine's {self.max_model_len} positions (max_model_len)"
-            )
+        seed: int | None,
+        between_steps: BetweenSteps | None,
+    ) -> Sampled:
+        """``seed`` None: greedy (one argmax response per prompt)."""
+        if seed is None:
+            params = [self._params(1, 0.0, 1.0, None) for _ in prompt_ids]
+        else:
+            params = [
+                self._params(n, self.temperature, self.top_p, prompt_seed(seed, i, n))
+                for i in range(len(prompt_ids))
+            ]
         start_version = self.version
         if between_steps is None:
             outputs = self._llm.generate(
@@ -449,27 +382,7 @@ class VLLMRolloutEngine:
         responses, lengths, behav_logp, mask, stop_token = pack_rows(
             tokens, logps, self.stop_token_ids, self.pad_id
         )
-        seen = {v for row in versions for v in row}
-        token_version_t = None
-        if seen - {start_version}:
-            token_version_t = torch.zeros_like(responses)
-            for i, row in enumerate(versions):
-                token_version_t[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        texts = [decode_ids(self.tokenizer, ids) for ids in tokens]
-        return RolloutBatch(
-            prompts=list(prompts),
-            prompt_ids=prompt_ids,
-            responses=responses,
-            response_lengths=lengths,
-            behav_logp=behav_logp,
-            response_mask=mask,
-            texts=texts,
-            stop_token=stop_token,
-            n=n,
-            policy_version=min(seen, default=start_version),
-            token_versions=token_version_t,
-            gen_seconds=time.perf_counter() - t0,
-        )
+        return Sampled(responses, lengths, behav_logp, mask, stop_token, versions)
 
     def shutdown(self) -> None:
         """Stop vLLM's engine process(es); the engine is unusable afterwards."""
@@ -480,68 +393,3 @@ class VLLMRolloutEngine:
         if core is not None and hasattr(core, "shutdown"):
             core.shutdown()
         self._llm = None
-
-
-class EngineWeightReceiver(WeightReceiver):
-    """The collective transport's receiving end inside a vLLM engine's workers, seen from the
-    rollout actor: each call is one ``collective_rpc`` to every worker, carrying no tensor.
-
-    Attributes:
-        members: The weight-group member name of each worker.
-        digests: version -> sha256 of the first worker's live parameters after that version
-            loaded (only when the engine was asked for digests).
-        last_load_s: Seconds the first worker spent in vLLM's own weight loading
-            (``load_weights`` and the layerwise reload) for the last version received.
-    """
-
-    loads_engine = True
-
-    def __init__(self, engine: VLLMRolloutEngine, members: list[str]) -> None:
-        self.engine = engine
-        self.members = list(members)
-        self.digests: dict[int, str] = {}
-        self.last_load_s = 0.0
-
-    def _rpc(self, method: str) -> list[Any]:
-        return self.engine._llm.collective_rpc(method)
-
-    def latest_version(self) -> int:
-        return int(self._rpc("d3s_weights_latest")[0])
-
-    def has_update(self) -> bool:
-        # Every worker of a tensor-parallel engine is its own member: any one with a broadcast
-        # pending means all must take part (they received the same publishes).
-        return self.dirty or any(self._rpc("d3s_weights_has_update"))
-
-    def receive(self, into: Into | None = None) -> int | None:
-        """Load the pending version(s) inside the workers; ``into`` is not used (the workers
-        load their own models). Returns the version loaded, or None."""
-        with self.engine.swapping_weights():
-            try:
-                results = self._rpc("d3s_weights_receive")
-            except BaseException:
-                # a worker may hold part of a version: generate no more until the workers
-                # answer a receive clean
-                self.engine.dirty = self.dirty = True
-                raise
-            # A worker whose version failed midway (dirty) restores itself at its next receive;
-            # until then the engine does not generate.
-            self.engine.dirty = self.dirty = any(d for _, _, _, d in results)
-            versions = {v for v, _, _, _ in results}
-            if len(versions) != 1:
-                raise RuntimeError(
-                    f"vLLM workers loaded different weight versions: {sorted(versions)}"
-                )
-            version, digest, load_s, _ = results[0]
-            if version is None:
-                return None
-            self.engine.version = self.version = int(version)
-        self.last_load_s = float(load_s)
-        if digest is not None:
-            self.digests[self.version] = digest
-        return self.version
-
-    def close(self) -> None:
-        llm = getattr(self.engine, "_llm", None)
-        if llm is not None:
-            llm.collective_rpc("d3s_leave_weight_group")

@@ -144,9 +144,8 @@ class RolloutWorker:
         rng = np.random.default_rng(seed)
         prompts = self.draw_prompts(n_prompts, rng, np.random.default_rng([seed, _SKIP_STREAM]))
         g = self.samples_per_prompt
-        inflight = {} if between_steps is None else {"between_steps": between_steps}
         step = self.version  # before generating: in-flight updates may move it meanwhile
-        rb = self.engine.generate(prompts, g, seed, **inflight)
+        rb = self.engine.generate(prompts, g, seed, between_steps=between_steps)
         versions = None if rb.token_versions is None else rb.token_versions.numpy()
         lengths = rb.response_lengths.numpy()
         rewards = self.tasks.score(prompts, rb.texts, g)

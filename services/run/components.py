@@ -359,7 +359,7 @@ def build_evaluator(cfg: RunConfig, tokenizer: Any) -> Callable[[Any], dict[str,
 def _build_rollout(cfg: RunConfig, transport: Transport, policy_path: str, index: int) -> Any:
     from services.policy.model import load_policy, load_tokenizer
     from services.rollout.actor import RolloutActor
-    from services.weightsync.factory import lookup_rendezvous, make_receiver
+    from services.rollout.vllm_weights import rollout_receiver
 
     name = component_name("rollout", index)
     if cfg.rollout.engine == "vllm":  # vLLM loads the weights itself, in its own workers
@@ -376,27 +376,7 @@ def _build_rollout(cfg: RunConfig, transport: Transport, policy_path: str, index
         history=transport.state,
     )
     ws = cfg.weight_sync
-    receiver: Any
-    if cfg.rollout.engine == "vllm" and ws.transport == "collective":
-        # vLLM's workers join the learner's group themselves and receive into their parameters.
-        address = ws.rendezvous or lookup_rendezvous(
-            transport.client, cfg.service.namespace, ws.timeout_s
-        )
-        receiver = worker.engine.weight_receiver(
-            address,
-            name,
-            catchup_dir=ws.path,
-            timeout_s=ws.timeout_s,
-            sample_every=ws.sample_every,
-            sample_elements=ws.sample_elements,
-            digest=ws.engine_digest,
-        )
-    else:
-        # The learner publishes CPU tensors (gloo for the collective transport); each engine
-        # copies them onto its own device.
-        receiver = make_receiver(
-            ws, cfg.service.namespace, name, device="cpu", redis_client=transport.client
-        )
+    receiver = rollout_receiver(worker.engine, ws, cfg.service.namespace, name, transport.client)
     log.info(
         "%s: engine on %s, weights by %s",
         name,

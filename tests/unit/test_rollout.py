@@ -467,8 +467,8 @@ def test_pack_rows_and_cut_at_stop():
 
 
 def test_vllm_engine_module_loads_without_vllm_and_its_wire_format_round_trips():
-    from services.rollout.vllm_engine import prompt_seed, weight_chunks
-    from services.rollout.vllm_worker import from_wire, to_wire
+    from services.rollout.vllm_engine import prompt_seed
+    from services.rollout.vllm_weights import from_wire, to_wire, weight_chunks
 
     # vLLM is imported only when an engine is built, so importing the module needs no vLLM.
     probe = "import sys, services.rollout.vllm_engine; print('vllm' in sys.modules)"

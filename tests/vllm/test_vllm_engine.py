@@ -149,7 +149,7 @@ def test_greedy_equals_hf_engine_greedy(engine, hf_pair):
 def test_new_weights_load_in_place(engine, hf_pair, monkeypatch):
     model, tok = hf_pair
     # Small chunks: the update spans many collective_rpc calls, layers split across them.
-    monkeypatch.setattr("services.rollout.vllm_engine.WEIGHT_CHUNK_BYTES", 64 << 10)
+    monkeypatch.setattr("services.rollout.vllm_weights.WEIGHT_CHUNK_BYTES", 64 << 10)
     llm = engine._llm
     digest0, greedy0 = engine.weights_digest(), engine.greedy(PROMPTS)
 

@@ -21,6 +21,7 @@ import torch
 from tiny_qwen import build_model
 
 from services.rollout.vllm_engine import VLLMRolloutEngine
+from services.rollout.vllm_weights import EngineWeightReceiver, WeightGroupOptions
 from services.tasks.base import Prompt
 from services.weightsync.collective import CollectivePublisher
 
@@ -113,8 +114,8 @@ def test_buckets_land_in_the_workers_and_no_tensor_crosses_collective_rpc(
     pub = CollectivePublisher(bucket_bytes=1 << 20, catchup_dir=catchup, keep_last=10)
     spy = RpcSpy(engine._llm)
     try:
-        receiver = engine.weight_receiver(
-            pub.address, "rollout-0", catchup_dir=catchup, digest=True
+        receiver = EngineWeightReceiver.join(
+            engine, "rollout-0", WeightGroupOptions(pub.address, catchup_dir=catchup, digest=True)
         )
         join = _publish_async(pub, 5, new.state_dict())
         assert _receive(receiver) == 5
@@ -160,7 +161,8 @@ def test_a_late_joiner_loads_the_catch_up_files_then_receives_broadcasts(engine,
     digest_v1 = engine.weights_digest()
     engine.load_state_dict(model.state_dict(), version=0)
 
-    receiver = engine.weight_receiver(pub.address, "rollout-late", catchup_dir=catchup, digest=True)
+    options = WeightGroupOptions(pub.address, catchup_dir=catchup, digest=True)
+    receiver = EngineWeightReceiver.join(engine, "rollout-late", options)
     assert _receive(receiver) == 1  # from the files, before any broadcast
     assert engine.weights_digest() == digest_v1 == receiver.digests[1]
     join = _publish_async(pub, 2, v2.state_dict())  # the join makes this publish regroup
