@@ -15,11 +15,13 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -123,12 +125,8 @@ def _sigterm_as_interrupt() -> Any:
 
 
 def _run_service(cfg: RunConfig, run_dir: Path, verbose: bool = False) -> dict[str, Any]:
-    import ray
-
-    from services.api.serve import start_api, stop_api
     from services.run.prepare import prepare_policy
     from services.transport.redis_server import connect_or_start
-    from services.weightsync.ray_store import RAY_NAMESPACE, get_or_create_store, store_name
 
     run_dir.mkdir(parents=True, exist_ok=True)
     svc = cfg.service
@@ -145,98 +143,13 @@ def _run_service(cfg: RunConfig, run_dir: Path, verbose: bool = False) -> dict[s
             transport.state.set_config(json.dumps(cfg.redacted()))
             with warmstart_progress(enabled=cfg.train.progress_bar) as progress:
                 policy_path = str(prepare_policy(cfg, progress))
-            if not ray.is_initialized():
-                # A local Ray listens on loopback only; a cluster's listeners are its own.
-                with (
-                    loopback_ray()
-                    if svc.ray_address is None
-                    else contextlib.nullcontext({}) as local
-                ):
-                    ray.init(
-                        address=svc.ray_address,
-                        namespace=RAY_NAMESPACE,
-                        include_dashboard=False,
-                        log_to_driver=verbose,
-                        logging_level=logging.WARNING,
-                        **local,
-                    )
-                stack.callback(ray.shutdown)
-                _sigterm_as_interrupt()  # ray.init installs its own SIGTERM handler; ours first
+            _start_ray(cfg, stack, verbose)
             link_ray_logs(run_dir / "logs")
-            log.info(
-                "run %s (%s, preset %s): %d prompts x %d samples per step, %d steps, %d "
-                "rollout actors, max_staleness %d; Redis %s, run dir %s",
-                cfg.name,
-                svc.mode,
-                cfg.algorithm.preset,
-                cfg.rollout.prompts_per_step,
-                cfg.rollout.samples_per_prompt,
-                cfg.train.total_steps,
-                cfg.rollout.num_actors,
-                svc.max_staleness,
-                mask_url(redis_url),
-                run_dir,
+            _log_run(cfg, redis_url, run_dir)
+            api_url = _start_api(cfg, redis_url, stack) if cfg.api.enabled else None
+            hosts, respawn = _start_components(
+                cfg, stack, transport, redis_url, run_dir, policy_path, verbose
             )
-            api_url = None
-            if cfg.api.enabled:
-                stack.callback(_best_effort, "stopping the API", stop_api)
-                try:
-                    api_url = start_api(
-                        redis_url, svc.namespace, cfg.api.host, cfg.api.port, cfg.control_token()
-                    )
-                except Exception as exc:  # Serve's error carries the replica's traceback
-                    first = (str(exc).strip().splitlines() or [""])[0]
-                    raise ServiceError(
-                        f"api failed to start: {type(exc).__name__}: {first}",
-                        components=("api",),
-                        detail=str(exc),
-                    ) from exc
-                log.info("HTTP API and dashboard at %s/", api_url)
-            # A store left by an earlier run in this Ray would hand out that run's weights.
-            with contextlib.suppress(ValueError):
-                ray.kill(ray.get_actor(store_name(svc.namespace), namespace=RAY_NAMESPACE))
-            actors = {"weight store": get_or_create_store(svc.namespace)}
-            stack.callback(_kill_all, actors)
-            # A rendezvous left by an earlier session would send the engines to a dead learner.
-            transport.client.delete(transport.keys.weight_rendezvous)
-            plan = plan_placement(
-                cfg.learner.world_size,
-                _learner_gpu(cfg),
-                cfg.rollout.num_gpus,
-                ray.cluster_resources(),
-            )
-            learner_group = learner_placement_group(plan, svc.wait_timeout_s)
-            stack.callback(
-                _best_effort, "removing the learner's placement group", remove_group, learner_group
-            )
-            actors.update(
-                _start_hosts(
-                    cfg,
-                    redis_url,
-                    run_dir,
-                    policy_path,
-                    capture_output=not verbose,
-                    plan=plan,
-                    learner_group=learner_group,
-                )
-            )
-            hosts = {name: a for name, a in actors.items() if name != "weight store"}
-            log.info("starting %s; logs in %s", ", ".join(hosts), run_dir / "logs")
-            _prepare_all(hosts, svc.wait_timeout_s)
-
-            def respawn(name: str) -> Any:  # a dead component's replacement, placed the same way
-                actors[name] = _start_hosts(
-                    cfg,
-                    redis_url,
-                    run_dir,
-                    policy_path,
-                    not verbose,
-                    plan=plan,
-                    learner_group=learner_group,
-                    only=name,
-                )[name]
-                return actors[name]
-
             watch = RedisWatch(redis_url, embedded, svc.redis_outage_s)
             stack.callback(watch.close)
             supervisor = Supervisor(cfg, transport, hosts, respawn, watch, _progress_row)
@@ -262,6 +175,118 @@ def _run_service(cfg: RunConfig, run_dir: Path, verbose: bool = False) -> dict[s
         "components": results,
         "supervision": supervisor.summary(),
     }
+
+
+def _start_ray(cfg: RunConfig, stack: contextlib.ExitStack, verbose: bool) -> None:
+    """Join ``service.ray_address`` or start a local Ray (unless this process already runs one)."""
+    import ray
+
+    from services.weightsync.object_store import RAY_NAMESPACE
+
+    if ray.is_initialized():
+        return
+    address = cfg.service.ray_address
+    # A local Ray listens on loopback only; a cluster's listeners are its own.
+    with loopback_ray() if address is None else contextlib.nullcontext({}) as local:
+        ray.init(
+            address=address,
+            namespace=RAY_NAMESPACE,
+            include_dashboard=False,
+            log_to_driver=verbose,
+            logging_level=logging.WARNING,
+            **local,
+        )
+    stack.callback(ray.shutdown)
+    _sigterm_as_interrupt()  # ray.init installs its own SIGTERM handler; ours first
+
+
+def _log_run(cfg: RunConfig, redis_url: str, run_dir: Path) -> None:
+    log.info(
+        "run %s (%s, preset %s): %d prompts x %d samples per step, %d steps, %d "
+        "rollout actors, max_staleness %d; Redis %s, run dir %s",
+        cfg.name,
+        cfg.service.mode,
+        cfg.algorithm.preset,
+        cfg.rollout.prompts_per_step,
+        cfg.rollout.samples_per_prompt,
+        cfg.train.total_steps,
+        cfg.rollout.num_actors,
+        cfg.service.max_staleness,
+        mask_url(redis_url),
+        run_dir,
+    )
+
+
+def _start_api(cfg: RunConfig, redis_url: str, stack: contextlib.ExitStack) -> str:
+    """The HTTP API (Ray Serve) for this run; returns its URL."""
+    from services.api.serve import start_api, stop_api
+
+    stack.callback(_best_effort, "stopping the API", stop_api)
+    try:
+        api_url = start_api(
+            redis_url, cfg.service.namespace, cfg.api.host, cfg.api.port, cfg.control_token()
+        )
+    except Exception as exc:  # Serve's error carries the replica's traceback
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise ServiceError(
+            f"api failed to start: {type(exc).__name__}: {first}",
+            components=("api",),
+            detail=str(exc),
+        ) from exc
+    log.info("HTTP API and dashboard at %s/", api_url)
+    return api_url
+
+
+def _start_components(
+    cfg: RunConfig,
+    stack: contextlib.ExitStack,
+    transport: Transport,
+    redis_url: str,
+    run_dir: Path,
+    policy_path: str,
+    verbose: bool,
+) -> tuple[dict[str, Any], Callable[[str], Any]]:
+    """The weight store and every component, placed and built (not yet running); returns the
+    components' actors and the function that re-creates a dead one, placed the same way."""
+    import ray
+
+    from services.weightsync.object_store import RAY_NAMESPACE, get_or_create_store, store_name
+
+    svc = cfg.service
+    # A store left by an earlier run in this Ray would hand out that run's weights.
+    with contextlib.suppress(ValueError):
+        ray.kill(ray.get_actor(store_name(svc.namespace), namespace=RAY_NAMESPACE))
+    actors = {"weight store": get_or_create_store(svc.namespace)}
+    stack.callback(_kill_all, actors)
+    # A rendezvous left by an earlier session would send the engines to a dead learner.
+    transport.client.delete(transport.keys.weight_rendezvous)
+    plan = plan_placement(
+        cfg.learner.world_size, _learner_gpu(cfg), cfg.rollout.num_gpus, ray.cluster_resources()
+    )
+    learner_group = learner_placement_group(plan, svc.wait_timeout_s)
+    stack.callback(
+        _best_effort, "removing the learner's placement group", remove_group, learner_group
+    )
+    start = functools.partial(
+        _start_hosts,
+        cfg,
+        redis_url,
+        run_dir,
+        policy_path,
+        not verbose,
+        plan=plan,
+        learner_group=learner_group,
+    )
+    actors.update(start())
+    hosts = {name: a for name, a in actors.items() if name != "weight store"}
+    log.info("starting %s; logs in %s", ", ".join(hosts), run_dir / "logs")
+    _prepare_all(hosts, svc.wait_timeout_s)
+
+    def respawn(name: str) -> Any:
+        actors[name] = start(only=name)[name]
+        return actors[name]
+
+    return hosts, respawn
 
 
 def _start_hosts(
@@ -369,12 +394,3 @@ def _learner_gpu(cfg: RunConfig) -> bool:
     if cfg.learner.device == "cpu":
         return False
     return ray.cluster_resources().get("GPU", 0.0) > 0
-
-
-def _cuda_available() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except Exception:  # a driver without torch can still orchestrate CPU actors
-        return False
