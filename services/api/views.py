@@ -1,6 +1,6 @@
 """What each route shows: small functions from the run's state (as :class:`RunState` returns it)
 to the response models. Pure apart from :func:`latest_history`, which reads; the routes in
-:mod:`services.api.app` only fetch and hand over.
+:mod:`services.api.routes` only fetch and hand over.
 """
 
 from __future__ import annotations
