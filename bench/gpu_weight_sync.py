@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from services.weightsync.collective import flatten, plan_buckets, unflatten
+from services.weightsync.collective.buckets import flatten, plan_buckets, unflatten
 from services.weightsync.files import FilesPublisher, FilesReceiver
 
 

@@ -18,7 +18,8 @@ from safetensors.torch import load_file, save_file
 from services.policy.model import PolicySpec, build_policy
 from services.policy.tokenizer import CharTokenizer
 from services.weightsync.checksum import WeightSyncError, sample_checksum, state_checksum
-from services.weightsync.collective import CollectivePublisher, CollectiveReceiver, plan_buckets
+from services.weightsync.collective import CollectivePublisher, CollectiveReceiver
+from services.weightsync.collective.buckets import plan_buckets
 from services.weightsync.config import WeightSyncConfig
 from services.weightsync.files import FilesPublisher, FilesReceiver, version_file
 
@@ -341,7 +342,7 @@ def test_a_zero3_learner_is_gathered_and_sent_one_bucket_at_a_time():
     from learner.config import LearnerConfig
     from learner.engine import LearnerEngine
     from learner.weights import ZeroShardedWeights
-    from services.weightsync.collective import plan_layout
+    from services.weightsync.collective.buckets import plan_layout
 
     engine = LearnerEngine(_model(seed=0), LearnerConfig(zero_stage=3, lr=1e-3), 2)
     source = engine.device_weights()
@@ -439,7 +440,7 @@ def _mem_learner(conn: Any, mib: int, catchup: str | None) -> None:
             pub.flush()
             conn.send(("ok", version))
         ring = [b.numel() for b in pub._ring if b is not None]
-        staging = [b.numel() for b in pub._staging if b is not None]
+        staging = [b.numel() for b in pub.catchup._staging if b is not None] if pub.catchup else []
         conn.send(("peak", (_status_kb("VmHWM") - base) << 10, ring, staging))
         pub.close()
     except BaseException as exc:
