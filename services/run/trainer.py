@@ -79,7 +79,7 @@ class SyncTrainer:
                 start = int(state["step"])
                 totals.update(state.get("totals", {}))
         worker = build_worker(cfg, rollout_model, tokenizer, "sync", model_path=policy_path)
-        self._publish(learner, worker, version=start)
+        self._publish(learner, worker, rollout_model, version=start)
         reporter = None
         if lead:
             evaluate = build_evaluator(cfg, tokenizer)
@@ -110,7 +110,7 @@ class SyncTrainer:
         end = total if stop_at is None else min(stop_at, total)
         try:
             for step in range(start, end):
-                row = self._step(step, learner, worker, totals)
+                row = self._step(step, learner, worker, rollout_model, totals)
                 if reporter is not None:
                     row["verifier_errors"] = float(worker.tasks.verifier_errors)
                     row["prompts_skipped_too_long"] = float(worker.prompts_skipped_too_long)
@@ -149,7 +149,12 @@ class SyncTrainer:
         return summary
 
     def _step(
-        self, step: int, learner: LearnerEngine, worker: RolloutWorker, totals: dict[str, float]
+        self,
+        step: int,
+        learner: LearnerEngine,
+        worker: RolloutWorker,
+        rollout_model: torch.nn.Module,
+        totals: dict[str, float],
     ) -> dict[str, float]:
         cfg = self.cfg
         t0 = time.perf_counter()
@@ -180,34 +185,39 @@ class SyncTrainer:
                 totals["skipped_batches"],
             )
         else:
-            batch = LearnerBatch.from_arrays(
-                rows.input_ids,
-                rows.prompt_lengths,
-                rows.seq_lengths,
-                rows.behav_logp,
-                rows.advantages,
-            )
             m = learner.train_step(
-                batch, self.preset, token_ratio, torch.Generator().manual_seed(seed + 1)
+                LearnerBatch.from_rows(rows),
+                self.preset,
+                token_ratio,
+                torch.Generator().manual_seed(seed + 1),
             )
             totals["learner_tokens_total"] += m["tokens_kept"]
             totals["learner_forward_tokens_total"] += m["tokens_forward"]
             totals["learner_seconds_total"] += m["learner_seconds"]
             totals["samples_total"] += m["samples_in"]
             row.update(m)
-            self._publish(learner, worker, version=step + 1)
+            self._publish(learner, worker, rollout_model, version=step + 1)
         row.update(totals)
         row["step_seconds"] = time.perf_counter() - t0
         return row
 
     @staticmethod
-    def _publish(learner: LearnerEngine, worker: RolloutWorker, version: int) -> None:
+    def _publish(
+        learner: LearnerEngine,
+        worker: RolloutWorker,
+        rollout_model: torch.nn.Module,
+        version: int,
+    ) -> None:
+        """Version ``version`` into the engine and into ``rollout_model``, the copy that
+        evaluation and the final policy read: the HF engine samples from that copy itself, a
+        vLLM engine holds its weights in its own workers, so the copy is loaded beside it."""
         state = learner.state_dict_cpu()
         if learner.rank == 0:
             digest = state_checksum(state)
             worker.load_weights(state, version)
-            if worker.engine.model is not None:  # vLLM holds its model in its own workers
-                verify_sync(digest, worker.engine.model, version)
+            if worker.engine.model is None:
+                rollout_model.load_state_dict(state)
+            verify_sync(digest, rollout_model, version)
 
 
 def _rank_main(cfg: RunConfig, run_dir: str, stop_at: int | None) -> dict[str, Any]:
