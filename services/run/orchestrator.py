@@ -181,7 +181,7 @@ def _start_ray(cfg: RunConfig, stack: contextlib.ExitStack, verbose: bool) -> No
     """Join ``service.ray_address`` or start a local Ray (unless this process already runs one)."""
     import ray
 
-    from services.weightsync.object_store import RAY_NAMESPACE
+    from services.weightsync.ray_store import RAY_NAMESPACE
 
     if ray.is_initialized():
         return
@@ -250,7 +250,7 @@ def _start_components(
     components' actors and the function that re-creates a dead one, placed the same way."""
     import ray
 
-    from services.weightsync.object_store import RAY_NAMESPACE, get_or_create_store, store_name
+    from services.weightsync.ray_store import RAY_NAMESPACE, get_or_create_store, store_name
 
     svc = cfg.service
     # A store left by an earlier run in this Ray would hand out that run's weights.
