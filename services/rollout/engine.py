@@ -1,16 +1,16 @@
 """What every rollout engine offers, and the batch it returns.
 
-Two engines implement :class:`RolloutEngine`: :class:`services.rollout.hf_engine.HFRolloutEngine`
+Two engines derive from :class:`RolloutEngine`: :class:`services.rollout.hf_engine.HFRolloutEngine`
 (a plain sampling loop over any Hugging Face causal LM, CPU or GPU) and
 :class:`services.rollout.vllm_engine.VLLMRolloutEngine` (vLLM, imported only when chosen). Both
 return a :class:`RolloutBatch` whose ``behav_logp`` is the log-prob of each sampled token under
 the distribution it was drawn from, which the learner's importance weights divide by.
 
-Both engines derive from :class:`EngineBase`, which does once what does not depend on how
-tokens are sampled: the sampling settings and stop tokens, prompt encoding and its checks, the
-refusal to generate from a half-loaded model, and the assembly of the sampled rows into a
-:class:`RolloutBatch` with each token's weight version. An engine adds how it samples
-(:meth:`EngineBase._sample`) and how it loads weights.
+:class:`RolloutEngine` does once what does not depend on how tokens are sampled: the sampling
+settings and stop tokens, prompt encoding and its checks, the refusal to generate from a
+half-loaded model, and the assembly of the sampled rows into a :class:`RolloutBatch` with each
+token's weight version. An engine adds how it picks tokens (``_rule``), how it samples
+(``_sample``) and how it loads weights.
 
 The functions here are shared by both engines too: sampling-setting checks, the default stop
 tokens (EOS and the chat template's end-of-turn token) and the packing of per-row token lists
@@ -20,9 +20,10 @@ into right-padded tensors.
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 
@@ -82,74 +83,6 @@ class RolloutBatch:
 # Called by an engine between two decoding steps of a generation; it may load newer weights
 # into the engine (in place, KV caches kept), which then samples the following tokens.
 BetweenSteps = Callable[[], None]
-
-
-@runtime_checkable
-class RolloutEngine(Protocol):
-    """A sampler the rollout worker drives.
-
-    Attributes:
-        version: Weight version of the last load (0 before any).
-        tokenizer: The tokenizer prompts are encoded and responses decoded with.
-        max_new_tokens: Response length limit, stop token included.
-        stop_token_ids: Token ids that end a response.
-        model: The local ``torch.nn.Module`` where the engine holds one in this process
-            (HF engine), else ``None`` (vLLM keeps its model inside its workers).
-        dirty: True while the model holds parts of two versions (a streamed update is under
-            way, or failed midway); the engine refuses to generate then.
-    """
-
-    version: int
-    dirty: bool
-    tokenizer: Any
-    max_new_tokens: int
-    stop_token_ids: list[int]
-
-    @property
-    def model(self) -> torch.nn.Module | None: ...
-
-    def generate(
-        self,
-        prompts: list[Prompt],
-        n: int,
-        seed: int,
-        *,
-        between_steps: BetweenSteps | None = None,
-    ) -> RolloutBatch:
-        """Sample ``n`` responses per prompt (deterministic for a given seed and weights).
-
-        ``between_steps`` runs between decoding steps (in-flight weight updates); tokens
-        sampled after it changed ``version`` record the new version.
-        """
-        ...
-
-    def greedy(self, prompts: list[Prompt]) -> RolloutBatch:
-        """One argmax response per prompt; ``behav_logp`` is the temperature-1 log-prob."""
-        ...
-
-    def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
-        """Replace all weights in place (a full Hugging Face state dict) and set ``version``."""
-        ...
-
-    def load_weights(
-        self, weights: Iterable[tuple[str, torch.Tensor]], version: int | None
-    ) -> None:
-        """Copy named tensors into the live model in place (any subset, streamed) and set
-        ``version`` (None: one part of an update between :meth:`begin_update` and
-        :meth:`finish_update`)."""
-        ...
-
-    def begin_update(self) -> None:
-        """A version starts arriving in parts: :attr:`dirty` until :meth:`finish_update`."""
-        ...
-
-    def finish_update(self, version: int) -> None:
-        """Every part of ``version`` loaded: set ``version``, clear :attr:`dirty`."""
-        ...
-
-    def abort_update(self) -> None:
-        """The update failed midway: the model stays :attr:`dirty`."""
-        ...
 
 
 def check_sampling(temperature: float, top_p: float, max_new_tokens: int) -> None:
@@ -279,7 +212,7 @@ def pack_rows(
 
 @dataclass
 class Sampled:
-    """What an engine sampled for N = B * n rows, before :class:`EngineBase` assembles the
+    """What an engine sampled for N = B * n rows, before :class:`RolloutEngine` assembles the
     batch: the fields of the same names in :class:`RolloutBatch`, on the CPU, and ``versions``,
     each row's weight version of every response token (``response_lengths[i]`` of them)."""
 
@@ -306,14 +239,21 @@ def batch_versions(
     return min(seen), out
 
 
-class EngineBase:
-    """What both engines do alike; a subclass adds :meth:`_sample` and weight loading.
+class RolloutEngine(ABC):
+    """A sampler the rollout worker drives; a subclass adds ``_rule``, ``_sample``, ``model``
+    and weight loading.
 
     Args:
         tokenizer, max_new_tokens, temperature, top_p, stop_token_ids: as the engines take them
             (checked here, :func:`check_sampling` and :func:`resolve_stop_token_ids`).
 
     Attributes:
+        version: Weight version of the last load (0 before any).
+        dirty: True while the model holds parts of two versions (a streamed update is under
+            way, or failed midway); the engine refuses to generate then.
+        tokenizer: The tokenizer prompts are encoded and responses decoded with.
+        max_new_tokens: Response length limit, stop token included.
+        stop_token_ids: Token ids that end a response.
         max_positions: Longest prompt + response the engine holds (None: no known limit); a
             subclass sets it, and ``positions_source`` names where it comes from in errors.
         joins_weight_group: True where the engine's own workers join the learner's weight
@@ -341,9 +281,46 @@ class EngineBase:
         self.pad_id, self.eos_id = special_ids(tokenizer)
         self.stop_token_ids = resolve_stop_token_ids(tokenizer, stop_token_ids)
         self.version = 0
-        # True while the model holds parts of two versions (an update in parts is under way or
-        # failed midway): the engine refuses to generate then.
         self.dirty = False
+
+    @property
+    @abstractmethod
+    def model(self) -> torch.nn.Module | None:
+        """The local ``torch.nn.Module`` where the engine holds one in this process (HF
+        engine), else ``None`` (vLLM keeps its model inside its workers)."""
+
+    # ---- generation ----------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: list[Prompt],
+        n: int,
+        seed: int,
+        *,
+        between_steps: BetweenSteps | None = None,
+    ) -> RolloutBatch:
+        """Sample ``n`` responses per prompt (deterministic for a given seed and weights).
+
+        ``between_steps`` runs between decoding steps (in-flight weight updates); weights it
+        loads sample the later tokens, and tokens sampled after it changed ``version`` record
+        the new version.
+        """
+        return self._run(prompts, n, self._rule(int(seed)), between_steps)
+
+    def greedy(self, prompts: list[Prompt]) -> RolloutBatch:
+        """One argmax response per prompt; ``behav_logp`` is the temperature-1 log-prob."""
+        return self._run(prompts, 1, self._rule(None))
+
+    @abstractmethod
+    def _rule(self, seed: int | None) -> Any:
+        """How tokens are picked, in the engine's terms: sampled with ``seed``, or the argmax
+        (``None``)."""
+
+    @abstractmethod
+    def _sample(
+        self, prompt_ids: list[list[int]], n: int, rule: Any, between_steps: BetweenSteps | None
+    ) -> Sampled:
+        """``n`` responses per prompt picked by ``rule``, rows grouped by prompt."""
 
     def _check_whole(self) -> None:
         if self.dirty:
@@ -373,18 +350,11 @@ class EngineBase:
             )
         return prompt_ids
 
-    def _sample(
-        self, prompt_ids: list[list[int]], n: int, how: Any, between_steps: BetweenSteps | None
-    ) -> Sampled:
-        """Sample ``n`` responses per prompt, rows grouped by prompt; ``how`` is what the
-        engine's ``generate`` or ``greedy`` decided (a sampling rule, request parameters)."""
-        raise NotImplementedError
-
     def _run(
         self,
         prompts: list[Prompt],
         n: int,
-        how: Any,
+        rule: Any,
         between_steps: BetweenSteps | None = None,
     ) -> RolloutBatch:
         if n < 1:
@@ -393,7 +363,7 @@ class EngineBase:
         t0 = time.perf_counter()
         prompt_ids = self.encode_prompts(prompts)
         start_version = self.version  # in-flight loads may move it while sampling
-        s = self._sample(prompt_ids, n, how, between_steps)
+        s = self._sample(prompt_ids, n, rule, between_steps)
         policy_version, token_versions = batch_versions(
             s.versions, s.responses.shape, start_version
         )
@@ -415,3 +385,29 @@ class EngineBase:
             token_versions=token_versions,
             gen_seconds=time.perf_counter() - t0,
         )
+
+    # ---- weights -------------------------------------------------------------------------------
+
+    @abstractmethod
+    def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
+        """Replace all weights in place (a full Hugging Face state dict) and set ``version``."""
+
+    @abstractmethod
+    def load_weights(
+        self, weights: Iterable[tuple[str, torch.Tensor]], version: int | None
+    ) -> None:
+        """Copy named tensors into the live model in place (any subset, streamed) and set
+        ``version`` (None: one part of an update between :meth:`begin_update` and
+        :meth:`finish_update`)."""
+
+    @abstractmethod
+    def begin_update(self) -> None:
+        """A version starts arriving in parts: :attr:`dirty` until :meth:`finish_update`."""
+
+    @abstractmethod
+    def finish_update(self, version: int) -> None:
+        """Every part of ``version`` loaded: set ``version``, clear :attr:`dirty`."""
+
+    @abstractmethod
+    def abort_update(self) -> None:
+        """The update failed midway: the model stays :attr:`dirty`."""

@@ -22,8 +22,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 
 from services.policy.model import left_pad
-from services.rollout.engine import NO_STOP, BetweenSteps, EngineBase, RolloutBatch, Sampled
-from services.tasks.base import Prompt
+from services.rollout.engine import NO_STOP, BetweenSteps, RolloutBatch, RolloutEngine, Sampled
 
 __all__ = ["HFRolloutEngine", "RolloutBatch", "process_logits", "top_p_filter"]
 
@@ -68,8 +67,13 @@ def process_logits(logits: torch.Tensor, temperature: float, top_p: float) -> to
     return top_p_filter(logits / temperature, top_p)
 
 
-class HFRolloutEngine(EngineBase):
+class HFRolloutEngine(RolloutEngine):
     """Sample responses from a causal LM and return a :class:`RolloutBatch`.
+
+    Sampling is deterministic for given (weights, prompts, n, seed) on the same device and
+    thread count. An in-flight hook (``between_steps``) runs after each decoding step but the
+    last; weights it loads sample every later token, and the KV cache of the tokens before
+    stays (as in PipelineRL).
 
     Args:
         model: A causal LM (the tiny GPT-2 policy or any local ``from_pretrained`` model).
@@ -185,22 +189,18 @@ class HFRolloutEngine(EngineBase):
 
     # ---- generation ----------------------------------------------------------------------------
 
-    def generate(
-        self,
-        prompts: list[Prompt],
-        n: int,
-        seed: int,
-        *,
-        between_steps: BetweenSteps | None = None,
-    ) -> RolloutBatch:
-        """Sample ``n`` responses for each prompt.
+    def _rule(self, seed: int | None) -> Chooser:
+        """Sampling from the processed distribution with a generator of its own, seeded with
+        ``seed`` (the global torch RNG is not used), or the argmax (``None``)."""
+        if seed is None:
 
-        Deterministic for a given (weights, prompts, n, seed) on the same device and thread
-        count; the global torch RNG is not used. ``between_steps`` runs after each decoding step
-        but the last; weights it loads sample every later token (the KV cache of the tokens
-        before stays, as in PipelineRL), and the batch records each token's version.
-        """
-        generator = torch.Generator(device=self.device).manual_seed(int(seed))
+            def argmax(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                logp_all = torch.log_softmax(logits, dim=-1)
+                lp, token = logp_all.max(dim=-1)
+                return token, lp
+
+            return argmax
+        generator = torch.Generator(device=self.device).manual_seed(seed)
 
         def sample(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             scores = process_logits(logits, self.temperature, self.top_p)
@@ -209,17 +209,7 @@ class HFRolloutEngine(EngineBase):
             # Filtered tokens are -inf, never sampled, so the gathered value is finite.
             return token, logp_all.gather(1, token.unsqueeze(1)).squeeze(1)
 
-        return self._run(prompts, n, sample, between_steps)
-
-    def greedy(self, prompts: list[Prompt]) -> RolloutBatch:
-        """One argmax response per prompt; ``behav_logp`` is the temperature-1 log-prob."""
-
-        def argmax(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            logp_all = torch.log_softmax(logits, dim=-1)
-            lp, token = logp_all.max(dim=-1)
-            return token, lp
-
-        return self._run(prompts, 1, argmax)
+        return sample
 
     def _sample(
         self,

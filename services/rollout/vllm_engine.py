@@ -45,14 +45,12 @@ import torch
 
 from services.rollout.engine import (
     BetweenSteps,
-    EngineBase,
-    RolloutBatch,
+    RolloutEngine,
     Sampled,
     cut_at_stop,
     pack_rows,
 )
 from services.rollout.vllm_weights import WORKER_EXTENSION, weight_chunks
-from services.tasks.base import Prompt
 
 # vLLM refuses sampling temperatures above this.
 MAX_TEMPERATURE = 2.0
@@ -74,7 +72,7 @@ def token_versions(spans: Sequence[Any] | None, length: int, default: int) -> li
     return out
 
 
-class VLLMRolloutEngine(EngineBase):
+class VLLMRolloutEngine(RolloutEngine):
     """Sample responses with vLLM and return a :class:`RolloutBatch`.
 
     Args:
@@ -292,24 +290,9 @@ class VLLMRolloutEngine(EngineBase):
             detokenize=False,
         )
 
-    def generate(
-        self,
-        prompts: list[Prompt],
-        n: int,
-        seed: int,
-        *,
-        between_steps: BetweenSteps | None = None,
-    ) -> RolloutBatch:
-        """Sample ``n`` responses for each prompt (deterministic for a given seed and weights).
-
-        With ``between_steps`` the engine is stepped here and the hook runs between steps;
-        weights it loads sample the later tokens, and each token's version is recorded.
-        """
-        return self._run(prompts, n, int(seed), between_steps)
-
-    def greedy(self, prompts: list[Prompt]) -> RolloutBatch:
-        """One argmax response per prompt; ``behav_logp`` is the temperature-1 log-prob."""
-        return self._run(prompts, 1, None)
+    def _rule(self, seed: int | None) -> int | None:
+        """The seed of the round's requests (:func:`prompt_seed`); ``None``: greedy."""
+        return seed
 
     def _stepped(self, prompt_ids: list[list[int]], params: list, between_steps: BetweenSteps):
         """``LLM.generate`` with ``between_steps`` called between engine steps."""
@@ -348,7 +331,7 @@ class VLLMRolloutEngine(EngineBase):
         seed: int | None,
         between_steps: BetweenSteps | None,
     ) -> Sampled:
-        """``seed`` None: greedy (one argmax response per prompt)."""
+        """With ``between_steps`` the engine is stepped here (:meth:`_stepped`)."""
         if seed is None:
             params = [self._params(1, 0.0, 1.0, None) for _ in prompt_ids]
         else:
