@@ -9,8 +9,12 @@ from transformers import GenerationConfig
 
 from services.policy.evaluate import evaluate_greedy
 from services.policy.model import left_pad
-from services.policy.tokenizer import decode_ids, encode_text, special_ids
-from services.rollout.engine import default_stop_token_ids
+from services.policy.tokenizer import (
+    decode_ids,
+    default_stop_token_ids,
+    encode_text,
+    special_ids,
+)
 from services.tasks.base import Prompt
 from services.tasks.verify import resolve_verifier
 

@@ -12,6 +12,9 @@ unknown token: text with a character outside the alphabet cannot be encoded (a p
 cannot represent must not reach training), and :func:`encode_text` names the character. Special
 tokens are never parsed out of text (``split_special_tokens``): ``"<eos>"`` in a prompt is five
 characters, not an end of sequence.
+
+Where generation stops is a property of the tokenizer too (:func:`default_stop_token_ids`: EOS
+and the chat template's end-of-turn token), shared by the rollout engines and greedy evaluation.
 """
 
 from __future__ import annotations
@@ -116,3 +119,48 @@ def special_ids(tokenizer) -> tuple[int, int]:
         raise ValueError("tokenizer has no EOS token; generation could not stop")
     pad = tokenizer.pad_token_id
     return (eos if pad is None else pad), eos
+
+
+def end_of_turn_token_id(tokenizer) -> int | None:
+    """The special token the chat template closes an assistant turn with, if it has one.
+
+    Renders a two-message chat whose assistant content is a marker and reads the token right
+    after the marker (``<|im_end|>`` for Qwen, ``<|eot_id|>`` for Llama 3). Only a special
+    (added) token counts: a template that closes turns with plain text has no such token.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    marker = "Zq7xMARKER"
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}],
+            tokenize=False,
+        )
+    except Exception:  # a template that refuses this shape tells us nothing
+        return None
+    at = text.find(marker)
+    if at < 0:
+        return None
+    after = text[at + len(marker) :]
+    ids = tokenizer.encode(after, add_special_tokens=False)
+    if not ids:
+        return None
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    special |= set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    return int(ids[0]) if int(ids[0]) in special else None
+
+
+def default_stop_token_ids(tokenizer) -> list[int]:
+    """The tokenizer's EOS, then the chat template's end-of-turn token when it differs.
+
+    Raises:
+        ValueError: when the tokenizer has no EOS token (generation could not stop).
+    """
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        raise ValueError("tokenizer has no EOS token; pass stop_token_ids explicitly")
+    ids = [int(eos)]
+    eot = end_of_turn_token_id(tokenizer)
+    if eot is not None and eot not in ids:
+        ids.append(eot)
+    return ids

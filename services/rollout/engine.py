@@ -12,9 +12,10 @@ half-loaded model, and the assembly of the sampled rows into a :class:`RolloutBa
 token's weight version. An engine adds how it picks tokens (``_rule``), how it samples
 (``_sample``) and how it loads weights.
 
-The functions here are shared by both engines too: sampling-setting checks, the default stop
-tokens (EOS and the chat template's end-of-turn token) and the packing of per-row token lists
-into right-padded tensors.
+The functions here are shared by both engines too: sampling-setting checks, the stop tokens
+(by default EOS and the chat template's end-of-turn token, from
+:func:`services.policy.tokenizer.default_stop_token_ids`, which greedy evaluation uses too) and
+the packing of per-row token lists into right-padded tensors.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any
 
 import torch
 
-from services.policy.tokenizer import decode_ids, encode_text, special_ids
+from services.policy.tokenizer import decode_ids, default_stop_token_ids, encode_text, special_ids
 from services.tasks.base import Prompt
 
 # Returned in ``RolloutBatch.stop_token`` for a row that the length limit ended.
@@ -95,51 +96,6 @@ def check_sampling(temperature: float, top_p: float, max_new_tokens: int) -> Non
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-
-
-def end_of_turn_token_id(tokenizer) -> int | None:
-    """The special token the chat template closes an assistant turn with, if it has one.
-
-    Renders a two-message chat whose assistant content is a marker and reads the token right
-    after the marker (``<|im_end|>`` for Qwen, ``<|eot_id|>`` for Llama 3). Only a special
-    (added) token counts: a template that closes turns with plain text has no such token.
-    """
-    if not getattr(tokenizer, "chat_template", None):
-        return None
-    marker = "Zq7xMARKER"
-    try:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}],
-            tokenize=False,
-        )
-    except Exception:  # a template that refuses this shape tells us nothing
-        return None
-    at = text.find(marker)
-    if at < 0:
-        return None
-    after = text[at + len(marker) :]
-    ids = tokenizer.encode(after, add_special_tokens=False)
-    if not ids:
-        return None
-    special = set(getattr(tokenizer, "all_special_ids", []) or [])
-    special |= set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
-    return int(ids[0]) if int(ids[0]) in special else None
-
-
-def default_stop_token_ids(tokenizer) -> list[int]:
-    """The tokenizer's EOS, then the chat template's end-of-turn token when it differs.
-
-    Raises:
-        ValueError: when the tokenizer has no EOS token (generation could not stop).
-    """
-    eos = getattr(tokenizer, "eos_token_id", None)
-    if eos is None:
-        raise ValueError("tokenizer has no EOS token; pass stop_token_ids explicitly")
-    ids = [int(eos)]
-    eot = end_of_turn_token_id(tokenizer)
-    if eot is not None and eot not in ids:
-        ids.append(eot)
-    return ids
 
 
 def resolve_stop_token_ids(tokenizer, stop_token_ids: Sequence[int] | None) -> list[int]:

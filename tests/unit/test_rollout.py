@@ -16,13 +16,11 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
 from services.policy.model import PolicySpec, build_policy
-from services.policy.tokenizer import CharTokenizer
+from services.policy.tokenizer import CharTokenizer, default_stop_token_ids, end_of_turn_token_id
 from services.rollout.engine import (
     NO_STOP,
     RolloutEngine,
     cut_at_stop,
-    default_stop_token_ids,
-    end_of_turn_token_id,
     pack_rows,
     resolve_stop_token_ids,
 )
