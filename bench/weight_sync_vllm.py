@@ -89,6 +89,7 @@ def measure(model_dir: Path, reps: int, bucket_mb: float) -> dict[str, Any]:
 
     from services.policy.model import load_tokenizer
     from services.rollout.vllm_engine import VLLMRolloutEngine
+    from services.rollout.vllm_weights import EngineWeightReceiver, WeightGroupOptions
 
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     states = [hf.state_dict()]
@@ -120,7 +121,7 @@ def measure(model_dir: Path, reps: int, bucket_mb: float) -> dict[str, Any]:
             )
 
         t, errs = _in_thread(make_pg)
-        engine._llm.collective_rpc(_bare_join, args=(address, timeout))
+        engine.collective_rpc(_bare_join, address, timeout)
         _joined(t, errs)
         # The bytes the collective path sends: tied tensors once (lm_head is embed_tokens).
         unique, _ = split_aliases(states[0])
@@ -129,13 +130,13 @@ def measure(model_dir: Path, reps: int, bucket_mb: float) -> dict[str, Any]:
         for _ in range(reps + 1):
             t0 = time.perf_counter()
             t, errs = _in_thread(lambda: broadcast(holder["pg"], flat))
-            engine._llm.collective_rpc(_bare_receive, args=(flat.numel(),))
+            engine.collective_rpc(_bare_receive, flat.numel())
             _joined(t, errs)
             bare.append(time.perf_counter() - t0)
 
         # collective: the engine's worker in the learner's weight group.
         pub = CollectivePublisher(bucket_bytes=int(bucket_mb * (1 << 20)), catchup_every=0)
-        receiver = engine.weight_receiver(pub.address, "rollout-0")
+        receiver = EngineWeightReceiver.join(engine, "rollout-0", WeightGroupOptions(pub.address))
         collective, timings, loads = [], [], []
         for v in range(1, reps + 2):
             state = states[v % 2]
