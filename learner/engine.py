@@ -216,46 +216,15 @@ class LearnerEngine:
         local, n_rows = self._shard(batch)
         local = local.to(self.device)
         resp = local.target_mask()
-        behav = local.behav_logp[:, 1:]
-        adv = local.advantages
-
         old_logp, ent = self._score(local)
-
-        # token level, ranked over the whole batch
-        all_ent = D.all_gather_rows(ent, n_rows)
-        all_resp = D.all_gather_rows(resp, n_rows)
-        all_adv = D.all_gather_rows(adv.float(), n_rows)
-        mask_all = select_tokens(
-            preset, all_adv.cpu(), all_ent.cpu(), all_resp.cpu(), token_ratio, generator
-        )
-        lo = sum(n_rows[: self.rank])
-        mask = mask_all[lo : lo + n_rows[self.rank]].to(self.device) & resp
+        mask = self._token_mask(local, resp, ent, n_rows, preset, token_ratio, generator)
 
         (glob_units,) = D.all_reduce_sum([float(self.loss_fn.units(mask))], self.device)
         # Each micro-batch's summed loss is divided by the units of the whole batch, so the
         # accumulated gradient is the whole batch's; DeepSpeed averages over ranks, hence x world.
         scale = self.world / glob_units if glob_units > 0 else 0.0
-
         plans = self._in_step(self._gradient_plan(local, mask))
-        loss_sum, fwd_tokens = 0.0, 0
-        stats: dict[str, list[float]] = {}
-        for i, mb in enumerate(plans):
-            self.engine.set_gradient_accumulation_boundary(i == len(plans) - 1)
-            rows = mb.rows.to(self.device)
-            sub = local.rows(rows)
-            logp, _ = self._forward(sub, mb.width, with_entropy=False)
-            cols = mb.width - 1
-            g_mask = mask[rows, :cols] & mb.live
-            part = self.loss_fn.summed(
-                logp, old_logp[rows, :cols], adv[rows], g_mask, behav[rows, :cols]
-            )
-            self.engine.backward(part.total * scale)
-            loss_sum += float(part.total.detach())
-            fwd_tokens += int(sub.seq_lengths.clamp(max=mb.width).sum()) if mb.live else 0
-            for k, (v, c) in part.stats.items():
-                acc = stats.setdefault(k, [0.0, 0.0])
-                acc[0] += v
-                acc[1] += c
+        loss_sum, fwd_tokens, stats = self._gradient_pass(local, plans, mask, old_logp, scale)
         # The policy-gradient norm before clipping. ZeRO's optimizers record it in step();
         # stage 0 clips in place inside step() and records nothing, so measure it first.
         pre_clip = self._local_grad_norm() if self.cfg.zero_stage == 0 else None
@@ -295,6 +264,61 @@ class LearnerEngine:
             {k: s / max(c, 1.0) for k, s, c in zip(names, stat_sums, stat_counts, strict=True)}
         )
         return metrics
+
+    def _token_mask(
+        self,
+        local: LearnerBatch,
+        resp: torch.Tensor,
+        ent: torch.Tensor,
+        n_rows: list[int],
+        preset: Preset,
+        token_ratio: float,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
+        """This rank's kept response tokens [n, L-1]: the token level ranks over the whole
+        batch, so entropies, response masks and advantages are gathered from every rank."""
+        all_ent = D.all_gather_rows(ent, n_rows)
+        all_resp = D.all_gather_rows(resp, n_rows)
+        all_adv = D.all_gather_rows(local.advantages.float(), n_rows)
+        mask_all = select_tokens(
+            preset, all_adv.cpu(), all_ent.cpu(), all_resp.cpu(), token_ratio, generator
+        )
+        lo = sum(n_rows[: self.rank])
+        return mask_all[lo : lo + n_rows[self.rank]].to(self.device) & resp
+
+    def _gradient_pass(
+        self,
+        local: LearnerBatch,
+        plans: list[MicroBatch],
+        mask: torch.Tensor,
+        old_logp: torch.Tensor,
+        scale: float,
+    ) -> tuple[float, int, dict[str, list[float]]]:
+        """Backward over ``plans``, all adding to one gradient (the last marks the accumulation
+        boundary). Returns the summed loss, the tokens run forward, and each loss statistic's
+        [sum, count]."""
+        behav = local.behav_logp[:, 1:]
+        adv = local.advantages
+        loss_sum, fwd_tokens = 0.0, 0
+        stats: dict[str, list[float]] = {}
+        for i, mb in enumerate(plans):
+            self.engine.set_gradient_accumulation_boundary(i == len(plans) - 1)
+            rows = mb.rows.to(self.device)
+            sub = local.rows(rows)
+            logp, _ = self._forward(sub, mb.width, with_entropy=False)
+            cols = mb.width - 1
+            g_mask = mask[rows, :cols] & mb.live
+            part = self.loss_fn.summed(
+                logp, old_logp[rows, :cols], adv[rows], g_mask, behav[rows, :cols]
+            )
+            self.engine.backward(part.total * scale)
+            loss_sum += float(part.total.detach())
+            fwd_tokens += int(sub.seq_lengths.clamp(max=mb.width).sum()) if mb.live else 0
+            for k, (v, c) in part.stats.items():
+                acc = stats.setdefault(k, [0.0, 0.0])
+                acc[0] += v
+                acc[1] += c
+        return loss_sum, fwd_tokens, stats
 
     def _local_grad_norm(self) -> float | None:
         """L2 norm of the module's gradients as they are now (whole, already averaged over ranks
