@@ -126,9 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
     res = curate(small, get_preset("grpo"), 0, 100)
     assert res.rows is not None
     rows = res.rows
-    full = LearnerBatch.from_arrays(
-        rows.input_ids, rows.prompt_lengths, rows.seq_lengths, rows.behav_logp, rows.advantages
-    )
+    full = LearnerBatch.from_rows(rows)
     engine = LearnerEngine(build_policy(PolicySpec(), tok, seed=0), LearnerConfig(), 1000)
     t_step = learner_step_times(engine, full, "grpo", 1.0, 1.0, max(1, args.repeats - 1))
     frac = t_curate / t_step

@@ -3,9 +3,13 @@ split into micro-batches by a padded-token budget."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
+
+from services.transport.records import CuratedRows
 
 
 @dataclass
@@ -15,6 +19,10 @@ class LearnerBatch:
     input_ids: [N, L] int64; prompt_lengths, seq_lengths: [N] int64;
     behav_logp: [N, L] float32, the rollout engine's log-prob of the token at each position
     (0 at prompt and padding); advantages: [N] float32.
+
+    The fields are those of the row schema (:class:`~services.transport.records.CuratedRows`)
+    the learner trains on, under the same names: for the learner to use a new per-row field,
+    name it here too; :meth:`from_rows`, :meth:`rows` and :meth:`to` carry every field.
     """
 
     input_ids: torch.Tensor
@@ -53,43 +61,26 @@ class LearnerBatch:
         return (pos < self.seq_lengths.unsqueeze(1)).long()
 
     def rows(self, index: torch.Tensor) -> LearnerBatch:
-        return LearnerBatch(
-            *(
-                t[index]
-                for t in (
-                    self.input_ids,
-                    self.prompt_lengths,
-                    self.seq_lengths,
-                    self.behav_logp,
-                    self.advantages,
-                )
-            )
-        )
+        return self._map(lambda t: t[index])
 
     def to(self, device: torch.device | str) -> LearnerBatch:
-        return LearnerBatch(
-            *(
-                t.to(device)
-                for t in (
-                    self.input_ids,
-                    self.prompt_lengths,
-                    self.seq_lengths,
-                    self.behav_logp,
-                    self.advantages,
-                )
-            )
-        )
+        return self._map(lambda t: t.to(device))
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> LearnerBatch:
+        return LearnerBatch(**{f.name: fn(getattr(self, f.name)) for f in fields(self)})
 
     @staticmethod
-    def from_arrays(input_ids, prompt_lengths, seq_lengths, behav_logp, advantages) -> LearnerBatch:
-        """From array-likes (numpy off the wire, or tensors), in the learner's dtypes."""
+    def from_rows(rows: CuratedRows) -> LearnerBatch:
+        """The row schema's fields the learner trains on, as tensors: int64 where the schema
+        holds integers, float32 where it holds floats."""
         return LearnerBatch(
-            torch.as_tensor(input_ids).long(),
-            torch.as_tensor(prompt_lengths).long(),
-            torch.as_tensor(seq_lengths).long(),
-            torch.as_tensor(behav_logp).float(),
-            torch.as_tensor(advantages).float(),
+            **{f.name: _as_tensor(getattr(rows, f.name)) for f in fields(LearnerBatch)}
         )
+
+
+def _as_tensor(array: np.ndarray) -> torch.Tensor:
+    t = torch.as_tensor(array)
+    return t.float() if t.is_floating_point() else t.long()
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,8 @@ weights of version ``s`` (the learner has taken exactly ``s`` steps), after whic
 ``s + 1`` is published to the rollout actors and ONE atomic step acknowledges the batch, copies
 it into the replay log (:mod:`learner.replay`), and writes the counters, the metrics and the
 trained ledger. A batch whose step is below the learner's is a duplicate from before a crash:
-acknowledged, counted, not trained.
+acknowledged, counted, not trained (reading the stream and settling such batches is
+:mod:`learner.inbox`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 
 from learner.batch import LearnerBatch
 from learner.engine import LearnerEngine
+from learner.inbox import GROUP, BatchInbox
 from learner.replay import BatchGap, ReplayLog
 from learner.settings import LearnerServiceSettings
 from services.common.seeding import step_seed
@@ -33,8 +35,6 @@ from services.transport.waiting import Stalled, WaitPolicy
 from services.weightsync.base import WeightPublisher
 
 log = logging.getLogger(__name__)
-
-GROUP = "learner"
 
 # The policy module -> held-out metrics.
 Evaluator = Callable[[torch.nn.Module], dict[str, float]]
@@ -51,18 +51,11 @@ _TOTALS = (
     "learner_wait_seconds_total",
 )
 
-__all__ = ["GROUP", "BatchGap", "LearnerService", "LearnerStalled", "learner_batch"]
+__all__ = ["GROUP", "BatchGap", "LearnerService", "LearnerStalled"]
 
 
 class LearnerStalled(Stalled):
     """No batch arrived within ``service.wait_timeout_s``."""
-
-
-def learner_batch(batch: CuratedBatch) -> LearnerBatch:
-    """The tensors the engine trains on, from a batch record."""
-    return LearnerBatch.from_arrays(
-        batch.input_ids, batch.prompt_lengths, batch.seq_lengths, batch.behav_logp, batch.advantages
-    )
 
 
 class LearnerService:
@@ -113,12 +106,19 @@ class LearnerService:
         self._snapshot: tuple[int, dict[str, torch.Tensor]] | None = None
         self.export = export
         self.publisher = publisher
-        self.limits = limits
         self.logger_kwargs = dict(logger_kwargs or {})
-        self.block_ms = block_ms
-        self.reclaim_idle_ms = reclaim_idle_ms
         self.waiter = WaitPolicy(transport.control, settings.wait_timeout_s, error=LearnerStalled)
         self.replay = ReplayLog(transport)
+        self.inbox = BatchInbox(
+            transport,
+            consumer,
+            self.waiter,
+            limits,
+            self.replay.stream,
+            self.ckpt_dir,
+            block_ms=block_ms,
+            reclaim_idle_ms=reclaim_idle_ms,
+        )
         self.totals: dict[str, float] = dict.fromkeys(_TOTALS, 0.0)
         self.reporter: RunReporter | None = None
         self._last_ckpt_step = -1
@@ -179,19 +179,13 @@ class LearnerService:
 
     def _train_loop(self) -> bool:
         self._idle_since = time.perf_counter()
-        queue = self.t.queue.read(self.t.keys.batches, GROUP, self.consumer, 1000, pending=True)
-        if queue:
-            log.info(
-                "learner %s: %d batches were pending from before a restart",
-                self.consumer,
-                len(queue),
-            )
+        queue = self.inbox.pending()
         while self.step < self.settings.total_steps:
             if self.waiter.stop_reason() is not None:
                 log.info("learner %s: stop requested at step %d", self.consumer, self.step)
                 return False
             if not queue:
-                queue = self._take()
+                queue = self.inbox.take()
                 if not queue:
                     self.waiter.check_stall(
                         lambda: (
@@ -206,61 +200,16 @@ class LearnerService:
             self._idle_since = time.perf_counter()
         return True
 
-    def _take(self) -> list[Delivery]:
-        """Batches a dead learner consumer held (now and then), else new ones."""
-        if self.waiter.reclaim_due():
-            reclaimed = self.t.queue.reclaim(
-                self.t.keys.batches, GROUP, self.consumer, self.reclaim_idle_ms, count=100
-            )
-            if reclaimed:
-                return reclaimed
-        return self.t.queue.read(
-            self.t.keys.batches, GROUP, self.consumer, 1, block_ms=self.block_ms
-        )
-
     def _handle(self, d: Delivery) -> None:
-        batch = d.record
-        if not isinstance(batch, CuratedBatch):
-            self.t.queue.dead_letter(
-                self.t.keys.batches,
-                GROUP,
-                self.consumer,
-                d.entry_id,
-                f"a {type(batch).__name__} record in the batches stream",
-            )
-            return
-        if batch.step < self.step:
-            # Trained before a crash (its commit or a replay covered it): acknowledge only.
-            self.t.queue.commit(
-                self.t.keys.batches,
-                GROUP,
-                [d.entry_id],
-                incr={"batches_duplicate": 1},
-                consumer=self.consumer,
-            )
+        settled = self.inbox.settle(d, self.step)
+        if settled == "duplicate":
             self.summary["batches_duplicate"] += 1
-            log.warning(
-                "learner: batch %s (step %d) was already trained; acknowledged as a duplicate",
-                batch.batch_id,
-                batch.step,
-            )
-            return
-        if batch.step > self.step:
-            raise BatchGap(
-                f"learner at step {self.step} received batch {batch.batch_id} of step "
-                f"{batch.step}: the batches in between are gone (neither queued nor in "
-                f"{self.replay.stream}). Checkpoints in {self.ckpt_dir} and the Redis state of "
-                f"namespace {self.t.namespace!r} do not belong together; start a fresh run "
-                "directory and namespace, or restore the matching checkpoint"
-            )
-        problem = self._invalid(batch)
-        if problem:
-            # A bad batch must not crash the learner on every restart. The selector checks the
-            # same limits, so this is a batch it did not make; the real one may still come.
-            self.t.queue.dead_letter(self.t.keys.batches, GROUP, self.consumer, d.entry_id, problem)
+        elif settled == "invalid":
             self.summary["batches_rejected"] = self.summary.get("batches_rejected", 0) + 1
-            log.error("learner: batch %s dead-lettered: %s", batch.batch_id, problem)
+        if settled is not None:
             return
+        batch = d.record
+        assert isinstance(batch, CuratedBatch)  # settle() took every other record
         row = self._train(batch)
         result = self.t.queue.commit(
             self.t.keys.batches,
@@ -284,21 +233,6 @@ class LearnerService:
         self.summary["batches_trained"] += 1
         self._after_step(row)
 
-    def _invalid(self, batch: CuratedBatch) -> str:
-        """Why the model cannot train ``batch`` ('' when it can)."""
-        limits = self.limits
-        if limits is None:
-            return ""
-        top = int(batch.input_ids.max()) if batch.input_ids.size else 0
-        if top >= limits.vocab_size:
-            return f"token id {top} is outside the model's vocabulary of {limits.vocab_size}"
-        longest = int(batch.seq_lengths.max()) if batch.seq_lengths.size else 0
-        if limits.max_positions is not None and longest > limits.max_positions:
-            return (
-                f"a row of {longest} tokens exceeds the model's context of {limits.max_positions}"
-            )
-        return ""
-
     # ---- one step ------------------------------------------------------------------------------
 
     def _train(self, batch: CuratedBatch) -> dict[str, Any]:
@@ -309,7 +243,7 @@ class LearnerService:
         depth = self.t.backlogs()
         gen = torch.Generator().manual_seed(step_seed(self.settings.seed, batch.step) + 1)
         m = self.engine.train_step(
-            learner_batch(batch), self.settings.preset, batch.token_ratio, gen
+            LearnerBatch.from_rows(batch), self.settings.preset, batch.token_ratio, gen
         )
         sync_s = self._publish(rewind=False)
         self.totals["learner_tokens_total"] += m["tokens_kept"]

@@ -2,7 +2,9 @@
 
 Both the synchronous trainer and the selector service call :func:`curate`, so the on-policy
 baseline and the asynchronous service select samples through the same code. Groups are anything
-shaped like a scored group (:class:`GroupLike`); the wire record is the service's business.
+shaped like a scored group (:class:`GroupLike`); the kept rows are
+:class:`~services.transport.records.CuratedRows`, the row schema the wire record and the
+learner share.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import numpy as np
 import torch
 
 from selector.presets import Preset, select_samples
+from services.transport.records import CuratedRows
 
 
 class GroupLike(Protocol):
@@ -29,25 +32,6 @@ class GroupLike(Protocol):
 
     @property
     def group_size(self) -> int: ...
-
-
-@dataclass(frozen=True)
-class CuratedRows:
-    """The N kept samples of a step, one row each: prompt + response, right-padded to L.
-
-    ``input_ids`` int32 [N, L]; ``prompt_lengths`` and ``seq_lengths`` int32 [N] (the response
-    is ``input_ids[i, prompt_lengths[i]:seq_lengths[i]]``); ``behav_logp`` float32 [N, L], the
-    rollout policy's log-prob of each response token, 0 elsewhere; ``advantages``, ``rewards``
-    float32 [N]; ``policy_versions`` int32 [N], the weights that generated each row.
-    """
-
-    input_ids: np.ndarray
-    prompt_lengths: np.ndarray
-    seq_lengths: np.ndarray
-    behav_logp: np.ndarray
-    advantages: np.ndarray
-    rewards: np.ndarray
-    policy_versions: np.ndarray
 
 
 @dataclass(frozen=True)

@@ -47,9 +47,9 @@ def batch_record(
     if res.rows is None:
         raise ValueError("res: a skipped step (no informative sample) has no batch record")
     lag = step - np.array([g.policy_version for g in groups], dtype=np.float64)
-    rows = res.rows
     token_lag, inflight_share = token_staleness(step, groups)
     return CuratedBatch(
+        **res.rows.columns(),
         batch_id=batch_id_for(step),
         step=step,
         total_steps=total_steps,
@@ -57,13 +57,6 @@ def batch_record(
         sample_ratio=res.sample_ratio,
         token_ratio=res.token_ratio,
         preset=preset,
-        input_ids=rows.input_ids,
-        prompt_lengths=rows.prompt_lengths,
-        seq_lengths=rows.seq_lengths,
-        behav_logp=rows.behav_logp,
-        advantages=rows.advantages,
-        rewards=rows.rewards,
-        policy_versions=rows.policy_versions,
         group_ids=[g.group_id for g in groups],
         stats={
             **res.stats,

@@ -1,11 +1,18 @@
 """The records of the Redis streams: a scored group (rollout -> selector) and a curated batch
-(selector -> learner), validated on construction and on decoding (see :mod:`codec`)."""
+(selector -> learner), validated on construction and on decoding (see :mod:`codec`).
+
+Arrays are declared once, on their dataclass field (``field(metadata=wire_array(kind, ndim))``);
+encoding, decoding and the dtype checks iterate those declarations. The per-row fields of a
+learner step are :class:`CuratedRows`, the one definition that the selector packs, the wire
+record carries (:class:`CuratedBatch` is the rows plus the step's scalars) and the learner
+turns into tensors.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
@@ -23,7 +30,45 @@ from services.transport.codec import (
     parse_meta,
 )
 
+_ARRAY = "wire_array"  # field metadata key: (element kind "i" int32 or "f" float32, ndim)
+_OPTIONAL = "wire_optional"
 
+
+def wire_array(kind: str, ndim: int, *, optional: bool = False) -> dict[str, Any]:
+    """Metadata declaring a dataclass field a wire array, ``field(metadata=wire_array(...))``:
+    ``kind`` "i" (int32) or "f" (float32, finite), ``ndim`` dimensions. An ``optional`` array
+    (give it ``default=None``) is left off the wire when None, so a field added later still
+    decodes the records written before it (the replay log's)."""
+    if kind not in ("i", "f"):
+        raise ValueError(f"kind: expected 'i' or 'f', got {kind!r}")
+    return {_ARRAY: (kind, ndim), _OPTIONAL: optional}
+
+
+_C = TypeVar("_C", bound=type)
+
+
+def _declared(cls: _C) -> _C:
+    """Derive the class's wire layout from its fields: the arrays (declared with
+    :func:`wire_array`) and the scalars (every other field), both in declaration order, which is
+    their order in ``meta``."""
+    fs = fields(cls)
+    cls._ARRAYS = {f.name: f.metadata[_ARRAY] for f in fs if _ARRAY in f.metadata}
+    cls._OPTIONAL_ARRAYS = frozenset(f.name for f in fs if f.metadata.get(_OPTIONAL))
+    cls._SCALARS = tuple(f.name for f in fs if _ARRAY not in f.metadata)
+    return cls
+
+
+def _coerce_arrays(record: Any) -> None:
+    """Cast each declared array of ``record`` to its wire dtype (SchemaError naming the field)."""
+    for name, (elem_kind, ndim) in record._ARRAYS.items():
+        value = getattr(record, name)
+        if value is None and name in record._OPTIONAL_ARRAYS:
+            continue
+        conv = as_float_array if elem_kind == "f" else as_int_array
+        object.__setattr__(record, name, conv(name, value, ndim))  # frozen: stored once, here
+
+
+@_declared
 @dataclass(frozen=True, eq=False, repr=False)
 class ScoredGroup(WireRecord):
     """G scored rollouts of one prompt, as a rollout actor publishes them.
@@ -37,36 +82,21 @@ class ScoredGroup(WireRecord):
     """
 
     KIND: ClassVar[str] = "group"
-    _SCALARS: ClassVar[tuple[str, ...]] = (
-        "group_id",
-        "prompt_id",
-        "policy_version",
-        "created_at",
-        "actor",
-        "task",
-    )
-    _ARRAYS: ClassVar[dict[str, tuple[str, int]]] = {
-        "prompt": ("i", 1),
-        "responses": ("i", 2),
-        "response_lengths": ("i", 1),
-        "behav_logp": ("f", 2),
-        "rewards": ("f", 1),
-        "token_versions": ("i", 2),
-    }
-    _OPTIONAL_ARRAYS: ClassVar[frozenset[str]] = frozenset({"token_versions"})
 
     group_id: str
     prompt_id: str
     policy_version: int
-    prompt: np.ndarray
-    responses: np.ndarray
-    response_lengths: np.ndarray
-    behav_logp: np.ndarray
-    rewards: np.ndarray
+    prompt: np.ndarray = field(metadata=wire_array("i", 1))
+    responses: np.ndarray = field(metadata=wire_array("i", 2))
+    response_lengths: np.ndarray = field(metadata=wire_array("i", 1))
+    behav_logp: np.ndarray = field(metadata=wire_array("f", 2))
+    rewards: np.ndarray = field(metadata=wire_array("f", 1))
     created_at: float
     actor: str
     task: str
-    token_versions: np.ndarray | None = None
+    token_versions: np.ndarray | None = field(
+        default=None, metadata=wire_array("i", 2, optional=True)
+    )
 
     def __post_init__(self) -> None:
         put = object.__setattr__  # frozen: normalised values are stored once, here
@@ -76,11 +106,7 @@ class ScoredGroup(WireRecord):
         put(self, "created_at", check_float("created_at", self.created_at, low=0.0))
         put(self, "actor", check_str("actor", self.actor))
         put(self, "task", check_str("task", self.task))
-        for name, (elem_kind, ndim) in self._ARRAYS.items():
-            if getattr(self, name) is None and name in self._OPTIONAL_ARRAYS:
-                continue
-            conv = as_float_array if elem_kind == "f" else as_int_array
-            put(self, name, conv(name, getattr(self, name), ndim))
+        _coerce_arrays(self)
 
         if self.prompt.shape[0] < 1:
             raise SchemaError("'prompt' must hold at least one token")
@@ -155,39 +181,84 @@ class ScoredGroup(WireRecord):
         return int(self.responses.shape[0])
 
 
+@_declared
 @dataclass(frozen=True, eq=False, repr=False)
-class CuratedBatch(WireRecord):
-    """One learner step's samples after sample-level selection, as the selector publishes them.
+class CuratedRows:
+    """The row schema: the N kept samples of a learner step, one row each (N >= 1), prompt then
+    response right-padded to width L >= 1; every array is [N] or, per token, [N, L].
 
-    Shapes (N >= 1 samples, L the padded width): ``input_ids`` int32[N, L], prompt then response,
-    right-padded; ``prompt_lengths`` and ``seq_lengths`` int32[N] with
-    0 <= prompt_len <= seq_len <= L, the response occupying positions [prompt_len, seq_len);
-    ``behav_logp`` float32[N, L], the behaviour log-prob of the token at position t, 0 outside
-    the response; ``advantages``, ``rewards`` float32[N]; ``policy_versions`` int32[N] >= 0.
+    The selector packs these (:func:`selector.curate.curate`), :class:`CuratedBatch` carries
+    them on the wire, and the learner takes the ones it trains on as tensors
+    (``learner.batch.LearnerBatch.from_rows``). To add a per-row field: declare it here, as
+    ``name: np.ndarray = field(metadata=wire_array(kind, ndim))`` (with ``default=None`` and
+    ``optional=True`` older records, the replay log's, still decode), and fill it where the
+    selector packs rows; encoding, decoding, dtype and shape checks follow from the declaration.
+    """
+
+    # int32 [N, L]: prompt then response, right-padded.
+    input_ids: np.ndarray = field(metadata=wire_array("i", 2))
+    # int32 [N]: 0 <= prompt_len <= seq_len <= L; the response is [prompt_len, seq_len).
+    prompt_lengths: np.ndarray = field(metadata=wire_array("i", 1))
+    seq_lengths: np.ndarray = field(metadata=wire_array("i", 1))
+    # float32 [N, L]: the rollout policy's log-prob of the token at each position, 0 outside
+    # the response.
+    behav_logp: np.ndarray = field(metadata=wire_array("f", 2))
+    # float32 [N]: each row's advantage and reward.
+    advantages: np.ndarray = field(metadata=wire_array("f", 1))
+    rewards: np.ndarray = field(metadata=wire_array("f", 1))
+    # int32 [N] >= 0: the weights version that generated each row.
+    policy_versions: np.ndarray = field(metadata=wire_array("i", 1))
+
+    _ARRAYS: ClassVar[dict[str, tuple[str, int]]]
+    _OPTIONAL_ARRAYS: ClassVar[frozenset[str]]
+
+    def __post_init__(self) -> None:
+        _coerce_arrays(self)
+        n, width = self.input_ids.shape
+        if n < 1:
+            raise SchemaError("a batch must hold at least one sample (N >= 1)")
+        if width < 1:
+            raise SchemaError("'input_ids' must have a padded width L >= 1")
+        for name, (_, ndim) in CuratedRows._ARRAYS.items():
+            value = getattr(self, name)
+            want = (n, width) if ndim == 2 else (n,)
+            if value is not None and value.shape != want:
+                raise SchemaError(
+                    f"inconsistent shapes: '{name}' is {value.shape}, 'input_ids' is {(n, width)}"
+                )
+        check_lengths("prompt_lengths", self.prompt_lengths, width)
+        check_lengths("seq_lengths", self.seq_lengths, width, self.prompt_lengths, "prompt_lengths")
+        if (self.policy_versions < 0).any():
+            raise SchemaError("'policy_versions' has a negative version")
+        valid = np.arange(width)[None, :] < self.seq_lengths[:, None]
+        if (self.input_ids[valid] < 0).any():
+            raise SchemaError("'input_ids' has a negative token id inside a sequence")
+        check_zero_outside("behav_logp", self.behav_logp, self.prompt_lengths, self.seq_lengths)
+
+    def columns(self) -> dict[str, np.ndarray | None]:
+        """The per-row arrays by name (what a :class:`CuratedBatch` is built from)."""
+        return {name: getattr(self, name) for name in CuratedRows._ARRAYS}
+
+    @property
+    def num_samples(self) -> int:
+        """N, the number of samples."""
+        return int(self.input_ids.shape[0])
+
+    def __repr__(self) -> str:  # arrays by shape: a full dump would flood the logs
+        n, width = self.input_ids.shape
+        return f"{type(self).__name__}(N={n}, L={width})"
+
+
+@_declared
+@dataclass(frozen=True, eq=False, repr=False)
+class CuratedBatch(CuratedRows, WireRecord):
+    """One learner step's samples after sample-level selection, as the selector publishes them:
+    the rows (:class:`CuratedRows`, the per-row arrays) and the step's scalars.
+
     ``group_ids`` lists each source group once; ``stats`` are finite numbers.
     """
 
     KIND: ClassVar[str] = "batch"
-    _SCALARS: ClassVar[tuple[str, ...]] = (
-        "batch_id",
-        "step",
-        "total_steps",
-        "progress",
-        "sample_ratio",
-        "token_ratio",
-        "preset",
-        "group_ids",
-        "stats",
-    )
-    _ARRAYS: ClassVar[dict[str, tuple[str, int]]] = {
-        "input_ids": ("i", 2),
-        "prompt_lengths": ("i", 1),
-        "seq_lengths": ("i", 1),
-        "behav_logp": ("f", 2),
-        "advantages": ("f", 1),
-        "rewards": ("f", 1),
-        "policy_versions": ("i", 1),
-    }
 
     batch_id: str
     step: int
@@ -196,13 +267,6 @@ class CuratedBatch(WireRecord):
     sample_ratio: float
     token_ratio: float
     preset: str
-    input_ids: np.ndarray
-    prompt_lengths: np.ndarray
-    seq_lengths: np.ndarray
-    behav_logp: np.ndarray
-    advantages: np.ndarray
-    rewards: np.ndarray
-    policy_versions: np.ndarray
     group_ids: list[str] = field(default_factory=list)
     stats: dict[str, float] = field(default_factory=dict)
 
@@ -215,9 +279,7 @@ class CuratedBatch(WireRecord):
         put(self, "sample_ratio", check_float("sample_ratio", self.sample_ratio, low=0.0, high=1.0))
         put(self, "token_ratio", check_float("token_ratio", self.token_ratio, low=0.0, high=1.0))
         put(self, "preset", check_str("preset", self.preset, nonempty=True))
-        for name, (elem_kind, ndim) in self._ARRAYS.items():
-            conv = as_float_array if elem_kind == "f" else as_int_array
-            put(self, name, conv(name, getattr(self, name), ndim))
+        super().__post_init__()
 
         if not isinstance(self.group_ids, (list, tuple)):
             raise SchemaError(f"'group_ids' must be a list, got {type(self.group_ids).__name__}")
@@ -238,42 +300,12 @@ class CuratedBatch(WireRecord):
             },
         )
 
-        n, width = self.input_ids.shape
-        if n < 1:
-            raise SchemaError("a batch must hold at least one sample (N >= 1)")
-        if width < 1:
-            raise SchemaError("'input_ids' must have a padded width L >= 1")
-        for name in ("prompt_lengths", "seq_lengths", "advantages", "rewards", "policy_versions"):
-            if getattr(self, name).shape != (n,):
-                raise SchemaError(
-                    f"inconsistent shapes: '{name}' is {getattr(self, name).shape}, "
-                    f"'input_ids' is {(n, width)}"
-                )
-        if self.behav_logp.shape != (n, width):
-            raise SchemaError(
-                f"inconsistent shapes: 'behav_logp' is {self.behav_logp.shape}, "
-                f"'input_ids' is {(n, width)}"
-            )
-        check_lengths("prompt_lengths", self.prompt_lengths, width)
-        check_lengths("seq_lengths", self.seq_lengths, width, self.prompt_lengths, "prompt_lengths")
-        if (self.policy_versions < 0).any():
-            raise SchemaError("'policy_versions' has a negative version")
-        valid = np.arange(width)[None, :] < self.seq_lengths[:, None]
-        if (self.input_ids[valid] < 0).any():
-            raise SchemaError("'input_ids' has a negative token id inside a sequence")
-        check_zero_outside("behav_logp", self.behav_logp, self.prompt_lengths, self.seq_lengths)
-
     def __repr__(self) -> str:  # arrays by shape: a full dump would flood the logs
         n, width = self.input_ids.shape
         return (
             f"CuratedBatch(batch_id={self.batch_id!r}, step={self.step}/{self.total_steps}, "
             f"preset={self.preset!r}, N={n}, L={width}, groups={len(self.group_ids)})"
         )
-
-    @property
-    def num_samples(self) -> int:
-        """N, the number of samples."""
-        return int(self.input_ids.shape[0])
 
 
 _KINDS: dict[str, type[ScoredGroup] | type[CuratedBatch]] = {

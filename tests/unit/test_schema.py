@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 
 from services.transport.codec import SCHEMA_VERSION, SchemaError
-from services.transport.records import CuratedBatch, ScoredGroup, decode
+from services.transport.records import CuratedBatch, CuratedRows, ScoredGroup, decode
 
 
 def make_group(rng: np.random.Generator, g: int = 4, t: int = 6, p: int = 5) -> ScoredGroup:
@@ -353,3 +354,67 @@ def test_int_values_out_of_int32_range_are_refused() -> None:
     g = make_group(np.random.default_rng(5))
     with pytest.raises(SchemaError, match="outside the int32 range"):
         ScoredGroup(**{**g.__dict__, "prompt": np.array([1, 2**40], dtype=np.int64)})
+
+
+# ---- the row schema and records written before ---------------------------------------------------
+
+
+def test_the_batch_record_carries_exactly_the_row_schema() -> None:
+    b = make_batch(np.random.default_rng(6))
+    row_fields = [f.name for f in dataclasses.fields(CuratedRows)]
+    assert list(CuratedBatch._ARRAYS) == row_fields  # every per-row field goes on the wire
+    rows = CuratedRows(**{name: getattr(b, name) for name in row_fields})
+    again = CuratedBatch(**{**b.__dict__, **rows.columns()})
+    assert again.to_fields() == b.to_fields()
+    with pytest.raises(SchemaError, match=r"inconsistent shapes: 'rewards' is \(4,\)"):
+        CuratedRows(**{**rows.columns(), "rewards": np.zeros(4, np.float32)})
+    with pytest.raises(SchemaError, match=r"inconsistent shapes: 'behav_logp' is \(5, 11\)"):
+        CuratedRows(**{**rows.columns(), "behav_logp": np.zeros((5, 11), np.float32)})
+
+
+# Encoded by the code before the row schema was declared once (issue 27); the wire format must
+# not change, or a restarted learner could not read its replay log.
+STORED_BATCH = {
+    "meta": '{"schema":1,"kind":"batch","batch_id":"step-0000003","step":3,"total_steps":10,'
+    '"progress":0.3,"sample_ratio":0.5,"token_ratio":0.25,"preset":"d3s","group_ids":["g-1",'
+    '"g-2"],"stats":{"reward_mean":0.5},"arrays":{"input_ids":{"dtype":"int32","shape":[2,4]},'
+    '"prompt_lengths":{"dtype":"int32","shape":[2]},"seq_lengths":{"dtype":"int32","shape":[2]},'
+    '"behav_logp":{"dtype":"float32","shape":[2,4]},"advantages":{"dtype":"float32","shape":[2]},'
+    '"rewards":{"dtype":"float32","shape":[2]},"policy_versions":{"dtype":"int32","shape":[2]}}}',
+    "input_ids": "050000000600000007000000000000000500000008000000090000000a000000",
+    "prompt_lengths": "0100000001000000",
+    "seq_lengths": "0300000004000000",
+    "behav_logp": "00000000000000bf000080be0000000000000000000080bf000000be000000c0",
+    "advantages": "0000803f000080bf",
+    "rewards": "0000803f00000000",
+    "policy_versions": "0200000003000000",
+}
+STORED_GROUP = {
+    "meta": '{"schema":1,"kind":"group","group_id":"g-1","prompt_id":"p-1","policy_version":2,'
+    '"created_at":1.5,"actor":"a","task":"t","arrays":{"prompt":{"dtype":"int32","shape":[1]},'
+    '"responses":{"dtype":"int32","shape":[2,2]},"response_lengths":{"dtype":"int32","shape":'
+    '[2]},"behav_logp":{"dtype":"float32","shape":[2,2]},"rewards":{"dtype":"float32","shape":'
+    '[2]},"token_versions":{"dtype":"int32","shape":[2,2]}}}',
+    "prompt": "05000000",
+    "responses": "06000000070000000800000000000000",
+    "response_lengths": "0200000001000000",
+    "behav_logp": "000000bf000080be000080bf00000000",
+    "rewards": "0000803f00000000",
+    "token_versions": "02000000030000000200000000000000",
+}
+
+
+def _stored(record: dict[str, str]) -> dict[bytes, bytes]:
+    return {k.encode(): v.encode() if k == "meta" else bytes.fromhex(v) for k, v in record.items()}
+
+
+def test_records_written_before_decode_and_encode_to_the_same_bytes() -> None:
+    batch, group = decode(_stored(STORED_BATCH)), decode(_stored(STORED_GROUP))
+    assert isinstance(batch, CuratedBatch) and isinstance(group, ScoredGroup)
+    np.testing.assert_array_equal(batch.input_ids, [[5, 6, 7, 0], [5, 8, 9, 10]])
+    np.testing.assert_array_equal(batch.behav_logp[1], [0.0, -1.0, -0.125, -2.0])
+    assert batch.seq_lengths.tolist() == [3, 4] and batch.policy_versions.tolist() == [2, 3]
+    assert (batch.step, batch.group_ids, batch.stats) == (3, ["g-1", "g-2"], {"reward_mean": 0.5})
+    assert group.token_versions.tolist() == [[2, 3], [2, 0]] and group.max_version == 3
+    assert batch.to_fields() == _stored(STORED_BATCH)
+    assert group.to_fields() == _stored(STORED_GROUP)
