@@ -408,7 +408,15 @@ def parse_config(data: dict[str, Any], overrides: list[str] | None = None) -> Ru
                 f"invalid override {item!r}: expected key=value, e.g. train.total_steps=50"
             )
         key, raw = item.split("=", 1)
-        _set_dotted(data, key.strip(), yaml.safe_load(raw))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem", None) or "not YAML"
+            raise ConfigError(
+                f"invalid override {item!r}: the value after '=' is read as YAML and this one is "
+                f"not ({mark}); quote a text value, e.g. {key.strip()}='\"...\"'"
+            ) from None
+        _set_dotted(data, key.strip(), value)
     try:
         return RunConfig.model_validate(data)
     except ValidationError as e:

@@ -88,6 +88,11 @@ def test_overrides_and_their_errors() -> None:
     assert "expected key=value" in error_of({}, ["train.total_steps"])
     assert "train.total_steps" in error_of({}, ["train.total_steps=-3"])
     assert "is not a section" in error_of({"name": "x"}, ["name.inner=1"])
+    # A text value holding ': ' is not YAML unquoted: a clear error, not a traceback.
+    err = error_of({}, ["task.instruction={question}\nAnswer: #### 7"])
+    assert "task.instruction" in err and "quote" in err
+    quoted = parse_config({}, ['name="a: b"'])
+    assert quoted.name == "a: b"
 
 
 def test_files(tmp_path) -> None:
