@@ -9,16 +9,21 @@ from services.evaluation.estimators import (
     pass_at_k,
     pass_at_k_per_prompt,
 )
-from services.evaluation.evaluate import EvalResult, GroupEval, PromptEval, evaluate_policy
+from services.evaluation.evaluate import evaluate_policy
+from services.evaluation.heldout import HeldoutEvaluation, evaluation_metrics, heldout_prompts
+from services.evaluation.results import EvalResult, GroupEval, PromptEval
 
 __all__ = [
     "EXTRACTORS",
     "EvalResult",
     "GroupEval",
+    "HeldoutEvaluation",
     "PromptEval",
     "boxed_answer",
     "evaluate_policy",
+    "evaluation_metrics",
     "extractor_for",
+    "heldout_prompts",
     "integer_answer",
     "maj_at_k",
     "majority_vote",

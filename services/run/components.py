@@ -3,7 +3,9 @@
 Building (model loads, DeepSpeed start-up, Ray handles) is split from running, so that the
 orchestrator can start every component's loop at the same moment, once all are built. The same
 factory serves ``d3s run`` (each component in a Ray actor, :class:`ComponentHost`) and
-``d3s rollout|selector|learner`` (one component in the calling process).
+``d3s rollout|selector|learner`` (one component in the calling process). What goes into a
+rollout actor is in :mod:`services.run.build_rollout`, into the learner in
+:mod:`services.run.build_learner`.
 """
 
 from __future__ import annotations
@@ -11,80 +13,23 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from services.run.config import RunConfig
-from services.telemetry.logfiles import LOG_FORMAT, file_handler, redirect_output
+from services.run.logs import component_logging, ray_node_id
 from services.transport.bundle import Transport
 from services.transport.queue import connect
 
 log = logging.getLogger(__name__)
 
 COMPONENTS = ("rollout", "selector", "learner")
-# Libraries whose INFO lines belong in a component's log file, not on the terminal.
-NOISY_LOGGERS = (
-    "DeepSpeed",
-    "deepspeed",
-    "torch.distributed",
-    "urllib3",
-    "httpx",
-    "filelock",
-    "transformers",
-)
 
 
 def component_name(kind: str, index: int) -> str:
     return f"{kind}-{index}" if kind == "rollout" else kind
-
-
-def component_logging(run_dir: Path, name: str, capture_output: bool = False) -> Path:
-    """In a component's process: INFO to ``run_dir/logs/<name>.log``, WARNING also to stderr.
-
-    ``capture_output``: the process's stdout and stderr themselves (print, C++ logs, progress
-    bars of Ray, DeepSpeed, transformers) go to the same file, and nothing to stderr.
-    """
-    log_dir = Path(run_dir) / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    path = log_dir / f"{name}.log"
-    handlers: list[logging.Handler] = [file_handler(path)]
-    if capture_output:
-        redirect_output(path)
-    else:
-        err = logging.StreamHandler(sys.stderr)
-        err.setLevel(logging.WARNING)
-        err.setFormatter(logging.Formatter(LOG_FORMAT))
-        handlers.append(err)
-    root = logging.getLogger()
-    root.handlers = handlers
-    root.setLevel(logging.INFO)
-    logging.captureWarnings(True)  # a library's warnings become records in the same file
-    for noisy in NOISY_LOGGERS:
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    return path
-
-
-def link_ray_logs(log_dir: Path) -> Path | None:
-    """``log_dir/ray``: a link to this Ray session's log directory (the Serve controller, proxy
-    and API replica, the raylet), so every log of a run is found under its run directory.
-    Returns the link, or None when the session's directory is unknown (a Ray not started here)."""
-    try:
-        import ray
-
-        logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
-    except Exception:  # a private API: the link is a convenience, never worth failing a run
-        return None
-    link = Path(log_dir) / "ray"
-    link.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(OSError):
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        link.symlink_to(logs, target_is_directory=True)
-        return link
-    return None
 
 
 class Component:
@@ -151,7 +96,9 @@ def build_component(
         if policy_path is None:
             raise ValueError(f"{kind}: needs the policy path")
         if kind == "rollout":
-            actor = _build_rollout(cfg, transport, policy_path, index)
+            from services.run.build_rollout import build_rollout
+
+            actor = build_rollout(cfg, transport, policy_path, index, name)
 
             def roll() -> dict[str, Any]:
                 try:
@@ -160,7 +107,9 @@ def build_component(
                     actor.weights.close()  # leave the broadcast group, release sockets
 
             return Component(name, transport, roll)
-        learner, shutdown = _build_learner(
+        from services.run.build_learner import build_learner
+
+        learner, shutdown = build_learner(
             cfg, transport, policy_path, run_dir, index, detached_store
         )
 
@@ -197,300 +146,6 @@ def run_component(kind: str, cfg: RunConfig, redis_url: str, **kwargs: Any) -> d
     """Build and run one component in this process until the run ends; returns its summary
     (``d3s rollout|selector|learner``). Keyword arguments as for :func:`build_component`."""
     return build_component(kind, cfg, redis_url, **kwargs).run()
-
-
-def build_worker(
-    cfg: RunConfig,
-    model: Any,
-    tokenizer: Any,
-    name: str,
-    device: str | None = None,
-    *,
-    model_path: str | Path | None = None,
-    history: Any = None,
-) -> Any:
-    """A rollout worker (engine + tasks + prompt rendering and length limit). The engine is the
-    HF one around ``model`` (``device``: where it runs, None: where the model is), or with
-    ``rollout.engine: vllm`` a vLLM engine that loads ``model_path`` (``model`` unused). With
-    ``rollout.prefilter.enabled`` it selects prompts with the streaks and p's in ``history``
-    (a run's :class:`RunState`; None: in this process's memory, the in-process trainer)."""
-    from services.rollout.prefilter import MemoryHistoryStore, Prefilter, PromptHistory
-    from services.rollout.worker import RolloutWorker
-    from services.tasks.prompting import PromptFormat
-    from services.tasks.source import TaskSource
-
-    r = cfg.rollout
-    if r.engine == "vllm":
-        from services.rollout.vllm_engine import VLLMRolloutEngine
-
-        if model_path is None:
-            raise ValueError("rollout.engine: vllm needs the policy's model directory")
-        v = r.vllm_settings
-        kv = None
-        if r.num_gpus == 0:
-            from services.rollout.vllm_memory import cpu_kv_cache, read_model_memory
-
-            kv = cpu_kv_cache(r, read_model_memory(model_path))
-            log.info(
-                "vLLM KV cache on CPU: %g GiB (%s; the model and batch call for %g)",
-                kv.gib,
-                kv.source,
-                kv.derived_gib,
-            )
-        engine: Any = VLLMRolloutEngine(
-            model_path,
-            tokenizer,
-            r.max_new_tokens,
-            r.temperature,
-            r.top_p,
-            gpu_memory_utilization=v.gpu_memory_utilization,
-            tensor_parallel_size=v.tensor_parallel_size,
-            enforce_eager=v.enforce_eager,
-            max_model_len=v.max_model_len,
-            dtype=v.dtype,
-            seed=cfg.train.seed,
-            cpu_kv_cache_gib=None if kv is None else kv.gib,
-        )
-    else:
-        from services.rollout.hf_engine import HFRolloutEngine
-
-        engine = HFRolloutEngine(
-            model, tokenizer, r.max_new_tokens, r.temperature, r.top_p, device=device
-        )
-    return RolloutWorker(
-        engine,
-        TaskSource.from_config(cfg.task),
-        r.samples_per_prompt,
-        name=name,
-        prompt_format=PromptFormat.from_task(cfg.task),
-        max_prompt_tokens=r.max_prompt_tokens,
-        prefilter=Prefilter(
-            r.prefilter,
-            PromptHistory(
-                history if history is not None else MemoryHistoryStore(), r.prefilter.p_init
-            ),
-        )
-        if r.prefilter.enabled
-        else None,
-    )
-
-
-def heldout_prompts(cfg: RunConfig, tokenizer: Any) -> tuple[list, dict]:
-    """The task's held-out prompts rendered as the rollouts render them (instruction, chat
-    template), without those over ``rollout.max_prompt_tokens``, and the task's verifiers.
-
-    Raises:
-        ValueError: when no held-out prompt is within ``rollout.max_prompt_tokens``.
-    """
-    from services.policy.tokenizer import encode_text
-    from services.tasks.prompting import PromptFormat
-    from services.tasks.source import TaskSource
-
-    source = TaskSource.from_config(cfg.task)
-    prompts = PromptFormat.from_task(cfg.task).apply(tokenizer, source.heldout())
-    limit = cfg.rollout.max_prompt_tokens
-    if limit is not None:
-        kept = [p for p in prompts if len(encode_text(tokenizer, p.text)) <= limit]
-        if not kept:
-            raise ValueError(f"rollout.max_prompt_tokens: {limit} is below every held-out prompt")
-        if len(kept) < len(prompts):
-            log.info(
-                "evaluation: %d of %d held-out prompts exceed rollout.max_prompt_tokens=%d "
-                "and are left out",
-                len(prompts) - len(kept),
-                len(prompts),
-                limit,
-            )
-        prompts = kept
-    return prompts, source.verifiers
-
-
-def evaluation_metrics(result: Any) -> dict[str, float]:
-    """The metric row of an :class:`EvalResult`: ``eval/*`` (greedy, pass@k, maj@k, mean length,
-    per difficulty) and ``heldout_accuracy``, the greedy accuracy (pass@1 when greedy is off)."""
-    row = result.metrics(prefix="eval/")
-    greedy = result.greedy_accuracy
-    row["heldout_accuracy"] = greedy if greedy is not None else result.pass_at_k.get(1, 0.0)
-    return row
-
-
-def run_evaluation(
-    cfg: RunConfig,
-    model: Any,
-    tokenizer: Any,
-    prompts: list | None = None,
-    verifiers: Any = None,
-    **changes: Any,
-) -> Any:
-    """Evaluate ``model`` on the task's held-out prompts as ``cfg.eval`` says (``changes``
-    override its fields, e.g. ``n_samples``); returns the :class:`EvalResult`."""
-    from services.evaluation.evaluate import evaluate_policy
-
-    if prompts is None:
-        prompts, verifiers = heldout_prompts(cfg, tokenizer)
-    e = cfg.eval.model_copy(update=changes)
-    return evaluate_policy(
-        model,
-        tokenizer,
-        prompts,
-        verifiers,
-        n_samples=e.n_samples,
-        ks=e.ks,
-        temperature=e.temperature if e.temperature is not None else cfg.rollout.temperature,
-        top_p=e.top_p if e.top_p is not None else cfg.rollout.top_p,
-        max_new_tokens=cfg.rollout.max_new_tokens,
-        seed=e.seed,
-        greedy=e.greedy,
-        batch_size=e.batch_size,
-    )
-
-
-def build_evaluator(cfg: RunConfig, tokenizer: Any) -> Callable[[Any], dict[str, float]]:
-    """Held-out evaluation of a policy module, as every run reports it (``cfg.eval``): greedy
-    accuracy as ``heldout_accuracy``, pass@k, maj@k and mean response length as ``eval/*``."""
-    heldout, verifiers = heldout_prompts(cfg, tokenizer)
-
-    def evaluate(model: Any) -> dict[str, float]:
-        return evaluation_metrics(run_evaluation(cfg, model, tokenizer, heldout, verifiers))
-
-    return evaluate
-
-
-def _build_rollout(cfg: RunConfig, transport: Transport, policy_path: str, index: int) -> Any:
-    from services.policy.model import load_policy, load_tokenizer
-    from services.rollout.actor import RolloutActor
-    from services.rollout.vllm_weights import rollout_receiver
-
-    name = component_name("rollout", index)
-    if cfg.rollout.engine == "vllm":  # vLLM loads the weights itself, in its own workers
-        model, tokenizer = None, load_tokenizer(policy_path)
-    else:
-        model, tokenizer = load_policy(policy_path)
-    worker = build_worker(
-        cfg,
-        model,
-        tokenizer,
-        name,
-        device=rollout_device(cfg),
-        model_path=policy_path,
-        history=transport.state,
-    )
-    ws = cfg.weight_sync
-    receiver = rollout_receiver(worker.engine, ws, cfg.service.namespace, name, transport.client)
-    log.info(
-        "%s: engine on %s, weights by %s",
-        name,
-        getattr(worker.engine, "device", cfg.rollout.engine),
-        cfg.weight_sync.transport,
-    )
-    return RolloutActor(cfg.rollout_settings(), transport, receiver, worker, index)
-
-
-def rollout_device(cfg: RunConfig) -> str | None:
-    """``cuda`` when the rollout actors reserve GPUs (``rollout.num_gpus``) and one is visible
-    (Ray's CUDA_VISIBLE_DEVICES makes the reserved one ``cuda:0``); None keeps the CPU."""
-    import torch
-
-    return "cuda" if cfg.rollout.num_gpus > 0 and torch.cuda.is_available() else None
-
-
-def _build_learner(
-    cfg: RunConfig,
-    transport: Transport,
-    policy_path: str,
-    run_dir: str | Path | None,
-    index: int,
-    detached_store: bool,
-) -> tuple[Any, Callable[[], None]]:
-    from learner.engine import LearnerEngine
-    from learner.service import LearnerService
-    from services.policy.limits import model_limits
-    from services.policy.model import load_policy, save_policy
-    from services.run.placement import in_placement_group, node_address, start_followers
-    from services.weightsync.factory import make_publisher
-
-    model, tokenizer = load_policy(policy_path)
-    settings = cfg.learner_settings(Path(run_dir) if run_dir else None)
-    stop_followers: Callable[[], None] = lambda: None  # noqa: E731
-    if cfg.learner.world_size > 1:
-        from learner.multirank import start_ranks, stop_ranks
-
-        launch = None
-        if in_placement_group():  # under d3s run: followers in the learner's other bundles
-            log_dir = str(settings.run_dir / "logs")
-
-            def launch(world: int, port: int) -> tuple[str, list[Any]]:
-                return start_followers(
-                    world, port, cfg.learner, cfg.train.horizon, policy_path, log_dir
-                )
-
-        engine, procs = start_ranks(
-            cfg.learner,
-            cfg.train.horizon,
-            policy_path,
-            model,
-            launch=launch,
-            master_addr=node_address(),
-        )
-
-        def stop_followers() -> None:
-            stop_ranks(engine, procs)
-    else:
-        engine = LearnerEngine(model, cfg.learner, cfg.train.horizon)
-    ns = cfg.service.namespace
-    if cfg.weight_sync.transport == "object_store":
-        from services.weightsync.ray_store import get_or_create_store
-
-        get_or_create_store(ns, detached_store)  # the publisher below finds it
-    publisher = make_publisher(
-        cfg.weight_sync, ns, host=node_address(), redis_client=transport.client
-    )
-
-    def shutdown() -> None:
-        try:
-            stop_followers()
-        finally:
-            publisher.close()  # a catch-up write in flight finishes first
-
-    snapshot_eval = None
-    if cfg.eval.background and _ray_initialized():
-        from services.run.evaluator import RayEvaluator
-
-        snapshot_eval = RayEvaluator(cfg, policy_path, settings.run_dir)
-    elif cfg.eval.background:
-        log.info("learner: no Ray here, so held-out evaluation runs between steps")
-    service = LearnerService(
-        transport,
-        engine,
-        settings,
-        consumer=f"learner-{index}",
-        evaluate=None if snapshot_eval else build_evaluator(cfg, tokenizer),
-        snapshot_eval=snapshot_eval,
-        export=lambda module: save_policy(module, tokenizer, settings.run_dir / "final_policy"),
-        publisher=publisher,
-        limits=model_limits(policy_path),
-        logger_kwargs=cfg.logger_kwargs(),
-    )
-    return service, shutdown
-
-
-def _ray_initialized() -> bool:
-    try:
-        import ray
-    except ImportError:
-        return False
-    return ray.is_initialized()
-
-
-def ray_node_id() -> str:
-    """The Ray node this process runs on ('-' outside Ray): logged, so a run's logs say where
-    each component was placed."""
-    try:
-        import ray
-
-        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "-"
-    except Exception:  # a log line is not worth failing a component
-        return "-"
 
 
 class ComponentHost:

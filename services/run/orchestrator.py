@@ -26,9 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from services.common.secrets import mask_url
-from services.run.components import ComponentHost, component_name, link_ray_logs
+from services.run.components import ComponentHost, component_name
 from services.run.config import RunConfig
 from services.run.lockdown import loopback_ray
+from services.run.logs import link_ray_logs
 from services.run.placement import (
     PlacementPlan,
     host_options,

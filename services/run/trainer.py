@@ -23,8 +23,9 @@ from selector.curate import curate
 from services.common.seeding import step_seed
 from services.policy.model import load_policy, save_policy
 from services.rollout.worker import RolloutWorker
-from services.run.components import build_evaluator, build_worker
+from services.run.build_rollout import build_worker
 from services.run.config import RunConfig
+from services.run.evaluator import build_evaluator
 from services.run.prepare import prepare_policy
 from services.run.progress import StepProgress, warmstart_progress
 from services.telemetry.reporter import RunReporter
@@ -80,31 +81,7 @@ class SyncTrainer:
                 totals.update(state.get("totals", {}))
         worker = build_worker(cfg, rollout_model, tokenizer, "sync", model_path=policy_path)
         self._publish(learner, worker, rollout_model, version=start)
-        reporter = None
-        if lead:
-            evaluate = build_evaluator(cfg, tokenizer)
-            reporter = RunReporter(
-                self.run_dir,
-                total,
-                cfg.train.eval_every,
-                lambda: evaluate(rollout_model),
-                resume_step=start,
-                **cfg.logger_kwargs(),
-            )
-            log.info(
-                "run %s: preset=%s, %d prompts x %d samples per step (%d samples), steps "
-                "%d..%d, run dir %s",
-                cfg.name,
-                self.preset.name,
-                cfg.rollout.prompts_per_step,
-                cfg.rollout.samples_per_prompt,
-                cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt,
-                start,
-                total,
-                self.run_dir,
-            )
-            if start == 0:
-                reporter.record(0, dict(totals))
+        reporter = self._reporter(tokenizer, rollout_model, start, totals) if lead else None
         bar = StepProgress(total, start, enabled=lead and cfg.train.progress_bar)
         t_run = time.perf_counter()
         end = total if stop_at is None else min(stop_at, total)
@@ -147,6 +124,37 @@ class SyncTrainer:
                 png,
             )
         return summary
+
+    def _reporter(
+        self, tokenizer: Any, rollout_model: torch.nn.Module, start: int, totals: dict[str, float]
+    ) -> RunReporter:
+        """The run's metric log, evaluating ``rollout_model`` on the held-out prompts when due;
+        a fresh run's step 0 is recorded (and evaluated) here."""
+        cfg = self.cfg
+        evaluate = build_evaluator(cfg, tokenizer)
+        reporter = RunReporter(
+            self.run_dir,
+            cfg.train.total_steps,
+            cfg.train.eval_every,
+            lambda: evaluate(rollout_model),
+            resume_step=start,
+            **cfg.logger_kwargs(),
+        )
+        log.info(
+            "run %s: preset=%s, %d prompts x %d samples per step (%d samples), steps "
+            "%d..%d, run dir %s",
+            cfg.name,
+            self.preset.name,
+            cfg.rollout.prompts_per_step,
+            cfg.rollout.samples_per_prompt,
+            cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt,
+            start,
+            cfg.train.total_steps,
+            self.run_dir,
+        )
+        if start == 0:
+            reporter.record(0, dict(totals))
+        return reporter
 
     def _step(
         self,

@@ -120,7 +120,7 @@ def _config(model_dir: Path, files: dict[str, Path], run_dir: Path, **sections: 
 def test_rollouts_use_the_chat_template_stop_on_end_of_turn_and_skip_long_prompts(
     model_dir, task_files, tmp_path, monkeypatch
 ):
-    from services.run.components import build_worker
+    from services.run.build_rollout import build_worker
 
     monkeypatch.syspath_prepend(str(task_files["pythonpath"]))
     cfg = parse_config(_config(model_dir, task_files, tmp_path / "run"))

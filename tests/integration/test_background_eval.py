@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from services.run.components import build_evaluator
 from services.run.config import parse_config
+from services.run.evaluator import build_evaluator
 from services.telemetry.reporter import RunReporter
 from services.telemetry.run_log import read_metrics
 

@@ -16,7 +16,7 @@ from services.policy.tokenizer import CharTokenizer
 from services.rollout.actor import RolloutActor
 from services.rollout.config import PrefilterConfig
 from services.rollout.prefilter import Prefilter, PromptHistory, Streak, zero_variance_kind
-from services.run.components import build_worker
+from services.run.build_rollout import build_worker
 from services.run.config import parse_config
 from services.tasks.source import TaskSource
 from services.transport.bundle import Transport

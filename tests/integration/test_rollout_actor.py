@@ -15,7 +15,7 @@ import torch
 from services.policy.model import PolicySpec, build_policy, load_policy, save_policy
 from services.policy.tokenizer import CharTokenizer
 from services.rollout.actor import RolloutActor, groups_per_round
-from services.run.components import build_worker
+from services.run.build_rollout import build_worker
 from services.run.config import RunConfig, parse_config
 from services.transport.bundle import Transport
 from services.transport.records import ScoredGroup, decode

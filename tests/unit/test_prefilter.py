@@ -288,7 +288,7 @@ def test_prefilter_is_off_by_default_and_on_in_quickstart_greso():
 def test_build_worker_wires_the_prefilter_only_when_enabled():
     from services.policy.model import PolicySpec, build_policy
     from services.policy.tokenizer import CharTokenizer
-    from services.run.components import build_worker
+    from services.run.build_rollout import build_worker
 
     tok = CharTokenizer()
     model = build_policy(PolicySpec(n_layer=1, n_embd=16, n_head=2), tok)

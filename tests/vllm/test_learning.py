@@ -19,7 +19,7 @@ import torch
 
 from services.rollout.config import RolloutConfig
 from services.rollout.hf_engine import process_logits
-from services.run.components import build_worker
+from services.run.build_rollout import build_worker
 from services.run.config import parse_config
 
 TEMPERATURE = 0.7
