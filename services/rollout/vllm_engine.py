@@ -180,8 +180,8 @@ class VLLMRolloutEngine(RolloutEngine):
     def collective_rpc(self, method: str | Callable[..., Any], *args: Any) -> list[Any]:
         """Call ``method`` on every worker (a worker-extension method's name, or a function
         given the worker first); one result per worker."""
-        if self._llm is None:
-            raise RuntimeError("the vLLM engine is shut down")
+        if not self.running:
+            raise RuntimeError("the vLLM engine is not running (shut down)")
         return self._llm.collective_rpc(method, args=args)
 
     # ---- weights -------------------------------------------------------------------------------

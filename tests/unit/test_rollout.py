@@ -489,3 +489,58 @@ def test_vllm_engine_module_loads_without_vllm_and_its_wire_format_round_trips()
     n = 8
     seeds = {prompt_seed(3, i, n) + j for i in range(50) for j in range(n)}
     assert len(seeds) == 50 * n
+
+
+def test_weight_group_options_come_from_the_config_once_and_cross_the_wire(model, tmp_path):
+    """The vLLM weight path's one options type: what the workers' receiver is built with, and
+    which receiver a rollout actor gets for each engine and transport."""
+    import inspect
+
+    from services.rollout.vllm_engine import VLLMRolloutEngine
+    from services.rollout.vllm_weights import WeightGroupOptions, rollout_receiver
+    from services.weightsync.collective import CollectivePublisher, CollectiveReceiver
+    from services.weightsync.config import WeightSyncConfig
+    from services.weightsync.files import FilesReceiver
+
+    ws = WeightSyncConfig(
+        transport="collective",
+        path=tmp_path,
+        timeout_s=12.0,
+        sample_every=3,
+        sample_elements=64,
+        engine_digest=True,
+    )
+    opts = WeightGroupOptions.from_config(ws, "10.0.0.1:2345")
+    assert opts == WeightGroupOptions("10.0.0.1:2345", str(tmp_path), 12.0, 3, 64, True)
+    assert WeightGroupOptions("a:1", catchup_dir=tmp_path).catchup_dir == str(tmp_path)
+    assert WeightGroupOptions.from_wire(opts.to_wire()) == opts
+    kwargs = opts.receiver_kwargs()
+    assert kwargs == {
+        "catchup_dir": str(tmp_path),
+        "timeout_s": 12.0,
+        "sample_every": 3,
+        "sample_elements": 64,
+    }
+    assert set(kwargs) <= set(inspect.signature(CollectiveReceiver).parameters)
+    with pytest.raises(ValueError, match="bogus"):
+        WeightGroupOptions.from_wire({**opts.to_wire(), "bogus": 1})
+
+    # The HF engine's actor receives the weights itself; vLLM's workers join the group, which
+    # needs the rendezvous (given, or looked up in Redis).
+    hf = HFRolloutEngine(model, TOK)
+    files = WeightSyncConfig(transport="files", path=tmp_path)
+    assert isinstance(rollout_receiver(hf, files, "ns", "rollout-0"), FilesReceiver)
+    assert not hf.joins_weight_group and VLLMRolloutEngine.joins_weight_group
+    unbuilt = VLLMRolloutEngine.__new__(VLLMRolloutEngine)  # no vLLM here: never started
+    with pytest.raises(ValueError, match="weight_sync.rendezvous"):
+        rollout_receiver(unbuilt, ws, "ns", "rollout-0")
+    pub = CollectivePublisher(catchup_every=0)
+    try:
+        given = ws.model_copy(update={"rendezvous": pub.address})
+        receiver = rollout_receiver(hf, given, "ns", "rollout-0")
+        assert isinstance(receiver, CollectiveReceiver)
+        receiver.close()
+        with pytest.raises(RuntimeError, match="not running"):  # it asked its workers to join
+            rollout_receiver(unbuilt, given, "ns", "rollout-0")
+    finally:
+        pub.close()
