@@ -28,7 +28,7 @@ from services.policy import shipped
 from services.policy.config import WARMSTART_FORMAT, PolicySpec, WarmstartConfig
 from services.policy.evaluate import evaluate_greedy
 from services.policy.model import build_policy, save_policy
-from services.policy.probe import probe_start
+from services.policy.probe import StartProbe, probe_start
 from services.policy.tokenizer import CharTokenizer
 from services.tasks.base import Prompt
 from services.tasks.config import ArithmeticTaskConfig, SyntheticTaskConfig
@@ -99,6 +99,40 @@ def attempt_seed(seed: int, attempt: int) -> int:
     return int(np.random.SeedSequence([seed, attempt, 0x57A7]).generate_state(1)[0] % (1 << 31))
 
 
+def _sft_step(model, optim, sched, ids: torch.Tensor, labels: torch.Tensor) -> float:
+    """One supervised step on a demonstration batch; returns its loss."""
+    # No attention mask: padding is on the right and attention is causal, so no real token
+    # ever sees a pad, and pads carry no loss. (The mask path costs ~15% here.)
+    logits = model(input_ids=ids).logits
+    loss = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
+    )
+    optim.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optim.step()
+    sched.step()
+    return loss.detach().item()
+
+
+def _probe(model, tokenizer, dev, max_new: int, samples: int, seed: int, step: int) -> StartProbe:
+    """The band's probe of the model being trained, logged; training's RNG streams untouched."""
+    # Sampling must not move the training's RNG streams (numpy's is separate).
+    with torch.random.fork_rng(devices=[]):
+        probe = probe_start(model, tokenizer, dev, max_new, samples, seed=seed)
+    model.train()
+    logger.info(
+        "warmstart step %d: dev greedy %.3f, sampled %.3f, pass@%d %.3f, entropy %.3f",
+        step,
+        probe.greedy_accuracy,
+        probe.sample_accuracy,
+        probe.samples,
+        probe.pass_at_k,
+        probe.entropy,
+    )
+    return probe
+
+
 def _train_attempt(
     spec: WarmstartConfig,
     policy: PolicySpec,
@@ -127,19 +161,8 @@ def _train_attempt(
         prompts = task.train_prompts(spec.batch_size, rng)
         targets = [task.demonstration(p, wrong, rng) for p in prompts]
         ids, labels, _ = demonstration_batch(tokenizer, prompts, targets)
-        # No attention mask: padding is on the right and attention is causal, so no real
-        # token ever sees a pad, and pads carry no loss. (The mask path costs ~15% here.)
-        logits = model(input_ids=ids).logits
-        loss = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
-        )
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optim.step()
-        sched.step()
+        value = _sft_step(model, optim, sched, ids, labels)
         step += 1
-        value = loss.detach().item()
         ema = value if ema is None else 0.95 * ema + 0.05 * value
         if progress is not None:
             progress(step, last_step, value)
@@ -152,20 +175,8 @@ def _train_attempt(
                 time.perf_counter() - t0,
             )
         if band is not None and step >= spec.steps and (step - spec.steps) % spec.check_every == 0:
-            # Sampling must not move the training's RNG streams (numpy's is separate).
-            with torch.random.fork_rng(devices=[]):
-                probe = probe_start(model, tokenizer, dev, max_new, band.samples, seed=seed)
-            model.train()
+            probe = _probe(model, tokenizer, dev, max_new, band.samples, seed, step)
             probes.append({"step": step, **asdict(probe)})
-            logger.info(
-                "warmstart step %d: dev greedy %.3f, sampled %.3f, pass@%d %.3f, entropy %.3f",
-                step,
-                probe.greedy_accuracy,
-                probe.sample_accuracy,
-                probe.samples,
-                probe.pass_at_k,
-                probe.entropy,
-            )
             if band.holds(probe):
                 in_band = True
                 break
