@@ -3,7 +3,9 @@
 Greedy accuracy comes from :func:`services.policy.evaluate.evaluate_greedy` (the number every run
 already logs); sampled metrics from ``n_samples`` responses per prompt drawn by the rollout
 engine (:class:`HFRolloutEngine`), so evaluation samples exactly as training does. Prompts that
-carry a ``difficulty`` attribute (see ``services.tasks.mixed``) are also reported per difficulty.
+carry a ``difficulty`` attribute (see ``services.tasks.mixed``) are also reported per difficulty,
+and prompts from two sources or more (``Prompt.source``: reasoning-gym datasets, data files, a
+plug-in's tags) per source.
 """
 
 from __future__ import annotations
@@ -17,11 +19,11 @@ import torch
 from services.evaluation.answers import EXTRACTORS, AnswerExtractor
 from services.evaluation.estimators import maj_at_k, pass_at_k_per_prompt
 from services.evaluation.results import EvalResult, GroupEval, PromptEval
-from services.policy.evaluate import evaluate_greedy
+from services.policy.evaluate import greedy_correct
 from services.rollout.engine import NO_STOP
 from services.rollout.hf_engine import HFRolloutEngine
 from services.tasks.base import Prompt
-from services.tasks.verify import CORRECT_REWARD, VERIFIERS, Verifier
+from services.tasks.verify import CORRECT_REWARD, VERIFIERS, Verifier, score_response
 
 
 def prompt_difficulty(prompt: Prompt) -> int | None:
@@ -121,9 +123,10 @@ def _sample(
                 PromptEval(
                     prompt_id=p.prompt_id,
                     difficulty=prompt_difficulty(p),
+                    source=p.source,
                     answers=[extract(t) for t in texts],
                     formatted=p.task in extractors,
-                    correct=[float(verify(t, p.answer)) >= CORRECT_REWARD for t in texts],
+                    correct=[float(score_response(verify, p, t)) >= CORRECT_REWARD for t in texts],
                     lengths=[int(lengths[r]) for r in rows],
                     truncated=[bool(truncated[r]) for r in rows],
                 )
@@ -155,11 +158,18 @@ def _sampled_metrics(records: Sequence[PromptEval], ks: Sequence[int], n_samples
     }
 
 
-def _groups(prompts: list[Prompt]) -> tuple[GroupEval, dict[int, GroupEval]]:
-    """Empty metrics for all prompts, and for each difficulty level, by level."""
+def _groups(
+    prompts: list[Prompt],
+) -> tuple[GroupEval, dict[int, GroupEval], dict[str, GroupEval]]:
+    """Empty metrics for all prompts, for each difficulty level, and for each source (when
+    there are two sources or more)."""
     difficulties = [prompt_difficulty(p) for p in prompts]
     levels = sorted({d for d in difficulties if d is not None})
-    return GroupEval(len(prompts)), {d: GroupEval(difficulties.count(d)) for d in levels}
+    sources = [p.source for p in prompts]
+    names = sorted({s for s in sources if s})
+    by_source = {s: GroupEval(sources.count(s)) for s in names} if len(names) > 1 else {}
+    by_level = {d: GroupEval(difficulties.count(d)) for d in levels}
+    return GroupEval(len(prompts)), by_level, by_source
 
 
 def _greedy(
@@ -168,21 +178,24 @@ def _greedy(
     prompts: list[Prompt],
     max_new_tokens: int,
     rows: int,
-    overall: GroupEval,
-    by_difficulty: dict[int, GroupEval],
+    verifiers: Mapping[str, Verifier] | None,
+    groups: tuple[GroupEval, dict[int, GroupEval], dict[str, GroupEval]],
 ) -> None:
-    """Greedy accuracy over all prompts into ``overall``, and per difficulty into
-    ``by_difficulty`` (the same number, not a second pass, when every prompt has one level)."""
-    overall.greedy_accuracy = evaluate_greedy(model, tokenizer, prompts, max_new_tokens, rows)
-    levels = list(by_difficulty)
-    if len(levels) == 1 and by_difficulty[levels[0]].n_prompts == len(prompts):
-        by_difficulty[levels[0]].greedy_accuracy = overall.greedy_accuracy
-        return
-    for d in levels:
-        group = [p for p in prompts if prompt_difficulty(p) == d]
-        by_difficulty[d].greedy_accuracy = evaluate_greedy(
-            model, tokenizer, group, max_new_tokens, rows
-        )
+    """Greedy accuracy over all prompts, per difficulty and per source, into ``groups``, from
+    one greedy pass."""
+    if verifiers is not None:
+        lookup = _resolve_verifier(verifiers)
+        for p in prompts:
+            lookup(p)  # a missing key fails here, named, not deep in generation
+    correct = greedy_correct(model, tokenizer, prompts, max_new_tokens, rows, verifiers)
+    overall, by_difficulty, by_source = groups
+    overall.greedy_accuracy = sum(correct) / len(prompts)
+    for d, group in by_difficulty.items():
+        hits = [c for c, p in zip(correct, prompts, strict=True) if prompt_difficulty(p) == d]
+        group.greedy_accuracy = sum(hits) / len(hits)
+    for name, group in by_source.items():
+        hits = [c for c, p in zip(correct, prompts, strict=True) if p.source == name]
+        group.greedy_accuracy = sum(hits) / len(hits)
 
 
 def _set_sampled(
@@ -216,8 +229,8 @@ def evaluate_policy(
         prompts: Held-out prompts; those with a ``difficulty`` attribute are also grouped.
         verifier: Scores sampled responses: one verifier for every prompt, a mapping keyed by
             ``Prompt.task`` (e.g. ``TaskSource.verifiers``, time-limited), or None for
-            ``VERIFIERS``. A sample is correct when its reward is >= 1. Greedy accuracy always
-            uses ``VERIFIERS[prompt.task]`` (it is :func:`evaluate_greedy`'s number).
+            ``VERIFIERS``. A sample is correct when its reward is >= 1. Greedy accuracy uses the
+            mapping too when one is given, else the verifier ``prompt.task`` names.
         n_samples: Responses sampled per prompt; 0 measures greedy accuracy only.
         ks: The k of pass@k and maj@k, each in ``1..n_samples``.
         temperature: Sampling temperature (> 0).
@@ -241,19 +254,23 @@ def evaluate_policy(
     prompts = list(prompts)
     verifier_of = _resolve_verifier(verifier)
     extractors = EXTRACTORS if extractors is None else extractors
-    overall, by_difficulty = _groups(prompts)
+    groups = _groups(prompts)
+    overall, by_difficulty, by_source = groups
     records: list[PromptEval] = []
     was_training = model.training
     try:
         if greedy:
             rows = batch_size * max(n_samples, 1)
-            _greedy(model, tokenizer, prompts, max_new_tokens, rows, overall, by_difficulty)
+            table = verifier if isinstance(verifier, Mapping) else None
+            _greedy(model, tokenizer, prompts, max_new_tokens, rows, table, groups)
         if n_samples > 0:
             engine = HFRolloutEngine(model, tokenizer, max_new_tokens, temperature, top_p)
             records = _sample(engine, prompts, verifier_of, extractors, n_samples, seed, batch_size)
             _set_sampled(overall, records, ks, n_samples)
             for d, group in by_difficulty.items():
                 _set_sampled(group, [r for r in records if r.difficulty == d], ks, n_samples)
+            for name, group in by_source.items():
+                _set_sampled(group, [r for r in records if r.source == name], ks, n_samples)
     finally:
         model.train(was_training)
     return EvalResult(
@@ -266,5 +283,6 @@ def evaluate_policy(
         max_new_tokens=max_new_tokens,
         seed=seed,
         seconds=time.perf_counter() - t0,
+        by_source=by_source,
         prompts=records,
     )

@@ -8,8 +8,17 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+
+_NOT_IN_NAME = re.compile(r"[^A-Za-z0-9_.@:-]")
+
+
+def source_suffix(source: str) -> str:
+    """The metric-name suffix of a source's metrics: ``/src:<source>``, with each character a
+    metric name cannot hold (``/``, spaces) written as ``_``."""
+    return "/src:" + _NOT_IN_NAME.sub("_", source)
 
 
 @dataclass
@@ -25,6 +34,7 @@ class PromptEval:
         truncated: Per sample, whether it hit ``max_new_tokens`` without a stop token.
         formatted: Whether ``answers`` came from the task's own extractor (so None there means
             the asked format was not followed).
+        source: The prompt's source (``Prompt.source``; empty for the built-in tasks).
     """
 
     prompt_id: str
@@ -34,6 +44,7 @@ class PromptEval:
     lengths: list[int]
     truncated: list[bool]
     formatted: bool = False
+    source: str = ""
 
     @property
     def n_correct(self) -> int:
@@ -96,6 +107,8 @@ class EvalResult:
         max_new_tokens: Response length limit (EOS included).
         seed: Sampling seed.
         seconds: Wall time of the whole evaluation.
+        by_source: source -> metrics over that source's prompts (a reasoning-gym dataset, a data
+            file, a plug-in's tag); empty unless the prompts come from two sources or more.
         prompts: Per-prompt sampled outcomes (in prompt order; empty without sampling). Left
             out of :meth:`to_dict` unless asked, as it grows with n_prompts x n_samples.
     """
@@ -109,6 +122,7 @@ class EvalResult:
     max_new_tokens: int
     seed: int
     seconds: float
+    by_source: dict[str, GroupEval] = field(default_factory=dict)
     prompts: list[PromptEval] = field(default_factory=list, repr=False)
 
     # Shortcuts for the numbers callers log most.
@@ -141,6 +155,7 @@ class EvalResult:
             "seconds": self.seconds,
             "overall": self.overall.to_dict(),
             "by_difficulty": {str(k): g.to_dict() for k, g in sorted(self.by_difficulty.items())},
+            "by_source": {k: g.to_dict() for k, g in sorted(self.by_source.items())},
         }
         if per_prompt:
             d["prompts"] = [asdict(p) for p in self.prompts]
@@ -159,17 +174,20 @@ class EvalResult:
             max_new_tokens=int(d["max_new_tokens"]),
             seed=int(d["seed"]),
             seconds=float(d["seconds"]),
+            by_source={k: GroupEval.from_dict(g) for k, g in d.get("by_source", {}).items()},
             prompts=[PromptEval(**p) for p in d.get("prompts", [])],
         )
 
     def metrics(self, prefix: str = "eval/") -> dict[str, float]:
         """Flat ``name -> value`` for the metric log: ``{prefix}greedy_accuracy``,
         ``{prefix}pass@k``, ``{prefix}maj@k``, ``{prefix}mean_response_length``,
-        ``{prefix}truncated_fraction``, ``{prefix}format_rate``, and per difficulty the same with a ``/d{difficulty}``
-        suffix. Metrics that were not measured are left out."""
+        ``{prefix}truncated_fraction``, ``{prefix}format_rate``, and per difficulty the same with a
+        ``/d{difficulty}`` suffix, per source with ``/src:{source}`` (:func:`source_suffix`).
+        Metrics that were not measured are left out."""
         out: dict[str, float] = {}
         groups: list[tuple[str, GroupEval]] = [("", self.overall)]
         groups += [(f"/d{k}", g) for k, g in sorted(self.by_difficulty.items())]
+        groups += [(source_suffix(k), g) for k, g in sorted(self.by_source.items())]
         for suffix, g in groups:
             values: dict[str, float | None] = {
                 "greedy_accuracy": g.greedy_accuracy,
@@ -186,8 +204,8 @@ class EvalResult:
 
     def table(self) -> tuple[list[str], list[list[str]]]:
         """``(header, rows)`` for a terminal table: one row for all prompts, then one per
-        difficulty; columns prompts, greedy, pass@k..., maj@k..., mean length."""
-        header = ["difficulty", "prompts", "greedy"]
+        difficulty and one per source; columns prompts, greedy, pass@k..., maj@k..., mean length."""
+        header = ["source" if self.by_source else "difficulty", "prompts", "greedy"]
         header += [f"pass@{k}" for k in self.ks] + [f"maj@{k}" for k in self.ks] + ["mean len"]
 
         def fmt(v: float | None, digits: int = 3) -> str:
@@ -205,6 +223,7 @@ class EvalResult:
 
         rows = [row("all", self.overall)]
         rows += [row(str(k), g) for k, g in sorted(self.by_difficulty.items())]
+        rows += [row(k, g) for k, g in sorted(self.by_source.items())]
         return header, rows
 
     def format_table(self) -> str:

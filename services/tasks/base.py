@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -15,13 +17,26 @@ class Prompt:
         prompt_id: Stable identifier (the same prompt gets the same id in every run).
         text: What the policy is conditioned on (no special tokens).
         answer: Reference answer, in the form the task's verifier expects.
-        task: Key into ``services.tasks.verify.VERIFIERS`` naming the verifier to score with.
+        task: Key naming the verifier to score with: one of ``services.tasks.verify.VERIFIERS``,
+            an import path, or a key the task's :class:`~services.tasks.source.TaskSource`
+            registers (``reasoning_gym/<dataset>``, ``plugin/<source>``).
+        source: Where the prompt came from, for per-source metrics (a reasoning-gym dataset
+            name, a data file, a plug-in's tag); empty for the built-in tasks.
+        metadata: Per-prompt data handed to a verifier that takes a third argument (the
+            reasoning-gym entry's metadata, a data row's extra columns, a plug-in's metadata).
+            It stays in the process that drew the prompt, next to the text it scores: rollout
+            workers score before publishing, so it never goes on the wire. Not compared.
+        messages: Chat messages (``{"role", "content"}`` dicts) the prompt is rendered from
+            instead of ``text`` (a plug-in may yield them); None for a plain question.
     """
 
     prompt_id: str
     text: str
     answer: str
     task: str
+    source: str = ""
+    metadata: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    messages: tuple[Mapping[str, str], ...] | None = field(default=None, compare=False, hash=False)
 
 
 def as_generator(rng: np.random.Generator | int | None, default_seed: int) -> np.random.Generator:

@@ -4,7 +4,9 @@ A JSONL task states an instruction template (``"{question}\\nPut the final answe
 and whether to wrap it in the tokenizer's chat template, with an optional system turn. The
 rendered text (chat markers included) is the prompt the rollout engines and evaluation encode,
 so the policy is trained on exactly what it is later asked. Built-in tasks use their prompts
-as they are.
+as they are. A prompt that is chat messages (``Prompt.messages``: a plug-in's, a verl parquet
+row's) is rendered as given, with the system turn added when it has none; it needs the chat
+template.
 """
 
 from __future__ import annotations
@@ -71,11 +73,38 @@ class PromptFormat:
             messages.insert(0, {"role": "system", "content": self.system_prompt})
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
+    def render_messages(self, tokenizer: Any, messages: Sequence[Any]) -> str:
+        """The prompt text of chat ``messages``: the chat template over them (the system turn
+        added when they have none), the assistant turn opened.
+
+        Raises:
+            ValueError: when the task does not render with the chat template, or the tokenizer
+                has none.
+        """
+        if not self.chat_template:
+            raise ValueError(
+                "task.chat_template: the task yields chat messages; set chat_template: true"
+            )
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("task.chat_template: the policy's tokenizer has no chat template")
+        turns = [dict(m) for m in messages]
+        if self.system_prompt is not None and not any(m["role"] == "system" for m in turns):
+            turns.insert(0, {"role": "system", "content": self.system_prompt})
+        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+
     def apply(self, tokenizer: Any, prompts: Sequence[Prompt]) -> list[Prompt]:
-        """``prompts`` with their text rendered (ids, answers and verifier keys kept)."""
-        if self.is_identity:
+        """``prompts`` with their text rendered (ids, answers, verifier keys and metadata kept)."""
+        if self.is_identity and all(p.messages is None for p in prompts):
             return list(prompts)
-        return [dataclasses.replace(p, text=self.render(tokenizer, p.text)) for p in prompts]
+        return [
+            dataclasses.replace(
+                p,
+                text=self.render(tokenizer, p.text)
+                if p.messages is None
+                else self.render_messages(tokenizer, p.messages),
+            )
+            for p in prompts
+        ]
 
 
 def has_chat_template(model_dir: str | Path) -> bool:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -10,15 +12,18 @@ from services.tasks.arithmetic import ARITHMETIC_ALPHABET, ArithmeticTask
 from services.tasks.base import Prompt
 from services.tasks.config import (
     ArithmeticTaskConfig,
+    DatasetTaskConfig,
     JsonlTaskConfig,
     MixedTaskConfig,
+    PythonTaskConfig,
+    ReasoningGymTaskConfig,
     SyntheticTaskConfig,
     TaskConfig,
 )
 from services.tasks.jsonl import load_jsonl
 from services.tasks.mixed import ALPHABET as MIXED_ALPHABET
 from services.tasks.mixed import MixedTask
-from services.tasks.verify import VERIFIERS, SafeVerifier, resolve_verifier
+from services.tasks.verify import VERIFIERS, SafeVerifier, Verifier, resolve_verifier
 
 SyntheticTask = ArithmeticTask | MixedTask
 
@@ -38,8 +43,21 @@ def synthetic_task(task: SyntheticTaskConfig | int, seed: int = 0) -> tuple[Synt
 class TaskSource:
     """Training prompts (sampled with a seed), fixed held-out prompts, and safe verifiers.
 
-    Built-in tasks (addition, mixed) generate prompts; JSONL tasks read them. Held-out prompts
-    of the mixed task carry their ``difficulty``, which evaluation reports per level.
+    Built-in tasks (addition, mixed) and generated tasks (reasoning-gym, a Python plug-in:
+    ``generator``) make prompts; JSONL and dataset tasks read them. Held-out prompts of the
+    mixed task carry their ``difficulty``, those of the others their ``source``: evaluation
+    reports accuracy per level and per source.
+
+    Args:
+        synthetic: A built-in task.
+        train: Read training prompts (JSONL, data files).
+        heldout: Read held-out prompts (None: the first training prompts).
+        heldout_size: Held-out prompts kept.
+        verifier_timeout_s: Time limit of every verifier call.
+        generator: A task with ``train_prompts(n, rng)`` and ``heldout()``.
+        scorers: Verifier keys the task's prompts name beyond the registered ones (a
+            reasoning-gym dataset's scorer, a plug-in's), each guarded like them.
+        kind: The task's type (for ``generator`` tasks).
     """
 
     def __init__(
@@ -49,37 +67,65 @@ class TaskSource:
         heldout: list[Prompt] | None = None,
         heldout_size: int = 500,
         verifier_timeout_s: float = 2.0,
+        *,
+        generator: Any = None,
+        scorers: Mapping[str, Verifier] | None = None,
+        kind: str = "jsonl",
     ) -> None:
-        self._task = synthetic
+        self._task = synthetic if synthetic is not None else generator
+        self._train: list[Prompt] = []
         if synthetic is not None:
             self.kind = "mixed" if isinstance(synthetic, MixedTask) else "arithmetic"
-            self._train: list[Prompt] = []
             self._heldout = list(synthetic.heldout(heldout_size))
+        elif generator is not None:
+            self.kind = kind
+            self._heldout = list(generator.heldout())[:heldout_size]
         else:
             if not train:
                 raise ValueError("train: a JSONL task needs training prompts")
-            self.kind = "jsonl"
+            self.kind = kind
             self._train = train
             self._heldout = (heldout or train)[:heldout_size]
-        self.verifiers = {
-            name: SafeVerifier(fn, verifier_timeout_s) for name, fn in VERIFIERS.items()
-        }
+        table = {**VERIFIERS, **(scorers or {})}
+        self.verifiers = {name: SafeVerifier(fn, verifier_timeout_s) for name, fn in table.items()}
         # A task may name its verifier by import path: guard it like the registered ones.
         for key in {p.task for p in (*self._train, *self._heldout)} - set(self.verifiers):
             self.verifiers[key] = SafeVerifier(resolve_verifier(key), verifier_timeout_s)
 
     @classmethod
     def from_config(cls, task: TaskConfig) -> TaskSource:
+        """The prompts and verifiers ``task`` describes.
+
+        Raises:
+            ValueError: naming the field or the row on data the config check could not see
+                (a bad row, a plug-in whose items are malformed).
+        """
+        limits = {"heldout_size": task.heldout_size, "verifier_timeout_s": task.verifier_timeout_s}
         if isinstance(task, JsonlTaskConfig):
             train = load_jsonl(Path(task.train_path), task=task.verifier)
             heldout = None
             if task.eval_path:
                 heldout = load_jsonl(Path(task.eval_path), task=task.verifier)
-            return cls(None, train, heldout, task.heldout_size, task.verifier_timeout_s)
+            return cls(None, train, heldout, **limits)
+        if isinstance(task, DatasetTaskConfig):
+            from services.tasks.data import load_task
+
+            train, heldout = load_task(task)
+            return cls(None, train, heldout, **limits, kind="dataset")
+        if isinstance(task, ReasoningGymTaskConfig):
+            from services.tasks.reasoning_gym import ReasoningGymTask
+
+            rg = ReasoningGymTask(task)
+            return cls(generator=rg, scorers=rg.scorers, kind="reasoning_gym", **limits)
+        if isinstance(task, PythonTaskConfig):
+            from services.tasks.plugin import PluginTask
+
+            plugin = PluginTask(task)
+            return cls(
+                generator=plugin, scorers={plugin.key: plugin.scorer}, kind="python", **limits
+            )
         synthetic, _ = synthetic_task(task)
-        return cls(
-            synthetic, heldout_size=task.heldout_size, verifier_timeout_s=task.verifier_timeout_s
-        )
+        return cls(synthetic, **limits)
 
     def train_prompts(self, n: int, rng: np.random.Generator) -> list[Prompt]:
         if self._task is not None:
@@ -96,7 +142,7 @@ class TaskSource:
         for i, p in enumerate(prompts):
             verify = self.verifiers[p.task]
             for j in range(n):
-                out[i, j] = verify(texts[i * n + j], p.answer)
+                out[i, j] = verify(texts[i * n + j], p.answer, p.metadata)
         return out
 
     @property

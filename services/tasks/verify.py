@@ -2,7 +2,10 @@
 
 A task names its verifier (``task.verifier``): a key of :data:`VERIFIERS`, or an import path
 ``package.module:function`` to a function of the same shape; :func:`resolve_verifier` turns
-either into the function, and fails at config time when the import does not resolve.
+either into the function, and fails at config time when the import does not resolve. A verifier
+that takes a third positional argument (or sets ``takes_metadata = True``) is also given the
+prompt's ``metadata`` (a reasoning-gym entry's, a data row's extra columns); call any verifier on
+a prompt with :func:`score_response`.
 
 Verifiers here may raise or (math-verify on adversarial LaTeX) take unbounded time.
 :class:`SafeVerifier` turns both into a 0 reward and counts them, without signals, so it works
@@ -18,8 +21,9 @@ import math
 import queue
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from fractions import Fraction
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -190,13 +194,42 @@ def resolve_verifier(spec: str) -> Verifier:
     try:
         inspect.signature(fn).bind("response", "answer")
     except TypeError:
-        raise ValueError(
-            f"verifier {spec!r} must accept (response_text, answer) as two positional arguments"
-        ) from None
+        if not takes_metadata(fn):
+            raise ValueError(
+                f"verifier {spec!r} must accept (response_text, answer) as two positional "
+                "arguments (or three, with the prompt's metadata)"
+            ) from None
     except ValueError:  # no signature to inspect (some builtins): trust it
         pass
     _imported[spec] = fn
     return fn
+
+
+def takes_metadata(fn: Callable) -> bool:
+    """Whether ``fn`` is called with the prompt's metadata as a third argument: it says so
+    (``takes_metadata = True``), or its signature takes exactly three positional arguments
+    (a guarded :class:`SafeVerifier` always accepts it)."""
+    flag = getattr(fn, "takes_metadata", None)
+    if flag is not None:
+        return bool(flag)
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    positional = [
+        p
+        for p in params
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+    ]
+    return len(positional) == 3
+
+
+def score_response(verify: Callable, prompt: Any, response: str) -> float:
+    """``verify``'s reward for ``response`` to ``prompt`` (a :class:`~services.tasks.base.Prompt`):
+    called with (response, answer), plus the prompt's metadata when the verifier takes it."""
+    if takes_metadata(verify):
+        return verify(response, prompt.answer, getattr(prompt, "metadata", {}))
+    return verify(response, prompt.answer)
 
 
 class SafeVerifier:
@@ -215,8 +248,11 @@ class SafeVerifier:
         calls: All calls.
     """
 
+    takes_metadata = True  # passed on to ``fn`` only when it takes it
+
     def __init__(self, fn: Verifier, timeout_s: float | None = 2.0) -> None:
         self.fn = fn
+        self._with_metadata = takes_metadata(fn)
         self.timeout_s = timeout_s
         self.errors = 0
         self.timeouts = 0
@@ -243,19 +279,19 @@ class SafeVerifier:
         )
         return 0.0
 
-    def _run(self, response: str, answer: str, box: dict[str, object]) -> None:
+    def _run(self, args: tuple, box: dict[str, object]) -> None:
         try:
-            box["value"] = self.fn(response, answer)
+            box["value"] = self.fn(*args)
         except BaseException as e:
             box["error"] = e
 
     def _serve(self, jobs: queue.SimpleQueue) -> None:
         while True:
-            response, answer, box, done = jobs.get()
-            self._run(response, answer, box)
+            args, box, done = jobs.get()
+            self._run(args, box)
             done.set()
 
-    def _submit(self, response: str, answer: str, box: dict[str, object]) -> threading.Event:
+    def _submit(self, args: tuple, box: dict[str, object]) -> threading.Event:
         with self._lock:
             if self._worker is None or not self._worker.is_alive():
                 self._jobs = queue.SimpleQueue()
@@ -269,7 +305,7 @@ class SafeVerifier:
             jobs = self._jobs
         done = threading.Event()
         assert jobs is not None
-        jobs.put((response, answer, box, done))
+        jobs.put((args, box, done))
         return done
 
     def _abandon_worker(self) -> None:
@@ -279,13 +315,16 @@ class SafeVerifier:
                 self._stuck.append(self._worker)
             self._worker, self._jobs = None, None
 
-    def __call__(self, response: str, answer: str) -> float:
+    def __call__(
+        self, response: str, answer: str, metadata: Mapping[str, Any] | None = None
+    ) -> float:
         with self._lock:
             self.calls += 1
         box: dict[str, object] = {}
+        args = (response, answer, metadata or {}) if self._with_metadata else (response, answer)
         if self.timeout_s is None:
-            self._run(response, answer, box)
-        elif not self._submit(response, answer, box).wait(self.timeout_s):
+            self._run(args, box)
+        elif not self._submit(args, box).wait(self.timeout_s):
             self._abandon_worker()
             return self._fail(response, f"timeout after {self.timeout_s} s", timeout=True)
         if "error" in box:
