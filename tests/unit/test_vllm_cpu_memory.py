@@ -124,8 +124,8 @@ def test_derived_kv_cache_follows_the_model_and_the_batch():
     assert kv_bytes_per_token(SMOLLM2, "float32") == 46_080
     assert kv_bytes_per_token(SMOLLM2, "bfloat16") == 23_040
     assert kv_bytes_per_token(SMOLLM2, "auto") == 46_080  # the checkpoint's float32
-    # configs/smollm2.yaml: 32 sequences of 136 tokens (two 128-token blocks) = 0.35 GiB; one
-    # 8192-token sequence (vLLM's minimum) is as much; +25% is under the 1 GiB floor.
+    # configs/smollm2.yaml: 64 sequences of 136 tokens (two 128-token blocks) = 0.70 GiB; one
+    # 8192-token sequence (vLLM's minimum) 0.35 GiB; +25% is under the 1 GiB floor.
     assert derived_kv_cache_gib(_rollout(), SMOLLM2) == 1.0
     # 64 x 16 sequences of 496 tokens (512: 4 blocks) x 46,080 B = 22.5 GiB, +25%.
     big = _rollout(prompts_per_step=64, samples_per_prompt=16, max_new_tokens=400)
