@@ -54,6 +54,8 @@ def train_one(engine: str, seed: int, out: Path, sets: list[str]) -> None:
             "api.enabled=false",
             # A vLLM engine starting on a busy 2-core box takes minutes.
             "service.wait_timeout_s=1200",
+            # As the README's vLLM command: no CUDA-graph capture to wait for on CPU.
+            *(["rollout.vllm.enforce_eager=true"] if engine == "vllm" else []),
             *sets,
         ],
     )
