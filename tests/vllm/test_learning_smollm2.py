@@ -1,7 +1,8 @@
 """The learning check of issue 26 on the real model (run with ``-m slow``): configs/smollm2.yaml
 trained lock-step from the same start and seed with HF rollouts and with vLLM rollouts reaches
-comparable training reward, and neither settles in the format trap (every answer a formatted
-wrong number, reward ~= the format credit).
+comparable training reward, and both learn: the reward of the last half of the steps clearly
+above the first step's (the trapped runs of the old recipe stayed flat at the format credit,
+with vLLM always among them).
 
 Lock-step (``d3s train``) so the two runs differ in the engine only, not in scheduling. The
 training reward is compared rather than the held-out evaluation: it is what the learner was fed.
@@ -16,14 +17,16 @@ from pathlib import Path
 
 import pytest
 
-from services.tasks.verify import FORMAT_CREDIT
 from services.telemetry.run_log import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 10
-# Two runs of 10 steps x 32 samples: a step's mean reward has a sampling sd of about 0.05, the
-# mean of the last half about 0.03 per run.
-COMPARABLE = 0.1
+# 64 samples a step: a step's mean reward has a sampling sd of about 0.06 at 0.3, the mean of
+# the last half about 0.03 per run; runs that learn differ in when they take off, hence 0.15.
+COMPARABLE = 0.15
+# The start's training reward is about 0.05 (0.047 at seed 0); a learning run passed 0.3 by
+# step 6 (lock-step HF, seed 0).
+LEARNED_GAIN = 0.1
 
 
 def _train(engine: str, run_dir: Path, model: Path) -> list[float]:
@@ -69,5 +72,4 @@ def test_vllm_and_hf_rollouts_learn_alike_on_smollm2(tmp_path):
     assert len(hf) == len(vllm) == STEPS
     late_hf, late_vllm = (statistics.fmean(r[STEPS // 2 :]) for r in (hf, vllm))
     assert abs(late_vllm - late_hf) <= COMPARABLE, (hf, vllm)
-    # The trap pays the format credit and nothing more (0.09 in issue 26's runs).
-    assert late_vllm > 1.5 * FORMAT_CREDIT and late_hf > 1.5 * FORMAT_CREDIT, (hf, vllm)
+    assert late_hf > hf[0] + LEARNED_GAIN and late_vllm > vllm[0] + LEARNED_GAIN, (hf, vllm)
