@@ -101,7 +101,8 @@ class ReasoningGymScorer:
         stated = extract_final(response, self.answer_format)
         if stated is None:
             return 0.0
-        entry = {"question": "", "answer": answer, "metadata": dict(metadata)}
+        # An open-ended dataset (propositional_logic) has no reference: None, kept as "".
+        entry = {"question": "", "answer": answer or None, "metadata": dict(metadata)}
         return float(self.dataset.score_answer(stated, entry))
 
 
@@ -130,7 +131,7 @@ class _Source:
         return Prompt(
             prompt_id=f"rg/{self.source}/{index}",
             text=str(entry["question"]),
-            answer=str(entry["answer"]),
+            answer="" if entry["answer"] is None else str(entry["answer"]),
             task=self.key,
             source=str(metadata.get("source_dataset", self.source))
             if self.name == "composite"
