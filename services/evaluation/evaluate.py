@@ -205,6 +205,19 @@ def _set_sampled(
         setattr(group, name, value)
 
 
+def _set_sampled_groups(
+    by_difficulty: dict[int, GroupEval],
+    by_source: dict[str, GroupEval],
+    records: Sequence[PromptEval],
+    ks: Sequence[int],
+    n_samples: int,
+) -> None:
+    for d, group in by_difficulty.items():
+        _set_sampled(group, [r for r in records if r.difficulty == d], ks, n_samples)
+    for name, group in by_source.items():
+        _set_sampled(group, [r for r in records if r.source == name], ks, n_samples)
+
+
 def evaluate_policy(
     model: torch.nn.Module,
     tokenizer,
@@ -267,10 +280,7 @@ def evaluate_policy(
             engine = HFRolloutEngine(model, tokenizer, max_new_tokens, temperature, top_p)
             records = _sample(engine, prompts, verifier_of, extractors, n_samples, seed, batch_size)
             _set_sampled(overall, records, ks, n_samples)
-            for d, group in by_difficulty.items():
-                _set_sampled(group, [r for r in records if r.difficulty == d], ks, n_samples)
-            for name, group in by_source.items():
-                _set_sampled(group, [r for r in records if r.source == name], ks, n_samples)
+            _set_sampled_groups(by_difficulty, by_source, records, ks, n_samples)
     finally:
         model.train(was_training)
     return EvalResult(
