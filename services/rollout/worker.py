@@ -1,5 +1,5 @@
-"""A rollout worker: prompts -> rendered prompt text -> G samples each -> verifier rewards ->
-ScoredGroup records.
+"""A rollout worker: prompts -> rendered prompt text -> G samples each -> verifier rewards (plus
+the ``reward.overlong`` shaping, :mod:`services.rollout.reward`) -> ScoredGroup records.
 
 Plain Python, so the synchronous trainer calls it in-process and the Ray actor wraps it; it drives
 any :class:`~services.rollout.engine.RolloutEngine` (HF or vLLM).
@@ -24,8 +24,9 @@ import time
 import numpy as np
 
 from services.policy.tokenizer import encode_text
-from services.rollout.engine import BetweenSteps, RolloutEngine
+from services.rollout.engine import NO_STOP, BetweenSteps, RolloutEngine
 from services.rollout.prefilter import Prefilter, RoundReport
+from services.rollout.reward import OverlongConfig
 from services.tasks.base import Prompt
 from services.tasks.prompting import PromptFormat
 from services.tasks.source import TaskSource
@@ -49,12 +50,16 @@ class RolloutWorker:
         max_prompt_tokens: Longest rendered prompt, in tokens; longer ones are skipped and
             counted (None: no limit).
         prefilter: Pre-rollout prompt selection (None: every drawn prompt that fits is used).
+        overlong: Overlong shaping added to the verifier's rewards (None: the verifier's
+            rewards as they are); the prefilter sees the verifier's, its right and wrong.
 
     Attributes:
         prompts_skipped_too_long: Prompts skipped so far for exceeding ``max_prompt_tokens``.
         prompts_prefiltered: Prompts skipped so far by ``prefilter``.
         last_prefilter_report: What ``prefilter`` saw of the latest round (None: no round yet,
             or no prefilter).
+        responses_overlong: Responses so far whose reward ``overlong`` lowered (in its buffer,
+            beyond ``max_len`` or truncated).
     """
 
     def __init__(
@@ -67,6 +72,7 @@ class RolloutWorker:
         prompt_format: PromptFormat | None = None,
         max_prompt_tokens: int | None = None,
         prefilter: Prefilter | None = None,
+        overlong: OverlongConfig | None = None,
     ) -> None:
         if max_prompt_tokens is not None and max_prompt_tokens < 1:
             raise ValueError(f"max_prompt_tokens must be >= 1, got {max_prompt_tokens}")
@@ -80,6 +86,8 @@ class RolloutWorker:
         self.prefilter = prefilter
         self.prompts_prefiltered = 0
         self.last_prefilter_report: RoundReport | None = None
+        self.overlong = overlong
+        self.responses_overlong = 0
         self._seq = 0
 
     @property
@@ -148,11 +156,12 @@ class RolloutWorker:
         rb = self.engine.generate(prompts, g, seed, between_steps=between_steps)
         versions = None if rb.token_versions is None else rb.token_versions.numpy()
         lengths = rb.response_lengths.numpy()
-        rewards = self.tasks.score(prompts, rb.texts, g)
+        verified = self.tasks.score(prompts, rb.texts, g)
         if self.prefilter is not None:
             self.last_prefilter_report = self.prefilter.observe(
-                [p.prompt_id for p in prompts], rewards, step
+                [p.prompt_id for p in prompts], verified, step
             )
+        rewards = self._shaped(verified, lengths, rb.stop_token.numpy() == NO_STOP)
         now = time.time()
         groups = []
         for i, p in enumerate(prompts):
@@ -178,6 +187,14 @@ class RolloutWorker:
                 )
             )
         return groups, rb.gen_seconds
+
+    def _shaped(self, verified: np.ndarray, lengths: np.ndarray, cut: np.ndarray) -> np.ndarray:
+        """The training rewards [B, G]: the verifier's plus the overlong shaping, if any."""
+        if self.overlong is None:
+            return verified
+        shaping = self.overlong.shaping(lengths, cut).reshape(verified.shape)
+        self.responses_overlong += int((shaping < 0).sum())
+        return (verified + shaping).astype(np.float32)
 
 
 def group_versions(

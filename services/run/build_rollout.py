@@ -86,6 +86,7 @@ def build_worker(
         )
         if r.prefilter.enabled
         else None,
+        overlong=cfg.reward.overlong,
     )
 
 

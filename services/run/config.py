@@ -24,6 +24,7 @@ from services.common.settings import settings_from
 from services.policy.config import PolicyConfig, WarmstartConfig
 from services.policy.limits import ModelLimits
 from services.rollout.config import RolloutConfig
+from services.rollout.reward import RewardConfig
 from services.rollout.settings import RolloutSettings
 from services.tasks.config import ArithmeticTaskConfig, MixedTaskConfig, TaskConfig
 from services.weightsync.config import WeightSyncConfig
@@ -208,6 +209,9 @@ class RunConfig(_Section):
     warmstart: WarmstartConfig = WarmstartConfig()
     rollout: RolloutConfig = RolloutConfig()
     algorithm: AlgorithmConfig = AlgorithmConfig()
+    reward: RewardConfig = RewardConfig()
+    """Shaping added to the verifier's reward of every training response (overlong); not
+    evaluation's."""
     learner: LearnerConfig = LearnerConfig()
     eval: EvalConfig = EvalConfig()
     train: TrainConfig = TrainConfig()
@@ -274,6 +278,13 @@ class RunConfig(_Section):
             raise ValueError(
                 "weight_sync.engine_digest: only read with rollout.engine vllm and "
                 "weight_sync.transport collective (the engines that receive in their workers)"
+            )
+        overlong = self.reward.overlong
+        if overlong is not None and overlong.max_len > self.rollout.max_new_tokens:
+            raise ValueError(
+                f"reward.overlong.max_len: {overlong.max_len} exceeds rollout.max_new_tokens="
+                f"{self.rollout.max_new_tokens}; no response can be that long, so the full "
+                "penalty would never apply"
             )
         if self.rollout.inflight_updates and self.service.mode == "sync":
             raise ValueError(
