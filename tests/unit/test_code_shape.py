@@ -9,8 +9,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("services", "learner", "selector")
 MAX_FUNCTION_LINES = 80
@@ -62,11 +60,6 @@ def test_the_checks_name_each_offender_and_only_them(tmp_path: Path) -> None:
     assert _long_file(src, tmp_path) == [f"long.py ({MAX_FILE_LINES + 1} lines)"]
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="other files are being cut to size in parallel (issue 27); the lead removes this "
-    "mark once every offender is gone",
-)
 def test_no_function_over_80_lines_and_no_file_over_450_lines() -> None:
     offenders = [o for p in _sources() for o in (*_long_functions(p), *_long_file(p))]
     assert not offenders, (
