@@ -8,17 +8,12 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
-_NOT_IN_NAME = re.compile(r"[^A-Za-z0-9_.@:-]")
+from services.common.metric_names import source_suffix
 
-
-def source_suffix(source: str) -> str:
-    """The metric-name suffix of a source's metrics: ``/src:<source>``, with each character a
-    metric name cannot hold (``/``, spaces) written as ``_``."""
-    return "/src:" + _NOT_IN_NAME.sub("_", source)
+__all__ = ["EvalResult", "GroupEval", "PromptEval", "source_suffix"]
 
 
 @dataclass

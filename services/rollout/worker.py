@@ -184,6 +184,7 @@ class RolloutWorker:
                     actor=self.name,
                     task=p.task,
                     token_versions=token_versions,
+                    source=p.source,
                 )
             )
         return groups, rb.gen_seconds

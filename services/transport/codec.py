@@ -225,11 +225,13 @@ def _decode_body(
     scalar_names: tuple[str, ...],
     array_specs: dict[str, tuple[str, int]],
     optional: frozenset[str] = frozenset(),
+    optional_scalars: frozenset[str] = frozenset(),
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Parse and check the generic layout; the record's own __post_init__ checks semantics.
 
     ``array_specs`` maps array name -> (element kind "i" or "f", ndim); arrays named in
-    ``optional`` may be absent (field and description both), and are then left out.
+    ``optional`` may be absent (field and description both), and are then left out, as are
+    scalars named in ``optional_scalars`` that ``meta`` does not hold (their defaults apply).
     """
     norm = normalise_fields(fields)
     meta = parse_meta(norm)
@@ -238,7 +240,7 @@ def _decode_body(
 
     expected_meta = {"schema", "kind", "arrays", *scalar_names}
     for name in scalar_names:
-        if name not in meta:
+        if name not in meta and name not in optional_scalars:
             raise SchemaError(f"missing field '{name}'")
     unknown = sorted(set(meta) - expected_meta)
     if unknown:
@@ -292,7 +294,7 @@ def _decode_body(
     if extra_arrays:
         raise SchemaError(f"meta describes unknown array(s): {', '.join(extra_arrays)}")
 
-    scalars = {name: meta[name] for name in scalar_names}
+    scalars = {name: meta[name] for name in scalar_names if name in meta}
     return scalars, arrays
 
 
@@ -313,13 +315,20 @@ class WireRecord:
     # Arrays a record may leave out (None in Python, absent on the wire): later additions, so
     # records written before them still decode.
     _OPTIONAL_ARRAYS: ClassVar[frozenset[str]] = frozenset()
+    # Scalars likewise, by name, with the default that leaves them off the wire.
+    _OPTIONAL_SCALARS: ClassVar[Mapping[str, Any]] = {}
 
     def to_fields(self) -> dict[bytes, bytes]:
         """Encode as a stream entry (``meta`` plus one raw-bytes field per array)."""
         arrays = {name: getattr(self, name) for name in self._ARRAYS}
+        scalars = {name: getattr(self, name) for name in self._SCALARS}
         return _encode(
             self.KIND,
-            {name: getattr(self, name) for name in self._SCALARS},
+            {
+                k: v
+                for k, v in scalars.items()
+                if k not in self._OPTIONAL_SCALARS or v != self._OPTIONAL_SCALARS[k]
+            },
             {k: v for k, v in arrays.items() if v is not None or k not in self._OPTIONAL_ARRAYS},
         )
 
@@ -327,6 +336,11 @@ class WireRecord:
     def from_fields(cls: type[_R], fields: Mapping[Any, Any]) -> _R:
         """Decode and validate a stream entry; raises :class:`SchemaError`."""
         scalars, arrays = _decode_body(
-            fields, cls.KIND, cls._SCALARS, cls._ARRAYS, cls._OPTIONAL_ARRAYS
+            fields,
+            cls.KIND,
+            cls._SCALARS,
+            cls._ARRAYS,
+            cls._OPTIONAL_ARRAYS,
+            frozenset(cls._OPTIONAL_SCALARS),
         )
         return cls(**scalars, **arrays)

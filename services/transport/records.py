@@ -44,6 +44,14 @@ def wire_array(kind: str, ndim: int, *, optional: bool = False) -> dict[str, Any
     return {_ARRAY: (kind, ndim), _OPTIONAL: optional}
 
 
+def wire_optional() -> dict[str, Any]:
+    """Metadata declaring a scalar field optional on the wire, ``field(default=...,
+    metadata=wire_optional())``: left off the wire while it holds its default, so a field added
+    later still decodes the records written before it, and a record that does not use it
+    encodes to the same bytes as before."""
+    return {_OPTIONAL: True}
+
+
 _C = TypeVar("_C", bound=type)
 
 
@@ -55,6 +63,9 @@ def _declared(cls: _C) -> _C:
     cls._ARRAYS = {f.name: f.metadata[_ARRAY] for f in fs if _ARRAY in f.metadata}
     cls._OPTIONAL_ARRAYS = frozenset(f.name for f in fs if f.metadata.get(_OPTIONAL))
     cls._SCALARS = tuple(f.name for f in fs if _ARRAY not in f.metadata)
+    cls._OPTIONAL_SCALARS = {
+        f.name: f.default for f in fs if _ARRAY not in f.metadata and f.metadata.get(_OPTIONAL)
+    }
     return cls
 
 
@@ -78,7 +89,8 @@ class ScoredGroup(WireRecord):
     log-prob of each response token, 0 at padding; ``rewards`` float32[G]. All floats finite.
     ``token_versions`` int32[G, T] (optional): the weight version that sampled each response
     token, 0 at padding, each in [policy_version, max_version]; left out when every token came
-    from ``policy_version`` (no in-flight update during the group).
+    from ``policy_version`` (no in-flight update during the group). ``source`` (optional, ""
+    when left out): the prompt's source, for per-source metrics.
     """
 
     KIND: ClassVar[str] = "group"
@@ -97,6 +109,10 @@ class ScoredGroup(WireRecord):
     token_versions: np.ndarray | None = field(
         default=None, metadata=wire_array("i", 2, optional=True)
     )
+    # Where the prompt came from (``Prompt.source``: a reasoning-gym dataset, a data file, a
+    # plug-in's tag), for per-source training metrics; ``task`` names the verifier, which is
+    # the source only for reasoning-gym. Empty for the built-in tasks, and then off the wire.
+    source: str = field(default="", metadata=wire_optional())
 
     def __post_init__(self) -> None:
         put = object.__setattr__  # frozen: normalised values are stored once, here
@@ -106,6 +122,7 @@ class ScoredGroup(WireRecord):
         put(self, "created_at", check_float("created_at", self.created_at, low=0.0))
         put(self, "actor", check_str("actor", self.actor))
         put(self, "task", check_str("task", self.task))
+        put(self, "source", check_str("source", self.source))
         _coerce_arrays(self)
 
         if self.prompt.shape[0] < 1:

@@ -418,3 +418,17 @@ def test_records_written_before_decode_and_encode_to_the_same_bytes() -> None:
     assert group.token_versions.tolist() == [[2, 3], [2, 0]] and group.max_version == 3
     assert batch.to_fields() == _stored(STORED_BATCH)
     assert group.to_fields() == _stored(STORED_GROUP)
+
+
+def test_source_is_optional_on_the_wire() -> None:
+    """``source`` came later: a group written before it decodes with source "", a group without
+    one encodes as before (no meta key), and one with a source carries it across."""
+    old = decode(_stored(STORED_GROUP))
+    assert isinstance(old, ScoredGroup) and old.source == ""
+    assert b"source" not in old.to_fields()[b"meta"]
+    tagged = dataclasses.replace(old, source="chain_sum")
+    again = ScoredGroup.from_fields(tagged.to_fields())
+    assert again.source == "chain_sum" and again.task == "t"
+    assert json.loads(tagged.to_fields()[b"meta"])["source"] == "chain_sum"
+    with pytest.raises(SchemaError, match="field 'source' must be a string"):
+        ScoredGroup.from_fields(with_meta(tagged.to_fields(), source=3))
