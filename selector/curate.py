@@ -16,11 +16,13 @@ import numpy as np
 import torch
 
 from selector.presets import Preset, select_samples
+from services.common.metric_names import source_suffix
 from services.transport.records import CuratedRows
 
 
 class GroupLike(Protocol):
-    """G scored rollouts of one prompt (shapes as in the groups stream)."""
+    """G scored rollouts of one prompt (shapes as in the groups stream). A ``source``
+    attribute (the prompt's source, as on a scored group) is read where present."""
 
     group_id: str
     policy_version: int
@@ -93,8 +95,36 @@ def curate(
         "sample_ratio": sample_ratio,
         "token_ratio": token_ratio,
     }
+    stats.update(source_stats(groups, rewards, zero_var))
     rows = _pack(groups, keep, adv, rewards) if bool((kept_adv != 0).any()) else None
     return CurateResult(rows, stats, progress, sample_ratio, token_ratio)
+
+
+def source_stats(
+    groups: list[GroupLike], rewards: torch.Tensor, zero_var: torch.Tensor
+) -> dict[str, float]:
+    """Per source, when the groups come from two sources or more: the mean reward
+    (``reward_mean/src:<source>``) and the share of its groups whose rewards were all equal
+    (``zero_var_share/src:<source>``); nothing for one source, whose numbers are the step's.
+
+    Args:
+        groups: the step's groups; a group's source is its ``source`` ("" or none: left out).
+        rewards: [B, G] their rewards.
+        zero_var: [B] bool, the groups whose rewards were all equal.
+    """
+    rows: dict[str, list[int]] = {}
+    for b, g in enumerate(groups):
+        source = getattr(g, "source", "")
+        if source:
+            # Keyed by the metric name's suffix: sources it writes alike are one series.
+            rows.setdefault(source_suffix(source), []).append(b)
+    if len(rows) < 2:
+        return {}
+    out: dict[str, float] = {}
+    for suffix, idx in sorted(rows.items()):
+        out[f"reward_mean{suffix}"] = float(rewards[idx].mean())
+        out[f"zero_var_share{suffix}"] = float(zero_var[idx].double().mean())
+    return out
 
 
 def _pack(
