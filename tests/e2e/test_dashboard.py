@@ -2,7 +2,9 @@
 
 * Against the API over a real Redis, while a writer thread records learner steps through
   ``RunState`` the way the services do (one every 0.2 s): every chart fills, the page follows
-  the run, the status badge follows a stop request; screenshot ``tests/artifacts/dashboard.png``.
+  the run, the status badge follows a stop request, and the held-out accuracy and reward charts
+  draw one line per source of a two-source run (``.../src:<source>`` metrics); screenshot
+  ``tests/artifacts/dashboard.png``.
 * Against a short real run (``run_service``: Ray, DeepSpeed, Ray Serve serving the API): the
   browser watches while the run trains, until every chart shows points and keeps growing;
   screenshot ``tests/artifacts/dashboard-run.png`` (``D3S_README_SCREENSHOT=1`` also writes
@@ -52,6 +54,8 @@ CHARTS = (
     "chart-loss",
 )
 TOTAL_STEPS = 400
+# The run's two sources (reasoning-gym datasets), as their per-source metrics name them.
+SOURCES = ("chain_sum", "leg_counting")
 
 
 def _browser() -> tuple[str, str]:
@@ -129,8 +133,15 @@ class StepWriter(threading.Thread):
                 "learner_seconds_total": 0.12 * s,
                 "wall_time": time.time(),
             }
+            # Per-source training reward: only at steps whose batch held both sources.
+            if s % 4 != 1:
+                for i, src in enumerate(SOURCES):
+                    row[f"reward_mean/src:{src}"] = row["reward_mean"] + 0.1 * (2 * i - 1)
             if s % 5 == 0:
                 row["heldout_accuracy"] = 0.1 + 0.6 * (1 - math.exp(-s / 20))
+                for i, src in enumerate(SOURCES):
+                    row[f"eval/greedy_accuracy/src:{src}"] = row["heldout_accuracy"] * (0.5 + i)
+                    row[f"eval/pass@1/src:{src}"] = row["heldout_accuracy"] * (0.4 + i)
             state.record_step(s, row)
             state.set_metrics({**row, "learner_version": s})
             state.record_published_version(s)
@@ -198,6 +209,14 @@ def _points(browser: Any) -> dict[str, int]:
     return {c: int(browser.find_element("id", c).get_attribute("data-points") or 0) for c in CHARTS}
 
 
+def _lines(browser: Any, chart: str) -> dict[str, int]:
+    """Each line of ``chart`` (its legend label) and how many points it shows."""
+    el = browser.find_element("id", chart)
+    labels = json.loads(el.get_attribute("data-series") or "[]")
+    counts = json.loads(el.get_attribute("data-series-points") or "[]")
+    return dict(zip(labels, counts, strict=False))
+
+
 def _wait(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -234,6 +253,24 @@ def test_dashboard_follows_a_live_run(redis_server: EmbeddedRedis, driver: Any) 
                 "the reward chart grows by 5 steps",
             )
             assert writer.error is None, writer.error
+
+            # One line per source next to the overall one, each with its own points.
+            for chart, overall in (
+                ("chart-accuracy", "held-out accuracy"),
+                ("chart-reward", "reward mean"),
+            ):
+                _wait(
+                    lambda chart=chart: min(_lines(driver, chart).values(), default=0) >= 3,
+                    30,
+                    f"every line of {chart} shows 3+ points",
+                )
+                lines = _lines(driver, chart)
+                assert list(lines) == [overall, *SOURCES], lines
+                legend = driver.find_element("id", chart).text
+                assert all(src in legend for src in SOURCES), legend
+            # The reward chart's source lines skip the steps without both sources.
+            reward = _lines(driver, "chart-reward")
+            assert reward["chain_sum"] < reward["reward mean"]
 
             text = driver.find_element("tag name", "body").text
             assert "running" in driver.find_element("id", "run-status").text

@@ -1,6 +1,8 @@
 // The live dashboard: polls the API's JSON routes and draws them with uPlot.
-// History is fetched incrementally (since_step = the next step not yet seen); queue depths are
-// not in the per-step history, so the page samples them itself at every poll.
+// History is fetched incrementally (since_step = the next step not yet seen), every metric of
+// each new row, so per-source series (`<metric>/src:<source>`, a run whose prompts come from two
+// sources or more) are found as they appear; queue depths are not in the per-step history, so
+// the page samples them itself at every poll.
 "use strict";
 
 (function () {
@@ -13,6 +15,12 @@
     "tokens_valid", "sample_ratio", "token_ratio", "staleness_mean", "staleness_max",
     "token_staleness_mean", "loss",
   ];
+  // Per-source metrics drawn as one line per source: held-out accuracy (greedy, else pass@1, as
+  // heldout_accuracy is) and the training reward.
+  const SOURCE_MARK = "/src:";
+  const ACCURACY_BY_SOURCE = ["eval/greedy_accuracy", "eval/pass@1"];
+  const REWARD_BY_SOURCE = "reward_mean";
+  const PER_SOURCE = [...ACCURACY_BY_SOURCE, REWARD_BY_SOURCE].map((m) => m + SOURCE_MARK);
 
   const history = { steps: [], cols: Object.fromEntries(HISTORY_NAMES.map((n) => [n, []])) };
   let nextSince = 0;
@@ -30,6 +38,8 @@
   const charts = {};
 
   function makeChart(id, labels, opts) {
+    const prev = charts[id];
+    if (prev) prev.chart.destroy(); // redrawn with more lines: a source appeared
     const el = document.getElementById(id);
     const o = opts || {};
     const s = [{ label: o.time ? "time" : "step" }].concat(
@@ -42,26 +52,52 @@
       legend: { live: false },
       series: s,
     }, [[]].concat(labels.map(() => [])), el);
-    charts[id] = { chart, el };
+    charts[id] = { chart, el, labels, opts: o };
+    el.dataset.series = JSON.stringify(labels);
+  }
+
+  // Lines whose set can grow (per source): the chart is made again when its labels change.
+  function setLines(id, labels, x, ys) {
+    const c = charts[id];
+    if (c.labels.join("\n") !== labels.join("\n")) makeChart(id, labels, c.opts);
+    setChart(id, x, ys);
   }
 
   function setChart(id, x, ys) {
     const c = charts[id];
     c.chart.setData([x].concat(ys));
-    let points = 0;
-    for (const y of ys) for (const v of y) if (v !== null && v !== undefined) points += 1;
-    c.el.dataset.points = String(points);
+    const counts = ys.map((y) => y.filter((v) => v !== null && v !== undefined).length);
+    c.el.dataset.points = String(counts.reduce((a, b) => a + b, 0));
+    c.el.dataset.seriesPoints = JSON.stringify(counts);
   }
 
   function ratio(num, den) {
     return num.map((v, i) => (v === null || !den[i] ? null : v / den[i]));
   }
 
+  // The sources of the columns named `<metric>/src:<source>`, sorted.
+  function sourcesOf(metric) {
+    const head = metric + SOURCE_MARK;
+    return Object.keys(history.cols).filter((n) => n.startsWith(head)).map((n) => n.slice(head.length)).sort();
+  }
+
+  function bySource(metrics) {
+    const sources = [...new Set(metrics.flatMap(sourcesOf))].sort();
+    // The first metric the source has any value of (greedy accuracy is off in some runs).
+    const cols = sources.map((s) => {
+      const named = metrics.map((m) => history.cols[m + SOURCE_MARK + s]).filter((col) => col);
+      return named.find((col) => col.some((v) => v !== null)) || named[0];
+    });
+    return { sources, cols };
+  }
+
   function drawHistory() {
     const x = history.steps;
     const c = history.cols;
-    setChart("chart-accuracy", x, [c.heldout_accuracy]);
-    setChart("chart-reward", x, [c.reward_mean]);
+    const acc = bySource(ACCURACY_BY_SOURCE);
+    setLines("chart-accuracy", ["held-out accuracy", ...acc.sources], x, [c.heldout_accuracy, ...acc.cols]);
+    const rew = bySource([REWARD_BY_SOURCE]);
+    setLines("chart-reward", ["reward mean", ...rew.sources], x, [c.reward_mean, ...rew.cols]);
     setChart("chart-kept", x, [ratio(c.samples_kept, c.samples_before),
       ratio(c.tokens_kept, c.tokens_valid), c.sample_ratio, c.token_ratio]);
     setChart("chart-staleness", x, [c.staleness_mean, c.staleness_max, c.token_staleness_mean]);
@@ -80,11 +116,16 @@
   async function pollHistory() {
     let grew = false;
     for (;;) {
-      const q = `metrics/history?names=${HISTORY_NAMES.join(",")}&since_step=${nextSince}&limit=${PAGE}`;
-      const page = await getJSON(q);
+      // No names: every metric of the rows, so per-source series are found when they appear.
+      const page = await getJSON(`metrics/history?since_step=${nextSince}&limit=${PAGE}`);
       if (!page || page.steps.length === 0) break;
+      const before = history.steps.length;
       history.steps.push(...page.steps);
-      for (const n of HISTORY_NAMES) history.cols[n].push(...page.series[n]);
+      for (const n of Object.keys(page.series)) {
+        if (!(n in history.cols) && PER_SOURCE.some((p) => n.startsWith(p))) history.cols[n] = new Array(before).fill(null);
+      }
+      const gap = page.steps.map(() => null);
+      for (const [n, col] of Object.entries(history.cols)) col.push(...(page.series[n] || gap));
       nextSince = page.next_since_step;
       grew = true;
       if (!page.more) break;
