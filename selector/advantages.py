@@ -17,6 +17,18 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def flat_groups(rewards: torch.Tensor) -> torch.Tensor:
+    """Which groups have no reward variance (every reward of the group exactly equal).
+
+    Args:
+        rewards: [B, G] rewards.
+    Returns:
+        flat: [B] bool; such a group's advantages are all zero (:func:`group_advantages`).
+    """
+    check_dim(rewards, 2, "rewards")
+    return (rewards == rewards[:, :1]).all(dim=1)
+
+
 def group_advantages(rewards: torch.Tensor, eps: float = DEFAULT_EPS) -> torch.Tensor:
     """A_i = (r_i - mean_g) / (std_g + eps) per group, population std (ddof=0).
 
@@ -35,7 +47,7 @@ def group_advantages(rewards: torch.Tensor, eps: float = DEFAULT_EPS) -> torch.T
     std = r.std(dim=1, unbiased=False, keepdim=True)
     adv = (r - mean) / (std + eps)
     # Exact zeros: with r = 0.1 everywhere, r - mean is ~1e-17, and /eps would turn it into noise.
-    flat = (r == r[:, :1]).all(dim=1, keepdim=True)
+    flat = flat_groups(r).unsqueeze(1)
     return torch.where(flat, torch.zeros_like(adv), adv)
 
 

@@ -2,13 +2,38 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from selector.presets import PRESETS, Preset, get_preset
 from selector.schedule import Schedule
+
+
+class DynamicSamplingConfig(BaseModel):
+    """DAPO's dynamic sampling: a step's batch is ``prompts_per_step`` groups whose rewards
+    differ, drawn from as many generated groups as it takes. A group whose rewards are all equal
+    (zero variance: every advantage 0, nothing to learn from) is counted and dropped, and more
+    are generated until the batch is full, at most ``max_draws_factor x prompts_per_step``
+    groups per step; past that bound with the batch not full the run stops with an error.
+    D3S's sample selection then selects within the filled batch.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = False
+    """Fill every batch with groups that carry reward variance (off: a step takes the groups
+    as they come, zero-variance ones included)."""
+    max_draws_factor: float = Field(4.0, ge=1, le=100)
+    """Most groups one step may consume, as a multiple of ``rollout.prompts_per_step`` (kept
+    and dropped together; verl's ``max_num_gen_batches``). A task that gives no variance stops
+    the run once a step has drawn this many without filling its batch."""
+
+    def max_draws(self, prompts_per_step: int) -> int:
+        """The most groups a step may consume."""
+        return math.ceil(self.max_draws_factor * prompts_per_step)
 
 
 class AlgorithmConfig(BaseModel):
@@ -41,6 +66,8 @@ class AlgorithmConfig(BaseModel):
     """Re-normalise advantages after sample selection (PODS); D3S does not."""
     adv_eps: float = Field(1e-6, gt=0)
     """Added to the group's reward std before dividing."""
+    dynamic_sampling: DynamicSamplingConfig = DynamicSamplingConfig()
+    """DAPO's dynamic sampling (batches of groups with reward variance only); off by default."""
 
     @model_validator(mode="after")
     def _known(self) -> AlgorithmConfig:
@@ -92,6 +119,8 @@ class SelectorSettings:
     max_positions: int | None = None
     schedule_steps: int | None = None
     """The keep-ratio schedule's horizon (``train.schedule_steps``); None: ``total_steps``."""
+    dynamic_sampling: DynamicSamplingConfig = field(default_factory=DynamicSamplingConfig)
+    """Drop zero-variance groups and keep reading until the batch is full (bounded)."""
 
     @property
     def horizon(self) -> int:

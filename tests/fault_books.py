@@ -2,7 +2,7 @@
 run without faults, and with ``faults=True`` for one that lost components on the way.
 
 ``audit`` checks that every group a rollout actor wrote is in exactly one place (used in exactly
-one batch, dropped as stale, skipped, dead-lettered or still queued), that every batch was trained
+one batch, dropped as stale, skipped, dropped by dynamic sampling, dead-lettered or still queued), that every batch was trained
 by exactly one learner step, and that weight versions are consistent. With ``faults=True`` it
 accepts what a run that lost components on the way legitimately shows: a batch delivered again
 after a learner restart (acknowledged as a duplicate, never trained twice), a learner that
@@ -76,7 +76,13 @@ def audit(client: redis.Redis, cfg: RunConfig, *, faults: bool = False, hostile:
     used = {g: v.removeprefix("used:") for g, v in ledger.items() if v.startswith("used:")}
     stale = {g for g, v in ledger.items() if v == "stale"}
     skipped = {g for g, v in ledger.items() if v.startswith("skipped:")}
-    assert len(used) + len(stale) + len(skipped) == len(ledger), f"unknown ledger states {ledger}"
+    # Zero-variance groups dynamic sampling dropped while filling the batch the state names.
+    filtered = {
+        g: v.removeprefix("filtered:") for g, v in ledger.items() if v.startswith("filtered:")
+    }
+    assert len(used) + len(stale) + len(skipped) + len(filtered) == len(ledger), (
+        f"unknown ledger states {ledger}"
+    )
     queued = set()
     for _, fields in client.xrange(t.keys.groups, "-", "+"):
         rec = decode(fields)
@@ -91,13 +97,17 @@ def audit(client: redis.Redis, cfg: RunConfig, *, faults: bool = False, hostile:
     assert dead_total == len(dead) + hostile, (dead_total, len(dead), hostile)
 
     # Every written group is in exactly one category, and nothing else is anywhere.
-    categories = [set(used), stale, skipped, queued & written, dead]
+    categories = [set(used), stale, skipped, set(filtered), queued & written, dead]
     assert sum(len(c) for c in categories) == len(written), [len(c) for c in categories]
     assert set().union(*categories) == written
     assert queued <= written, "a record nobody wrote is still queued"
     assert stats.get("groups_used", 0) == len(used)
     assert stats.get("groups_stale", 0) == len(stale)
     assert stats.get("groups_skipped", 0) == len(skipped)
+    assert stats.get("groups_filtered", 0) == len(filtered)
+    assert set(filtered.values()) <= {batch_id_for(s) for s in range(cfg.train.total_steps)}
+    if not cfg.algorithm.dynamic_sampling.enabled:
+        assert not filtered, "groups dropped as zero-variance without dynamic sampling"
 
     # Each used group is in exactly one batch, the one its ledger entry names.
     batch_groups = t.state.batch_groups()
@@ -142,6 +152,7 @@ def audit(client: redis.Redis, cfg: RunConfig, *, faults: bool = False, hostile:
         "used": len(used),
         "stale": len(stale),
         "skipped": len(skipped),
+        "filtered": len(filtered),
         "queued": len(queued & written),
         "dead": len(dead),
         "written": len(written),

@@ -150,6 +150,7 @@ def build_summary(
             "used": counters.get("groups_used", 0),
             "stale": counters.get("groups_stale", 0),
             "skipped": counters.get("groups_skipped", 0),
+            "zero_var_dropped": counters.get("groups_filtered", 0),
             "dead_lettered": counters.get("dead", 0),
         },
         "api_url": result.get("api_url"),

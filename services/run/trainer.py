@@ -20,6 +20,7 @@ from learner import distributed
 from learner.batch import LearnerBatch
 from learner.engine import LearnerEngine
 from selector.curate import curate
+from selector.dynamic import DynamicSamplingExhausted, StepDraws, split_flat
 from services.common.seeding import step_seed
 from services.policy.model import load_policy, save_policy
 from services.rollout.worker import RolloutWorker
@@ -29,6 +30,7 @@ from services.run.evaluator import build_evaluator
 from services.run.prepare import prepare_policy
 from services.run.progress import StepProgress, warmstart_progress
 from services.telemetry.reporter import RunReporter
+from services.transport.records import ScoredGroup
 from services.weightsync.checksum import state_checksum, verify_sync
 
 log = logging.getLogger(__name__)
@@ -91,6 +93,8 @@ class SyncTrainer:
                 if reporter is not None:
                     row["verifier_errors"] = float(worker.tasks.verifier_errors)
                     row["prompts_skipped_too_long"] = float(worker.prompts_skipped_too_long)
+                    if worker.overlong is not None:
+                        row["responses_overlong"] = float(worker.responses_overlong)
                     if worker.prefilter is not None:
                         row["prompts_prefiltered"] = float(worker.prompts_prefiltered)
                         if worker.last_prefilter_report is not None:
@@ -169,17 +173,24 @@ class SyncTrainer:
         seed = step_seed(cfg.train.seed, step)
         payload = None
         if learner.rank == 0:
-            groups, gen_s = worker.produce(cfg.rollout.prompts_per_step, seed)
-            res = curate(
-                groups,
-                self.preset,
-                step,
-                cfg.train.horizon,
-                cfg.algorithm.adv_eps,
-                torch.Generator().manual_seed(seed),
-            )
-            payload = (res.rows, res.stats, res.token_ratio, gen_s)
-        rows, stats, token_ratio, gen_s = distributed.broadcast_object(payload)
+            try:
+                groups, gen_s, drawn = self._draw(step, worker, seed)
+            except DynamicSamplingExhausted as exc:
+                payload = exc  # every rank raises it, none waits for a batch that never comes
+            else:
+                res = curate(
+                    groups,
+                    self.preset,
+                    step,
+                    cfg.train.horizon,
+                    cfg.algorithm.adv_eps,
+                    torch.Generator().manual_seed(seed),
+                )
+                payload = (res.rows, {**res.stats, **drawn}, res.token_ratio, gen_s)
+        payload = distributed.broadcast_object(payload)
+        if isinstance(payload, DynamicSamplingExhausted):
+            raise payload
+        rows, stats, token_ratio, gen_s = payload
         row: dict[str, float] = {
             **stats,
             "gen_seconds": gen_s,
@@ -208,6 +219,43 @@ class SyncTrainer:
         row.update(totals)
         row["step_seconds"] = time.perf_counter() - t0
         return row
+
+    def _draw(
+        self, step: int, worker: RolloutWorker, seed: int
+    ) -> tuple[list[ScoredGroup], float, dict[str, float]]:
+        """The step's groups, generation seconds and draw metrics. With dynamic sampling, rounds
+        are generated with the step's weights until ``prompts_per_step`` groups have reward
+        variance (zero-variance ones dropped), at most ``max_draws_factor x prompts_per_step``
+        groups in all; the first round uses the step's seed, so it is the round a run without
+        dynamic sampling generates.
+
+        Raises:
+            DynamicSamplingExhausted: the bound was reached with the batch not full.
+        """
+        need = self.cfg.rollout.prompts_per_step
+        ds = self.cfg.algorithm.dynamic_sampling
+        draws = StepDraws(need, ds.max_draws(need) if ds.enabled else None, step)
+        kept: list[ScoredGroup] = []
+        gen_s, rounds = 0.0, 0
+        while len(kept) < need:
+            size = need if rounds == 0 else draws.next_round(len(kept))
+            groups, s = worker.produce(size, seed if rounds == 0 else step_seed(seed, rounds))
+            gen_s += s
+            rounds += 1
+            signal, flat = split_flat(groups) if draws.filtering else (groups, [])
+            draws.keep(signal)
+            kept.extend(signal)
+            draws.drop(flat)
+        if rounds > 1 or draws.dropped:
+            log.info(
+                "step %d: dynamic sampling drew %d groups in %d rounds, dropped %d with no "
+                "reward variance",
+                step,
+                draws.drawn,
+                rounds,
+                draws.dropped,
+            )
+        return draws.take(kept), gen_s, {**draws.metrics(), "gen_rounds": float(rounds)}
 
     @staticmethod
     def _publish(

@@ -94,6 +94,7 @@ def test_summary_from_the_run_dir(tmp_path) -> None:
         "used": 12,
         "stale": 3,
         "skipped": 0,
+        "zero_var_dropped": 0,
         "dead_lettered": 1,
     }
     assert "plot" in summary["paths"] and "tensorboard" not in summary["paths"]  # only what exists

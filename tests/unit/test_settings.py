@@ -23,7 +23,8 @@ _GIVEN = {
                 "inflight_updates": True},
     "service": {"max_staleness": 4, "max_group_backlog": 12, "max_batch_backlog": 3,
                 "wait_timeout_s": 42.0, "max_abs_reward": 7.5},
-    "algorithm": {"preset": "grpo", "adv_eps": 1e-3},
+    "algorithm": {"preset": "grpo", "adv_eps": 1e-3,
+                  "dynamic_sampling": {"enabled": True, "max_draws_factor": 3}},
     "eval": {"seed": 99},  # another section's seed: must not leak into the components'
 }  # fmt: skip
 
@@ -35,8 +36,9 @@ def test_every_settings_field_comes_from_its_section() -> None:
         "preset": "grpo", "total_steps": 77, "prompts_per_step": 6, "samples_per_prompt": 5,
         "seed": 13, "max_staleness": 4, "max_batch_backlog": 3, "wait_timeout_s": 42.0,
         "adv_eps": 1e-3, "max_abs_reward": 7.5, "vocab_size": 50, "max_positions": 64,
-        "schedule_steps": 50,
+        "schedule_steps": 50, "dynamic_sampling": cfg.algorithm.dynamic_sampling,
     }  # fmt: skip
+    assert selector.dynamic_sampling.enabled and selector.dynamic_sampling.max_draws(6) == 18
     assert dataclasses.asdict(cfg.rollout_settings()) == {
         "prompts_per_step": 6, "samples_per_prompt": 5, "num_actors": 2, "total_steps": 77,
         "seed": 13, "lock_step": False, "max_group_backlog": 12, "wait_timeout_s": 42.0,
