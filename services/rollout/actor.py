@@ -429,13 +429,22 @@ class RolloutActor:
             reserve=reserve,
         )
 
-    def _skips(self) -> int:
-        """Rounds of groups the selector could not use for its step so far: batches skipped
-        and groups dynamic sampling dropped (``algorithm.dynamic_sampling``)."""
-        return self.t.state.counter("batches_skipped") + self.t.state.counter("groups_filtered")
+    def _skips(self) -> tuple[int, int]:
+        """What the selector could not use so far: batches skipped, and groups dynamic sampling
+        dropped (``algorithm.dynamic_sampling``)."""
+        return self.t.state.counter("batches_skipped"), self.t.state.counter("groups_filtered")
 
-    def _next_round_due(self, produced_with: int, skips: int) -> bool:
-        # A skipped batch, or a zero-variance group dropped while the batch is being filled,
-        # leaves the step, and so the weight version, where it was: the selector needs a new
-        # round from the same weights.
-        return self.weights.latest_version() > produced_with or self._skips() > skips
+    def _next_round_due(self, produced_with: int, skips: tuple[int, int]) -> bool:
+        """Lock-step: new weights, or the selector needs another round from the same weights."""
+        if self.weights.latest_version() > produced_with:
+            return True
+        skipped, filtered = self._skips()
+        if skipped > skips[0]:
+            return True  # a skipped batch leaves the step, and so the weights, where they were
+        # Zero-variance groups dropped while the step's batch is filled: generate again while
+        # the selector is still at this step and what is queued cannot fill it.
+        return (
+            filtered > skips[1]
+            and self.t.state.schedule_step() == produced_with
+            and self.t.queue.backlog(self.t.keys.groups) < self.settings.prompts_per_step
+        )
