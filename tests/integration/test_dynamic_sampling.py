@@ -85,9 +85,13 @@ def _train_cfg(tiny_config, tmp_path: Path, **sections: dict) -> RunConfig:
     )
 
 
-def test_lock_step_generates_rounds_until_every_batch_has_variance(tiny_config, tmp_path):
+@pytest.mark.parametrize("prefilter", [False, True])
+def test_lock_step_generates_rounds_until_every_batch_has_variance(
+    tiny_config, tmp_path, prefilter
+):
     ds = {"dynamic_sampling": {"enabled": True, "max_draws_factor": 6}}
-    cfg = _train_cfg(tiny_config, tmp_path, algorithm=ds)
+    greso = {"prefilter": {"enabled": prefilter}}
+    cfg = _train_cfg(tiny_config, tmp_path, algorithm=ds, rollout=greso)
     SyncTrainer(cfg).run()
     rows = read_metrics(cfg.train.run_dir / "metrics.jsonl")[1:]
     assert len(rows) == 3
@@ -101,6 +105,9 @@ def test_lock_step_generates_rounds_until_every_batch_has_variance(tiny_config, 
     # The tiny policy solves about a quarter of the sums: some groups are all wrong.
     assert sum(r["groups_zero_var_dropped"] for r in rows) > 0
     assert max(r["gen_rounds"] for r in rows) > 1
+    if prefilter:  # GRESO keeps selecting prompts, over every round of a step
+        assert all("prefilter_p_hard" in r for r in rows)
+        assert "prompts_prefiltered" in rows[-1]
 
 
 def test_lock_step_stops_with_the_bounds_error_when_the_policy_gives_no_variance(
