@@ -1,10 +1,12 @@
 """The learner's input: kept samples as prompt+response rows, the views the loss needs, and the
-split into micro-batches by a padded-token budget."""
+split into micro-batches by a padded-token budget (rows padded to a common width, or packed
+end to end into shared rows)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from itertools import accumulate
 
 import numpy as np
 import torch
@@ -84,19 +86,38 @@ def _as_tensor(array: np.ndarray) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
+class PackLayout:
+    """Where a packed micro-batch's rows sit: row j's first ``lengths[j]`` input columns run at
+    columns [offsets[j], offsets[j] + lengths[j]) of packed row ``bins[j]``, one of ``n_bins``
+    packed rows of ``width`` columns. All of bins, offsets, lengths are [m] int64."""
+
+    bins: torch.Tensor
+    offsets: torch.Tensor
+    lengths: torch.Tensor
+    n_bins: int
+    width: int
+
+
+@dataclass(frozen=True)
 class MicroBatch:
     """Rows ``rows`` [m] (indices into a batch) run over input columns [:width].
 
     ``live`` False marks a placeholder: one row whose loss counts zero, run only so that every
     rank makes the same number of forward/backward calls (ZeRO's collectives pair up per call).
+    ``pack``: the rows run packed end to end (see :class:`PackLayout`) instead of one padded
+    row each; ``width`` is still the widest row's, the width of the per-row view the loss sees.
     """
 
     rows: torch.Tensor
     width: int
     live: bool = True
+    pack: PackLayout | None = None
 
     @property
     def padded_tokens(self) -> int:
+        """Input positions the forward runs (real and padding)."""
+        if self.pack is not None:
+            return self.pack.n_bins * self.pack.width
         return int(self.rows.numel()) * self.width
 
 
@@ -125,3 +146,55 @@ def plan_micro_batches(widths: torch.Tensor, budget: int | None) -> list[MicroBa
         plans.append(MicroBatch(order[start : start + take], width))
         start += take
     return plans
+
+
+def plan_packed_micro_batches(widths: torch.Tensor, budget: int | None) -> list[MicroBatch]:
+    """Pack rows end to end into shared rows, then split those into micro-batches by ``budget``.
+
+    Args:
+        widths: [n] int, the input columns row i needs (>= 1).
+        budget: input positions per micro-batch; None puts every packed row into one.
+    Returns:
+        Micro-batches covering every row once. Packed rows hold at most the widest row (or
+        ``budget``, if smaller; a row wider than that runs alone), so attention never spans
+        more columns than the padded plan's; rows go in longest first, each into the first
+        packed row with room (first-fit decreasing), so only the packed rows' tails pad.
+    """
+    n = int(widths.numel())
+    if n == 0:
+        return []
+    order = torch.argsort(widths, descending=True, stable=True)
+    sorted_w = [int(w) for w in widths[order].tolist()]
+    cap = sorted_w[0] if budget is None else min(sorted_w[0], budget)
+    bins: list[list[int]] = []  # positions in ``order``
+    fill: list[int] = []
+    for j, w in enumerate(sorted_w):
+        b = next((b for b, f in enumerate(fill) if f + w <= cap), None)
+        if b is None:
+            bins.append([j])
+            fill.append(w)
+        else:
+            bins[b].append(j)
+            fill[b] += w
+    per = len(bins) if budget is None else max(1, budget // cap)
+    return [
+        _packed(order, sorted_w, bins[s : s + per], fill[s : s + per])
+        for s in range(0, len(bins), per)
+    ]
+
+
+def _packed(
+    order: torch.Tensor, sorted_w: list[int], bins: list[list[int]], fill: list[int]
+) -> MicroBatch:
+    pos = [j for b in bins for j in b]
+    bin_of = [i for i, b in enumerate(bins) for _ in b]
+    offsets = [o for b in bins for o in accumulate((sorted_w[k] for k in b[:-1]), initial=0)]
+    lengths = [sorted_w[j] for j in pos]
+    layout = PackLayout(
+        bins=torch.tensor(bin_of, dtype=torch.long),
+        offsets=torch.tensor(offsets, dtype=torch.long),
+        lengths=torch.tensor(lengths, dtype=torch.long),
+        n_bins=len(bins),
+        width=max(fill),
+    )
+    return MicroBatch(order[pos], max(lengths), pack=layout)

@@ -160,6 +160,15 @@ class LearnerConfig(BaseModel):
         "gradient pass; gradients of all micro-batches accumulate into one optimizer step per batch. A row longer "
         "than the budget runs alone. None: each rank's shard is one micro-batch",
     )
+    packing: bool = Field(
+        False,
+        description="pack each micro-batch's rows end to end into shared rows (position_ids restart per row, "
+        "attention kept within each row: transformers' packed-sequence masks, varlen with flash attention) "
+        "instead of padding every row to the widest, so padding is not computed; the budget "
+        "micro_batch_tokens then counts packed positions. The learner checks at start that the model keeps "
+        "packed rows apart (same logits as padded) and refuses it otherwise. Off: rows are padded, "
+        "longest first",
+    )
     gradient_checkpointing: bool = Field(
         False,
         description="recompute activations in the backward pass instead of storing them (less memory, ~1/3 more compute)",

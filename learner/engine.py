@@ -9,7 +9,9 @@ Step anatomy:
      micro-batch cut after its last kept position, so the token level saves learner time and
      not only tokens.
 Micro-batches hold at most ``micro_batch_tokens`` padded tokens, so memory is bounded by the
-budget and never by the batch: logits exist for one micro-batch at a time.
+budget and never by the batch: logits exist for one micro-batch at a time. Rows go longest first,
+so a micro-batch pads to rows of similar length; with ``packing`` they run end to end in shared
+rows instead (learner/packing.py) and only the shared rows' tails pad.
 With one update per batch, old_logp is the policy at the start of the step.
 """
 
@@ -19,20 +21,31 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from learner import distributed as D
-from learner.batch import LearnerBatch, MicroBatch, plan_micro_batches
+from learner.batch import (
+    LearnerBatch,
+    MicroBatch,
+    plan_micro_batches,
+    plan_packed_micro_batches,
+)
 from learner.config import LearnerConfig
 from learner.logits import logprobs_and_entropy
 from learner.loss import get_policy_loss
+from learner.packing import pack_rows, packing_mismatch, unpack
 from learner.weights import ZeroShardedWeights
 from selector.presets import Preset, select_tokens
 
 log = logging.getLogger(__name__)
+
+# Relative logit difference a model may show between packed and padded forwards: float32
+# rounding of differently shaped matmuls is ~1e-7; bf16 keeps 8 bits of mantissa.
+PACKING_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 
 
 def _lr_lambda(cfg: LearnerConfig, schedule_steps: int):
@@ -124,9 +137,11 @@ class LearnerEngine:
             model=model, optimizer=opt, lr_scheduler=sched, config=ds_config
         )
         self.steps_done = 0
+        if cfg.packing:
+            self._check_packing()
         log.info(
             "learner ready: rank %d/%d device=%s zero=%d bf16=%s loss=%s token_pass=%s micro_batch_tokens=%s "
-            "gradient_checkpointing=%s",
+            "gradient_checkpointing=%s packing=%s",
             self.rank,
             self.world,
             self.device,
@@ -136,17 +151,39 @@ class LearnerEngine:
             cfg.token_pass,
             cfg.micro_batch_tokens,
             cfg.gradient_checkpointing,
+            cfg.packing,
         )
+
+    def _check_packing(self) -> None:
+        """Refuse ``learner.packing`` unless the model gives packed rows their padded logits."""
+        name = type(self.module).__name__
+        vocab = int(getattr(getattr(self.module, "config", None), "vocab_size", 0) or 0)
+        try:
+            diff = packing_mismatch(lambda **kw: self.engine(**kw).logits, vocab or 2, self.device)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"learner.packing: {name} cannot run packed rows ({e})") from e
+        dtype = torch.bfloat16 if self.bf16 else torch.float32
+        if not diff <= PACKING_TOLERANCE[dtype]:
+            raise ValueError(
+                f"learner.packing: {name} does not keep packed rows apart (relative logit "
+                f"difference {diff:.2e} from padded rows); set learner.packing: false"
+            )
 
     @property
     def module(self) -> torch.nn.Module:
         return self.engine.module
 
-    def _forward(self, batch: LearnerBatch, width: int, with_entropy: bool):
-        """logp [n, width - 1] (and entropy) of the shifted targets, over input columns [:width]."""
-        ids = batch.input_ids[:, :width]
-        am = batch.attention_mask()[:, :width]
-        logits = self.engine(input_ids=ids, attention_mask=am, use_cache=False).logits
+    def _forward(self, batch: LearnerBatch, mb: MicroBatch, with_entropy: bool):
+        """logp [n, width - 1] (and entropy) of the shifted targets, over input columns [:width]
+        (``batch``: the micro-batch's rows); packed rows come back in the same per-row view,
+        0 past each row's last target."""
+        if mb.pack is not None:
+            ids, pos, index, valid = pack_rows(batch.input_ids, mb.pack, mb.width)
+            logits = self.engine(input_ids=ids, position_ids=pos, use_cache=False).logits
+        else:
+            ids = batch.input_ids[:, : mb.width]
+            am = batch.attention_mask()[:, : mb.width]
+            logits = self.engine(input_ids=ids, attention_mask=am, use_cache=False).logits
         # Score every position (the last against a dummy label) and drop the last column after:
         # slicing the logits first would make reshape copy all of them.
         labels = torch.nn.functional.pad(ids[:, 1:], (0, 1))
@@ -157,7 +194,22 @@ class LearnerEngine:
             self.cfg.entropy_chunk_rows,
             with_entropy=with_entropy,
         )
+        if mb.pack is not None:
+            return unpack(logp, index, valid), unpack(ent, index, valid) if with_entropy else None
         return logp[:, :-1], ent[:, :-1] if ent is not None else None
+
+    def _plan(self, widths: torch.Tensor) -> list[MicroBatch]:
+        plan = plan_packed_micro_batches if self.cfg.packing else plan_micro_batches
+        return plan(widths, self.cfg.micro_batch_tokens)
+
+    @staticmethod
+    def _positions(sub: LearnerBatch, mb: MicroBatch) -> tuple[int, int]:
+        """(input positions the forward of ``mb`` runs, how many hold a real token)."""
+        if not mb.live:
+            return 0, 0
+        if mb.pack is not None:
+            return mb.padded_tokens, int(mb.pack.lengths.sum())
+        return mb.padded_tokens, int(sub.seq_lengths.clamp(max=mb.width).sum())
 
     def _shard(self, batch: LearnerBatch) -> tuple[LearnerBatch, list[int]]:
         parts = torch.tensor_split(torch.arange(batch.size), self.world)
@@ -176,32 +228,34 @@ class LearnerEngine:
         filler = MicroBatch(torch.zeros(1, dtype=torch.long), 2, live=False)
         return plans + [filler] * (max(count, 1) - len(plans))
 
-    def _score(self, local: LearnerBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """No-grad pass by micro-batches: old log-probs and entropies [n, L-1], 0 past a row's end."""
+    def _score(self, local: LearnerBatch) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """No-grad pass by micro-batches: old log-probs and entropies [n, L-1], 0 past a row's
+        end, and [input positions run, real tokens among them]."""
         n, width = local.input_ids.shape
         old_logp = torch.zeros(n, width - 1, device=self.device)
         ent = torch.zeros(n, width - 1, device=self.device)
-        plans = self._in_step(
-            plan_micro_batches(local.seq_lengths.cpu(), self.cfg.micro_batch_tokens)
-        )
+        plans = self._in_step(self._plan(local.seq_lengths.cpu()))
+        run = [0, 0]
         with torch.no_grad():
             for mb in plans:
                 rows = mb.rows.to(self.device)
-                logp, e = self._forward(local.rows(rows), mb.width, with_entropy=True)
+                sub = local.rows(rows)
+                logp, e = self._forward(sub, mb, with_entropy=True)
                 if mb.live:
                     old_logp[rows, : mb.width - 1] = logp
                     ent[rows, : mb.width - 1] = e
-        return old_logp, ent
+                run = [a + b for a, b in zip(run, self._positions(sub, mb), strict=True)]
+        return old_logp, ent, run
 
     def _gradient_plan(self, local: LearnerBatch, mask: torch.Tensor) -> list[MicroBatch]:
         """Micro-batches of the gradient pass: compact runs the rows with a kept token up to
         their last kept target; full runs every row to its end."""
         if self.cfg.token_pass == "full":
-            return plan_micro_batches(local.seq_lengths.cpu(), self.cfg.micro_batch_tokens)
+            return self._plan(local.seq_lengths.cpu())
         mask = mask.cpu()
         rows = torch.nonzero(mask.any(dim=1)).flatten()
-        plans = plan_micro_batches(_last_kept_width(mask)[rows], self.cfg.micro_batch_tokens)
-        return [MicroBatch(rows[p.rows], p.width) for p in plans]
+        plans = self._plan(_last_kept_width(mask)[rows])
+        return [replace(p, rows=rows[p.rows]) for p in plans]
 
     def train_step(
         self,
@@ -216,7 +270,7 @@ class LearnerEngine:
         local, n_rows = self._shard(batch)
         local = local.to(self.device)
         resp = local.target_mask()
-        old_logp, ent = self._score(local)
+        old_logp, ent, score_run = self._score(local)
         mask = self._token_mask(local, resp, ent, n_rows, preset, token_ratio, generator)
 
         (glob_units,) = D.all_reduce_sum([float(self.loss_fn.units(mask))], self.device)
@@ -224,7 +278,7 @@ class LearnerEngine:
         # accumulated gradient is the whole batch's; DeepSpeed averages over ranks, hence x world.
         scale = self.world / glob_units if glob_units > 0 else 0.0
         plans = self._in_step(self._gradient_plan(local, mask))
-        loss_sum, fwd_tokens, stats = self._gradient_pass(local, plans, mask, old_logp, scale)
+        loss_sum, grad_run, stats = self._gradient_pass(local, plans, mask, old_logp, scale)
         # The policy-gradient norm before clipping. ZeRO's optimizers record it in step();
         # stage 0 clips in place inside step() and records nothing, so measure it first.
         pre_clip = self._local_grad_norm() if self.cfg.zero_stage == 0 else None
@@ -238,14 +292,16 @@ class LearnerEngine:
                 float(resp.sum()),
                 float((ent * resp).sum()),
                 loss_sum,
-                float(fwd_tokens),
+                float(grad_run[1]),
+                float(score_run[0] + grad_run[0]),
+                float(score_run[1] + grad_run[1]),
             ]
             + [stats[k][0] for k in names]
             + [stats[k][1] for k in names],
             self.device,
         )
-        kept_tok, valid_tok, ent_sum, glob_loss, fwd_sum = reduced[:5]
-        stat_sums, stat_counts = reduced[5 : 5 + len(names)], reduced[5 + len(names) :]
+        kept_tok, valid_tok, ent_sum, glob_loss, fwd_sum, positions, real = reduced[:7]
+        stat_sums, stat_counts = reduced[7 : 7 + len(names)], reduced[7 + len(names) :]
         grad_norm = pre_clip if pre_clip is not None else self.engine.get_global_grad_norm()
         metrics = {
             "loss": glob_loss / glob_units if glob_units > 0 else 0.0,
@@ -258,6 +314,8 @@ class LearnerEngine:
             "tokens_kept": kept_tok,
             "tokens_forward": fwd_sum,
             "micro_batches": float(len(plans)),
+            # padding's share of the input positions both passes ran forward
+            "padded_token_share": (positions - real) / positions if positions > 0 else 0.0,
             "learner_seconds": time.perf_counter() - t0,
         }
         metrics.update(
@@ -293,19 +351,19 @@ class LearnerEngine:
         mask: torch.Tensor,
         old_logp: torch.Tensor,
         scale: float,
-    ) -> tuple[float, int, dict[str, list[float]]]:
+    ) -> tuple[float, list[int], dict[str, list[float]]]:
         """Backward over ``plans``, all adding to one gradient (the last marks the accumulation
-        boundary). Returns the summed loss, the tokens run forward, and each loss statistic's
-        [sum, count]."""
+        boundary). Returns the summed loss, [input positions run, real tokens among them], and
+        each loss statistic's [sum, count]."""
         behav = local.behav_logp[:, 1:]
         adv = local.advantages
-        loss_sum, fwd_tokens = 0.0, 0
+        loss_sum, run = 0.0, [0, 0]
         stats: dict[str, list[float]] = {}
         for i, mb in enumerate(plans):
             self.engine.set_gradient_accumulation_boundary(i == len(plans) - 1)
             rows = mb.rows.to(self.device)
             sub = local.rows(rows)
-            logp, _ = self._forward(sub, mb.width, with_entropy=False)
+            logp, _ = self._forward(sub, mb, with_entropy=False)
             cols = mb.width - 1
             g_mask = mask[rows, :cols] & mb.live
             part = self.loss_fn.summed(
@@ -313,12 +371,12 @@ class LearnerEngine:
             )
             self.engine.backward(part.total * scale)
             loss_sum += float(part.total.detach())
-            fwd_tokens += int(sub.seq_lengths.clamp(max=mb.width).sum()) if mb.live else 0
+            run = [a + b for a, b in zip(run, self._positions(sub, mb), strict=True)]
             for k, (v, c) in part.stats.items():
                 acc = stats.setdefault(k, [0.0, 0.0])
                 acc[0] += v
                 acc[1] += c
-        return loss_sum, fwd_tokens, stats
+        return loss_sum, run, stats
 
     def _local_grad_norm(self) -> float | None:
         """L2 norm of the module's gradients as they are now (whole, already averaged over ranks
