@@ -148,25 +148,49 @@ def plan_micro_batches(widths: torch.Tensor, budget: int | None) -> list[MicroBa
     return plans
 
 
-def plan_packed_micro_batches(widths: torch.Tensor, budget: int | None) -> list[MicroBatch]:
+def plan_packed_micro_batches(
+    widths: torch.Tensor, budget: int | None, row_width: int
+) -> list[MicroBatch]:
     """Pack rows end to end into shared rows, then split those into micro-batches by ``budget``.
 
     Args:
         widths: [n] int, the input columns row i needs (>= 1).
         budget: input positions per micro-batch; None puts every packed row into one.
+        row_width: the most columns of a packed row (``budget`` if smaller; a row wider than
+            that runs alone). sdpa and eager attention span the whole packed row, so wider rows
+            fill better but cost attention.
     Returns:
-        Micro-batches covering every row once. Packed rows hold at most the widest row (or
-        ``budget``, if smaller; a row wider than that runs alone), so attention never spans
-        more columns than the padded plan's; rows go in longest first, each into the first
-        packed row with room (first-fit decreasing), so only the packed rows' tails pad.
+        Micro-batches covering every row once. Rows go in longest first, each into the first
+        packed row with room (first-fit decreasing); the packed rows' width is the smallest that
+        needs no more of them than ``row_width`` would, so they fill evenly and only their
+        tails pad.
     """
     n = int(widths.numel())
     if n == 0:
         return []
     order = torch.argsort(widths, descending=True, stable=True)
     sorted_w = [int(w) for w in widths[order].tolist()]
-    cap = sorted_w[0] if budget is None else min(sorted_w[0], budget)
-    bins: list[list[int]] = []  # positions in ``order``
+    cap_max = max(min(row_width, budget or row_width), 1)
+    bins, fill = _first_fit(sorted_w, cap_max)
+    # The same number of packed rows, as narrow as first-fit allows: even fills, less padding.
+    cap = max(min(sorted_w[0], cap_max), -(-sum(sorted_w) // len(bins)))
+    while cap < cap_max:
+        even = _first_fit(sorted_w, cap)
+        if len(even[0]) <= len(bins):
+            bins, fill = even
+            break
+        cap += max(1, cap // 32)
+    per = len(bins) if budget is None else max(1, budget // max(fill))
+    return [
+        _packed(order, sorted_w, bins[s : s + per], fill[s : s + per])
+        for s in range(0, len(bins), per)
+    ]
+
+
+def _first_fit(sorted_w: list[int], cap: int) -> tuple[list[list[int]], list[int]]:
+    """Positions of ``sorted_w`` in packed rows of ``cap`` columns, first fit; a row wider than
+    ``cap`` gets a packed row of its own. Returns each packed row's positions and fill."""
+    bins: list[list[int]] = []
     fill: list[int] = []
     for j, w in enumerate(sorted_w):
         b = next((b for b, f in enumerate(fill) if f + w <= cap), None)
@@ -176,11 +200,7 @@ def plan_packed_micro_batches(widths: torch.Tensor, budget: int | None) -> list[
         else:
             bins[b].append(j)
             fill[b] += w
-    per = len(bins) if budget is None else max(1, budget // cap)
-    return [
-        _packed(order, sorted_w, bins[s : s + per], fill[s : s + per])
-        for s in range(0, len(bins), per)
-    ]
+    return bins, fill
 
 
 def _packed(

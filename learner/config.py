@@ -169,6 +169,13 @@ class LearnerConfig(BaseModel):
         "packed rows apart (same logits as padded) and refuses it otherwise. Off: rows are padded, "
         "longest first",
     )
+    packing_row_tokens: int = Field(
+        1024,
+        ge=1,
+        description="with packing: the most columns of a packed row (micro_batch_tokens if smaller; a longer row "
+        "runs alone). Wider rows fill better, but sdpa and eager attention compute across the whole packed row "
+        "(masked), so attention costs grow with it; flash attention's varlen kernel does not",
+    )
     gradient_checkpointing: bool = Field(
         False,
         description="recompute activations in the backward pass instead of storing them (less memory, ~1/3 more compute)",

@@ -199,8 +199,11 @@ class LearnerEngine:
         return logp[:, :-1], ent[:, :-1] if ent is not None else None
 
     def _plan(self, widths: torch.Tensor) -> list[MicroBatch]:
-        plan = plan_packed_micro_batches if self.cfg.packing else plan_micro_batches
-        return plan(widths, self.cfg.micro_batch_tokens)
+        if self.cfg.packing:
+            return plan_packed_micro_batches(
+                widths, self.cfg.micro_batch_tokens, self.cfg.packing_row_tokens
+            )
+        return plan_micro_batches(widths, self.cfg.micro_batch_tokens)
 
     @staticmethod
     def _positions(sub: LearnerBatch, mb: MicroBatch) -> tuple[int, int]:

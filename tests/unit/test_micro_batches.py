@@ -55,14 +55,14 @@ def _layout_rows(plans):
 def test_packing_covers_every_row_once_within_the_budget(budget):
     g = torch.Generator().manual_seed(7 if budget is None else budget)
     widths = torch.randint(2, 12, (37,), generator=g)
-    plans = plan_packed_micro_batches(widths, budget)
+    plans = plan_packed_micro_batches(widths, budget, 20)
     assert sorted(torch.cat([p.rows for p in plans]).tolist()) == list(range(37))
     _layout_rows(plans)  # each row inside its packed row, no two on one position
     for p in plans:
         assert p.pack.lengths.tolist() == widths[p.rows].tolist()  # every row whole
         assert p.width == int(widths[p.rows].max())
-        # a packed row never spans more columns than the widest row, so attention is no wider
-        assert p.pack.width <= int(widths.max())
+        # a packed row spans at most row_width columns (or one row wider than the budget)
+        assert p.pack.width <= 20 or p.pack.n_bins == 1
         too_wide = budget is not None and int(widths[p.rows].max()) > budget
         assert p.padded_tokens <= (budget or 10**9) or (too_wide and p.pack.n_bins == 1)
     if budget is None:
@@ -72,7 +72,7 @@ def test_packing_covers_every_row_once_within_the_budget(budget):
 def test_packing_fills_rows_first_fit_longest_first():
     # capacity 10 (the widest row): [10], [9], [6, 4], [3, 3, 2, 2]
     widths = torch.tensor([3, 10, 2, 9, 6, 4, 3, 2])
-    (p,) = plan_packed_micro_batches(widths, None)
+    (p,) = plan_packed_micro_batches(widths, None, 10)
     assert p.pack.n_bins == 4 and p.pack.width == 10
     fills = torch.zeros(4, dtype=torch.long).index_add_(0, p.pack.bins, p.pack.lengths)
     assert fills.tolist() == [10, 9, 10, 10]
@@ -81,13 +81,13 @@ def test_packing_fills_rows_first_fit_longest_first():
 
 def test_packed_micro_batch_trims_to_its_fullest_row():
     # budget 6 -> one packed row of capacity 6 per micro-batch: [6], then [3, 2] 5 wide
-    plans = plan_packed_micro_batches(torch.tensor([6, 2, 3]), 6)
+    plans = plan_packed_micro_batches(torch.tensor([6, 2, 3]), 6, 1024)
     assert [(p.rows.tolist(), p.pack.width) for p in plans] == [([0], 6), ([2, 1], 5)]
 
 
 def test_pack_rows_places_tokens_and_positions_and_unpacks_the_targets():
     ids = torch.tensor([[11, 12, 13, 0], [21, 22, 23, 24], [31, 32, 0, 0]])
-    (p,) = plan_packed_micro_batches(torch.tensor([3, 4, 2, 1]), None)
+    (p,) = plan_packed_micro_batches(torch.tensor([3, 4, 2, 1]), None, 4)
     ids = torch.cat([ids, torch.tensor([[41, 0, 0, 0]])])
     sub = ids[p.rows]
     packed, pos, index, valid = pack_rows(sub, p.pack, p.width)
@@ -107,3 +107,15 @@ def test_pack_rows_places_tokens_and_positions_and_unpacks_the_targets():
         start = b * p.pack.width + o
         assert got[j, : n - 1].tolist() == [float(start + t) for t in range(n - 1)]
         assert got[j, n - 1 :].abs().sum() == 0  # past the last target: 0
+
+
+def test_packed_rows_fill_evenly_up_to_the_row_width():
+    # 64 rows of 70-106 columns (a prompt-dominated step): one per row when packed rows are
+    # the widest row's width; at most 1024 columns, spread evenly so no packed row runs half empty
+    g = torch.Generator().manual_seed(0)
+    widths = torch.randint(70, 107, (64,), generator=g)
+    (narrow,) = plan_packed_micro_batches(widths, None, 106)
+    (wide,) = plan_packed_micro_batches(widths, None, 1024)
+    real = int(widths.sum())
+    assert wide.pack.width <= 1024 and wide.pack.n_bins == -(-real // 1024)
+    assert 1 - real / wide.padded_tokens < 0.05 < 0.1 < 1 - real / narrow.padded_tokens
