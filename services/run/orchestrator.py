@@ -63,7 +63,7 @@ def run_service(
     run_dir = Path(run_dir or cfg.train.run_dir).resolve()
     # Where this session's lines start in each log (a resumed run appends to the old ones).
     marks = log_sizes(run_dir / "logs")
-    previous_sigterm = _sigterm_as_interrupt()
+    previous_sigterm = sigterm_as_interrupt()
     try:
         return _run_service(cfg, run_dir, verbose)
     except ServiceError as exc:
@@ -115,7 +115,7 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _sigterm_as_interrupt() -> Any:
+def sigterm_as_interrupt() -> Any:
     """Make SIGTERM (docker stop, kill) take the Ctrl-C path, so it too stops every process.
 
     Returns the previous handler (None off the main thread, where signals cannot be handled).
@@ -198,7 +198,7 @@ def _start_ray(cfg: RunConfig, stack: contextlib.ExitStack, verbose: bool) -> No
             **local,
         )
     stack.callback(ray.shutdown)
-    _sigterm_as_interrupt()  # ray.init installs its own SIGTERM handler; ours first
+    sigterm_as_interrupt()  # ray.init installs its own SIGTERM handler; ours first
 
 
 def _log_run(cfg: RunConfig, redis_url: str, run_dir: Path) -> None:

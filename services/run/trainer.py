@@ -109,6 +109,10 @@ class SyncTrainer:
             bar.close()
             if reporter is not None:
                 reporter.close()
+            # vLLM runs in processes of its own, which would outlive an interrupted run.
+            shutdown = getattr(worker.engine, "shutdown", None)
+            if shutdown is not None:
+                shutdown()
         last_eval = reporter.last_eval if reporter is not None else {}
         summary = {
             "final_heldout_accuracy": last_eval.get("heldout_accuracy"),

@@ -137,8 +137,12 @@ def train(
         raise typer.Exit(2)
     claim_run_dir(cfg, fresh)
     with _run_terminal(cfg, verbose) as (out, err, _):
+        from services.run.orchestrator import sigterm_as_interrupt
         from services.run.trainer import SyncTrainer
 
+        # SIGTERM (kill, docker stop) takes the Ctrl-C path, so the trainer's cleanup runs and a
+        # vLLM engine's processes stop with it instead of outliving it.
+        sigterm_as_interrupt()
         t0 = time.perf_counter()
         try:
             result = SyncTrainer(cfg).run()
