@@ -273,11 +273,14 @@ class SyncTrainer:
         vLLM engine holds its weights in its own workers, so the copy is loaded beside it."""
         state = learner.state_dict_cpu()
         if learner.rank == 0:
+            if worker.engine.model is None:
+                # Loaded here from the same tensors: nothing crossed a boundary to checksum.
+                worker.load_weights(state, version)
+                rollout_model.load_state_dict(state)
+                return
             digest = state_checksum(state)
             worker.load_weights(state, version)
-            if worker.engine.model is None:
-                rollout_model.load_state_dict(state)
-            verify_sync(digest, rollout_model, version)
+            verify_sync(digest, worker.engine.model, version)
 
 
 def _rank_main(cfg: RunConfig, run_dir: str, stop_at: int | None) -> dict[str, Any]:
