@@ -14,6 +14,7 @@ from pydantic import (
 )
 
 from learner.loss import POLICY_LOSSES
+from services.policy.lora import LoraConfig
 
 Aggregation = Literal["token-mean", "seq-mean-token-mean"]
 
@@ -189,6 +190,12 @@ class LearnerConfig(BaseModel):
         False,
         description="DeepSpeed's shared-memory CPU all-reduce; it compiles a C++ op on first start (~1 min), and gloo "
         "is plenty for small models",
+    )
+    lora: LoraConfig | None = Field(
+        None,
+        description="train a LoRA adapter on the frozen base model instead of the full model (rank, alpha, "
+        "dropout, target_modules); weight syncs, checkpoints and exports then carry the adapter alone. "
+        "None: full fine-tuning",
     )
     dist_timeout_s: int = Field(
         600, ge=10, description="timeout of the learner's collective operations, seconds"

@@ -38,8 +38,9 @@ from learner.config import LearnerConfig
 from learner.logits import logprobs_and_entropy
 from learner.loss import get_policy_loss
 from learner.packing import pack_rows, packing_mismatch, unpack
-from learner.weights import ZeroShardedWeights
+from learner.weights import ZeroShardedWeights, host_weights, live_weights
 from selector.presets import Preset, select_tokens
+from services.policy.lora import apply_lora
 
 log = logging.getLogger(__name__)
 
@@ -116,9 +117,16 @@ class LearnerEngine:
         _disable_dropout(model)
         if cfg.gradient_checkpointing:
             _enable_checkpointing(model)
+        # LoRA after the base's dropout went off (the adapter keeps learner.lora.dropout); only
+        # what trains enters the optimizer, so the frozen base has no state there
+        model = apply_lora(model, cfg.lora) if cfg.lora is not None else model
+        self.sync_dtype = torch.bfloat16 if self.bf16 else torch.float32  # see set_sync_dtype
         self.loss_fn = get_policy_loss(cfg.loss)
         opt = torch.optim.AdamW(
-            model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
+            [p for p in model.parameters() if p.requires_grad],
+            lr=cfg.lr,
+            betas=cfg.betas,
+            weight_decay=cfg.weight_decay,
         )
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, schedule_steps))
         ds_config: dict[str, Any] = {
@@ -393,20 +401,14 @@ class LearnerEngine:
 
     # -- weights and checkpoints -------------------------------------------------------------
 
-    def state_dict_cpu(self) -> dict[str, torch.Tensor]:
-        """Full weights on CPU (gathered across ranks under ZeRO-3), for publishing."""
-        module = self.engine.module
-        if self.cfg.zero_stage == 3:
-            import deepspeed
+    def set_sync_dtype(self, dtype: torch.dtype) -> None:
+        """Publish a LoRA adapter in ``dtype``, the one the rollout engines compute in."""
+        self.sync_dtype = dtype
 
-            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-                return {
-                    k: v.detach().to("cpu", torch.float32).clone()
-                    for k, v in module.state_dict().items()
-                }
-        return {
-            k: v.detach().to("cpu", torch.float32).clone() for k, v in module.state_dict().items()
-        }
+    def state_dict_cpu(self) -> dict[str, torch.Tensor]:
+        """What a version carries, on CPU (gathered across ranks under ZeRO-3): the full weights
+        in float32, or with LoRA the adapter alone in :attr:`sync_dtype`."""
+        return host_weights(self.engine.module, self.cfg.zero_stage == 3, self.sync_dtype)
 
     def device_weights(
         self, announce: Callable[[list[str]], None] | None = None
@@ -414,22 +416,28 @@ class LearnerEngine:
         """The weights where training holds them (its device and dtype), for a transport that
         broadcasts from the device: the live tensors themselves under ZeRO 0-2 (no copy; valid
         until the next step); under ZeRO-3 a source the publisher gathers one bucket at a time
-        (``announce``: rank 0 of several tells the followers each gather)."""
+        (``announce``: rank 0 of several tells the followers each gather). With LoRA: the
+        adapter alone, in :attr:`sync_dtype`."""
         module = self.engine.module
         if self.cfg.zero_stage == 3:
-            return ZeroShardedWeights(module, announce)
-        return {k: v.detach() for k, v in module.state_dict().items()}
+            return ZeroShardedWeights(module, announce, self.sync_dtype)
+        return live_weights(module, self.sync_dtype)
 
     def save_checkpoint(self, directory: Path, step: int, client_state: dict[str, Any]) -> None:
         state = dict(client_state, step=step, torch_rng=torch.get_rng_state())
-        self.engine.save_checkpoint(str(directory), tag=f"step{step:07d}", client_state=state)
+        lora = self.cfg.lora is not None  # the frozen base is the start model's: adapter only
+        self.engine.save_checkpoint(
+            str(directory), f"step{step:07d}", state, exclude_frozen_parameters=lora
+        )
         log.info("checkpoint saved: %s (step %d)", directory, step)
 
     def load_checkpoint(self, directory: Path) -> dict[str, Any] | None:
         """Resume from the latest tag in ``directory``; None when there is nothing to resume."""
         if not (Path(directory) / "latest").exists():
             return None
-        path, state = self.engine.load_checkpoint(str(directory))
+        path, state = self.engine.load_checkpoint(
+            str(directory), load_module_strict=self.cfg.lora is None
+        )
         if path is None:
             return None
         if "torch_rng" in state:

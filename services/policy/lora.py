@@ -16,6 +16,10 @@ transports, HF engine, vLLM engine, checkpoints):
 
 from __future__ import annotations
 
+import re
+from typing import Any
+
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -44,4 +48,102 @@ class LoraConfig(BaseModel):
         min_length=1,
         description="names of the linear layers that get an adapter (module name suffixes, as PEFT "
         "matches them); the default is every attention and MLP projection of a Llama-style model",
+    )
+
+
+# ---- the adapter on a model ------------------------------------------------------------------
+
+#: PEFT's adapter name inside the model; the saved (wire) names leave it out.
+ADAPTER = "default"
+_IN_MODEL = re.compile(rf"\.(lora_[AB])\.{ADAPTER}\.weight$")
+
+
+def peft_config(cfg: LoraConfig) -> Any:
+    """``cfg`` as PEFT's ``LoraConfig`` for a causal LM (no bias, adapters on the named layers)."""
+    import peft
+
+    return peft.LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def check_targets(model: torch.nn.Module, cfg: LoraConfig) -> None:
+    """Raise ValueError naming ``learner.lora.target_modules`` when one of its entries matches
+    no linear layer of ``model`` (as PEFT matches them: the module's name or its last parts)."""
+    linear = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"
+    ]
+    unmatched = [t for t in cfg.target_modules if not any(_matches(n, t) for n in linear)]
+    if unmatched:
+        kinds = sorted({n.rsplit(".", 1)[-1] for n in linear})
+        raise ValueError(
+            f"learner.lora.target_modules: {unmatched} match no linear layer of "
+            f"{type(model).__name__}; its linear layers are named {kinds}"
+        )
+
+
+def _matches(name: str, target: str) -> bool:
+    return name == target or name.endswith("." + target)
+
+
+def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
+    """``model`` wrapped in a PEFT LoRA model: its base weights frozen (``requires_grad`` off),
+    a fresh adapter (``lora_B`` zero, so the wrapped model computes what ``model`` did)."""
+    import peft
+
+    check_targets(model, cfg)
+    return peft.get_peft_model(model, peft_config(cfg))
+
+
+def is_lora(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is a PEFT model (base plus adapter)."""
+    return hasattr(model, "peft_config") and hasattr(model, "base_model")
+
+
+def wire_name(param_name: str) -> str | None:
+    """The saved name of an adapter parameter (``...q_proj.lora_A.weight``), None for any other
+    parameter (the frozen base)."""
+    if not _IN_MODEL.search(param_name):
+        return None
+    return _IN_MODEL.sub(r".\1.weight", param_name)
+
+
+def param_name(wire: str) -> str:
+    """The in-model name of the adapter tensor saved as ``wire``."""
+    return re.sub(r"\.(lora_[AB])\.weight$", rf".\1.{ADAPTER}.weight", wire)
+
+
+def adapter_params(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The live adapter parameters of a PEFT model under their wire names, in model order."""
+    out = {}
+    for name, p in model.named_parameters():
+        wire = wire_name(name)
+        if wire is not None:
+            out[wire] = p
+    return out
+
+
+def synced_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What a weight sync writes into ``model``, by the names a version carries: a PEFT model's
+    adapter (live parameters, wire names), or every parameter and buffer of a full model."""
+    if is_lora(model):
+        return dict(adapter_params(model))
+    targets: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
+    targets.update(model.named_buffers(remove_duplicate=False))
+    return targets
+
+
+def adapter_bytes(model: torch.nn.Module, dtype: torch.dtype | None = None) -> int:
+    """Bytes of the adapter (in ``dtype``, default each tensor's own)."""
+    return sum(
+        p.numel()
+        * (p.element_size() if dtype is None else torch.empty(0, dtype=dtype).element_size())
+        for p in adapter_params(model).values()
     )
