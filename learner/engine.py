@@ -40,7 +40,7 @@ from learner.loss import get_policy_loss
 from learner.packing import pack_rows, packing_mismatch, unpack
 from learner.weights import ZeroShardedWeights, host_weights, live_weights
 from selector.presets import Preset, select_tokens
-from services.policy.lora import apply_lora
+from services.policy.lora import apply_lora, save_adapter_config
 
 log = logging.getLogger(__name__)
 
@@ -429,6 +429,8 @@ class LearnerEngine:
         self.engine.save_checkpoint(
             str(directory), f"step{step:07d}", state, exclude_frozen_parameters=lora
         )
+        if lora and self.rank == 0:  # what export and eval rebuild the adapter from
+            save_adapter_config(self.module, Path(directory) / f"step{step:07d}")
         log.info("checkpoint saved: %s (step %d)", directory, step)
 
     def load_checkpoint(self, directory: Path) -> dict[str, Any] | None:

@@ -61,12 +61,15 @@ def consolidated_state_dict(
     """
     d = Path(checkpoint_dir)
     tag = checkpoint_tag(d, step)
+    lora = (d / tag / "adapter_config.json").is_file()  # the adapter alone was saved
     if list((d / tag).glob("zero_pp_rank_*_optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         # The utility prints its progress; keep it out of a CLI's output.
         with contextlib.redirect_stdout(io.StringIO()):
-            state = get_fp32_state_dict_from_zero_checkpoint(str(d), tag=tag)
+            state = get_fp32_state_dict_from_zero_checkpoint(
+                str(d), tag=tag, exclude_frozen_parameters=lora
+            )
     else:
         saved = torch.load(
             d / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
@@ -76,7 +79,11 @@ def consolidated_state_dict(
 
 
 def export_checkpoint(
-    checkpoint_dir: str | Path, model_dir: str | Path, out: str | Path, step: int | None = None
+    checkpoint_dir: str | Path,
+    model_dir: str | Path,
+    out: str | Path,
+    step: int | None = None,
+    merge: bool = False,
 ) -> Path:
     """Write the policy saved at ``step`` as a Hugging Face directory ``out`` (safetensors,
     config, generation config, tokenizer), loadable with ``from_pretrained``.
@@ -87,6 +94,8 @@ def export_checkpoint(
             tokenizer: the run's ``final_policy`` or the policy it started from.
         out: Where to write (created; files of the same names are overwritten).
         step: The saved step; None: the newest.
+        merge: a LoRA checkpoint is written as base plus adapter merged into a plain model
+            directory; otherwise (the default) as the adapter alone in PEFT's format.
 
     Raises:
         FileNotFoundError: no such checkpoint or model directory.
@@ -95,6 +104,13 @@ def export_checkpoint(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     model_dir = Path(model_dir)
+    tag_dir = Path(checkpoint_dir) / checkpoint_tag(checkpoint_dir, step)
+    if (tag_dir / "adapter_config.json").is_file():
+        from learner.export_lora import export_adapter
+
+        return export_adapter(
+            consolidated_state_dict(checkpoint_dir, step), tag_dir, model_dir, out, merge
+        )
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir}: not a model directory (no config.json)")
     state = consolidated_state_dict(checkpoint_dir, step)

@@ -48,6 +48,7 @@ _TOTALS = (
     "learner_seconds_total",
     "samples_total",
     "weight_sync_seconds_total",
+    "weight_sync_bytes_total",
     "learner_wait_seconds_total",
 )
 
@@ -104,6 +105,7 @@ class LearnerService:
         self.evaluate = evaluate
         self.snapshot_eval = snapshot_eval
         self._snapshot: tuple[int, dict[str, torch.Tensor]] | None = None
+        self._sync_bytes = 0  # of the last version published
         self.export = export
         self.publisher = publisher
         self.logger_kwargs = dict(logger_kwargs or {})
@@ -251,6 +253,7 @@ class LearnerService:
         self.totals["learner_seconds_total"] += m["learner_seconds"]
         self.totals["samples_total"] += m["samples_in"]
         self.totals["weight_sync_seconds_total"] += sync_s
+        self.totals["weight_sync_bytes_total"] += self._sync_bytes
         log.info(
             "learner: step %d/%d trained %s: %d samples, %d/%d tokens kept, loss %.4f, reward "
             "%.3f, %.2fs + weight sync %.3fs",
@@ -270,6 +273,7 @@ class LearnerService:
             **m,
             **self.totals,
             "weight_sync_seconds": sync_s,
+            "weight_sync_bytes": float(self._sync_bytes),  # with LoRA: the adapter's
             "learner_wait_seconds": waited,
             "queue_groups": float(depth["groups"]),
             "queue_batches": float(depth["batches"]),
@@ -301,6 +305,7 @@ class LearnerService:
             from_device = self.publisher.from_device
             weights = self.engine.device_weights() if from_device else self.engine.state_dict_cpu()
             self.publisher.publish(self.step, weights, rewind=rewind)
+            self._sync_bytes = _nbytes(weights)
             if from_device:
                 weights = None
         if due:
@@ -391,6 +396,16 @@ class LearnerService:
             self.totals["learner_seconds_total"],
             self.reporter.last_eval or "n/a",
         )
+
+
+def _nbytes(weights: Any) -> int:
+    """Bytes a version carries (a gathered source: as its layout says)."""
+    if isinstance(weights, Mapping):
+        return sum(t.numel() * t.element_size() for t in weights.values())
+    return sum(
+        math.prod(shape) * torch.empty(0, dtype=dt).element_size()
+        for shape, dt in weights.layout().values()
+    )
 
 
 def _numeric(row: dict[str, Any]) -> dict[str, float]:

@@ -16,7 +16,9 @@ transports, HF engine, vLLM engine, checkpoints):
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -131,13 +133,39 @@ def adapter_params(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 
 
 def synced_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """What a weight sync writes into ``model``, by the names a version carries: a PEFT model's
-    adapter (live parameters, wire names), or every parameter and buffer of a full model."""
+    """What a weight sync writes into ``model``, by the names a version carries (detached views
+    of the live tensors): a PEFT model's adapter under its wire names, or every parameter and
+    buffer of a full model (tied ones under each name)."""
     if is_lora(model):
-        return dict(adapter_params(model))
-    targets: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
+        return {n: p.detach() for n, p in adapter_params(model).items()}
+    targets = {n: p.detach() for n, p in model.named_parameters(remove_duplicate=False)}
     targets.update(model.named_buffers(remove_duplicate=False))
     return targets
+
+
+def synced_params(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The parameters a whole version must have written: a PEFT model's adapter (the base is
+    never synced), or every parameter of a full model."""
+    return adapter_params(model) if is_lora(model) else dict(model.named_parameters())
+
+
+def unloaded(model: torch.nn.Module, loaded: set[int]) -> list[str]:
+    """The names of :func:`synced_params` whose storage (``data_ptr``) is not in ``loaded``."""
+    return [n for n, p in synced_params(model).items() if p.data_ptr() not in loaded]
+
+
+def load_synced(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy a whole version into ``model`` in place (cast to its dtypes): a PEFT model's adapter
+    (the base untouched); raises KeyError unless ``tensors`` names exactly the adapter."""
+    targets = synced_state(model)
+    if set(tensors) != set(targets):
+        extra, lack = sorted(set(tensors) - set(targets)), sorted(set(targets) - set(tensors))
+        raise KeyError(
+            f"adapter tensors do not fit the model: unexpected {extra[:5]}, lacking {lack[:5]}"
+        )
+    with torch.no_grad():
+        for name, t in tensors.items():
+            targets[name].copy_(t)
 
 
 def adapter_bytes(model: torch.nn.Module, dtype: torch.dtype | None = None) -> int:
@@ -147,3 +175,42 @@ def adapter_bytes(model: torch.nn.Module, dtype: torch.dtype | None = None) -> i
         * (p.element_size() if dtype is None else torch.empty(0, dtype=dtype).element_size())
         for p in adapter_params(model).values()
     )
+
+
+# ---- the adapter on disk (PEFT format) ---------------------------------------------------------
+
+
+def save_adapter_config(model: torch.nn.Module, directory: str | Path) -> None:
+    """Write ``adapter_config.json`` of a PEFT model into ``directory`` (its base model's path
+    in ``base_model_name_or_path``)."""
+    model.peft_config[ADAPTER].save_pretrained(str(directory))
+
+
+def base_path(adapter_dir: str | Path) -> Path:
+    """The base model directory an adapter directory names (``base_model_name_or_path``)."""
+    cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    base = cfg.get("base_model_name_or_path")
+    if not base or not (Path(base) / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{adapter_dir}: its base model {base!r} is not a model directory here; pass the "
+            "base model directory (--policy)"
+        )
+    return Path(base)
+
+
+def load_adapter_dir(
+    adapter_dir: str | Path,
+    dtype: torch.dtype | None = torch.float32,
+    base: str | Path | None = None,
+) -> torch.nn.Module:
+    """Base plus the PEFT adapter saved in ``adapter_dir`` (eval mode), the base from ``base``
+    or the directory the adapter names."""
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    base_dir = Path(base) if base is not None else base_path(adapter_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
+    return peft.PeftModel.from_pretrained(model, str(adapter_dir)).eval()

@@ -70,6 +70,10 @@ def load_policy(path: str | Path, dtype: torch.dtype | None = torch.float32):
         The causal LM in eval mode, and ``AutoTokenizer.from_pretrained(path)``.
     """
     path = Path(path)
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        from services.policy.lora import load_adapter_dir
+
+        return load_adapter_dir(path, dtype), load_tokenizer(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a model directory (no config.json)")
     kwargs = {"local_files_only": True}

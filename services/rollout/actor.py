@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from services.common.seeding import step_seed
+from services.policy.lora import synced_state, unloaded
 from services.rollout.settings import RolloutSettings
 from services.rollout.worker import RolloutWorker
 from services.transport.bundle import Transport
@@ -52,7 +53,7 @@ def check_loaded(model: torch.nn.Module, received: dict[str, torch.Tensor], vers
     """Raise WeightSyncError unless ``model`` holds ``received`` (sampled, each tensor rounded to
     the model's dtype first): a load that dropped or mangled a tensor is caught, not only a
     corrupted transfer."""
-    state = model.state_dict()
+    state = synced_state(model)  # a LoRA engine's adapter, under the names a version carries
     names = [n for n in received if n in state]
     cast = {n: state[n].dtype for n in names}
     if sample_checksum({n: state[n] for n in names}) != sample_checksum(
@@ -81,17 +82,16 @@ class EngineLoader(WeightLoader):
         model = self.engine.model
         if model is not None:
             check_loaded(model, tensors, self.version)
-            state = model.state_dict(keep_vars=True)
+            state = synced_state(model)
             self._loaded.update(state[n].data_ptr() for n in tensors if n in state)
 
     def finish(self, version: int) -> None:
         model = self.engine.model
         if model is not None:
-            missing = [n for n, p in model.named_parameters() if p.data_ptr() not in self._loaded]
+            missing = unloaded(model, self._loaded)
             if missing:
                 raise WeightSyncError(
-                    f"weights of version {version} lack parameters the engine's model has: "
-                    f"{missing[:5]}"
+                    f"weights of version {version} lack the model's {missing[:5]}"
                 )
         self.engine.finish_update(version)
 

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 
+from services.policy.lora import is_lora, load_synced, synced_state
 from services.policy.model import left_pad
 from services.rollout.engine import NO_STOP, BetweenSteps, RolloutBatch, RolloutEngine, Sampled
 
@@ -127,11 +128,16 @@ class HFRolloutEngine(RolloutEngine):
         """Copy new weights into the model in place (any dtype/device) and set ``version``.
 
         Keys missing from ``state_dict`` are allowed only for parameters tied to one that is
-        present (GPT-2's ``lm_head.weight`` shares ``wte``; safetensors files drop it).
+        present (GPT-2's ``lm_head.weight`` shares ``wte``; safetensors files drop it). A LoRA
+        engine (a PEFT model) takes its adapter alone, into the adapter in place.
 
         Raises:
             KeyError: on unexpected keys or untied missing keys (weights would be wrong).
         """
+        if is_lora(self._model):
+            load_synced(self._model, dict(state_dict))
+            self.version = int(version)
+            return
         result = self._model.load_state_dict(state_dict, strict=False)
         if result.unexpected_keys:
             raise KeyError(f"unexpected keys in state dict: {result.unexpected_keys[:5]}")
@@ -167,14 +173,14 @@ class HFRolloutEngine(RolloutEngine):
         """Copy named tensors into the live parameters/buffers one at a time and set ``version``
         (None: a part of a streamed update, see :meth:`begin_update`; the version stays).
 
-        Any subset may be given (a streamed update never holds a second full copy).
+        Any subset may be given (a streamed update never holds a second full copy). A LoRA
+        engine takes adapter tensors under their wire names; its base is never written.
 
         Raises:
             KeyError: on a name the model does not have.
             ValueError: on a shape mismatch.
         """
-        targets = dict(self._model.named_parameters(remove_duplicate=False))
-        targets.update(self._model.named_buffers(remove_duplicate=False))
+        targets = synced_state(self._model)
         for name, tensor in weights:
             if name not in targets:
                 raise KeyError(f"model has no parameter or buffer {name!r}")

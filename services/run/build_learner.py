@@ -29,12 +29,14 @@ def build_learner(
     from learner.service import LearnerService
     from services.policy.limits import model_limits
     from services.policy.model import load_policy, save_policy
+    from services.run.build_rollout import engine_dtype
     from services.run.placement import node_address
     from services.weightsync.factory import make_publisher
 
     model, tokenizer = load_policy(policy_path)
     settings = cfg.learner_settings(Path(run_dir) if run_dir else None)
     engine, stop_followers = _learner_engine(cfg, model, policy_path, settings.run_dir)
+    engine.set_sync_dtype(engine_dtype(cfg))  # a LoRA adapter travels in the engines' dtype
     ns = cfg.service.namespace
     if cfg.weight_sync.transport == "object_store":
         from services.weightsync.ray_store import get_or_create_store

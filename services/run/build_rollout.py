@@ -66,8 +66,12 @@ def build_worker(
             cpu_kv_cache_gib=None if kv is None else kv.gib,
         )
     else:
+        from services.policy.lora import apply_lora, is_lora
         from services.rollout.hf_engine import HFRolloutEngine
 
+        lora = cfg.learner.lora
+        if lora is not None and not is_lora(model):  # base plus adapter; syncs fill the adapter
+            model = apply_lora(model, lora)
         engine = HFRolloutEngine(
             model, tokenizer, r.max_new_tokens, r.temperature, r.top_p, device=device
         )
@@ -120,6 +124,20 @@ def build_rollout(
         cfg.weight_sync.transport,
     )
     return RolloutActor(cfg.rollout_settings(), transport, receiver, worker, index)
+
+
+def engine_dtype(cfg: RunConfig) -> Any:
+    """The dtype the rollout engines compute in, which a LoRA adapter is published in: the HF
+    engine's bfloat16 on a GPU, its model's float32 on CPU; vLLM's ``rollout.vllm.dtype``
+    (``auto``: bfloat16 on a GPU, else float32)."""
+    import torch
+
+    gpu = cfg.rollout.num_gpus > 0
+    if cfg.rollout.engine == "vllm":
+        name = cfg.rollout.vllm_settings.dtype
+        if name in ("bfloat16", "float16", "float32"):
+            return getattr(torch, name)
+    return torch.bfloat16 if gpu else torch.float32
 
 
 def rollout_device(cfg: RunConfig) -> str | None:

@@ -22,9 +22,10 @@ from learner.engine import LearnerEngine
 from selector.curate import curate
 from selector.dynamic import DynamicSamplingExhausted, StepDraws, split_flat
 from services.common.seeding import step_seed
+from services.policy.lora import apply_lora, is_lora, load_synced, synced_state
 from services.policy.model import load_policy, save_policy
 from services.rollout.worker import RolloutWorker
-from services.run.build_rollout import build_worker
+from services.run.build_rollout import build_worker, engine_dtype
 from services.run.config import RunConfig
 from services.run.evaluator import build_evaluator
 from services.run.prepare import prepare_policy
@@ -71,7 +72,10 @@ class SyncTrainer:
             policy_path = prepare_policy(cfg, progress)
             model, tokenizer = load_policy(policy_path)
         rollout_model = copy.deepcopy(model)
+        if cfg.learner.lora is not None:  # base plus adapter; each publish fills the adapter
+            rollout_model = apply_lora(rollout_model, cfg.learner.lora)
         learner = LearnerEngine(model, cfg.learner, cfg.train.horizon)
+        learner.set_sync_dtype(engine_dtype(cfg))
         lead = learner.rank == 0
         ckpt_dir = self.run_dir / "checkpoints"
         totals = dict.fromkeys(_TOTALS, 0.0)
@@ -276,11 +280,15 @@ class SyncTrainer:
             if worker.engine.model is None:
                 # Loaded here from the same tensors: nothing crossed a boundary to checksum.
                 worker.load_weights(state, version)
-                rollout_model.load_state_dict(state)
+                if is_lora(rollout_model):
+                    load_synced(rollout_model, state)
+                else:
+                    rollout_model.load_state_dict(state)
                 return
             digest = state_checksum(state)
             worker.load_weights(state, version)
-            verify_sync(digest, worker.engine.model, version)
+            model = worker.engine.model
+            verify_sync(digest, synced_state(model) if is_lora(model) else model, version)
 
 
 def _rank_main(cfg: RunConfig, run_dir: str, stop_at: int | None) -> dict[str, Any]:

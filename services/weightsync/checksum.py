@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 
 import torch
 
@@ -21,8 +22,11 @@ class WeightSyncError(RuntimeError):
     pass
 
 
-def verify_sync(expected: str, model: torch.nn.Module, version: int) -> None:
-    got = state_checksum(model.state_dict())
+def verify_sync(
+    expected: str, model: torch.nn.Module | Mapping[str, torch.Tensor], version: int
+) -> None:
+    """Raise unless the model (or the named tensors a sync wrote) hashes to ``expected``."""
+    got = state_checksum(dict(model) if isinstance(model, Mapping) else model.state_dict())
     if got != expected:
         raise WeightSyncError(
             f"weights of version {version} arrived corrupted: checksum {got[:12]} != {expected[:12]}"

@@ -116,7 +116,7 @@ def policy_dir(run_dir: Path, policy: Path | None) -> Path:
     """The model directory giving a run's architecture and tokenizer: ``policy``, else the run's
     ``final_policy``."""
     d = policy or run_dir / "final_policy"
-    if not (d / "config.json").is_file():
+    if not (d / "config.json").is_file() and not (d / "adapter_config.json").is_file():
         error(
             f"{d}: no model directory (config.json) for the architecture and "
             "tokenizer; pass --policy MODEL_DIR (e.g. the policy the run started from)"

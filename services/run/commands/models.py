@@ -123,14 +123,21 @@ def export(
             "architecture and tokenizer (default RUN_DIR/final_policy)",
         ),
     ] = None,
+    merge: Annotated[
+        bool,
+        typer.Option("--merge", help="LoRA runs: write the base with the adapter merged in"),
+    ] = False,
 ) -> None:
     """Write a saved learner checkpoint (any ZeRO stage, weights gathered) as a Hugging Face
-    directory: loadable with from_pretrained, tokenizer included."""
+    directory: loadable with from_pretrained, tokenizer included. A LoRA run's checkpoint is
+    written as its adapter in PEFT's format (or merged into the base with --merge)."""
     setup_logging(False)
     from learner.export import export_checkpoint
 
     try:
-        path = export_checkpoint(run_dir / "checkpoints", policy_dir(run_dir, policy), out, step)
+        path = export_checkpoint(
+            run_dir / "checkpoints", policy_dir(run_dir, policy), out, step, merge
+        )
     except (FileNotFoundError, ValueError) as e:
         error(e)
         raise typer.Exit(2) from None
