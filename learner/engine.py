@@ -8,6 +8,9 @@ Step anatomy:
      optimizer step. With token_pass="compact" it runs only rows with a kept token, each
      micro-batch cut after its last kept position, so the token level saves learner time and
      not only tokens.
+In both passes the output layer and the softmax run only at the targets that are read (the
+response tokens in 1, the kept tokens in 3): the [V]-wide logits of prompt positions and of
+dropped tokens are never computed (``_output_rows``).
 Micro-batches hold at most ``micro_batch_tokens`` padded tokens, so memory is bounded by the
 budget and never by the batch: logits exist for one micro-batch at a time. Rows go longest first,
 so a micro-batch pads to rows of similar length; with ``packing`` they run end to end in shared
@@ -20,7 +23,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -37,7 +41,7 @@ from learner.batch import (
 from learner.config import LearnerConfig
 from learner.logits import logprobs_and_entropy
 from learner.loss import get_policy_loss
-from learner.packing import pack_rows, packing_mismatch, unpack
+from learner.packing import pack_rows, packing_mismatch
 from learner.weights import ZeroShardedWeights, host_weights, live_weights
 from selector.presets import Preset, select_tokens
 from services.policy.lora import apply_lora, save_adapter_config
@@ -99,6 +103,29 @@ def _last_kept_width(mask: torch.Tensor) -> torch.Tensor:
         if mask.shape[1]
         else mask.new_ones(mask.shape[0])
     )
+
+
+@contextmanager
+def _output_rows(module: torch.nn.Module, flat: torch.Tensor) -> Iterator[list[bool]]:
+    """While open, the output layer of ``module`` sees only the hidden states at flat
+    positions ``flat`` (of [batch * seq]), as one row [1, len(flat), hidden], so the forward's
+    logits are [1, len(flat), V]. Yields a list that is non-empty once the layer ran."""
+    head = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
+    ran: list[bool] = []
+    if head is None:
+        yield ran
+        return
+
+    def pick(_mod, args):
+        ran.append(True)
+        h = args[0]
+        return (h.reshape(-1, h.shape[-1])[flat].unsqueeze(0), *args[1:])
+
+    handle = head.register_forward_pre_hook(pick)
+    try:
+        yield ran
+    finally:
+        handle.remove()
 
 
 class LearnerEngine:
@@ -181,30 +208,49 @@ class LearnerEngine:
     def module(self) -> torch.nn.Module:
         return self.engine.module
 
-    def _forward(self, batch: LearnerBatch, mb: MicroBatch, with_entropy: bool):
-        """logp [n, width - 1] (and entropy) of the shifted targets, over input columns [:width]
-        (``batch``: the micro-batch's rows); packed rows come back in the same per-row view,
-        0 past each row's last target."""
+    def _forward(
+        self,
+        batch: LearnerBatch,
+        mb: MicroBatch,
+        need: torch.Tensor,
+        fill: torch.Tensor,
+        with_entropy: bool,
+    ):
+        """logp [m, width - 1] (and entropy) of the shifted targets ``need`` [m, width - 1] over
+        input columns [:width] (``batch``: the micro-batch's rows); elsewhere logp is ``fill``
+        (detached; same shape) and entropy 0. Packed rows come back in the same per-row view.
+
+        Only the needed positions reach the output layer and the softmax: the backbone runs
+        over every input position (attention needs them), but [V]-wide logits of a prompt
+        token, or of a response token the token level dropped, would be computed only to be
+        masked out. On SmolLM2 the output layer is a fifth of the model's multiply-adds and
+        the float32 softmax over its 49k entries costs as much again.
+        """
         if mb.pack is not None:
-            ids, pos, index, valid = pack_rows(batch.input_ids, mb.pack, mb.width)
-            logits = self.engine(input_ids=ids, position_ids=pos, use_cache=False).logits
+            ids, pos, index, _ = pack_rows(batch.input_ids, mb.pack, mb.width)
+            inputs = {"input_ids": ids, "position_ids": pos}
+            flat = index[need]  # packed position of each needed target's input column
         else:
             ids = batch.input_ids[:, : mb.width]
-            am = batch.attention_mask()[:, : mb.width]
-            logits = self.engine(input_ids=ids, attention_mask=am, use_cache=False).logits
-        # Score every position (the last against a dummy label) and drop the last column after:
-        # slicing the logits first would make reshape copy all of them.
-        labels = torch.nn.functional.pad(ids[:, 1:], (0, 1))
+            inputs = {"input_ids": ids, "attention_mask": batch.attention_mask()[:, : mb.width]}
+            r, c = need.nonzero(as_tuple=True)
+            flat = r * mb.width + c
+        labels = ids.reshape(-1)[flat + 1]
+        with _output_rows(self.module, flat) as picked:
+            logits = self.engine(**inputs, use_cache=False).logits
+        if not picked:  # a model that bypasses its output embeddings: select from all logits
+            logits = logits.reshape(-1, logits.shape[-1])[flat][None]
         logp, ent = logprobs_and_entropy(
             logits,
-            labels,
+            labels[None],
             self.cfg.temperature,
             self.cfg.entropy_chunk_rows,
             with_entropy=with_entropy,
         )
-        if mb.pack is not None:
-            return unpack(logp, index, valid), unpack(ent, index, valid) if with_entropy else None
-        return logp[:, :-1], ent[:, :-1] if ent is not None else None
+        logp = fill.detach().to(logp.dtype).masked_scatter(need, logp[0])
+        if with_entropy:
+            ent = torch.zeros_like(logp).masked_scatter(need, ent[0])
+        return logp, ent
 
     def _plan(self, widths: torch.Tensor) -> list[MicroBatch]:
         if self.cfg.packing:
@@ -239,9 +285,12 @@ class LearnerEngine:
         filler = MicroBatch(torch.zeros(1, dtype=torch.long), 2, live=False)
         return plans + [filler] * (max(count, 1) - len(plans))
 
-    def _score(self, local: LearnerBatch) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """No-grad pass by micro-batches: old log-probs and entropies [n, L-1], 0 past a row's
-        end, and [input positions run, real tokens among them]."""
+    def _score(
+        self, local: LearnerBatch, resp: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """No-grad pass by micro-batches: old log-probs and entropies [n, L-1] of the response
+        targets ``resp`` (0 elsewhere: nothing reads them), and [input positions run, real
+        tokens among them]."""
         n, width = local.input_ids.shape
         old_logp = torch.zeros(n, width - 1, device=self.device)
         ent = torch.zeros(n, width - 1, device=self.device)
@@ -251,7 +300,9 @@ class LearnerEngine:
             for mb in plans:
                 rows = mb.rows.to(self.device)
                 sub = local.rows(rows)
-                logp, e = self._forward(sub, mb, with_entropy=True)
+                need = resp[rows, : mb.width - 1] & mb.live
+                zero = torch.zeros(need.shape, device=self.device)
+                logp, e = self._forward(sub, mb, need, zero, with_entropy=True)
                 if mb.live:
                     old_logp[rows, : mb.width - 1] = logp
                     ent[rows, : mb.width - 1] = e
@@ -281,7 +332,7 @@ class LearnerEngine:
         local, n_rows = self._shard(batch)
         local = local.to(self.device)
         resp = local.target_mask()
-        old_logp, ent, score_run = self._score(local)
+        old_logp, ent, score_run = self._score(local, resp)
         mask = self._token_mask(local, resp, ent, n_rows, preset, token_ratio, generator)
 
         (glob_units,) = D.all_reduce_sum([float(self.loss_fn.units(mask))], self.device)
@@ -374,12 +425,13 @@ class LearnerEngine:
             self.engine.set_gradient_accumulation_boundary(i == len(plans) - 1)
             rows = mb.rows.to(self.device)
             sub = local.rows(rows)
-            logp, _ = self._forward(sub, mb, with_entropy=False)
             cols = mb.width - 1
             g_mask = mask[rows, :cols] & mb.live
-            part = self.loss_fn.summed(
-                logp, old_logp[rows, :cols], adv[rows], g_mask, behav[rows, :cols]
-            )
+            old = old_logp[rows, :cols]
+            # Unkept targets get old_logp as their logp: ratio exactly 1 there, never exp() of
+            # a large gap, and the mask zeroes them anyway.
+            logp, _ = self._forward(sub, mb, g_mask, old, with_entropy=False)
+            part = self.loss_fn.summed(logp, old, adv[rows], g_mask, behav[rows, :cols])
             self.engine.backward(part.total * scale)
             loss_sum += float(part.total.detach())
             run = [a + b for a, b in zip(run, self._positions(sub, mb), strict=True)]

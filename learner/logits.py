@@ -35,8 +35,10 @@ class _TokenLogProb(torch.autograd.Function):
             lse[s : s + chunk_rows] = z
             logp[s : s + chunk_rows] = x.gather(1, labels[s : s + chunk_rows, None]).squeeze(1) - z
             if with_entropy:
-                # H = logsumexp(x) - sum softmax(x) * x
-                ent[s : s + chunk_rows] = z - (torch.softmax(x, dim=-1) * x).sum(-1)
+                # H = logsumexp(x) - sum softmax(x) * x, the softmax as exp(x - z) from the z
+                # already computed (torch.softmax would reduce max and sum over V again)
+                p = torch.exp(x - z[:, None])
+                ent[s : s + chunk_rows] = z - p.mul_(x).sum(-1)
         ctx.save_for_backward(logits, labels, lse)
         ctx.temperature, ctx.chunk_rows = temperature, chunk_rows
         ctx.mark_non_differentiable(ent)
