@@ -108,3 +108,56 @@ def test_target_modules_that_match_nothing_fail_at_start():
     bad = LoraConfig(target_modules=["q_proj", "c_attn"])  # c_attn is GPT-2's, not Llama's
     with pytest.raises(ValueError, match=r"learner\.lora\.target_modules: \['c_attn'\]"):
         LearnerEngine(MODELS["llama"](), LearnerConfig(lora=bad), 10)
+
+
+def _learner(stage: int) -> LearnerEngine:
+    torch.manual_seed(0)
+    return LearnerEngine(MODELS["llama"](), LearnerConfig(zero_stage=stage, lr=1e-2, lora=LORA), 10)
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_a_resumed_lora_run_continues_from_the_adapter_checkpoint_with_the_base_untouched(
+    tmp_path, stage
+):
+    from safetensors.torch import load_file
+
+    from learner.export import export_checkpoint
+    from services.policy.model import save_policy
+    from services.policy.tokenizer import CharTokenizer
+
+    first = _learner(stage)
+    base = base_digest(first.module)
+    first.train_step(make_batch(0), get_preset("d3s"), 0.5)
+    first.save_checkpoint(tmp_path / "ckpt", 1, {})
+    saved = {p.name for p in (tmp_path / "ckpt" / "step0000001").iterdir()}
+    assert "adapter_config.json" in saved
+    states = torch.load(
+        tmp_path / "ckpt" / "step0000001" / "mp_rank_00_model_states.pt", weights_only=False
+    )
+    assert all(".lora_" in k for k in states["module"])  # the adapter alone, no frozen base
+    first.train_step(make_batch(1), get_preset("d3s"), 0.5)
+    expected = first.state_dict_cpu()
+
+    resumed = _learner(stage)  # a fresh adapter on the same base, then the checkpoint's
+    assert resumed.load_checkpoint(tmp_path / "ckpt")["step"] == 1
+    assert base_digest(resumed.module) == base
+    resumed.train_step(make_batch(1), get_preset("d3s"), 0.5)
+    after = resumed.state_dict_cpu()
+    assert base_digest(resumed.module) == base
+    for k in expected:  # the optimizer's state came back too: the same second step
+        torch.testing.assert_close(after[k], expected[k], rtol=1e-5, atol=1e-6)
+
+    # The export: PEFT's format by default, and it scores as the learner does.
+    model_dir = save_policy(MODELS["llama"](), CharTokenizer(), tmp_path / "base")
+    out = export_checkpoint(tmp_path / "ckpt", model_dir, tmp_path / "adapter")
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in out.iterdir()}
+    assert sorted(load_file(out / "adapter_model.safetensors")) == sorted(expected)
+    from services.policy.lora import load_adapter_dir
+
+    exported = load_adapter_dir(out, base=model_dir)
+    ids = make_batch(2).input_ids[:2]
+    learner_at_1 = _learner(stage)
+    learner_at_1.load_checkpoint(tmp_path / "ckpt")
+    with torch.no_grad():
+        want = learner_at_1.module.eval()(input_ids=ids).logits
+        torch.testing.assert_close(exported(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
