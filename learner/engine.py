@@ -10,7 +10,7 @@ Step anatomy:
      not only tokens.
 In both passes the output layer and the softmax run only at the targets that are read (the
 response tokens in 1, the kept tokens in 3): the [V]-wide logits of prompt positions and of
-dropped tokens are never computed (``_output_rows``).
+dropped tokens are never computed (learner/forward.py).
 Micro-batches hold at most ``micro_batch_tokens`` padded tokens, so memory is bounded by the
 budget and never by the batch: logits exist for one micro-batch at a time. Rows go longest first,
 so a micro-batch pads to rows of similar length; with ``packing`` they run end to end in shared
@@ -23,8 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -39,9 +38,9 @@ from learner.batch import (
     plan_packed_micro_batches,
 )
 from learner.config import LearnerConfig
-from learner.logits import logprobs_and_entropy
+from learner.forward import score_targets
 from learner.loss import get_policy_loss
-from learner.packing import pack_rows, packing_mismatch
+from learner.packing import packing_mismatch
 from learner.weights import ZeroShardedWeights, host_weights, live_weights
 from selector.presets import Preset, select_tokens
 from services.policy.lora import apply_lora, save_adapter_config
@@ -103,29 +102,6 @@ def _last_kept_width(mask: torch.Tensor) -> torch.Tensor:
         if mask.shape[1]
         else mask.new_ones(mask.shape[0])
     )
-
-
-@contextmanager
-def _output_rows(module: torch.nn.Module, flat: torch.Tensor) -> Iterator[list[bool]]:
-    """While open, the output layer of ``module`` sees only the hidden states at flat
-    positions ``flat`` (of [batch * seq]), as one row [1, len(flat), hidden], so the forward's
-    logits are [1, len(flat), V]. Yields a list that is non-empty once the layer ran."""
-    head = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
-    ran: list[bool] = []
-    if head is None:
-        yield ran
-        return
-
-    def pick(_mod, args):
-        ran.append(True)
-        h = args[0]
-        return (h.reshape(-1, h.shape[-1])[flat].unsqueeze(0), *args[1:])
-
-    handle = head.register_forward_pre_hook(pick)
-    try:
-        yield ran
-    finally:
-        handle.remove()
 
 
 class LearnerEngine:
@@ -208,49 +184,21 @@ class LearnerEngine:
     def module(self) -> torch.nn.Module:
         return self.engine.module
 
-    def _forward(
-        self,
-        batch: LearnerBatch,
-        mb: MicroBatch,
-        need: torch.Tensor,
-        fill: torch.Tensor,
-        with_entropy: bool,
-    ):
-        """logp [m, width - 1] (and entropy) of the shifted targets ``need`` [m, width - 1] over
-        input columns [:width] (``batch``: the micro-batch's rows); elsewhere logp is ``fill``
-        (detached; same shape) and entropy 0. Packed rows come back in the same per-row view.
-
-        Only the needed positions reach the output layer and the softmax: the backbone runs
-        over every input position (attention needs them), but [V]-wide logits of a prompt
-        token, or of a response token the token level dropped, would be computed only to be
-        masked out. On SmolLM2 the output layer is a fifth of the model's multiply-adds and
-        the float32 softmax over its 49k entries costs as much again.
-        """
-        if mb.pack is not None:
-            ids, pos, index, _ = pack_rows(batch.input_ids, mb.pack, mb.width)
-            inputs = {"input_ids": ids, "position_ids": pos}
-            flat = index[need]  # packed position of each needed target's input column
-        else:
-            ids = batch.input_ids[:, : mb.width]
-            inputs = {"input_ids": ids, "attention_mask": batch.attention_mask()[:, : mb.width]}
-            r, c = need.nonzero(as_tuple=True)
-            flat = r * mb.width + c
-        labels = ids.reshape(-1)[flat + 1]
-        with _output_rows(self.module, flat) as picked:
-            logits = self.engine(**inputs, use_cache=False).logits
-        if not picked:  # a model that bypasses its output embeddings: select from all logits
-            logits = logits.reshape(-1, logits.shape[-1])[flat][None]
-        logp, ent = logprobs_and_entropy(
-            logits,
-            labels[None],
-            self.cfg.temperature,
-            self.cfg.entropy_chunk_rows,
-            with_entropy=with_entropy,
+    def _forward(self, batch, mb, need, fill, with_entropy):
+        """logp (and entropy) [m, width - 1] of the targets ``need`` of micro-batch ``mb``
+        (``batch``: its rows), ``fill`` elsewhere (learner/forward.py)."""
+        cfg = self.cfg
+        return score_targets(
+            self.engine,
+            self.module,
+            batch,
+            mb,
+            need,
+            fill,
+            cfg.temperature,
+            cfg.entropy_chunk_rows,
+            with_entropy,
         )
-        logp = fill.detach().to(logp.dtype).masked_scatter(need, logp[0])
-        if with_entropy:
-            ent = torch.zeros_like(logp).masked_scatter(need, ent[0])
-        return logp, ent
 
     def _plan(self, widths: torch.Tensor) -> list[MicroBatch]:
         if self.cfg.packing:

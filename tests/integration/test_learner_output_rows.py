@@ -1,5 +1,5 @@
-"""The learner computes logits only where a loss or a selection reads them (learner/engine.py,
-``_output_rows``): its step must equal the plain computation that scores every position with
+"""The learner computes logits only where a loss or a selection reads them (learner/forward.py):
+its step must equal the plain computation that scores every position with
 full logits, on GPT-2 (the built-in policy) and Llama (SmolLM2's architecture), padded and packed,
 in the compact and full gradient passes, and on the fallback for a model whose output layer the
 learner cannot reach."""
