@@ -12,7 +12,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 # elsewhere those tests skip and say why.
 SYSTEM_PACKAGES := chromium chromium-driver docker-compose
 
-.PHONY: venv system-deps run test bench-pipeline bench-transport bench-selector bench-weight-sync bench-weight-sync-vllm bench-real-model model bench-memory test-slow test-vllm test-vllm-slow venv-vllm lint bench-select bench-learning bench-start-seeds clean
+.PHONY: venv system-deps run test bench-pipeline bench-transport bench-selector bench-weight-sync bench-weight-sync-vllm bench-real-model model bench-memory test-slow test-vllm test-vllm-slow venv-vllm lint bench-select bench-learning bench-start-seeds bench-learner-step bench-real-pipeline clean
 
 venv: $(STAMP)
 
@@ -108,6 +108,16 @@ bench-real-model: model
 
 bench-memory: venv
 	$(BIN)/python -m bench.memory
+
+# The D3S and GRPO learner steps on SmolLM2: packing off against on, and each phase's CPU time.
+bench-learner-step: model
+	$(BIN)/python -m bench.learner_step
+
+# d3s run on SmolLM2 with vLLM engines and the collective transport: grpo, d3s, d3s + dynamic
+# sampling (+ prefilter), and lock-step rows; wall-clock and generated tokens to GRPO's Pass@1
+# (~90 min on 2 cores; --short: 2 steps).
+bench-real-pipeline: $(VLLM_STAMP) model
+	$(VLLM_BIN)/python -m bench.real_pipeline
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache runs .cache
