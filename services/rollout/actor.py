@@ -239,7 +239,7 @@ class RolloutActor:
             "inflight_loads": self.inflight_loads,
             "responses_ended_on": {str(k): v for k, v in sorted(self.ended_on.items())},
             "responses_cut": self.responses_cut,
-        }
+        } | self.worker.engine.report()  # what the engine adds (vLLM with LoRA: its adapters)
 
     def _count_endings(self, groups: list) -> None:
         stops = set(self.worker.engine.stop_token_ids)

@@ -342,6 +342,10 @@ class RolloutEngine(ABC):
             gen_seconds=time.perf_counter() - t0,
         )
 
+    def report(self) -> dict[str, Any]:
+        """What the engine adds to its rollout actor's report (none by default)."""
+        return {}
+
     # ---- weights -------------------------------------------------------------------------------
 
     @abstractmethod

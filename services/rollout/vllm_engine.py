@@ -31,6 +31,11 @@ requests kept (``pause_scheduler("keep")``: no step runs, KV caches stay), loads
 engine's weight version and resumes. vLLM stamps every step's tokens with the label it ran under,
 so each token's version comes back exactly (``CompletionOutput.weight_versions``). The prefix
 cache, which may hold blocks of the old weights, is dropped once the round's requests are done.
+
+LoRA (``lora`` given, :mod:`services.rollout.vllm_lora`): every version is an adapter of its own
+id and the base weights never change. A round runs under the adapter of the version it was
+admitted with, to its end: a version loaded between its steps serves the next round, so every
+token of a round records the version it started with.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ import contextlib
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -50,7 +55,11 @@ from services.rollout.engine import (
     cut_at_stop,
     pack_rows,
 )
+from services.rollout.vllm_lora import EngineAdapters, lora_engine_kwargs
 from services.rollout.vllm_weights import WORKER_EXTENSION, weight_chunks
+
+if TYPE_CHECKING:
+    from services.policy.lora import LoraConfig
 
 # vLLM refuses sampling temperatures above this.
 MAX_TEMPERATURE = 2.0
@@ -93,6 +102,9 @@ class VLLMRolloutEngine(RolloutEngine):
             instead of ``gpu_memory_utilization`` read there as a share of all RAM; ignored on
             GPU. ``VLLM_CPU_KVCACHE_SPACE``, when set, overrides it inside vLLM.
         engine_kwargs: Further ``vllm.LLM`` arguments (e.g. ``kv_cache_memory_bytes``).
+        lora: Versions are LoRA adapters of this shape on the model at ``model_path``
+            (None: versions are full weights).
+        lora_slots: With ``lora``, adapters one batch may use (``max_staleness + 1``).
 
     Raises:
         ValueError: on a bad setting, naming it.
@@ -120,6 +132,8 @@ class VLLMRolloutEngine(RolloutEngine):
         seed: int = 0,
         cpu_kv_cache_gib: float | None = None,
         engine_kwargs: Mapping[str, Any] | None = None,
+        lora: LoraConfig | None = None,
+        lora_slots: int = 1,
     ) -> None:
         super().__init__(tokenizer, max_new_tokens, temperature, top_p, stop_token_ids)
         if temperature > MAX_TEMPERATURE:
@@ -145,6 +159,8 @@ class VLLMRolloutEngine(RolloutEngine):
         engine_kwargs = dict(engine_kwargs or {})
         if cpu_kv_cache_gib is not None and current_platform.is_cpu():
             engine_kwargs.setdefault("kv_cache_memory_bytes", int(cpu_kv_cache_gib * (1 << 30)))
+        if lora is not None:
+            engine_kwargs.update(lora_engine_kwargs(lora, lora_slots))
         self._sampling_params_cls = SamplingParams
         self._llm = LLM(
             model=str(model_path),
@@ -166,6 +182,7 @@ class VLLMRolloutEngine(RolloutEngine):
         self._update: contextlib.ExitStack | None = None
         self._prefix_cache_stale = False
         self._core_call("set_weight_version", str(self.version))
+        self.adapters = None if lora is None else EngineAdapters(self, lora)
 
     @property
     def model(self) -> None:
@@ -176,6 +193,10 @@ class VLLMRolloutEngine(RolloutEngine):
     def running(self) -> bool:
         """False once :meth:`shutdown` stopped vLLM."""
         return getattr(self, "_llm", None) is not None
+
+    @property
+    def llm_engine(self) -> Any:
+        return self._llm.llm_engine
 
     def collective_rpc(self, method: str | Callable[..., Any], *args: Any) -> list[Any]:
         """Call ``method`` on every worker (a worker-extension method's name, or a function
@@ -201,6 +222,10 @@ class VLLMRolloutEngine(RolloutEngine):
                 raise RuntimeError("load_weights(version=None) outside begin_update/finish_update")
             self._load_chunks(weights)
             return
+        if self.adapters is not None:
+            self.adapters.begin()
+            self.adapters.stage(weights)
+            return self.adopt_version(int(version), self.adapters.commit())
         with self.swapping_weights():
             self.collective_rpc("d3s_begin_update")
             self._load_chunks(weights)
@@ -208,6 +233,9 @@ class VLLMRolloutEngine(RolloutEngine):
             self.version = int(version)
 
     def _load_chunks(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        if self.adapters is not None:
+            self.adapters.stage(weights)
+            return
         for chunk in weight_chunks(weights):
             self.collective_rpc("d3s_load_weights", chunk)
 
@@ -216,20 +244,35 @@ class VLLMRolloutEngine(RolloutEngine):
         and the engine is dirty until :meth:`finish_update`."""
         self.dirty = True
         self._update = contextlib.ExitStack()
+        if self.adapters is not None:
+            self.adapters.begin()
+            return
         self._update.enter_context(self.swapping_weights())
         self.collective_rpc("d3s_begin_update")
 
     def finish_update(self, version: int) -> None:
-        self.collective_rpc("d3s_finish_update")
-        self.version = int(version)
+        if self.adapters is not None:
+            self.adopt_version(int(version), self.adapters.commit())
+        else:
+            self.collective_rpc("d3s_finish_update")
+            self.version = int(version)
         self.dirty = False
         self._end_update()
+
+    def adopt_version(self, version: int, adapter_id: int | None = None) -> None:
+        """``version`` is loaded (as adapter ``adapter_id`` with LoRA): generate with it."""
+        self.version = version
+        if self.adapters is not None:
+            self.adapters.adopt(version, adapter_id)
 
     def abort_update(self) -> None:
         """The update failed midway: close vLLM's reload (the layers keep what they got) and
         stay dirty until a whole version loads."""
         try:
-            self.collective_rpc("d3s_finish_update")
+            if self.adapters is not None:
+                self.adapters.begin()  # the staged part goes; the live adapters are untouched
+            else:
+                self.collective_rpc("d3s_finish_update")
         finally:
             self._end_update()
 
@@ -242,7 +285,12 @@ class VLLMRolloutEngine(RolloutEngine):
     def swapping_weights(self) -> Iterator[None]:
         """Around a weight load (which sets ``version``): during a stepped round, pause the
         scheduler with its requests kept and resume after; relabel the engine's weight version;
-        drop the prefix cache now, or after the round when requests hold its blocks."""
+        drop the prefix cache now, or after the round when requests hold its blocks. With LoRA
+        nothing: a new adapter changes no running request, and cached blocks are keyed by
+        adapter."""
+        if self.adapters is not None:
+            yield
+            return
         paused = self._in_round
         if paused:
             self._core_call("pause_scheduler", "keep", False)
@@ -264,8 +312,15 @@ class VLLMRolloutEngine(RolloutEngine):
         return getattr(client.engine_core, method)(*args)
 
     def weights_digest(self) -> str:
-        """sha256 of the first worker's live parameters (changes when a load changed them)."""
+        """sha256 of the first worker's live parameters (changes when a load changed them); with
+        LoRA, of the newest adapter."""
+        if self.adapters is not None:
+            return self.adapters.digest()
         return self.collective_rpc("d3s_weights_digest")[0]
+
+    def report(self) -> dict[str, Any]:
+        """With LoRA, ``lora_audit``: the adapters added and removed, and every round's."""
+        return {} if self.adapters is None else {"lora_audit": self.adapters.audit()}
 
     # ---- generation ----------------------------------------------------------------------------
 
@@ -294,15 +349,18 @@ class VLLMRolloutEngine(RolloutEngine):
         """The seed of the round's requests (:func:`prompt_seed`); ``None``: greedy."""
         return seed
 
-    def _stepped(self, prompt_ids: list[list[int]], params: list, between_steps: BetweenSteps):
-        """``LLM.generate`` with ``between_steps`` called between engine steps."""
+    def _stepped(
+        self, prompt_ids: list[list[int]], params: list, between_steps: BetweenSteps, lora: Any
+    ):
+        """``LLM.generate`` (under adapter ``lora``, a ``LoRARequest`` or None) with
+        ``between_steps`` called between engine steps."""
         engine = self._llm.llm_engine
         ids = []
         for tokens, p in zip(prompt_ids, params, strict=True):
             p.output_kind = self._final_only
             # Outputs carry the id given here (vLLM's internal id adds a suffix).
             ids.append(f"d3s-{next(self._request_ids)}")
-            engine.add_request(ids[-1], {"prompt_token_ids": tokens}, p)
+            engine.add_request(ids[-1], {"prompt_token_ids": tokens}, p, lora_request=lora)
         done = {}
         self._in_round = True
         try:
@@ -340,12 +398,26 @@ class VLLMRolloutEngine(RolloutEngine):
                 for i in range(len(prompt_ids))
             ]
         start_version = self.version
-        if between_steps is None:
-            outputs = self._llm.generate(
-                [{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False
-            )
-        else:
-            outputs = self._stepped(prompt_ids, params, between_steps)
+        if self.adapters is None:
+            outputs = self._generate(prompt_ids, params, between_steps, None)
+            return self._collect(outputs, n, start_version)
+        # LoRA: the whole round runs under the adapter of start_version, whatever loads meanwhile
+        with self.adapters.round() as held:
+            held.requests = len(prompt_ids) * n
+            outputs = self._generate(prompt_ids, params, between_steps, held.request)
+            s = self._collect(outputs, n, start_version)
+            held.record(prompt_ids[0], s, start_version, greedy=seed is None)
+        s.versions = [[start_version] * len(row) for row in s.versions]
+        return s
+
+    def _generate(self, prompt_ids, params, between_steps: BetweenSteps | None, lora: Any):
+        if between_steps is not None:
+            return self._stepped(prompt_ids, params, between_steps, lora)
+        prompts = [{"prompt_token_ids": ids} for ids in prompt_ids]
+        return self._llm.generate(prompts, params, use_tqdm=False, lora_request=lora)
+
+    def _collect(self, outputs: list, n: int, start_version: int) -> Sampled:
+        """vLLM's outputs as :class:`Sampled` rows, each cut at its first stop token."""
         tokens: list[list[int]] = []
         logps: list[list[float]] = []
         versions: list[list[int]] = []

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from services.rollout.vllm_lora import LoraWorkerExtension
 from services.weightsync.base import Into, WeightLoader, WeightReceiver
 from services.weightsync.config import WeightSyncConfig
 
@@ -214,16 +215,18 @@ class EngineWeightReceiver(WeightReceiver):
                 raise
             # A worker whose version failed midway (dirty) restores itself at its next receive;
             # until then the engine does not generate.
-            self.engine.dirty = self.dirty = any(d for _, _, _, d in results)
-            versions = {v for v, _, _, _ in results}
+            self.engine.dirty = self.dirty = any(r[3] for r in results)
+            versions = {(r[0], r[4]) for r in results}
             if len(versions) != 1:
                 raise RuntimeError(
-                    f"vLLM workers loaded different weight versions: {sorted(versions)}"
+                    f"vLLM workers loaded different weight versions (version, adapter id): "
+                    f"{sorted(versions, key=str)}"
                 )
-            version, digest, load_s, _ = results[0]
+            version, digest, load_s, _, adapter_id = results[0]
             if version is None:
                 return None
-            self.engine.version = self.version = int(version)
+            self.version = int(version)
+            self.engine.adopt_version(self.version, adapter_id)
         self.last_load_s = float(load_s)
         if digest is not None:
             self.digests[self.version] = digest
@@ -247,7 +250,7 @@ def _layerwise_reload():
     return initialize_layerwise_reload, finalize_layerwise_reload
 
 
-class WeightUpdateExtension:
+class WeightUpdateExtension(LoraWorkerExtension):
     """Weight loading and inspection on a vLLM worker (``self`` is the worker, which holds the
     live model in ``model_runner``). vLLM resolves this class by its qualified name
     (``WORKER_EXTENSION``) in every worker process and adds it to the worker's bases; names
@@ -260,6 +263,8 @@ class WeightUpdateExtension:
     reload puts the checkpoint-format parameters back, and re-runs each layer's processing
     as soon as all of that layer's tensors have arrived, copying the result into the original
     storage; the finish call processes what is left (layers sent nothing keep their weights).
+    With LoRA (:class:`~services.rollout.vllm_lora.LoraWorkerExtension`) a version is an
+    adapter instead, staged and committed as a new adapter id; the base is never reloaded.
     """
 
     def d3s_begin_update(self) -> None:
@@ -315,15 +320,22 @@ class WeightUpdateExtension:
     def d3s_weights_has_update(self) -> bool:
         return self._d3s_receiver.has_update()
 
-    def d3s_weights_receive(self) -> tuple[int | None, str | None, float, bool]:
+    def d3s_weights_receive(self) -> tuple[int | None, str | None, float, bool, int | None]:
         """Take part in the pending broadcasts (or load the catch-up files) into the live model,
         bucket by bucket as they arrive; returns ``(version loaded or None, sha256 of the live
-        parameters when asked for, seconds spent in vLLM's own weight loading, whether the
-        model holds part of a version: one failed midway and is not restored yet)``."""
+        parameters (with LoRA: of the adapter) when asked for, seconds spent in vLLM's own
+        weight loading, whether the model holds part of a version: one failed midway and is not
+        restored yet, the version's adapter id with LoRA)``. With LoRA, of several versions
+        received at once only the last stays registered (no request ever saw the others)."""
         loader = _BucketLoader(self)
         version = self._d3s_receiver.receive(loader)
-        digest = self.d3s_weights_digest() if version is not None and self._d3s_digest else None
-        return version, digest, loader.load_s, self._d3s_receiver.dirty
+        adapter_id = loader.adapter_ids[-1] if version is not None and loader.adapter_ids else None
+        self.d3s_lora_drop([i for i in loader.adapter_ids if i != adapter_id])
+        digest = None
+        if version is not None and self._d3s_digest:
+            lora = adapter_id is not None
+            digest = self.d3s_lora_digest(adapter_id) if lora else self.d3s_weights_digest()
+        return version, digest, loader.load_s, self._d3s_receiver.dirty, adapter_id
 
     def d3s_leave_weight_group(self) -> None:
         receiver = getattr(self, "_d3s_receiver", None)
@@ -343,26 +355,41 @@ class _BucketLoader(WeightLoader):
         self.worker = worker
         self.load_s = 0.0
         self._copy = _layerwise_reload() is not None
+        self.lora = worker.d3s_lora_on()
+        self.adapter_ids: list[int] = []  # with LoRA: one per version committed
 
     def begin(self, version: int) -> None:
         t0 = time.perf_counter()
-        self.worker.d3s_begin_update()
+        if self.lora:
+            self.worker.d3s_lora_begin()
+        else:
+            self.worker.d3s_begin_update()
         self.load_s += time.perf_counter() - t0
 
     def load(self, tensors: dict[str, torch.Tensor]) -> None:
         t0 = time.perf_counter()
-        model = self.worker.model_runner.get_model()
-        items = ((n, t.clone() if self._copy else t) for n, t in tensors.items())
-        with torch.no_grad():
-            model.load_weights(weights=items)
+        if self.lora:  # staged until the version is whole; the buffers are reused meanwhile
+            self.worker.d3s_lora_stage_tensors({n: t.clone() for n, t in tensors.items()})
+        else:
+            model = self.worker.model_runner.get_model()
+            items = ((n, t.clone() if self._copy else t) for n, t in tensors.items())
+            with torch.no_grad():
+                model.load_weights(weights=items)
         self.load_s += time.perf_counter() - t0
 
     def finish(self, version: int) -> None:
         t0 = time.perf_counter()
-        self.worker.d3s_finish_update()
+        if self.lora:
+            self.adapter_ids.append(self.worker.d3s_lora_commit())
+        else:
+            self.worker.d3s_finish_update()
         self.load_s += time.perf_counter() - t0
 
     def abort(self) -> None:
         """Close the reload (the layers keep what they got); the receiver stays dirty and a
-        whole version (the catch-up files, or the next publish) replaces every layer."""
-        self.worker.d3s_finish_update()
+        whole version (the catch-up files, or the next publish) replaces every layer. With
+        LoRA the staged part is dropped; the live adapters were never touched."""
+        if self.lora:
+            self.worker.d3s_lora_begin()
+        else:
+            self.worker.d3s_finish_update()

@@ -35,36 +35,7 @@ def build_worker(
 
     r = cfg.rollout
     if r.engine == "vllm":
-        from services.rollout.vllm_engine import VLLMRolloutEngine
-
-        if model_path is None:
-            raise ValueError("rollout.engine: vllm needs the policy's model directory")
-        v = r.vllm_settings
-        kv = None
-        if r.num_gpus == 0:
-            from services.rollout.vllm_memory import cpu_kv_cache, read_model_memory
-
-            kv = cpu_kv_cache(r, read_model_memory(model_path))
-            log.info(
-                "vLLM KV cache on CPU: %g GiB (%s; the model and batch call for %g)",
-                kv.gib,
-                kv.source,
-                kv.derived_gib,
-            )
-        engine: Any = VLLMRolloutEngine(
-            model_path,
-            tokenizer,
-            r.max_new_tokens,
-            r.temperature,
-            r.top_p,
-            gpu_memory_utilization=v.gpu_memory_utilization,
-            tensor_parallel_size=v.tensor_parallel_size,
-            enforce_eager=v.enforce_eager,
-            max_model_len=v.max_model_len,
-            dtype=v.dtype,
-            seed=cfg.train.seed,
-            cpu_kv_cache_gib=None if kv is None else kv.gib,
-        )
+        engine: Any = build_vllm_engine(cfg, tokenizer, model_path)
     else:
         from services.policy.lora import apply_lora, is_lora
         from services.rollout.hf_engine import HFRolloutEngine
@@ -91,6 +62,46 @@ def build_worker(
         if r.prefilter.enabled
         else None,
         overlong=cfg.reward.overlong,
+    )
+
+
+def build_vllm_engine(cfg: RunConfig, tokenizer: Any, model_path: str | Path | None) -> Any:
+    """The vLLM engine of ``rollout.engine: vllm``, loading the policy at ``model_path``; with
+    ``learner.lora`` every weight version is an adapter on it."""
+    from services.rollout.vllm_engine import VLLMRolloutEngine
+
+    if model_path is None:
+        raise ValueError("rollout.engine: vllm needs the policy's model directory")
+    r = cfg.rollout
+    v = r.vllm_settings
+    kv = None
+    if r.num_gpus == 0:
+        from services.rollout.vllm_memory import cpu_kv_cache, read_model_memory
+
+        kv = cpu_kv_cache(r, read_model_memory(model_path))
+        log.info(
+            "vLLM KV cache on CPU: %g GiB (%s; the model and batch call for %g)",
+            kv.gib,
+            kv.source,
+            kv.derived_gib,
+        )
+    return VLLMRolloutEngine(
+        model_path,
+        tokenizer,
+        r.max_new_tokens,
+        r.temperature,
+        r.top_p,
+        gpu_memory_utilization=v.gpu_memory_utilization,
+        tensor_parallel_size=v.tensor_parallel_size,
+        enforce_eager=v.enforce_eager,
+        max_model_len=v.max_model_len,
+        dtype=v.dtype,
+        seed=cfg.train.seed,
+        cpu_kv_cache_gib=None if kv is None else kv.gib,
+        # With learner.lora every version is an adapter; a round may run under any version
+        # still within max_staleness, so that many adapters (and the newest) fit one batch.
+        lora=cfg.learner.lora,
+        lora_slots=cfg.service.max_staleness + 1,
     )
 
 
