@@ -4,8 +4,10 @@ Evaluating on the learner between steps (greedy plus ``n_samples`` sampled answe
 prompt) took about half of the learner's wall time in a quickstart run. Here the learner hands
 the weights it has just published to an evaluator actor and trains on; the result joins the
 step's row when it lands. At most ``max_pending`` snapshots wait, so a slow evaluator holds
-training back instead of filling memory with weights. A failed evaluation is logged and dropped,
-and a dead evaluator is started again for the next snapshot: evaluation never stops training.
+training back instead of filling memory with weights. Evaluation never stops training: an
+evaluation that raises is logged and dropped, and when the evaluator's *process* dies (killed, or
+out of memory) it is started again and the snapshot it held is evaluated once more, so a run's
+last evaluation is not lost to a crash of the evaluator.
 
 The run layer supplies the actor's class (a :class:`SnapshotEvaluator` that builds its model
 and evaluation from the run's config, :mod:`services.run.evaluator`).
@@ -89,22 +91,31 @@ class BackgroundEvaluator:
         self.max_pending = max_pending
         self.actor: Any = self._cls.remote(*self._args)
         self.pending: list[tuple[int, Any]] = []  # (step, ref), in submission order
+        # The weights of each pending snapshot, kept until it is settled so that one whose
+        # evaluator died can be evaluated again (Ray holds them in its object store meanwhile).
+        self._weights: dict[int, dict[str, torch.Tensor]] = {}
         self._done: list[tuple[int, dict[str, float]]] = []
         self.failed = 0
+        self.restarts = 0
+        self._retried: set[int] = set()  # steps already evaluated again once
 
     def submit(self, step: int, weights: dict[str, torch.Tensor]) -> None:
         while len(self.pending) >= self.max_pending:
             t0 = time.perf_counter()
             self._settle(self.pending[:1])
             log.info("learner waited %.1fs for the evaluator", time.perf_counter() - t0)
+        self._weights[step] = weights
+        self.pending.append((step, self._start(step)))
+
+    def _start(self, step: int) -> Any:
         if self.actor is None:
             self.actor = self._cls.remote(*self._args)
-        self.pending.append((step, self.actor.evaluate_weights.remote(step, weights)))
+        return self.actor.evaluate_weights.remote(step, self._weights[step])
 
     def results(self, wait: bool = False) -> list[tuple[int, dict[str, float]]]:
-        if wait:
+        while wait and self.pending:  # a retried snapshot is pending again
             self._settle(list(self.pending))
-        elif self.pending:
+        if not wait and self.pending:
             refs = [ref for _, ref in self.pending]
             ready, _ = self._ray.wait(refs, num_returns=len(refs), timeout=0)
             done = set(ready)
@@ -113,20 +124,36 @@ class BackgroundEvaluator:
         return out
 
     def _settle(self, items: list[tuple[int, Any]]) -> None:
-        """Collect ``items`` (waiting for them); a failure is logged and its step left
-        unevaluated."""
+        """Collect ``items`` (waiting for them). A snapshot whose evaluator died is submitted
+        again to a new one, once (it stays pending); any other failure is logged and its step
+        left unevaluated."""
         for step, ref in items:
             self.pending.remove((step, ref))
             try:
                 self._done.append(self._ray.get(ref))
+            except self._ray.exceptions.RayActorError as exc:
+                self.actor = None
+                if step in self._retried:
+                    self._skip(step, exc)
+                    continue
+                self._retried.add(step)
+                self.restarts += 1
+                log.warning("the evaluator died (%s); evaluating step %d again", exc, step)
+                self.pending.append((step, self._start(step)))
+                continue
             except Exception as exc:  # an evaluation is not worth the run
-                self.failed += 1
-                log.error("evaluation of step %d failed and is skipped: %s", step, exc)
-                if isinstance(exc, self._ray.exceptions.RayActorError):
-                    self.actor = None  # started again for the next snapshot
+                self._skip(step, exc)
+                continue
+            self._weights.pop(step, None)
+
+    def _skip(self, step: int, exc: BaseException) -> None:
+        self.failed += 1
+        self._weights.pop(step, None)
+        log.error("evaluation of step %d failed and is skipped: %s", step, exc)
 
     def close(self) -> None:
         if self.actor is not None:
             self._ray.kill(self.actor)
             self.actor = None
         self.pending.clear()
+        self._weights.clear()

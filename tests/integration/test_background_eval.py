@@ -4,6 +4,7 @@ the reporter puts each late result into its step's row."""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -97,10 +98,31 @@ def test_a_failing_or_killed_evaluator_never_stops_training(local_ray, setup) ->
 
     ray.kill(evaluator.actor)
     time.sleep(0.5)
-    evaluator.submit(2, model.state_dict())  # the dead actor fails this one ...
-    assert evaluator.results(wait=True) == [] and evaluator.failed == 2
-    evaluator.submit(3, model.state_dict())  # ... and a new one takes the next
+    evaluator.submit(2, model.state_dict())  # the dead actor fails this one: a new one retries it
+    assert [s for s, _ in evaluator.results(wait=True)] == [2]
+    assert evaluator.failed == 1 and evaluator.restarts == 1
+    evaluator.submit(3, model.state_dict())
     assert [s for s, _ in evaluator.results(wait=True)] == [3]
+    evaluator.close()
+
+
+class _KillsItsReader:
+    """Unpickled in the evaluator, it ends the evaluator's process (as the OOM killer would)."""
+
+    def __reduce__(self):
+        return (os._exit, (1,))
+
+
+def test_a_snapshot_whose_evaluator_dies_twice_is_skipped(local_ray, setup) -> None:
+    from services.run.evaluator import RayEvaluator
+
+    cfg, model, _, path, run_dir = setup
+    evaluator = RayEvaluator(cfg, path, run_dir)
+    evaluator.submit(0, {"w": _KillsItsReader()})  # kills the evaluator, then its replacement
+    assert evaluator.results(wait=True) == []
+    assert evaluator.restarts == 1 and evaluator.failed == 1 and not evaluator.pending
+    evaluator.submit(1, model.state_dict())  # and the next snapshot still gets evaluated
+    assert [s for s, _ in evaluator.results(wait=True)] == [1]
     evaluator.close()
 
 
