@@ -397,6 +397,7 @@ def main(argv: list[str] | None = None) -> dict:
     seeds = [0] if args.short else args.seeds
     lock_seeds = [0] if args.short else args.lockstep_seeds
     runs: dict[str, list[dict]] = {label: [] for label in args.configs}
+    failed: list[str] = []
     for seed in sorted(set(seeds) | set(lock_seeds)):
         for label in args.configs:
             if seed not in (lock_seeds if "lock-step" in label else seeds):
@@ -407,11 +408,14 @@ def main(argv: list[str] | None = None) -> dict:
                 cmd += ["--runs", str(runs_dir), *(["--short"] if args.short else [])]
                 cmd += [a for s in args.sets for a in ("--set", s)]
                 t0 = time.perf_counter()
-                subprocess.run(cmd, check=True)
-                print(f"{label} seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
+                rc = subprocess.run(cmd).returncode
+                print(
+                    f"{label} seed {seed}: {time.perf_counter() - t0:.0f} s, exit {rc}", flush=True
+                )
             result = read_run(rdir, label, size)
-            if result is None:
-                raise RuntimeError(f"{rdir}: the run left no evaluation at step {size.steps}")
+            if result is None:  # e.g. dynamic sampling past its bound: reported, not fatal
+                failed.append(f"{label} seed {seed} (see {rdir}/logs)")
+                continue
             runs[label].append(result)
     s = summarise(runs)
     text = "\n".join(
@@ -427,12 +431,14 @@ def main(argv: list[str] | None = None) -> dict:
             "",
             *targets(s),
             "",
+            *([f"Runs that did not finish: {', '.join(failed)}.", ""] if failed else []),
         ]
     )
     print(text)
     Path(f"{out}.md").parent.mkdir(parents=True, exist_ok=True)
     Path(f"{out}.md").write_text(text)
-    Path(f"{out}.json").write_text(json.dumps({"size": size.__dict__, **s}, indent=1))
+    record = {"size": size.__dict__, "failed": failed, **s}
+    Path(f"{out}.json").write_text(json.dumps(record, indent=1))
     plot(s, Path(f"{out}.png"))
     return s
 

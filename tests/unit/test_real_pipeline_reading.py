@@ -123,3 +123,31 @@ def test_a_run_without_its_last_evaluation_is_unfinished(tmp_path):
     done = rp.read_rows(read_metrics(path), 4, False)
     assert done["final_pass1"] == pytest.approx(0.2)
     assert done["curve"][-1][1] == pytest.approx(200.0)  # the step's clock, not the evaluation's
+
+
+def test_the_invocation_reads_finished_runs_and_writes_its_results(tmp_path):
+    # every run already finished: nothing is trained, the results are written from the metrics
+    curves = {
+        "grpo": {0: START, 2: 0.06, 4: 0.10, 6: 0.12},
+        "d3s": {0: START, 2: 0.13, 4: 0.15, 6: 0.2},
+        "d3s+ds": {0: START, 2: 0.1, 4: 0.2, 6: 0.25},
+        "d3s+ds+prefilter": {0: START, 2: 0.1, 4: 0.2, 6: 0.25},
+        "grpo lock-step": {0: START, 2: 0.04, 4: 0.08, 6: 0.11},
+        "d3s lock-step": {0: START, 2: 0.1, 4: 0.14, 6: 0.16},
+    }
+    for label, passes in curves.items():
+        tokens = 150.0 if label == "d3s+ds+prefilter" else 300.0
+        rdir = rp.run_dir(tmp_path / "runs", label, 0)
+        rdir.mkdir(parents=True)
+        lines = rows(passes, 40.0 if "d3s" in label else 60.0, tokens, draws=2.0)
+        (rdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    out = tmp_path / "res"
+    argv = ["--runs", str(tmp_path / "runs"), "--out", str(out), "--seeds", "0"]
+    s = rp.main(argv)
+    assert s["target"] == pytest.approx(0.12)
+    assert s["configs"]["d3s"]["reach_step"] == 2
+    assert s["configs"]["d3s"]["wall_to_target_s_vs_grpo"] == pytest.approx(80 / 360)
+    text = (tmp_path / "res.md").read_text()
+    assert "2.00x **met**" in text  # 300 against 150 generated tokens per kept group
+    assert json.loads((tmp_path / "res.json").read_text())["failed"] == []
+    assert (tmp_path / "res.png").stat().st_size > 0
