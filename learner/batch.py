@@ -218,3 +218,17 @@ def _packed(
         width=max(fill),
     )
     return MicroBatch(order[pos], max(lengths), pack=layout)
+
+
+def last_kept_width(mask: torch.Tensor) -> torch.Tensor:
+    """[n] input columns each row needs to score its last kept target of ``mask`` [n, T].
+
+    Target column c is predicted from input column c, so inputs [:c + 2] cover it (the shifted
+    logits drop the last input column). Rows with no kept target get 1.
+    """
+    cols = torch.arange(mask.shape[1], device=mask.device).expand(mask.shape)
+    return (
+        torch.where(mask, cols, -1).amax(dim=1) + 2
+        if mask.shape[1]
+        else mask.new_ones(mask.shape[0])
+    )

@@ -1,7 +1,8 @@
 """The DeepSpeed learner: one PPO-clip step on a batch of kept samples, with token-level D3S.
 
 Step anatomy:
-  1. no-grad pass over this rank's rows, by micro-batches -> old log-probs and per-token entropy;
+  1. no-grad pass over this rank's rows, by micro-batches -> old log-probs and per-token entropy
+     (skipped when every response token is kept, as in GRPO: step 3 gives both itself);
   2. token mask over the whole batch (entropies are all-gathered, so pool="batch" ranks across
      ranks exactly as on one rank);
   3. gradient pass by micro-batches, each backward adding to the same gradients, then ONE
@@ -34,6 +35,7 @@ from learner import distributed as D
 from learner.batch import (
     LearnerBatch,
     MicroBatch,
+    last_kept_width,
     plan_micro_batches,
     plan_packed_micro_batches,
 )
@@ -41,6 +43,7 @@ from learner.config import LearnerConfig
 from learner.forward import score_targets
 from learner.loss import get_policy_loss
 from learner.packing import packing_mismatch
+from learner.prepare import disable_dropout, enable_checkpointing
 from learner.weights import ZeroShardedWeights, host_weights, live_weights
 from selector.presets import Preset, select_tokens
 from services.policy.lora import apply_lora, save_adapter_config
@@ -69,41 +72,6 @@ def _lr_lambda(cfg: LearnerConfig, schedule_steps: int):
     return f
 
 
-def _disable_dropout(model: torch.nn.Module) -> None:
-    # With dropout on, the gradient pass and the no-grad pass of the same weights disagree and
-    # the PPO ratio is not 1 at the start of a step; RL trainers turn it off.
-    for mod in model.modules():
-        if isinstance(mod, torch.nn.Dropout):
-            mod.p = 0.0
-
-
-def _enable_checkpointing(model: torch.nn.Module) -> None:
-    if not getattr(model, "supports_gradient_checkpointing", False):
-        raise ValueError(
-            f"learner.gradient_checkpointing: {type(model).__name__} does not support it"
-        )
-    # Non-reentrant checkpointing handles inputs that need no grad and ZeRO-3's parameter hooks.
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
-
-def _last_kept_width(mask: torch.Tensor) -> torch.Tensor:
-    """[n] input columns each row needs to score its last kept target of ``mask`` [n, T].
-
-    Target column c is predicted from input column c, so inputs [:c + 2] cover it (the shifted
-    logits drop the last input column). Rows with no kept target get 1.
-    """
-    cols = torch.arange(mask.shape[1], device=mask.device).expand(mask.shape)
-    return (
-        torch.where(mask, cols, -1).amax(dim=1) + 2
-        if mask.shape[1]
-        else mask.new_ones(mask.shape[0])
-    )
-
-
 class LearnerEngine:
     """Wraps a Hugging Face causal LM in a DeepSpeed engine and takes D3S/GRPO steps."""
 
@@ -117,9 +85,9 @@ class LearnerEngine:
         D.init_distributed(self.device, cfg.dist_timeout_s, cfg.cpu_shm_comm)
         self.rank, self.world = D.rank(), D.world_size()
         self.bf16 = cfg.bf16 == "on" or (cfg.bf16 == "auto" and self.device.type == "cuda")
-        _disable_dropout(model)
+        disable_dropout(model)
         if cfg.gradient_checkpointing:
-            _enable_checkpointing(model)
+            enable_checkpointing(model)
         # LoRA after the base's dropout went off (the adapter keeps learner.lora.dropout); only
         # what trains enters the optimizer, so the frozen base has no state there
         model = apply_lora(model, cfg.lora) if cfg.lora is not None else model
@@ -264,7 +232,7 @@ class LearnerEngine:
             return self._plan(local.seq_lengths.cpu())
         mask = mask.cpu()
         rows = torch.nonzero(mask.any(dim=1)).flatten()
-        plans = self._plan(_last_kept_width(mask)[rows])
+        plans = self._plan(last_kept_width(mask)[rows])
         return [replace(p, rows=rows[p.rows]) for p in plans]
 
     def train_step(
@@ -280,7 +248,15 @@ class LearnerEngine:
         local, n_rows = self._shard(batch)
         local = local.to(self.device)
         resp = local.target_mask()
-        old_logp, ent, score_run = self._score(local, resp)
+        # Every response token kept (GRPO, or a token ratio of 1: select_tokens reads no
+        # entropy): no no-grad pass. With one update per batch the old policy is the one the
+        # gradient pass runs, so that pass gives the old log-probs and entropies itself.
+        scored = preset.token_level != "none" and token_ratio < 1.0
+        if scored:
+            old_logp, ent, score_run = self._score(local, resp)
+        else:
+            old_logp = torch.zeros(resp.shape, device=self.device)
+            ent, score_run = torch.zeros_like(old_logp), [0, 0]
         mask = self._token_mask(local, resp, ent, n_rows, preset, token_ratio, generator)
 
         (glob_units,) = D.all_reduce_sum([float(self.loss_fn.units(mask))], self.device)
@@ -288,7 +264,9 @@ class LearnerEngine:
         # accumulated gradient is the whole batch's; DeepSpeed averages over ranks, hence x world.
         scale = self.world / glob_units if glob_units > 0 else 0.0
         plans = self._in_step(self._gradient_plan(local, mask))
-        loss_sum, grad_run, stats = self._gradient_pass(local, plans, mask, old_logp, scale)
+        loss_sum, grad_run, stats = self._gradient_pass(
+            local, plans, mask, old_logp, scale, None if scored else ent
+        )
         # The policy-gradient norm before clipping. ZeRO's optimizers record it in step();
         # stage 0 clips in place inside step() and records nothing, so measure it first.
         pre_clip = self._local_grad_norm() if self.cfg.zero_stage == 0 else None
@@ -361,10 +339,12 @@ class LearnerEngine:
         mask: torch.Tensor,
         old_logp: torch.Tensor,
         scale: float,
+        ent: torch.Tensor | None = None,
     ) -> tuple[float, list[int], dict[str, list[float]]]:
         """Backward over ``plans``, all adding to one gradient (the last marks the accumulation
         boundary). Returns the summed loss, [input positions run, real tokens among them], and
-        each loss statistic's [sum, count]."""
+        each loss statistic's [sum, count]. With ``ent`` no no-grad pass ran: the old log-probs
+        are this pass's own, detached, and the kept tokens' entropies are written to ``ent``."""
         behav = local.behav_logp[:, 1:]
         adv = local.advantages
         loss_sum, run = 0.0, [0, 0]
@@ -378,7 +358,11 @@ class LearnerEngine:
             old = old_logp[rows, :cols]
             # Unkept targets get old_logp as their logp: ratio exactly 1 there, never exp() of
             # a large gap, and the mask zeroes them anyway.
-            logp, _ = self._forward(sub, mb, g_mask, old, with_entropy=False)
+            logp, e = self._forward(sub, mb, g_mask, old, with_entropy=ent is not None)
+            if ent is not None:
+                old = logp.detach()
+                if mb.live:
+                    ent[rows, :cols] = e
             part = self.loss_fn.summed(logp, old, adv[rows], g_mask, behav[rows, :cols])
             self.engine.backward(part.total * scale)
             loss_sum += float(part.total.detach())

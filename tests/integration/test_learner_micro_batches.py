@@ -98,8 +98,8 @@ def test_every_forward_stays_within_the_token_budget():
     batch = make_batch(0)
     eng.train_step(batch, get_preset("grpo"), 1.0)
     assert all(rows * width <= BUDGET for rows, width in shapes), shapes
-    # the no-grad pass scores each row once; the gradient pass (grpo keeps all tokens) again
-    assert sum(rows for rows, _ in shapes) == 2 * batch.size
+    # grpo keeps every token: no no-grad pass, the gradient pass runs each row once
+    assert sum(rows for rows, _ in shapes) == batch.size
 
 
 def test_gradient_checkpointing_gives_the_same_weights():

@@ -1,8 +1,8 @@
-"""The learner computes logits only where a loss or a selection reads them (learner/forward.py):
-its step must equal the plain computation that scores every position with
-full logits, on GPT-2 (the built-in policy) and Llama (SmolLM2's architecture), padded and packed,
-in the compact and full gradient passes, and on the fallback for a model whose output layer the
-learner cannot reach."""
+"""The learner computes logits only where a loss or a selection reads them (learner/forward.py),
+and runs no no-grad pass when every response token is kept (GRPO): its step must equal the plain
+computation that scores every position with full logits, on GPT-2 (the built-in policy) and
+Llama (SmolLM2's architecture), padded and packed, in the compact and full gradient passes, and
+on the fallback for a model whose output layer the learner cannot reach."""
 
 from __future__ import annotations
 
@@ -102,8 +102,10 @@ def learner_step(model: torch.nn.Module, batch: LearnerBatch, preset: str, cfg: 
         step()
 
     eng.engine.step = capture
+    score, scored = eng._score, []
+    eng._score = lambda *a: scored.append(1) or score(*a)
     metrics = eng.train_step(batch, get_preset(preset), RATIO)
-    return metrics, grads
+    return {**metrics, "no_grad_passes": len(scored)}, grads
 
 
 @pytest.mark.parametrize("model", sorted(MODELS))
@@ -112,7 +114,8 @@ def learner_step(model: torch.nn.Module, batch: LearnerBatch, preset: str, cfg: 
     [
         ("d3s", {}),  # compact pass, one padded micro-batch
         ("d3s", {"packing": True, "micro_batch_tokens": 160}),
-        ("grpo", {"token_pass": "full", "micro_batch_tokens": 100}),
+        ("grpo", {"token_pass": "full", "micro_batch_tokens": 100}),  # no no-grad pass
+        ("grpo", {"packing": True}),
         ("d3s", {"loss": {"type": "gspo", "clip_low": 0.2, "clip_high": 0.2}}),
     ],
 )
@@ -124,6 +127,8 @@ def test_the_step_equals_full_logits_scoring(model, preset, extra):
     assert metrics["loss"] == pytest.approx(want_loss, rel=1e-5, abs=1e-7)
     assert metrics["entropy"] == pytest.approx(want_ent, rel=1e-5)
     assert metrics["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+    # GRPO keeps every response token: nothing to rank, so no no-grad pass
+    assert metrics["no_grad_passes"] == (0 if preset == "grpo" else 1)
     assert want_grads.keys() <= grads.keys() and want_grads
     scale = max(float(g.abs().max()) for g in want_grads.values())
     assert scale > 1e-4  # a gradient to compare
