@@ -197,3 +197,22 @@ def test_adapters_broadcast_into_the_workers_load_by_version(engine, hf_pair, ve
         if receiver is not None:
             receiver.close()
         pub.close()
+
+
+def test_a_request_under_a_removed_id_fails_instead_of_running(engine):
+    """The guard behind the book: vLLM reads an adapter's path only for an id its cache lacks,
+    and ours names none, so a request under an id that was removed fails loudly; it never runs
+    on the base or on another version. (It kills the engine: this test runs last.)"""
+    from services.rollout.vllm_lora import adapter_request
+
+    version, adapter_id = engine.adapters.book.current
+    engine.llm_engine.remove_lora(adapter_id)
+    ids = engine.encode_prompts(PROMPTS[:1])
+    params = engine._params(1, 0.0, 1.0, None)
+    with pytest.raises(Exception):  # noqa: B017 (vLLM's engine error, whichever class it is)
+        engine._llm.generate(
+            [{"prompt_token_ids": ids[0]}],
+            params,
+            use_tqdm=False,
+            lora_request=adapter_request(version, adapter_id),
+        )
