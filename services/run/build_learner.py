@@ -26,6 +26,7 @@ def build_learner(
     """The learner service and the function that stops what it started (follower ranks, the
     publisher). ``detached_store``: the object-store transport's weight store outlives this
     process (``d3s learner``, whose rollout actors run elsewhere)."""
+    from learner.export_lora import adapter_config, save_final_adapter
     from learner.service import LearnerService
     from services.policy.limits import model_limits
     from services.policy.model import load_policy, save_policy
@@ -43,8 +44,13 @@ def build_learner(
 
         get_or_create_store(ns, detached_store)  # the publisher below finds it
     publisher = make_publisher(
-        cfg.weight_sync, ns, host=node_address(), redis_client=transport.client
+        cfg.weight_sync,
+        ns,
+        host=node_address(),
+        redis_client=transport.client,
+        adapter_config=adapter_config(engine.module),  # LoRA: each version a PEFT directory
     )
+    final = settings.run_dir / "final_policy"
 
     def shutdown() -> None:
         try:
@@ -60,7 +66,12 @@ def build_learner(
         consumer=f"learner-{index}",
         evaluate=evaluate,
         snapshot_eval=snapshot_eval,
-        export=lambda module: save_policy(module, tokenizer, settings.run_dir / "final_policy"),
+        # LoRA: the adapter gathered through the engine (at ZeRO-3 the module holds shards)
+        export=(
+            (lambda module: save_final_adapter(engine, tokenizer, final))
+            if cfg.learner.lora is not None
+            else (lambda module: save_policy(module, tokenizer, final))
+        ),
         publisher=publisher,
         limits=model_limits(policy_path),
         logger_kwargs=cfg.logger_kwargs(),

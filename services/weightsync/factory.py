@@ -15,15 +15,25 @@ from services.weightsync.files import FilesPublisher, FilesReceiver
 
 
 def make_publisher(
-    cfg: WeightSyncConfig, namespace: str, *, host: str = "127.0.0.1", redis_client: Any = None
+    cfg: WeightSyncConfig,
+    namespace: str,
+    *,
+    host: str = "127.0.0.1",
+    redis_client: Any = None,
+    adapter_config: dict[str, Any] | None = None,
 ) -> WeightPublisher:
     """The learner's publisher. ``host``: this node's address as the engines reach it (used
     when ``cfg.rendezvous`` is None); the collective transport announces its ``host:port`` under
-    :attr:`~services.transport.keys.RunKeys.weight_rendezvous` when a Redis client is given."""
+    :attr:`~services.transport.keys.RunKeys.weight_rendezvous` when a Redis client is given.
+    ``adapter_config``: the versions are a LoRA adapter with this ``adapter_config.json``; the
+    files (and the collective transport's catch-up files) write each version as a PEFT adapter
+    directory too."""
     sample = {"sample_every": cfg.sample_every, "sample_elements": cfg.sample_elements}
     if cfg.transport == "files":
         assert cfg.path is not None  # the config's validator
-        return FilesPublisher(cfg.path, cfg.keep_last, cfg.wire(), **sample)
+        return FilesPublisher(
+            cfg.path, cfg.keep_last, cfg.wire(), **sample, adapter_config=adapter_config
+        )
     if cfg.transport == "object_store":
         from services.weightsync.object_store import ObjectStorePublisher
 
@@ -39,6 +49,7 @@ def make_publisher(
         keep_last=cfg.keep_last,
         timeout_s=cfg.timeout_s,
         member_timeout_s=cfg.member_timeout_s,
+        adapter_config=adapter_config,
         **sample,
     )
     if redis_client is not None:

@@ -8,6 +8,12 @@ dtype are in the safetensors metadata. The last ``keep_last`` versions stay on d
 that listed the directory just before a prune still finds its file most of the time, and
 retries the listing when it does not.
 
+With a LoRA adapter (the publisher given ``adapter_config``, PEFT's ``adapter_config.json`` as a
+dict) each version also gets a directory ``adapter-v{version:010d}/`` holding that config and
+``adapter_model.safetensors``, a hard link to the version's file (the same bytes; its keys are
+PEFT's saved names): a loadable PEFT (or vLLM) adapter. It is in place before the version's file
+is, and pruned with it.
+
 Neither side holds a version whole: :class:`VersionWriter` writes a file tensor by tensor (the
 collective publisher streams its catch-up files through it from a bounded staging area), and
 :class:`FilesReceiver` checks the sampled checksum reading one tensor at a time, then loads the
@@ -20,10 +26,12 @@ import json
 import math
 import os
 import re
+import shutil
 import struct
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -50,10 +58,19 @@ from services.weightsync.checksum import (
 )
 
 _NAME = re.compile(r"^weights-v(\d{10})\.safetensors$")
+_ADAPTER_NAME = re.compile(r"^adapter-v(\d{10})$")
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
 
 
 def version_file(directory: Path, version: int) -> Path:
     return directory / f"weights-v{version:010d}.safetensors"
+
+
+def adapter_dir(directory: Path, version: int) -> Path:
+    """A LoRA version as a PEFT adapter directory (``adapter_config.json`` and
+    ``adapter_model.safetensors``)."""
+    return directory / f"adapter-v{version:010d}"
 
 
 def list_versions(directory: Path) -> list[int]:
@@ -73,28 +90,79 @@ def write_version(
     keep_last: int,
     rewind: bool = False,
     aliases: dict[str, str] | None = None,
+    adapter_config: dict[str, Any] | None = None,
 ) -> Path:
     """Atomically write one version (tensors already in their wire dtype, any device) and
     prune all but the newest ``keep_last``. ``rewind`` first deletes versions newer than
-    ``version``, so readers fall back to it."""
+    ``version``, so readers fall back to it. ``adapter_config``: the version is a LoRA adapter;
+    its PEFT directory is written too."""
     directory.mkdir(parents=True, exist_ok=True)
-    if rewind:
-        for v in list_versions(directory):
-            if v > version:
-                version_file(directory, v).unlink(missing_ok=True)
     cpu = {n: t.detach().to("cpu").contiguous() for n, t in wire_tensors.items()}
     meta = {"version": str(version), "checksum": checksum, "aliases": json.dumps(aliases or {})}
     fd, tmp = tempfile.mkstemp(prefix=".tmp-weights-", suffix=".safetensors", dir=directory)
     os.close(fd)
     try:
         save_file(cpu, tmp, metadata=meta)
-        os.replace(tmp, version_file(directory, version))
+        return _place(directory, Path(tmp), version, keep_last, rewind, adapter_config)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    for v in list_versions(directory)[:-keep_last]:
-        version_file(directory, v).unlink(missing_ok=True)
+
+
+def _place(
+    directory: Path,
+    tmp: Path,
+    version: int,
+    keep_last: int,
+    rewind: bool,
+    adapter_config: dict[str, Any] | None,
+) -> Path:
+    """Rename the finished temporary file ``tmp`` into place as ``version``: ``rewind`` first
+    deletes the versions newer than it; a LoRA version's adapter directory goes in before its
+    file (a reader that sees the version finds its directory); then all but the newest
+    ``keep_last`` versions are pruned, files and directories."""
+    if rewind:
+        for v in _on_disk(directory):
+            if v > version:
+                _remove(directory, v)
+    if adapter_config is not None:
+        _write_adapter_dir(directory, version, tmp, adapter_config)
+    os.replace(tmp, version_file(directory, version))
+    kept = set(list_versions(directory)[-keep_last:])
+    for v in _on_disk(directory):
+        if v not in kept:
+            _remove(directory, v)
     return version_file(directory, version)
+
+
+def _on_disk(directory: Path) -> list[int]:
+    """Versions with a file or an adapter directory."""
+    dirs = {int(m.group(1)) for n in os.listdir(directory) if (m := _ADAPTER_NAME.match(n))}
+    return sorted(dirs | set(list_versions(directory)))
+
+
+def _remove(directory: Path, version: int) -> None:
+    version_file(directory, version).unlink(missing_ok=True)
+    shutil.rmtree(adapter_dir(directory, version), ignore_errors=True)
+
+
+def _write_adapter_dir(
+    directory: Path, version: int, weights: Path, adapter_config: dict[str, Any]
+) -> None:
+    """``adapter-v{version}/``: the config and a hard link to ``weights`` (a copy where the
+    filesystem has no hard links), assembled under a temporary name and renamed into place."""
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-adapter-", dir=directory))
+    try:
+        try:
+            os.link(weights, tmp / ADAPTER_WEIGHTS)
+        except OSError:
+            shutil.copyfile(weights, tmp / ADAPTER_WEIGHTS)
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2, sort_keys=True))
+        final = adapter_dir(directory, version)
+        shutil.rmtree(final, ignore_errors=True)  # the same version republished (a resume)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 _ST_DTYPES = {
@@ -119,6 +187,7 @@ class VersionWriter:
 
     Args:
         order: every tensor's (name, shape, dtype), in the order :meth:`write` will get them.
+        adapter_config: the version is a LoRA adapter: its PEFT directory is written too.
     """
 
     def __init__(
@@ -127,8 +196,10 @@ class VersionWriter:
         version: int,
         order: list[tuple[str, tuple[int, ...], torch.dtype]],
         aliases: dict[str, str] | None = None,
+        adapter_config: dict[str, Any] | None = None,
     ) -> None:
         self.directory, self.version = Path(directory), version
+        self.adapter_config = adapter_config
         self.directory.mkdir(parents=True, exist_ok=True)
         self.meta = {"version": str(version), "aliases": json.dumps(aliases or {})}
         self.entries: dict[str, object] = {}
@@ -179,14 +250,9 @@ class VersionWriter:
         self.file.seek(8)
         self.file.write(header + b" " * (self.header_len - len(header)))
         self.file.close()
-        if rewind:
-            for v in list_versions(self.directory):
-                if v > self.version:
-                    version_file(self.directory, v).unlink(missing_ok=True)
-        os.replace(self.tmp, version_file(self.directory, self.version))
-        for v in list_versions(self.directory)[:-keep_last]:
-            version_file(self.directory, v).unlink(missing_ok=True)
-        return version_file(self.directory, self.version)
+        return _place(
+            self.directory, Path(self.tmp), self.version, keep_last, rewind, self.adapter_config
+        )
 
     def discard(self) -> None:
         if not self.file.closed:
@@ -231,7 +297,9 @@ def read_version(
 
 
 class FilesPublisher(WeightPublisher):
-    """Writes each version as one safetensors file under ``directory``."""
+    """Writes each version as one safetensors file under ``directory``; ``adapter_config``
+    (PEFT's ``adapter_config.json`` as a dict): each version is a LoRA adapter and also gets its
+    PEFT directory."""
 
     def __init__(
         self,
@@ -240,18 +308,29 @@ class FilesPublisher(WeightPublisher):
         wire: torch.dtype | None = None,
         sample_every: int = 1,
         sample_elements: int = 1024,
+        adapter_config: dict[str, Any] | None = None,
     ) -> None:
         self.directory = Path(directory)
         self.keep_last = keep_last
         self.wire = wire
         self.sample = (sample_every, sample_elements)
+        self.adapter_config = adapter_config
 
     def publish(self, version: int, named_tensors: NamedTensors, *, rewind: bool = False) -> float:
         t0 = time.perf_counter()
         unique, aliases = split_aliases(named_tensors)
         wire = to_wire(unique, self.wire)
         checksum = sample_checksum(wire, *self.sample)
-        write_version(self.directory, version, wire, checksum, self.keep_last, rewind, aliases)
+        write_version(
+            self.directory,
+            version,
+            wire,
+            checksum,
+            self.keep_last,
+            rewind,
+            aliases,
+            self.adapter_config,
+        )
         return time.perf_counter() - t0
 
 

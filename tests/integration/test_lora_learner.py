@@ -4,7 +4,10 @@ engines' dtype), packing gives the padded loss, and a checkpoint holds the adapt
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -112,50 +115,109 @@ def test_target_modules_that_match_nothing_fail_at_start():
 
 def _learner(stage: int) -> LearnerEngine:
     torch.manual_seed(0)
-    return LearnerEngine(MODELS["llama"](), LearnerConfig(zero_stage=stage, lr=1e-2, lora=LORA), 10)
+    cfg = LearnerConfig(zero_stage=stage, lr=1e-2, lora=LORA)
+    if stage != 3:
+        return LearnerEngine(MODELS["llama"](), cfg, 10)
+    with _sharding_every_parameter():
+        return LearnerEngine(MODELS["llama"](), cfg, 10)
 
 
-@pytest.mark.parametrize("stage", [0, 1])
+@contextlib.contextmanager
+def _sharding_every_parameter() -> Iterator[None]:
+    """ZeRO-3 keeps a parameter under ``stage3_param_persistence_threshold`` (1e5 elements)
+    whole on every rank, so this tiny adapter would never be partitioned; at threshold 0 it
+    is, as a large model's adapter is (SmolLM2's rank-32 lora_A is 18k elements; a 7B's
+    lora_B 131k), and every read of it must gather."""
+    import deepspeed
+
+    real = deepspeed.initialize
+
+    def initialize(*args: Any, config: dict, **kwargs: Any) -> Any:
+        zero = {**config["zero_optimization"], "stage3_param_persistence_threshold": 0}
+        return real(*args, config={**config, "zero_optimization": zero}, **kwargs)
+
+    deepspeed.initialize = initialize
+    try:
+        yield
+    finally:
+        deepspeed.initialize = real
+
+
+@pytest.mark.parametrize("stage", [0, 1, 3])
 def test_a_resumed_lora_run_continues_from_the_adapter_checkpoint_with_the_base_untouched(
     tmp_path, stage
 ):
+    """ZeRO-3 runs in a spawned rank, like the other ZeRO-3 tests (its partitioned parameters
+    and hooks stay out of the test process)."""
+    if stage == 3:
+        spawn_local(1, _resume_and_export, str(tmp_path), stage)
+    else:
+        _resume_and_export(str(tmp_path), stage)
+
+
+def _base_digest_at(module: torch.nn.Module, stage: int) -> str:
+    """:func:`base_digest`, gathering ZeRO-3's partitioned base first."""
+    if stage != 3:
+        return base_digest(module)
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+        return base_digest(module)
+
+
+def _resume_and_export(tmp: str, stage: int) -> None:
+    from pathlib import Path
+
     from safetensors.torch import load_file
 
     from learner.export import export_checkpoint
+    from learner.export_lora import save_final_adapter
+    from services.policy.lora import load_adapter_dir
     from services.policy.model import save_policy
     from services.policy.tokenizer import CharTokenizer
 
+    tmp_path = Path(tmp)
     first = _learner(stage)
-    base = base_digest(first.module)
+    base = _base_digest_at(first.module, stage)
+    if stage == 3:  # the adapter is partitioned: reading it whole needs a gather
+        assert all(p.numel() == 0 for p in adapter_params(first.module).values())
     first.train_step(make_batch(0), get_preset("d3s"), 0.5)
     first.save_checkpoint(tmp_path / "ckpt", 1, {})
     saved = {p.name for p in (tmp_path / "ckpt" / "step0000001").iterdir()}
     assert "adapter_config.json" in saved
-    states = torch.load(
-        tmp_path / "ckpt" / "step0000001" / "mp_rank_00_model_states.pt", weights_only=False
-    )
+    # ZeRO-3 names it zero_pp_rank_0_mp_rank_00_model_states.pt
+    states_file = next((tmp_path / "ckpt" / "step0000001").glob("*mp_rank_00_model_states.pt"))
+    states = torch.load(states_file, weights_only=False)
     assert all(".lora_" in k for k in states["module"])  # the adapter alone, no frozen base
     first.train_step(make_batch(1), get_preset("d3s"), 0.5)
     expected = first.state_dict_cpu()
+    assert any(float(t.abs().max()) > 0 for k, t in expected.items() if "lora_B" in k)
 
     resumed = _learner(stage)  # a fresh adapter on the same base, then the checkpoint's
     assert resumed.load_checkpoint(tmp_path / "ckpt")["step"] == 1
-    assert base_digest(resumed.module) == base
+    assert _base_digest_at(resumed.module, stage) == base
     resumed.train_step(make_batch(1), get_preset("d3s"), 0.5)
     after = resumed.state_dict_cpu()
-    assert base_digest(resumed.module) == base
+    assert _base_digest_at(resumed.module, stage) == base
     for k in expected:  # the optimizer's state came back too: the same second step
         torch.testing.assert_close(after[k], expected[k], rtol=1e-5, atol=1e-6)
 
-    # The export: PEFT's format by default, and it scores as the learner does.
+    # The learner's final_policy (what d3s run writes at the end): the adapter gathered from
+    # the engine in PEFT's format, which scores as the learner does.
     model_dir = save_policy(MODELS["llama"](), CharTokenizer(), tmp_path / "base")
+    final = save_final_adapter(resumed, CharTokenizer(), tmp_path / "final_policy")
+    assert sorted(load_file(final / "adapter_model.safetensors")) == sorted(after)
+    ids = make_batch(2).input_ids[:2]
+    with torch.no_grad():
+        want = resumed.module.eval()(input_ids=ids).logits
+        got = load_adapter_dir(final, base=model_dir)(input_ids=ids).logits
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+    # The export of the checkpoint: PEFT's format by default, and it scores as the learner does.
     out = export_checkpoint(tmp_path / "ckpt", model_dir, tmp_path / "adapter")
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in out.iterdir()}
     assert sorted(load_file(out / "adapter_model.safetensors")) == sorted(expected)
-    from services.policy.lora import load_adapter_dir
-
     exported = load_adapter_dir(out, base=model_dir)
-    ids = make_batch(2).input_ids[:2]
     learner_at_1 = _learner(stage)
     learner_at_1.load_checkpoint(tmp_path / "ckpt")
     with torch.no_grad():

@@ -1,9 +1,13 @@
 """Weight sync transports end to end: a learner process and rollout-engine processes on the tiny
-GPT-2, full sha256 compares after every sync, corruption detected, restarted engines catch up."""
+GPT-2, full sha256 compares after every sync, corruption detected, restarted engines catch up;
+the same with a LoRA adapter (the learner publishes the adapter alone; engines hold the same
+base and fill their adapter). The files transport with a real LoRA learner is in
+test_lora_weight_sync.py."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import multiprocessing as mp
 import threading
 import time
@@ -15,13 +19,25 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from learner.export_lora import adapter_config
+from learner.weights import live_weights
+from services.policy.lora import LoraConfig, adapter_bytes, apply_lora, is_lora, synced_state
 from services.policy.model import PolicySpec, build_policy
 from services.policy.tokenizer import CharTokenizer
+from services.rollout.actor import EngineLoader
+from services.rollout.hf_engine import HFRolloutEngine
 from services.weightsync.checksum import WeightSyncError, sample_checksum, state_checksum
 from services.weightsync.collective import CollectivePublisher, CollectiveReceiver
 from services.weightsync.collective.buckets import plan_buckets
 from services.weightsync.config import WeightSyncConfig
-from services.weightsync.files import FilesPublisher, FilesReceiver, version_file
+from services.weightsync.files import (
+    FilesPublisher,
+    FilesReceiver,
+    adapter_dir,
+    list_versions,
+    read_version,
+    version_file,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -33,25 +49,52 @@ _CTX = mp.get_context(
 )  # the parent holds no gloo state; forking skips a torch import per child
 
 
+# GPT-2's linear layers; rank 4 gives a 32 KiB adapter: several 8 KiB buckets
+LORA = LoraConfig(rank=4, alpha=8.0, target_modules=["c_attn", "c_proj", "c_fc"])
+
+
 def _model(seed: int) -> torch.nn.Module:
     return build_policy(SPEC, CharTokenizer(), seed=seed)
 
 
+def _lora_model(adapter_seed: int) -> torch.nn.Module:
+    """The same base everywhere (it is never synced) with a fresh adapter drawn from
+    ``adapter_seed`` (lora_A random; lora_B zero, so it is moved before anything is sent)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(adapter_seed)
+        return apply_lora(_model(seed=0), LORA)
+
+
 def _step(model: torch.nn.Module, version: int) -> None:
-    """A stand-in optimizer step: every parameter moves, deterministically per version."""
+    """A stand-in optimizer step: every trained parameter (a LoRA model's adapter alone)
+    moves, deterministically per version."""
     g = torch.Generator().manual_seed(version)
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.01)
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.01)
+
+
+def _synced(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What a sync writes: a LoRA model's adapter (wire names), else the state dict."""
+    return synced_state(model) if is_lora(model) else model.state_dict()
+
+
+def _base_checksum(model: torch.nn.Module) -> str:
+    return state_checksum({n: p for n, p in model.named_parameters() if not p.requires_grad})
+
+
+ADAPTER_BYTES = adapter_bytes(_lora_model(adapter_seed=0), torch.float32)
+FULL_BYTES = sum(t.numel() * t.element_size() for t in _model(seed=0).state_dict().values())
 
 
 # ---- processes ---------------------------------------------------------------------------------
 
 
-def _learner(conn: Any, catchup: str) -> None:
+def _learner(conn: Any, catchup: str, lora: bool = False) -> None:
     torch.set_num_threads(1)
     try:
-        model = _model(seed=0)
+        model = _lora_model(adapter_seed=0) if lora else _model(seed=0)
         pub = CollectivePublisher(
             "127.0.0.1",
             0,
@@ -60,6 +103,7 @@ def _learner(conn: Any, catchup: str) -> None:
             catchup_every=1,
             timeout_s=30,
             member_timeout_s=60,
+            adapter_config=adapter_config(model),
         )
         conn.send(("address", pub.address))
         while True:
@@ -69,15 +113,18 @@ def _learner(conn: Any, catchup: str) -> None:
                 return
             version = cmd[1]
             _step(model, version)
-            seconds = pub.publish(version, model.state_dict())
+            # what a ZeRO 0-2 learner hands a broadcast: the live weights, or the adapter alone
+            weights = live_weights(model, torch.float32)
+            seconds = pub.publish(version, weights)
             pub.flush()
             conn.send(
                 (
                     "ok",
                     version,
-                    state_checksum(model.state_dict()),
+                    state_checksum(_synced(model)),
                     seconds,
-                    len(plan_buckets(dict(model.state_dict()), BUCKET_BYTES)),
+                    len(plan_buckets(dict(weights), BUCKET_BYTES)),
+                    sum(t.numel() * t.element_size() for t in weights.values()),
                 )
             )
     except BaseException as exc:
@@ -90,17 +137,26 @@ class _CorruptingReceiver(CollectiveReceiver):
     corrupt_version = -1
 
     def _on_bucket(self, version: int, index: int, flat: torch.Tensor) -> None:
+        self.wire_bytes[version] = (
+            self.wire_bytes.get(version, 0) + flat.numel() * flat.element_size()
+        )
         if version == self.corrupt_version and index == 1:
             flat.mul_(-1.0)
 
 
-def _engine(conn: Any, address: str, name: str, catchup: str, corrupt_version: int) -> None:
+def _engine(
+    conn: Any, address: str, name: str, catchup: str, corrupt_version: int, lora: bool = False
+) -> None:
     torch.set_num_threads(1)
     try:
-        model = _model(seed=1)  # different from the learner's until weights arrive
+        # different from the learner's until weights arrive (with LoRA: the adapter differs)
+        model = _lora_model(adapter_seed=1) if lora else _model(seed=1)
+        # a LoRA engine loads as the rollout actor does: the adapter by its wire names
+        into: Any = EngineLoader(HFRolloutEngine(model, CharTokenizer())) if lora else model
+        model = into.engine.model if lora else model
         recv = _CorruptingReceiver(address, name, catchup_dir=catchup, timeout_s=30)
-        recv.corrupt_version = corrupt_version
-        conn.send(("ready", name))
+        recv.corrupt_version, recv.wire_bytes = corrupt_version, {}
+        conn.send(("ready", name, _base_checksum(model)))
         while True:
             cmd = conn.recv()
             if cmd[0] == "stop":
@@ -111,10 +167,11 @@ def _engine(conn: Any, address: str, name: str, catchup: str, corrupt_version: i
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{name} stuck at version {recv.version}, want {target}")
                 if recv.has_update():
-                    recv.receive(model)
+                    recv.receive(into)
                 else:
                     time.sleep(0.01)
-            conn.send(("ok", recv.version, state_checksum(model.state_dict()), recv.generation))
+            answer = (recv.version, state_checksum(_synced(model)), recv.generation)
+            conn.send(("ok", *answer, recv.wire_bytes.get(target, 0), _base_checksum(model)))
     except BaseException as exc:
         conn.send(("error", type(exc).__name__, f"{exc}\n{traceback.format_exc()}"))
 
@@ -189,17 +246,26 @@ def test_stop_ends_a_process_whose_pipe_is_already_gone() -> None:
 # ---- collective ---------------------------------------------------------------------------------
 
 
-def test_collective_broadcast_two_engines_restart_and_corruption(tmp_path: Path) -> None:
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_collective_broadcast_two_engines_restart_and_corruption(
+    tmp_path: Path, lora: bool
+) -> None:
+    """Broadcast, a restarted engine's catch-up from the files, a group re-formed, a dead
+    member dropped, a corrupted bucket caught; with LoRA every version (on the wire and in
+    the catch-up files) is the adapter alone, the engines' base never changes, and each
+    catch-up version is a PEFT adapter directory."""
     catchup = str(tmp_path / "catchup")
-    learner = _Proc(_learner, catchup)
+    learner = _Proc(_learner, catchup, lora)
     procs = [learner]
     try:
         kind, address = learner.answer()
         assert kind == "address"
-        engines = {n: _Proc(_engine, address, n, catchup, 5) for n in ("rollout-0", "rollout-1")}
+        engines = {
+            n: _Proc(_engine, address, n, catchup, 5, lora) for n in ("rollout-0", "rollout-1")
+        }
         procs += engines.values()
-        for e in engines.values():
-            assert e.answer()[0] == "ready"
+        bases = {e.answer()[2] for e in engines.values()}
+        assert len(bases) == 1  # the same frozen base in both (a full model has none)
 
         # two versions by broadcast: both engines hold exactly the learner's bytes
         for version in (1, 2):
@@ -208,6 +274,8 @@ def test_collective_broadcast_two_engines_restart_and_corruption(tmp_path: Path)
                 assert ans[:3] == ("ok", version, expected), (
                     f"{name} after version {version}: {ans}"
                 )
+                if lora:  # the adapter alone on the wire; the base as it was
+                    assert ans[4] <= 2 * ADAPTER_BYTES and ans[5] in bases, ans
         assert {a[3] for a in answers.values()} == {
             1
         }  # one generation, formed at the first publish
@@ -215,12 +283,13 @@ def test_collective_broadcast_two_engines_restart_and_corruption(tmp_path: Path)
         # rollout-1 dies and restarts under the same name: it catches up from the files at once
         engines["rollout-1"].proc.kill()
         engines["rollout-1"].proc.join(5)
-        engines["rollout-1"] = restarted = _Proc(_engine, address, "rollout-1", catchup, 5)
+        engines["rollout-1"] = restarted = _Proc(_engine, address, "rollout-1", catchup, 5, lora)
         procs.append(restarted)
         assert restarted.answer()[0] == "ready"
         restarted.ask("sync", 2)
         ans = restarted.answer()
         assert ans[:3] == ("ok", 2, expected) and ans[3] == 0, f"catch-up from files: {ans}"
+        assert ans[4] == 0  # nothing on the wire: all of it from the catch-up file
 
         # the next publish re-forms the group with the restarted engine in its old place
         expected, answers = _sync(learner, engines, 3)
@@ -241,9 +310,33 @@ def test_collective_broadcast_two_engines_restart_and_corruption(tmp_path: Path)
         err = engines["rollout-1"].answer()
         assert err[0] == "error" and err[1] == "WeightSyncError", err
         assert "version 5 arrived corrupted" in err[2] and "broadcast" in err[2], err[2]
+        if lora:
+            _check_adapter_catchup(Path(catchup))
     finally:
         for p in procs:
             p.stop()
+
+
+def _check_adapter_catchup(catchup: Path) -> None:
+    """Each catch-up version kept holds the adapter alone, and is also a PEFT adapter
+    directory: its config and the same file (a hard link, no second copy)."""
+    assert ADAPTER_BYTES * 10 < FULL_BYTES  # 32,768 B against 416,256 B
+    names = set(synced_state(_lora_model(adapter_seed=0)))
+    versions = list_versions(catchup)
+    assert versions and versions[-1] == 5
+    for v in versions:
+        tensors, _, aliases = read_version(catchup, v)
+        assert set(tensors) == names and aliases == {}
+        assert sum(t.numel() * t.element_size() for t in tensors.values()) == ADAPTER_BYTES
+        d = adapter_dir(catchup, v)
+        config = json.loads((d / "adapter_config.json").read_text())
+        assert config["r"] == LORA.rank and config["peft_type"] == "LORA"
+        assert (d / "adapter_model.safetensors").stat().st_ino == version_file(
+            catchup, v
+        ).stat().st_ino
+    assert sorted(p.name for p in catchup.iterdir() if p.name.startswith("adapter-v")) == [
+        adapter_dir(catchup, v).name for v in versions
+    ]
 
 
 # ---- files --------------------------------------------------------------------------------------
@@ -333,10 +426,12 @@ def test_config_names_the_field() -> None:
     assert WeightSyncConfig().wire() is None
 
 
-def test_a_zero3_learner_is_gathered_and_sent_one_bucket_at_a_time():
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_a_zero3_learner_is_gathered_and_sent_one_bucket_at_a_time(lora: bool):
     """Under ZeRO-3 the publisher gathers each bucket's parameters just before sending it: as
     many gathers as buckets, none holding the whole model, and the engine receives exactly the
-    learner's weights (tied ones under both names)."""
+    learner's weights (tied ones under both names); with LoRA exactly its adapter, gathered
+    the same way, and nothing of the base."""
     import threading
 
     from learner.config import LearnerConfig
@@ -344,7 +439,8 @@ def test_a_zero3_learner_is_gathered_and_sent_one_bucket_at_a_time():
     from learner.weights import ZeroShardedWeights
     from services.weightsync.collective.buckets import plan_layout
 
-    engine = LearnerEngine(_model(seed=0), LearnerConfig(zero_stage=3, lr=1e-3), 2)
+    cfg = LearnerConfig(zero_stage=3, lr=1e-3, lora=LORA if lora else None)
+    engine = LearnerEngine(_model(seed=0), cfg, 2)
     source = engine.device_weights()
     assert isinstance(source, ZeroShardedWeights)
     gathered: list[list[str]] = []
@@ -379,6 +475,9 @@ def test_a_zero3_learner_is_gathered_and_sent_one_bucket_at_a_time():
     assert set(got) == set(expected)
     for name, value in expected.items():
         assert torch.equal(got[name], value), name
+    if lora:  # the adapter alone, under PEFT's saved names
+        assert set(got) == set(synced_state(_lora_model(adapter_seed=0)))
+        assert sum(t.numel() * t.element_size() for t in got.values()) == ADAPTER_BYTES
     buckets = plan_layout(source.layout(), BUCKET_BYTES)
     assert len(gathered) == len(buckets) > 1
     assert [names for names in gathered] == [[n for n, _, _ in b.tensors] for b in buckets]

@@ -38,12 +38,20 @@ _ABANDON = ("abandon",)  # tells the writer thread the publisher stopped mid-ver
 class CatchupWriter:
     """Writes versions into ``directory`` (keeping the newest ``keep_last``), one at a time; a
     failed write is raised as :class:`WeightSyncError` by the next :meth:`check` or
-    :meth:`join`. ``sample``: (every, elements) of the sampled checksum."""
+    :meth:`join`. ``sample``: (every, elements) of the sampled checksum. ``adapter_config``:
+    the versions are a LoRA adapter, each written as a PEFT directory too."""
 
-    def __init__(self, directory: Path, keep_last: int, sample: tuple[int, int]) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        keep_last: int,
+        sample: tuple[int, int],
+        adapter_config: dict[str, Any] | None = None,
+    ) -> None:
         self.directory = directory
         self.keep_last = keep_last
         self.sample = sample
+        self.adapter_config = adapter_config
         self._staging: list[torch.Tensor | None] = [None, None]
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -54,7 +62,7 @@ class CatchupWriter:
         background (``wait``: before returning)."""
         self.join()
         order = [(n, shape, out.layout[n][1]) for b in out.buckets for n, shape, _ in b.tensors]
-        writer = VersionWriter(self.directory, version, order, out.aliases)
+        writer = VersionWriter(self.directory, version, order, out.aliases, self.adapter_config)
         free: queue.Queue[int] = queue.Queue()
         for slot in (0, 1):
             free.put(slot)

@@ -51,6 +51,8 @@ class CollectivePublisher(WeightPublisher):
         timeout_s: rendezvous and broadcast timeout.
         member_timeout_s: a member whose heartbeat did not move for this long leaves at the next
             publish.
+        adapter_config: the versions are a LoRA adapter (PEFT's ``adapter_config.json`` as a
+            dict): each catch-up version is also written as a PEFT adapter directory.
     """
 
     from_device = True
@@ -69,6 +71,7 @@ class CollectivePublisher(WeightPublisher):
         member_timeout_s: float = 60.0,
         sample_every: int = 1,
         sample_elements: int = 1024,
+        adapter_config: dict[str, Any] | None = None,
     ) -> None:
         self.timeout_s = timeout_s
         self.store = dist.TCPStore(
@@ -79,7 +82,7 @@ class CollectivePublisher(WeightPublisher):
         self.wire = wire
         self.sample = (sample_every, sample_elements)
         self.catchup = (
-            CatchupWriter(Path(catchup_dir), keep_last, self.sample)
+            CatchupWriter(Path(catchup_dir), keep_last, self.sample, adapter_config)
             if catchup_dir is not None
             else None
         )
