@@ -21,12 +21,11 @@ Each run is a process of its own under the vLLM venv (Ray and vLLM start clean),
 it finished, its metrics kept); finished runs are kept and skipped (``--fresh`` trains all
 again).
 
-Sizing (the default, ~90 min on the 2-core box; arithmetic in bench/results/real_pipeline.md):
-``STEPS`` learner steps, evaluation every ``EVAL_EVERY`` steps and at step 0, ``HELDOUT``
-held-out prompts (the task's test file, never trained on) x ``N_SAMPLES`` sampled answers for
-Pass@1, greedy off. Training draws from a pool of the first ``POOL`` training prompts, so that
-prompts recur within the run and the prefilter has a history to act on (the same pool in
-every configuration).
+Sizing (``DEFAULT``, about 95 min on the 2-core box; the arithmetic is in docs/benchmarks.md):
+6 learner steps, evaluation at step 0 and every 2 steps on 48 held-out prompts (the task's test
+file, never trained on) x 2 sampled answers for Pass@1, greedy off; lock-step rows one seed.
+Training draws from a pool of the first 32 training prompts, so that prompts recur within the
+run and the prefilter has a history to act on (the same pool in every configuration).
 
 Reading: the target is GRPO's (asynchronous) final Pass@1, the last point of its mean curve
 over seeds. Each configuration's mean curve (Pass@1 averaged over seeds at each evaluation)
