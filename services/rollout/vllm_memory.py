@@ -39,7 +39,8 @@ KV_STEP_GIB = 0.25  # the derived size is rounded up to this, so logs show round
 LEARNER_RANK_BYTES_PER_PARAM = 8
 OPTIMIZER_BYTES_PER_PARAM = 8
 EVALUATOR_BYTES_PER_PARAM = 4
-# The learner's logits and their gradient, float32 [tokens, vocab] each, for one micro-batch.
+# The learner's logits and their gradient, float32 [tokens, vocab] each, for one micro-batch's
+# response targets.
 LOGITS_BYTES_PER_TOKEN_AND_ID = 8
 # Resident memory of processes before weights, caches and activations, lower bounds of what
 # SmolLM2's run measured on CPU: a process with torch loaded (learner rank, evaluator: 0.5 GiB),
@@ -224,13 +225,12 @@ def rest_of_run_bytes(
     background_eval: bool,
 ) -> dict[str, int]:
     """Lower bounds of what the run holds in RAM besides the engines' KV caches, by part.
-    ``micro_batch_tokens`` None: one step's samples in one micro-batch (the learner's default),
-    each at least ``max_new_tokens`` long (plus ``max_prompt_tokens`` when it is set)."""
-    tokens = micro_batch_tokens or (
-        rollout.prompts_per_step
-        * rollout.samples_per_prompt
-        * (rollout.max_new_tokens + (rollout.max_prompt_tokens or 0))
-    )
+    ``micro_batch_tokens`` None: one step's samples in one micro-batch (the learner's default).
+    The learner forms logits only at response targets (learner/forward.py): one step's samples
+    x ``max_new_tokens``, at most a micro-batch's positions."""
+    tokens = rollout.prompts_per_step * rollout.samples_per_prompt * rollout.max_new_tokens
+    if micro_batch_tokens is not None:
+        tokens = min(tokens, micro_batch_tokens)
     parts = {
         "learner": model.params
         * (LEARNER_RANK_BYTES_PER_PARAM * learner_ranks + OPTIMIZER_BYTES_PER_PARAM)

@@ -167,13 +167,13 @@ def test_environment_then_field_then_derived():
 def test_fit_check_counts_every_engine_and_the_rest_of_the_run():
     rollout = _rollout(num_actors=2, vllm={"dtype": "float32", "cpu_kv_cache_gib": 4})
     # What SmolLM2's run holds besides the KV caches, at least: the learner's weights, gradients
-    # and Adam moments (16 B/param) and its process; its logits and their gradient for one step's
-    # 32 x 136 tokens in one micro-batch; each engine's float32 weights and its processes; the
-    # background evaluator's float32 copy and its process.
+    # and Adam moments (16 B/param) and its process; its logits and their gradient at one step's
+    # 32 x 40 response targets (none at prompt positions) in one micro-batch; each engine's
+    # float32 weights and its processes; the background evaluator's float32 copy and its process.
     rest = (
         SMOLLM2.params * 16
         + GIB // 2
-        + 32 * 136 * 49_152 * 8
+        + 32 * 40 * 49_152 * 8
         + 2 * (SMOLLM2.params * 4 + 2 * GIB)
         + SMOLLM2.params * 4
         + GIB // 2
@@ -186,7 +186,7 @@ def test_fit_check_counts_every_engine_and_the_rest_of_the_run():
     assert message.startswith("rollout.vllm.cpu_kv_cache_gib: 4 GiB of KV cache (as configured)")
     assert "for each of 2 vLLM engine(s)" in message
     assert message.endswith("set rollout.vllm.cpu_kv_cache_gib to at most 3.75")
-    # A smaller learner micro-batch leaves room (its logits: 512 tokens instead of 4,352).
+    # A smaller learner micro-batch leaves room (its logits: 512 tokens instead of 1,280).
     small = {**fit, "micro_batch_tokens": 512}
     assert check_cpu_fit(rollout, SMOLLM2, available=rest + 8 * GIB - 1, **small).gib == 4
     # Not checkable (no /proc/meminfo): passes, the engine reports its own refusal.
