@@ -388,8 +388,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     size = SHORT if args.short else DEFAULT
     short = "_short" if args.short else ""
-    out = Path(args.out or f"{RESULTS}{short}")
     runs_dir = Path(args.runs or f"runs/real_pipeline{short}")
+    # a --short check's results stay beside its runs, out of bench/results
+    out = Path(args.out or (runs_dir / "results" if args.short else RESULTS))
     if args.one:
         train_one(args.one[0], int(args.one[1]), runs_dir, size, args.sets)
         return {}
