@@ -12,7 +12,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 # elsewhere those tests skip and say why.
 SYSTEM_PACKAGES := chromium chromium-driver docker-compose
 
-.PHONY: venv system-deps run test bench-pipeline bench-transport bench-selector bench-weight-sync bench-weight-sync-vllm bench-real-model model bench-memory test-slow test-vllm test-vllm-slow venv-vllm lint bench-select bench-learning bench-start-seeds bench-learner-step bench-real-pipeline clean
+.PHONY: venv system-deps run test bench-pipeline bench-transport bench-selector bench-weight-sync bench-weight-sync-vllm bench-real-model model bench-memory test-slow test-vllm test-vllm-slow venv-vllm lint bench-select bench-learning bench-start-seeds bench-learner-step bench-real-pipeline bench-lora clean
 
 venv: $(STAMP)
 
@@ -105,6 +105,11 @@ model: venv
 
 bench-real-model: model
 	$(BIN)/python -m bench.real_model
+
+# Full fine-tuning vs LoRA rank 8 and 32 on SmolLM2 under grpo and d3s, same start and seeds
+# (12 lock-step runs, about 4-5 hours on 2 cores); python -m bench.lora --short: tiny policy.
+bench-lora: model
+	$(BIN)/python -m bench.lora
 
 bench-memory: venv
 	$(BIN)/python -m bench.memory

@@ -42,6 +42,8 @@ _TOTALS = (
     "learner_forward_tokens_total",
     "skipped_batches",
     "samples_total",
+    "weight_sync_seconds_total",
+    "weight_sync_bytes_total",
 )
 
 
@@ -223,7 +225,11 @@ class SyncTrainer:
             totals["learner_seconds_total"] += m["learner_seconds"]
             totals["samples_total"] += m["samples_in"]
             row.update(m)
-            self._publish(learner, worker, rollout_model, version=step + 1)
+            sync_s, sync_bytes = self._publish(learner, worker, rollout_model, version=step + 1)
+            # as d3s run's learner reports them (with LoRA: the adapter's bytes)
+            row.update(weight_sync_seconds=sync_s, weight_sync_bytes=float(sync_bytes))
+            totals["weight_sync_seconds_total"] += sync_s
+            totals["weight_sync_bytes_total"] += sync_bytes
         row.update(totals)
         row["step_seconds"] = time.perf_counter() - t0
         return row
@@ -271,11 +277,14 @@ class SyncTrainer:
         worker: RolloutWorker,
         rollout_model: torch.nn.Module,
         version: int,
-    ) -> None:
+    ) -> tuple[float, int]:
         """Version ``version`` into the engine and into ``rollout_model``, the copy that
         evaluation and the final policy read: the HF engine samples from that copy itself, a
-        vLLM engine holds its weights in its own workers, so the copy is loaded beside it."""
+        vLLM engine holds its weights in its own workers, so the copy is loaded beside it.
+        Returns the sync's seconds (host copy, load, check) and the bytes it moved."""
+        t0 = time.perf_counter()
         state = learner.state_dict_cpu()
+        nbytes = sum(t.numel() * t.element_size() for t in state.values())
         if learner.rank == 0:
             if worker.engine.model is None:
                 # Loaded here from the same tensors: nothing crossed a boundary to checksum.
@@ -284,11 +293,12 @@ class SyncTrainer:
                     load_synced(rollout_model, state)
                 else:
                     rollout_model.load_state_dict(state)
-                return
+                return time.perf_counter() - t0, nbytes
             digest = state_checksum(state)
             worker.load_weights(state, version)
             model = worker.engine.model
             verify_sync(digest, synced_state(model) if is_lora(model) else model, version)
+        return time.perf_counter() - t0, nbytes
 
 
 def _rank_main(cfg: RunConfig, run_dir: str, stop_at: int | None) -> dict[str, Any]:
