@@ -5,6 +5,7 @@ in samples; ``d3s export`` writes it in PEFT's format or merged."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from pathlib import Path
 
@@ -45,14 +46,40 @@ class _Given(WeightReceiver):
         return self.latest
 
 
+def _check_version_directories(weights: Path, final: Path) -> None:
+    """The files transport's versions of a LoRA run: the adapter alone, each also a PEFT
+    directory naming the run's base; the last one is the adapter the run ended with."""
+    from safetensors.torch import load_file
+
+    from services.weightsync.files import adapter_dir, list_versions, read_version
+
+    versions = list_versions(weights)
+    assert versions[-1] == STEPS and len(versions) <= 2  # keep_last
+    last = adapter_dir(weights, STEPS)
+    config = json.loads((last / "adapter_config.json").read_text())
+    assert config["r"] == LORA["rank"]
+    assert config["base_model_name_or_path"] == str(base_path(final))
+    tensors, _, _ = read_version(weights, STEPS)
+    assert all(".lora_A." in n or ".lora_B." in n for n in tensors)
+    final_adapter = load_file(final / "adapter_model.safetensors")
+    assert tensors.keys() == final_adapter.keys()
+    for name, t in tensors.items():  # float32 engines: the version is the master copy
+        assert torch.equal(t, final_adapter[name]), name
+    loaded = peft.PeftModel.from_pretrained(load_policy(base_path(last))[0], str(last))
+    assert loaded.peft_config["default"].r == LORA["rank"]
+
+
 def _greedy(engine: HFRolloutEngine, prompts: list[list[int]]) -> list[list[int]]:
     return engine._sample(prompts, 1, engine._rule(None), None).responses.tolist()
 
 
+@pytest.mark.parametrize("transport", ["object_store", "files"])
 def test_a_lora_run_syncs_only_the_adapter_and_its_adapter_samples_like_the_merged_model(
-    tmp_path: Path, tiny_config
+    tmp_path: Path, tiny_config, transport: str
 ) -> None:
     run_dir = tmp_path / "run"
+    weights = tmp_path / "weights"
+    sync = {"transport": transport, **({"path": str(weights)} if transport == "files" else {})}
     cfg = parse_config(
         tiny_config(
             run_dir,
@@ -65,10 +92,13 @@ def test_a_lora_run_syncs_only_the_adapter_and_its_adapter_samples_like_the_merg
                 "max_group_backlog": 8,
                 "wait_timeout_s": 300,
             },
+            weight_sync=sync,
         )
     )
     summary = run_service(cfg)
     assert summary["steps"] == STEPS
+    if transport == "files":
+        _check_version_directories(weights, run_dir / "final_policy")
 
     final = run_dir / "final_policy"
     assert (final / "adapter_config.json").is_file() and not (final / "config.json").exists()
