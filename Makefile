@@ -12,7 +12,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 # elsewhere those tests skip and say why.
 SYSTEM_PACKAGES := chromium chromium-driver docker-compose
 
-.PHONY: venv system-deps run test bench-pipeline bench-transport bench-selector bench-weight-sync bench-weight-sync-vllm bench-real-model model bench-memory test-slow test-vllm test-vllm-slow venv-vllm lint bench-select bench-learning bench-start-seeds bench-learner-step bench-real-pipeline bench-lora clean
+.PHONY: venv system-deps run test bench-pipeline bench-transport bench-selector bench-weight-sync bench-weight-sync-vllm bench-real-model bench-rg model bench-memory test-slow test-vllm test-vllm-slow venv-vllm lint bench-select bench-learning bench-start-seeds bench-learner-step bench-real-pipeline bench-lora clean
 
 venv: $(STAMP)
 
@@ -105,6 +105,12 @@ model: venv
 
 bench-real-model: model
 	$(BIN)/python -m bench.real_model
+
+# GRPO vs D3S on SmolLM2 learning three reasoning-gym tasks, Pass@1 per task (about an hour on
+# this 2-core box when nothing else runs; configs/smollm2_rg.yaml says why these tasks).
+bench-rg: model
+	$(BIN)/python -m bench.real_model --config configs/smollm2_rg.yaml --presets grpo d3s \
+		--seeds 2 --steps 15 --eval-every 5 --out bench/results/rg_real
 
 # Full fine-tuning vs LoRA rank 8 and 32 on SmolLM2 under grpo and d3s, same start and seeds
 # (12 lock-step runs, about 4-5 hours on 2 cores); python -m bench.lora --short: tiny policy.
