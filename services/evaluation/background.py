@@ -77,6 +77,15 @@ class BackgroundEvaluator:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         self._ray = ray
+        rex = ray.exceptions
+        # The evaluator's process is gone: killed, crashed, or stopped by Ray's memory monitor
+        # (which fails the running task with OutOfMemoryError rather than the actor).
+        self._died = (
+            rex.RayActorError,
+            rex.WorkerCrashedError,
+            rex.NodeDiedError,
+            rex.OutOfMemoryError,
+        )
         # On the learner's node: it has the policy's files and the run directory (a
         # docker-compose Ray head, for one, has neither). Pinned when the evaluator needs no GPU
         # (it always fits; a soft preference was measured to land elsewhere); preferred when it
@@ -131,7 +140,7 @@ class BackgroundEvaluator:
             self.pending.remove((step, ref))
             try:
                 self._done.append(self._ray.get(ref))
-            except self._ray.exceptions.RayActorError as exc:
+            except self._died as exc:
                 self.actor = None
                 if step in self._retried:
                     self._skip(step, exc)
