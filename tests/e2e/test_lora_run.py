@@ -73,7 +73,11 @@ def _greedy(engine: HFRolloutEngine, prompts: list[list[int]]) -> list[list[int]
     return engine._sample(prompts, 1, engine._rule(None), None).responses.tolist()
 
 
-@pytest.mark.parametrize("transport", ["object_store", "files"])
+# Over files the run repeats the object store's checks (30 s); the files transport's LoRA versions
+# are covered in tests/integration/test_lora_weight_sync.py, so this one runs with -m slow.
+@pytest.mark.parametrize(
+    "transport", ["object_store", pytest.param("files", marks=pytest.mark.slow)]
+)
 def test_a_lora_run_syncs_only_the_adapter_and_its_adapter_samples_like_the_merged_model(
     tmp_path: Path, tiny_config, transport: str
 ) -> None:
