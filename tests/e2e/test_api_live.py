@@ -163,7 +163,7 @@ def _start_run(tiny_config, tmp_path_factory: pytest.TempPathFactory, redis_url:
                 "namespace": namespace,
                 "redis_url": redis_url,
                 "max_group_backlog": 8,
-                "wait_timeout_s": 60,
+                "wait_timeout_s": 300,  # components start slowly on a loaded box
             },
             api={"enabled": True, "port": port, "control_token_env": TOKEN_ENV},
         )

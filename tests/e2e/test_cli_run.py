@@ -67,7 +67,7 @@ def test_d3s_run_is_quiet_and_ends_with_the_summary(
         service={
             "namespace": f"cli{uuid.uuid4().hex[:8]}",
             "max_group_backlog": 8,
-            "wait_timeout_s": 60,
+            "wait_timeout_s": 300,  # components start slowly on a loaded box
         },
         api={"enabled": True, "port": 0},
         logging={"wandb": {"project": "d3s-e2e"}},  # offline: no network needed
