@@ -20,6 +20,7 @@ import sys
 import textwrap
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -112,6 +113,26 @@ def _config(model_dir: Path, task_dir: Path, run_dir: Path, redis_url: str) -> d
     }
 
 
+def run_d3s(tmp_path: Path, task_dir: Path, data: dict) -> tuple[dict, Any]:
+    """``d3s run`` of the config ``data`` in a subprocess; its summary (checked: every step
+    trained) and the parsed config."""
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(data))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(task_dir), os.getcwd()])}
+    out = subprocess.run(
+        [sys.executable, "-m", "services.run.cli", "run", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        env=env,
+    )
+    assert out.returncode == 0, (out.stderr + out.stdout)[-4000:]
+    summary = json.loads((Path(data["train"]["run_dir"]) / "summary.json").read_text())
+    assert summary["steps"] == STEPS
+    sys.path.insert(0, str(task_dir))  # the verifier module, for the config's validation
+    return summary, parse_config(data)
+
+
 @pytest.mark.timeout(1800)  # vLLM's CPU engine starts in minutes on a busy 2-core box
 @pytest.mark.parametrize("inflight", [False, True], ids=["between-rounds", "in-flight"])
 def test_d3s_run_with_vllm_engines_trains_with_weights_broadcast_into_the_workers(
@@ -125,22 +146,7 @@ def test_d3s_run_with_vllm_engines_trains_with_weights_broadcast_into_the_worker
         run_dir = tmp_path / "run"
         data = _config(llama_dir, task_dir, run_dir, server.url)
         data["rollout"]["inflight_updates"] = inflight
-        config = tmp_path / "run.yaml"
-        config.write_text(yaml.safe_dump(data))
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(task_dir), os.getcwd()])}
-        out = subprocess.run(
-            [sys.executable, "-m", "services.run.cli", "run", str(config)],
-            capture_output=True,
-            text=True,
-            timeout=1800,
-            env=env,
-        )
-        assert out.returncode == 0, (out.stderr + out.stdout)[-4000:]
-        summary = json.loads((run_dir / "summary.json").read_text())
-        assert summary["steps"] == STEPS
-
-        sys.path.insert(0, str(task_dir))  # the verifier module, for the config's validation
-        cfg = parse_config(data)
+        summary, cfg = run_d3s(tmp_path, task_dir, data)
         client = redis.Redis.from_url(server.url)
         books = audit(client, cfg)
         actor = summary["result"]["components"]["rollout-0"]

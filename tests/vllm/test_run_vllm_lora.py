@@ -17,24 +17,25 @@ What must hold:
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import peft
 import pytest
 import redis
 import torch
-import yaml
 from fault_books import audit
-from test_run_vllm import MAX_NEW_TOKENS, STEPS, _config, llama_dir, task_dir  # noqa: F401
+from test_run_vllm import (  # noqa: F401
+    MAX_NEW_TOKENS,
+    STEPS,
+    _config,
+    llama_dir,
+    run_d3s,
+    task_dir,
+)
 from test_vllm_engine import hf_logp
 
 from services.policy.lora import LoraConfig, adapter_bytes, apply_lora
 from services.policy.model import load_policy
-from services.run.config import parse_config
 from services.telemetry.run_log import read_metrics
 from services.transport.bundle import Transport
 from services.transport.redis_server import EmbeddedRedis
@@ -67,21 +68,7 @@ def test_d3s_run_on_vllm_with_lora_syncs_adapters_and_samples_each_version(
         # The tiny head is near uniform: the adapter must move far for versions to differ visibly.
         data["learner"]["lr"] = 5e-2
         data["rollout"]["inflight_updates"] = True
-        config = tmp_path / "run.yaml"
-        config.write_text(yaml.safe_dump(data))
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(task_dir), os.getcwd()])}
-        out = subprocess.run(
-            [sys.executable, "-m", "services.run.cli", "run", str(config)],
-            capture_output=True,
-            text=True,
-            timeout=1800,
-            env=env,
-        )
-        assert out.returncode == 0, (out.stderr + out.stdout)[-4000:]
-        summary = json.loads((run_dir / "summary.json").read_text())
-        assert summary["steps"] == STEPS
-        sys.path.insert(0, str(task_dir))  # the verifier module, for the config's validation
-        cfg = parse_config(data)
+        summary, cfg = run_d3s(tmp_path, task_dir, data)
         client = redis.Redis.from_url(server.url)
         books = audit(client, cfg)
         loaded = books["loaded"]["rollout-0"]
