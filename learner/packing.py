@@ -44,13 +44,6 @@ def pack_rows(
     return flat_ids.view(shape), flat_pos.view(shape), index, valid
 
 
-def unpack(packed: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Per-row values [m, width - 1] of packed per-position values [n_bins, W]; 0 where not
-    ``valid`` (past a row's last target). Differentiable."""
-    picked = packed.reshape(-1)[index]
-    return torch.where(valid, picked, picked.new_zeros(()))
-
-
 def packing_mismatch(forward: Callable[..., torch.Tensor], vocab_size: int, device) -> float:
     """Largest |logit| difference, relative to the largest logit (at least 1), between two short
     sequences run packed in one row and run padded; ``forward(**inputs)`` returns logits.

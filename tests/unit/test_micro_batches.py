@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from learner.batch import plan_micro_batches, plan_packed_micro_batches
-from learner.packing import pack_rows, unpack
+from learner.packing import pack_rows
 
 
 def test_no_budget_is_one_micro_batch_in_order():
@@ -98,15 +98,14 @@ def test_pack_rows_places_tokens_and_positions_and_unpacks_the_targets():
         b, o, n = (int(x[j]) for x in (p.pack.bins, p.pack.offsets, p.pack.lengths))
         assert packed[b, o : o + n].tolist() == ids[r, :n].tolist()
         assert pos[b, o : o + n].tolist() == list(range(n))
-    # a per-position value equal to its flat index unpacks to each row's own positions
-    flat = torch.arange(packed.numel(), dtype=torch.float).view(packed.shape)
-    got = unpack(flat, index, valid)
-    assert got.shape == (4, p.width - 1)
+    # each row's target columns index its own flat packed positions; none past its last target
+    assert index.shape == valid.shape == (4, p.width - 1)
     for j, n in enumerate(p.pack.lengths.tolist()):
         b, o = int(p.pack.bins[j]), int(p.pack.offsets[j])
         start = b * p.pack.width + o
-        assert got[j, : n - 1].tolist() == [float(start + t) for t in range(n - 1)]
-        assert got[j, n - 1 :].abs().sum() == 0  # past the last target: 0
+        assert index[j, : n - 1].tolist() == [start + t for t in range(n - 1)]
+        assert valid[j, : n - 1].all() and not valid[j, n - 1 :].any()
+        assert index[j, n - 1 :].abs().sum() == 0
 
 
 def test_packed_rows_fill_evenly_up_to_the_row_width():
