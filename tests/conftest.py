@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -37,3 +39,28 @@ def tiny_config():
         return _merge(base, sections)
 
     return build
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> Path:
+    """A directory shaped like SmolLM2-135M-Instruct as validation reads it: config.json (no
+    weights) and a tokenizer with a chat template."""
+    from transformers import LlamaConfig
+
+    from bench.full_vocab_model import build_tokenizer
+
+    directory = tmp_path_factory.mktemp("smollm2-135m-instruct")
+    LlamaConfig(
+        vocab_size=49_152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+        dtype="float32",
+    ).save_pretrained(directory)
+    build_tokenizer(vocab_size=300).save_pretrained(directory)
+    return directory

@@ -55,14 +55,17 @@ def make_runs(root: Path, lora32_final: tuple[float, float], lora32_bytes: float
         )
 
 
-def test_variant_configs_share_everything_but_the_learner():
+def test_variant_configs_share_everything_but_the_learner(smollm2_dir):
     assert bl.variant_config("full", False) == ("configs/smollm2.yaml", [])
     config, sets = bl.variant_config("lora32", False)
     assert config == "configs/smollm2_lora.yaml"
     assert sets == ["learner.lora.rank=32", "learner.lora.alpha=64.0"]
     from services.run.config import load_config
 
-    full, lora = load_config(bl.FULL_CONFIG), load_config(config, sets)
+    # the configs validate against the model directory; one shaped like SmolLM2 stands in, so
+    # that the test needs no `d3s prepare-model`
+    here = [f"policy.path={smollm2_dir}"]
+    full, lora = load_config(bl.FULL_CONFIG, here), load_config(config, [*sets, *here])
     assert lora.learner.lora.rank == 32 and lora.learner.lr == 10 * full.learner.lr
     assert full.learner.lora is None
     assert lora.task == full.task and lora.rollout == full.rollout and lora.policy == full.policy

@@ -10,7 +10,6 @@ import pytest
 import torch
 import yaml
 
-from bench.full_vocab_model import build_tokenizer
 from services.rollout import vllm_memory
 from services.rollout.config import RolloutConfig
 from services.rollout.vllm_memory import (
@@ -50,29 +49,6 @@ def _vllm_here(monkeypatch):
     monkeypatch.setattr("services.rollout.config.vllm_installed", lambda: True)
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-
-
-@pytest.fixture(scope="module")
-def smollm2_dir(tmp_path_factory) -> Path:
-    """A directory shaped like SmolLM2-135M-Instruct as validation reads it: config.json (no
-    weights) and a tokenizer with a chat template."""
-    from transformers import LlamaConfig
-
-    directory = tmp_path_factory.mktemp("smollm2-135m-instruct")
-    LlamaConfig(
-        vocab_size=49_152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        head_dim=64,
-        max_position_embeddings=8192,
-        tie_word_embeddings=True,
-        dtype="float32",
-    ).save_pretrained(directory)
-    build_tokenizer(vocab_size=300).save_pretrained(directory)
-    return directory
 
 
 def _rollout(**kw) -> RolloutConfig:
