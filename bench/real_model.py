@@ -13,8 +13,9 @@ It trains with ``d3s train`` (one process: generation and learning alternate, so
 are measured without interference from the rollouts). Every ``--eval-every`` steps the policy is
 evaluated on held-out questions the training split does not contain: greedy accuracy, the
 unbiased Pass@1 and Pass@k from ``eval.n_samples`` samples (at ``eval.temperature``, default the
-rollout's), the format rate (samples with a number after ``####``, right or wrong) and the mean
-response length. When the held-out prompts come from several sources (reasoning-gym datasets,
+rollout's), the format rate (samples that state an answer where the task's extractor reads it,
+right or wrong: a number after ``####`` for GSM8K, an ``<answer>`` tag for reasoning-gym) and the
+mean response length. When the held-out prompts come from several sources (reasoning-gym datasets,
 data files: ``eval/pass@1/src:<source>`` in the metric rows), Pass@1 and greedy accuracy are also
 reported per task: their curves (a table and a panel per task) and, per task, the learner tokens
 to GRPO's final Pass@1 on that task.
@@ -259,7 +260,8 @@ def _task_summary(
 
 
 def _f(x, spec=".3f") -> str:
-    # None: never reached; NaN: not measured (a task whose evaluation reports no format rate).
+    # None: never reached; NaN: not measured (a task without an answer extractor reports no
+    # format rate: a plug-in's, a verifier given by import path).
     return "—" if x is None or np.isnan(x) else format(x, spec)
 
 
@@ -332,7 +334,7 @@ def plot(s: dict, path: Path, ks: list[int], suptitle: str | None = None) -> Non
         ("learner_tokens_total", "heldout_accuracy", "greedy accuracy vs learner tokens"),
         ("learner_seconds_total", "heldout_accuracy", "greedy accuracy vs learner seconds"),
         ("step", f"eval/pass@{k}", f"Pass@{k} vs step"),
-        ("step", "eval/format_rate", "format rate (#### <number>) vs step"),
+        ("step", "eval/format_rate", "format rate (a stated answer) vs step"),
         ("step", "eval/mean_response_length", "mean response length vs step"),
     ]
     tasks = list(s.get("tasks", {}))
@@ -343,7 +345,7 @@ def plot(s: dict, path: Path, ks: list[int], suptitle: str | None = None) -> Non
         for p, m in s["mean_curves"].items():
             ax.plot(m[x], m[y], marker="o", label=p)
         if all(np.isnan(m[y]).all() for m in s["mean_curves"].values()):
-            # reasoning-gym tasks report no format rate: say so rather than leave it blank
+            # a task without an extractor reports no format rate: say so, not a blank panel
             ax.text(0.5, 0.5, "not reported", ha="center", transform=ax.transAxes)
         ax.set_title(title)
         ax.set_xlabel(x)

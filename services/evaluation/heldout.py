@@ -8,10 +8,11 @@ and the numbers ``d3s eval`` prints for the same weights are the same numbers.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
+from services.evaluation.answers import EXTRACTORS, AnswerExtractor
 from services.evaluation.evaluate import evaluate_policy
 from services.evaluation.results import EvalResult
 from services.policy.tokenizer import encode_text
@@ -23,26 +24,38 @@ from services.tasks.source import TaskSource
 from services.tasks.verify import Verifier
 
 
-def heldout_prompts(
-    task: TaskConfig, max_prompt_tokens: int | None, tokenizer: Any
-) -> tuple[list[Prompt], dict[str, Verifier], int]:
-    """The task's held-out prompts rendered as the rollouts render them (instruction, chat
-    template), without those over ``max_prompt_tokens``; the task's verifiers; and how many
-    prompts were left out for their length.
+class HeldoutSet(NamedTuple):
+    """A task's held-out prompts as evaluation reads them."""
+
+    prompts: list[Prompt]
+    """Rendered as the rollouts render them (instruction, chat template), within the length
+    limit."""
+    verifiers: dict[str, Verifier]
+    """The task's verifiers, by ``Prompt.task``."""
+    left_out: int
+    """Prompts left out for being over the length limit."""
+    extractors: dict[str, AnswerExtractor]
+    """Answer extractors by ``Prompt.task``: the registered ones and the task's own."""
+
+
+def heldout_prompts(task: TaskConfig, max_prompt_tokens: int | None, tokenizer: Any) -> HeldoutSet:
+    """The task's held-out prompts rendered as the rollouts render them, without those over
+    ``max_prompt_tokens``, with the task's verifiers and answer extractors.
 
     Raises:
         ValueError: when no held-out prompt is within ``max_prompt_tokens``.
     """
     source = TaskSource.from_config(task)
     prompts = PromptFormat.from_task(task).apply(tokenizer, source.heldout())
+    extractors = {**EXTRACTORS, **source.extractors}
     if max_prompt_tokens is None:
-        return prompts, source.verifiers, 0
+        return HeldoutSet(prompts, source.verifiers, 0, extractors)
     kept = [p for p in prompts if len(encode_text(tokenizer, p.text)) <= max_prompt_tokens]
     if not kept:
         raise ValueError(
             f"rollout.max_prompt_tokens: {max_prompt_tokens} is below every held-out prompt"
         )
-    return kept, source.verifiers, len(prompts) - len(kept)
+    return HeldoutSet(kept, source.verifiers, len(prompts) - len(kept), extractors)
 
 
 def evaluation_metrics(result: EvalResult) -> dict[str, float]:
@@ -80,7 +93,7 @@ class HeldoutEvaluation:
         self, task: TaskConfig, rollout: RolloutConfig, settings: Any, tokenizer: Any
     ) -> None:
         self.rollout, self.settings, self.tokenizer = rollout, settings, tokenizer
-        self.prompts, self.verifiers, self.left_out = heldout_prompts(
+        self.prompts, self.verifiers, self.left_out, self.extractors = heldout_prompts(
             task, rollout.max_prompt_tokens, tokenizer
         )
 
@@ -101,6 +114,7 @@ class HeldoutEvaluation:
             seed=e.seed,
             greedy=e.greedy,
             batch_size=e.batch_size,
+            extractors=self.extractors,
         )
 
     def __call__(self, model: torch.nn.Module) -> dict[str, float]:

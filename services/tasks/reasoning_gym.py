@@ -15,7 +15,7 @@ answer the response states (:mod:`services.tasks.extract`), under the task's
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -97,8 +97,13 @@ class ReasoningGymScorer:
         self.answer_format = answer_format
         self.__name__ = f"{type(dataset).__name__}.score_answer"
 
+    def stated(self, response: str) -> str | None:
+        """The answer ``response`` states under the task's ``answer_format``, or None: what
+        evaluation votes on (maj@k) and counts as formatted."""
+        return extract_final(response, self.answer_format)
+
     def __call__(self, response: str, answer: str, metadata: Mapping[str, Any]) -> float:
-        stated = extract_final(response, self.answer_format)
+        stated = self.stated(response)
         if stated is None:
             return 0.0
         # An open-ended dataset (propositional_logic) has no reference: None, kept as "".
@@ -160,6 +165,11 @@ class ReasoningGymTask:
     def scorers(self) -> dict[str, ReasoningGymScorer]:
         """Verifier key -> its dataset's scorer."""
         return {s.key: s.scorer for s in self.sources}
+
+    @property
+    def extractors(self) -> dict[str, Callable[[str], str | None]]:
+        """Verifier key -> the answer a response states (for maj@k and the format rate)."""
+        return {s.key: s.scorer.stated for s in self.sources}
 
     def heldout(self) -> list[Prompt]:
         return list(self._heldout)

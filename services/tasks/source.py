@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,9 @@ class TaskSource:
         generator: A task with ``train_prompts(n, rng)`` and ``heldout()``.
         scorers: Verifier keys the task's prompts name beyond the registered ones (a
             reasoning-gym dataset's scorer, a plug-in's), each guarded like them.
+        extractors: Verifier key -> the answer a response states, for tasks whose answer has
+            a marked place (reasoning-gym's ``answer_format``); evaluation votes on it and
+            reports the share of samples that state one.
         kind: The task's type (for ``generator`` tasks).
     """
 
@@ -70,8 +73,10 @@ class TaskSource:
         *,
         generator: Any = None,
         scorers: Mapping[str, Verifier] | None = None,
+        extractors: Mapping[str, Callable[[str], str | None]] | None = None,
         kind: str = "jsonl",
     ) -> None:
+        self.extractors = dict(extractors or {})
         self._task = synthetic if synthetic is not None else generator
         self._train: list[Prompt] = []
         if synthetic is not None:
@@ -116,7 +121,13 @@ class TaskSource:
             from services.tasks.reasoning_gym import ReasoningGymTask
 
             rg = ReasoningGymTask(task)
-            return cls(generator=rg, scorers=rg.scorers, kind="reasoning_gym", **limits)
+            return cls(
+                generator=rg,
+                scorers=rg.scorers,
+                extractors=rg.extractors,
+                kind="reasoning_gym",
+                **limits,
+            )
         if isinstance(task, PythonTaskConfig):
             from services.tasks.plugin import PluginTask
 

@@ -31,9 +31,10 @@ def task(tmp_path) -> JsonlTaskConfig:
 
 
 def test_prompts_over_the_limit_are_left_out_and_counted(task) -> None:
-    prompts, verifiers, left_out = heldout_prompts(task, 5, TOK)
+    prompts, verifiers, left_out, extractors = heldout_prompts(task, 5, TOK)
     assert sorted(p.text for p in prompts) == ["1+1", "12+34"]
     assert left_out == 1 and "arithmetic" in verifiers
+    assert extractors["arithmetic"]("7") == "7"  # the registered extractors, for maj@k
     assert heldout_prompts(task, None, TOK)[2] == 0
     with pytest.raises(ValueError, match=r"^rollout.max_prompt_tokens: 2 is below every held-out"):
         heldout_prompts(task, 2, TOK)

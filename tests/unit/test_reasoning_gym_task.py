@@ -155,3 +155,32 @@ def test_two_entries_of_one_dataset_need_tags() -> None:
         ]
     )
     assert {p.source for p in TaskSource.from_config(task).heldout()} == {"chain_sum", "long"}
+
+
+def test_heldout_evaluation_reads_the_stated_answer_and_reports_a_format_rate() -> None:
+    """maj@k votes on the answer a response states, and the format rate (samples that state
+    one) is reported overall and per dataset, as for the built-in tasks."""
+    import torch
+
+    from bench.full_vocab_model import build_tokenizer
+    from services.evaluation.heldout import HeldoutEvaluation, heldout_prompts
+    from services.policy.model import PolicySpec, build_policy
+    from services.rollout.config import RolloutConfig
+    from services.run.config import EvalConfig
+
+    tok = build_tokenizer(vocab_size=300)  # byte-level: reads any question
+    names = ["basic_arithmetic", "leg_counting"]
+    task = _task(datasets=[{"name": n} for n in names], heldout_size=4)
+    held = heldout_prompts(task, None, tok)
+    for p in held.prompts:
+        stated = held.extractors[p.task]
+        assert stated("so... <answer> 12 </answer>") == "12" and stated("12") is None
+
+    torch.manual_seed(0)
+    model = build_policy(PolicySpec(n_layer=1, n_embd=16, n_head=2, n_positions=1024), tok)
+    rollout = RolloutConfig(max_new_tokens=4, temperature=1.0)
+    evaluation = HeldoutEvaluation(task, rollout, EvalConfig(n_samples=2, ks=[1, 2]), tok)
+    result = evaluation.run(model)
+    # four random characters state no answer: 0, measured (None would mean "not known")
+    assert result.overall.format_rate == 0.0
+    assert {s: g.format_rate for s, g in result.by_source.items()} == dict.fromkeys(names, 0.0)
