@@ -26,7 +26,7 @@ run: venv
 	$(BIN)/d3s run $(CONFIG)
 
 test: lint system-deps
-	$(BIN)/python -m pytest -m "not slow" -q
+	$(BIN)/python -m pytest -m "not slow" -q --durations=25
 
 system-deps:
 	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null && command -v docker-compose >/dev/null; then :; \

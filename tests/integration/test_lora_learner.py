@@ -223,3 +223,29 @@ def _resume_and_export(tmp: str, stage: int) -> None:
     with torch.no_grad():
         want = learner_at_1.module.eval()(input_ids=ids).logits
         torch.testing.assert_close(exported(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def _two_steps(stage: int) -> tuple[list[float], dict, str]:
+    """Two LoRA steps at ``stage``: the losses, the published adapter and the base's digest
+    (every parameter partitioned at stage 3, so both ranks hold half of each tensor)."""
+    eng = _learner(stage)
+    digest = _base_digest_at(eng.module, stage)
+    losses = [eng.train_step(make_batch(s), get_preset("d3s"), 0.4)["loss"] for s in range(2)]
+    assert _base_digest_at(eng.module, stage) == digest
+    adapter = {k: v.numpy() for k, v in eng.state_dict_cpu().items()}
+    return losses, adapter, digest
+
+
+def test_two_zero3_ranks_train_the_adapter_as_one_does():
+    """Data parallel over two gloo ranks at ZeRO-3 (the stage where each rank holds half of
+    every adapter tensor): each rank takes half the batch, and both ranks publish the whole
+    adapter one rank would have trained, with the base untouched on both. Stages 1-2 shard
+    only the optimizer; their two-rank path is the full-weight one (test_learner.py)."""
+    (l0, a0, d0), (l1, a1, d1) = spawn_local(2, _two_steps, 3)
+    single_losses, single, digest = _two_steps(0)  # one rank, nothing sharded
+    assert l0 == pytest.approx(l1) and l0 == pytest.approx(single_losses, rel=1e-4, abs=1e-6)
+    assert d0 == d1 == digest
+    assert a0.keys() == a1.keys() == single.keys() and len(single) > 0
+    for k, v in single.items():
+        assert torch.allclose(torch.from_numpy(a0[k]), torch.from_numpy(v), atol=1e-5), k
+        assert torch.equal(torch.from_numpy(a0[k]), torch.from_numpy(a1[k])), k
