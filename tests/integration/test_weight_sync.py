@@ -101,7 +101,9 @@ def _learner(conn: Any, catchup: str, lora: bool = False) -> None:
             bucket_bytes=BUCKET_BYTES,
             catchup_dir=catchup,
             catchup_every=1,
-            timeout_s=30,
+            # the broadcast to a killed engine fails at this timeout: a tiny model's live one
+            # takes well under a second, so 15 s is ample even on a loaded box
+            timeout_s=15,
             member_timeout_s=60,
             adapter_config=adapter_config(model),
         )
@@ -154,7 +156,10 @@ def _engine(
         # a LoRA engine loads as the rollout actor does: the adapter by its wire names
         into: Any = EngineLoader(HFRolloutEngine(model, CharTokenizer())) if lora else model
         model = into.engine.model if lora else model
-        recv = _CorruptingReceiver(address, name, catchup_dir=catchup, timeout_s=30)
+        # A survivor blocked in a broadcast the learner abandoned (its peer was killed) waits
+        # out this timeout before it re-joins: 10 s keeps the test short, and a tiny model's
+        # live broadcast takes well under a second.
+        recv = _CorruptingReceiver(address, name, catchup_dir=catchup, timeout_s=10)
         recv.corrupt_version, recv.wire_bytes = corrupt_version, {}
         conn.send(("ready", name, _base_checksum(model)))
         while True:
@@ -802,11 +807,22 @@ def test_a_bucket_corrupted_mid_version_leaves_no_engine_generating_from_half_a_
     engine.dirty = True
 
     # The receiver restores itself from the catch-up file of version 2 (written after the
-    # broadcast), and the engine generates again from whole weights.
+    # broadcast), and the engine generates again from whole weights. The failed publish was
+    # drained, so it is not waited for again: the group survives (no re-join after a timeout).
+    group = (recv.generation, recv._pg)
     assert recv.has_update()
     assert recv.receive(EngineLoader(engine)) == 2
     assert not recv.dirty and not engine.dirty and engine.version == 2
     assert state_checksum(engine.model.state_dict()) == state_checksum(v2)
+    assert (recv.generation, recv._pg) == group
     engine.generate(prompts, 2, seed=0)
+
+    # ...and the next version arrives over that group's broadcast, not from the files.
+    _step(learner, 3)
+    join = _publish_in_thread(pub, 3, learner.state_dict())
+    assert _receive_into(recv, EngineLoader(engine)) == 3
+    join()
+    assert (recv.generation, recv._pg) == group and recv.catchup.version != 3
+    assert state_checksum(engine.model.state_dict()) == state_checksum(learner.state_dict())
     recv.close()
     pub.close()

@@ -299,6 +299,10 @@ class CollectiveReceiver(WeightReceiver):
                 in_flight.append(post(i + 2))
         with on_group():
             trailer = recv_json(self._pg, self.device)
+        # The whole publish is consumed: past it, whatever its check says. A receiver left one
+        # publish behind would wait for a broadcast already sent (until timeout_s) before it
+        # restored itself, and read the next publish's header as a stream out of step.
+        self.seq = seq
         if bad is not None:
             raise WeightSyncError(bad)
         got, sent = combine_sample_parts(parts), str(trailer["checksum"])
