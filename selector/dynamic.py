@@ -94,13 +94,16 @@ class StepDraws:
         within the bound: more than ``max_draws - need`` groups were dropped."""
         if self.max_draws is None or self.dropped <= self.max_draws - self.need:
             return
+        # The dropped count, not the drawn one: the service books a kept group only when its
+        # batch commits, so "drawn" would leave out the groups with variance held so far.
         raise DynamicSamplingExhausted(
-            f"algorithm.dynamic_sampling: step {self.step} drew {self.drawn} groups "
-            f"(max_draws_factor x prompts_per_step = {self.max_draws}) and {self.dropped} of "
-            f"them had no reward variance, so its batch of {self.need} groups cannot be filled "
-            "within the bound; the policy solves all or none of the task's prompts (no RL "
-            "signal): raise algorithm.dynamic_sampling.max_draws_factor, or give the task "
-            "prompts of mixed difficulty"
+            f"algorithm.dynamic_sampling: step {self.step} dropped {self.dropped} groups with "
+            f"no reward variance, more than the {self.max_draws - self.need} its bound leaves "
+            f"(max_draws_factor x prompts_per_step = {self.max_draws} draws for a batch of "
+            f"{self.need}), so the batch cannot be filled; too few of the task's prompts get "
+            "both right and wrong answers from this policy: raise "
+            "algorithm.dynamic_sampling.max_draws_factor, or give the task prompts of mixed "
+            "difficulty"
         )
 
     def next_round(self, kept: int) -> int:

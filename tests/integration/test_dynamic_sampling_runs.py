@@ -118,5 +118,7 @@ def test_lock_step_stops_with_the_bounds_error_when_the_policy_gives_no_variance
     cold = {"temperature": 1e-4}
     ds = {"dynamic_sampling": {"enabled": True, "max_draws_factor": 2}}
     cfg = _train_cfg(tiny_config, tmp_path, rollout=cold, learner=cold, algorithm=ds)
-    with pytest.raises(DynamicSamplingExhausted, match=r"step 0 drew 8 groups \(max_draws_factor"):
+    with pytest.raises(
+        DynamicSamplingExhausted, match=r"step 0 dropped \d+ groups .*max_draws_factor"
+    ):
         SyncTrainer(cfg).run()

@@ -62,7 +62,7 @@ def test_bound_error_names_the_setting_once_the_batch_cannot_be_filled():
         d.drop([group([0, 0])])
     msg = str(err.value)
     assert "algorithm.dynamic_sampling" in msg and "max_draws_factor" in msg
-    assert "step 7" in msg and "5 of them had no reward variance" in msg
+    assert "step 7 dropped 5 groups with no reward variance, more than the 4" in msg
 
 
 def test_without_dynamic_sampling_nothing_is_bounded():
