@@ -156,9 +156,8 @@ def _engine(
         # a LoRA engine loads as the rollout actor does: the adapter by its wire names
         into: Any = EngineLoader(HFRolloutEngine(model, CharTokenizer())) if lora else model
         model = into.engine.model if lora else model
-        # A survivor blocked in a broadcast the learner abandoned (its peer was killed) waits
-        # out this timeout before it re-joins: 10 s keeps the test short, and a tiny model's
-        # live broadcast takes well under a second.
+        # A tiny model's live broadcast takes well under a second: 10 s bounds any wait. (A
+        # survivor of an abandoned broadcast learns of it from the store within a second.)
         recv = _CorruptingReceiver(address, name, catchup_dir=catchup, timeout_s=10)
         recv.corrupt_version, recv.wire_bytes = corrupt_version, {}
         conn.send(("ready", name, _base_checksum(model)))
@@ -824,5 +823,66 @@ def test_a_bucket_corrupted_mid_version_leaves_no_engine_generating_from_half_a_
     join()
     assert (recv.generation, recv._pg) == group and recv.catchup.version != 3
     assert state_checksum(engine.model.state_dict()) == state_checksum(learner.state_dict())
+    recv.close()
+    pub.close()
+
+
+class _PeerDiesMidBroadcast(CollectivePublisher):
+    """Publish ``fail_seq`` fails right after its header, where gloo raises on rank 0 when a
+    member died mid-broadcast; the publisher's own failure path runs from there (the group is
+    dropped, the version written to the catch-up files). The failed group stays alive, as it
+    does while anything holds the exception's traceback (a log handler keeping records, a
+    reference cycle), so its sockets stay open: the survivor cannot learn of the failure
+    from a closed connection."""
+
+    fail_seq = -1
+    kept: Any = None
+
+    def _send_buckets(self, pg: Any, out: Any, parts: dict[str, bytes]) -> float:
+        if self.seq == self.fail_seq:
+            self.kept = pg
+            raise RuntimeError("Connection reset by peer (a member died mid-broadcast)")
+        return super()._send_buckets(pg, out, parts)
+
+
+def test_a_survivor_of_an_abandoned_broadcast_restores_itself_at_once(tmp_path: Path) -> None:
+    """A member dies mid-broadcast: the learner abandons the broadcast, and the survivor, blocked
+    waiting for a bucket that will never come, notices within a second (not at the group's
+    timeout, two minutes here), restores the version from the catch-up files, and takes the
+    next version by broadcast again, in a new generation."""
+    learner, model = _model(seed=0), _model(seed=1)
+    catchup = tmp_path / "catchup"
+    pub = _PeerDiesMidBroadcast(
+        bucket_bytes=BUCKET_BYTES, catchup_dir=catchup, catchup_every=1, timeout_s=120
+    )
+    recv = CollectiveReceiver(pub.address, "rollout-0", catchup_dir=catchup, timeout_s=120)
+
+    _step(learner, 1)
+    join = _publish_in_thread(pub, 1, learner.state_dict())
+    assert _receive_into(recv, model) == 1
+    join()
+    generation = recv.generation
+
+    _step(learner, 2)
+    pub.fail_seq = 2
+    join = _publish_in_thread(pub, 2, learner.state_dict())
+    t0 = time.monotonic()
+    while recv.version != 2:
+        assert time.monotonic() - t0 < 30, f"the survivor is stuck at version {recv.version}"
+        if recv.has_update():
+            recv.receive(model)
+        else:
+            time.sleep(0.01)
+    join()
+    assert time.monotonic() - t0 < 30
+    assert not recv.dirty and recv.catchup.version == 2
+    assert state_checksum(model.state_dict()) == state_checksum(learner.state_dict())
+
+    _step(learner, 3)
+    join = _publish_in_thread(pub, 3, learner.state_dict())
+    assert _receive_into(recv, model) == 3
+    join()
+    assert recv.generation > generation and recv.catchup.version == 2  # by broadcast
+    assert state_checksum(model.state_dict()) == state_checksum(learner.state_dict())
     recv.close()
     pub.close()

@@ -15,7 +15,7 @@ import datetime
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -44,7 +44,16 @@ def on_group() -> Iterator[None]:
         raise GroupLost(str(exc)) from exc
 
 
-def broadcast(pg: Any, t: torch.Tensor, wait: bool = True) -> Any:
+Abandoned = Callable[[], str | None]
+"""Asked while a receiver waits on a collective: why the publisher gave the broadcast up, or
+None while it has not."""
+
+ABANDON_POLL_S = 0.5
+
+
+def broadcast(
+    pg: Any, t: torch.Tensor, wait: bool = True, abandoned: Abandoned | None = None
+) -> Any:
     """Broadcast from rank 0; ``wait=False`` returns the pending work, so the next bucket is
     packed (publisher) or posted (receiver) while this one is on the wire."""
     opts = dist.BroadcastOptions()
@@ -52,8 +61,26 @@ def broadcast(pg: Any, t: torch.Tensor, wait: bool = True) -> Any:
     opts.rootTensor = 0
     work = pg.broadcast([t], opts)
     if wait:
-        work.wait()
+        wait_for(work, abandoned)
     return work
+
+
+def wait_for(work: Any, abandoned: Abandoned | None = None) -> None:
+    """Wait for a pending collective. With ``abandoned``, ask it every
+    :data:`ABANDON_POLL_S` seconds while waiting and raise :class:`GroupLost` once it answers:
+    when a peer dies mid-broadcast the publisher stops sending, and the other members would
+    otherwise wait out the group's timeout (minutes) for data that never comes."""
+    if abandoned is not None:
+        pause, asked = 1e-4, time.monotonic()
+        while not work.is_completed():
+            time.sleep(pause)
+            pause = min(2 * pause, 0.01)
+            if time.monotonic() - asked >= ABANDON_POLL_S:
+                why = abandoned()
+                if why is not None:
+                    raise GroupLost(f"the publisher gave the broadcast up ({why})")
+                asked = time.monotonic()
+    work.wait()
 
 
 def send_json(pg: Any, obj: Any, device: torch.device) -> None:
@@ -63,11 +90,11 @@ def send_json(pg: Any, obj: Any, device: torch.device) -> None:
     broadcast(pg, torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device))
 
 
-def recv_json(pg: Any, device: torch.device) -> Any:
+def recv_json(pg: Any, device: torch.device, abandoned: Abandoned | None = None) -> Any:
     size = torch.zeros(1, dtype=torch.int64, device=device)
-    broadcast(pg, size)
+    broadcast(pg, size, abandoned=abandoned)
     raw = torch.zeros(int(size.item()), dtype=torch.uint8, device=device)
-    broadcast(pg, raw)
+    broadcast(pg, raw, abandoned=abandoned)
     return json.loads(bytes(raw.cpu().numpy()).decode())
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import logging
+import threading
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +38,7 @@ from services.weightsync.collective.group import (
     on_group,
     parse_address,
     recv_json,
+    wait_for,
 )
 from services.weightsync.files import FilesReceiver
 
@@ -98,6 +100,29 @@ class CollectiveReceiver(WeightReceiver):
 
     def _beat(self) -> None:
         self.store.add(f"hb/{self.ticket}", 1)
+
+    def _abandoned(self) -> str | None:
+        """Why the broadcast this engine waits on will never complete, or None: rank 0 left
+        this engine out of the group (it drops the group when a member dies mid-broadcast),
+        restarted, or is gone."""
+        try:
+            if self.store.check([f"dropped/{self.ticket}"]):
+                return self.store.get(f"dropped/{self.ticket}").decode()
+            if self.store.get("epoch").decode() != self.epoch:
+                return "the publisher restarted"
+        except (RuntimeError, dist.DistError) as exc:
+            return f"the rendezvous store is gone: {exc}"
+        return None
+
+    def _leave_group(self) -> None:
+        """Let go of the group after a failure. A broadcast the publisher abandoned may still be
+        pending on it (until the group's timeout), and a process group's teardown waits for its
+        pending work: it is let go on a thread of its own, with the buffers those receives
+        were posted into."""
+        if self._pg is not None:
+            box, self._pg = [self._pg], None  # no other reference: the thread's is the last
+            threading.Thread(target=_let_go, args=(box,), daemon=True).start()
+        self._pool = []
 
     def _latest(self) -> dict[str, int] | None:
         try:
@@ -189,6 +214,7 @@ class CollectiveReceiver(WeightReceiver):
                 loaded = self._receive_one(s, into)
                 self.seq = s
         except GroupLost as exc:  # the publisher or a peer died mid-transfer
+            self._leave_group()
             log.warning(
                 "weight sync: %s lost its group (%s); re-joining%s",
                 self.name,
@@ -228,7 +254,7 @@ class CollectiveReceiver(WeightReceiver):
     def _receive_one(self, seq: int, into: Into) -> int:
         """Receive publish ``seq`` and load it bucket by bucket; returns its version."""
         with on_group():
-            header = recv_json(self._pg, self.device)
+            header = recv_json(self._pg, self.device, self._abandoned)
         if int(header["seq"]) != seq:
             raise WeightSyncError(
                 f"weight sync: expected publish #{seq}, the header says #{header['seq']}"
@@ -279,7 +305,7 @@ class CollectiveReceiver(WeightReceiver):
             flat, works = in_flight.popleft()
             with on_group():
                 for work in works:
-                    work.wait()
+                    wait_for(work, self._abandoned)
             if bad is None:
                 self._on_bucket(version, i, flat)
                 tensors = unflatten(flat, bucket)
@@ -298,7 +324,7 @@ class CollectiveReceiver(WeightReceiver):
             if i + 2 < len(buckets):
                 in_flight.append(post(i + 2))
         with on_group():
-            trailer = recv_json(self._pg, self.device)
+            trailer = recv_json(self._pg, self.device, self._abandoned)
         # The whole publish is consumed: past it, whatever its check says. A receiver left one
         # publish behind would wait for a broadcast already sent (until timeout_s) before it
         # restored itself, and read the next publish's header as a stream out of step.
@@ -342,3 +368,7 @@ class CollectiveReceiver(WeightReceiver):
         with contextlib.suppress(RuntimeError, dist.DistError):  # the publisher may be gone already
             self.store.set(f"leave/{self.ticket}", "1")
         self._pg = None
+
+
+def _let_go(box: list[Any]) -> None:
+    box.clear()  # the last reference: the group's teardown runs (and waits) here
