@@ -66,21 +66,26 @@ def broadcast(
 
 
 def wait_for(work: Any, abandoned: Abandoned | None = None) -> None:
-    """Wait for a pending collective. With ``abandoned``, ask it every
-    :data:`ABANDON_POLL_S` seconds while waiting and raise :class:`GroupLost` once it answers:
-    when a peer dies mid-broadcast the publisher stops sending, and the other members would
-    otherwise wait out the group's timeout (minutes) for data that never comes."""
-    if abandoned is not None:
-        pause, asked = 1e-4, time.monotonic()
-        while not work.is_completed():
-            time.sleep(pause)
-            pause = min(2 * pause, 0.01)
-            if time.monotonic() - asked >= ABANDON_POLL_S:
-                why = abandoned()
-                if why is not None:
-                    raise GroupLost(f"the publisher gave the broadcast up ({why})")
-                asked = time.monotonic()
-    work.wait()
+    """Wait for a pending collective. With ``abandoned``, wait :data:`ABANDON_POLL_S` seconds at
+    a time and ask it in between, raising :class:`GroupLost` once it answers: when a peer dies
+    mid-broadcast the publisher stops sending, and the other members would otherwise wait out
+    the group's timeout (minutes) for data that never comes. (A timed wait that runs out leaves
+    the work pending; a wait on a CUDA work only orders the stream and returns at once.)"""
+    if abandoned is None:
+        work.wait()
+        return
+    poll = datetime.timedelta(seconds=ABANDON_POLL_S)
+    while True:
+        try:
+            work.wait(poll)
+            return
+        except (RuntimeError, dist.DistError):
+            if work.is_completed():  # it failed, or finished as the wait ran out
+                work.wait()
+                return
+        why = abandoned()
+        if why is not None:
+            raise GroupLost(f"the publisher gave the broadcast up ({why})")
 
 
 def send_json(pg: Any, obj: Any, device: torch.device) -> None:
