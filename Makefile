@@ -126,7 +126,7 @@ bench-learner-step: model
 
 # d3s run on SmolLM2 with vLLM engines and the collective transport: grpo, d3s, d3s + dynamic
 # sampling (+ prefilter), and lock-step rows; wall-clock and generated tokens to GRPO's Pass@1
-# (about 70 min on 2 cores, seed 0 measured; python -m bench.real_pipeline --short: 2 steps, one seed).
+# (67 min measured on 2 cores; python -m bench.real_pipeline --short: 2 steps, one seed).
 bench-real-pipeline: $(VLLM_STAMP) model
 	$(VLLM_BIN)/python -m bench.real_pipeline
 

@@ -21,7 +21,7 @@ Each run is a process of its own under the vLLM venv (Ray and vLLM start clean),
 it finished, its metrics kept); finished runs are kept and skipped (``--fresh`` trains all
 again).
 
-Sizing (``DEFAULT``, about 70 min on the 2-core box; the arithmetic and seed 0's measured times
+Sizing (``DEFAULT``, 67 min measured on the 2-core box; the arithmetic and the measured times
 are in docs/benchmarks.md):
 6 learner steps, evaluation at step 0 and every 2 steps on 48 held-out prompts (the task's test
 file, never trained on) x 2 sampled answers for Pass@1, greedy off; lock-step rows one seed.
