@@ -1,7 +1,9 @@
 """Full fine-tuning against LoRA (rank 8 and rank 32) on SmolLM2-135M-Instruct, each under GRPO
-and D3S, from the same start with the same seeds (issue #30's benchmark).
+and D3S, from the same start with the same seeds (issue #30's benchmark). ``lora32-attn`` puts
+the rank-32 adapter on the attention projections alone (0.023x the model's bytes, against
+0.060x on every projection).
 
-    python -m bench.lora [--variants full lora8 lora32] [--presets grpo d3s] [--seeds 2]
+    python -m bench.lora [--variants full lora8 lora32 lora32-attn] [--presets grpo d3s] [--seeds 2]
         [--steps 12] [--eval-every 4] [--jobs 1] [--out bench/results/lora] [--fresh]
         [--set key=value ...]
     python -m bench.lora --short     # the tiny built-in policy, 2 steps, one seed: the pieces run
@@ -36,6 +38,7 @@ import json
 import logging
 import math
 import multiprocessing as mp
+import re
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -64,18 +67,31 @@ SHORT_SETS = [
 SHORT_TARGETS = "[c_attn,c_proj,c_fc]"
 
 
+ATTENTION_TARGETS = "[q_proj,k_proj,v_proj,o_proj]"
+VARIANT = re.compile(r"lora(\d+)(-attn)?")
+
+
 def variant_config(variant: str, short: bool) -> tuple[str, list[str]]:
-    """(config file, overrides) of ``full`` or ``lora<rank>``."""
-    if variant != "full" and (not variant.startswith("lora") or not variant[4:].isdigit()):
-        raise ValueError(f"--variants: {variant!r} is neither 'full' nor 'lora<rank>'")
-    if variant == "full":
+    """(config file, overrides) of ``full``, ``lora<rank>`` (every attention and MLP projection,
+    as ``configs/smollm2_lora.yaml``) or ``lora<rank>-attn`` (the attention projections alone:
+    about a third of the adapter's bytes)."""
+    match = VARIANT.fullmatch(variant)
+    if variant != "full" and match is None:
+        raise ValueError(
+            f"--variants: {variant!r} is neither 'full', 'lora<rank>' nor 'lora<rank>-attn'"
+        )
+    if match is None:
         return (SHORT_CONFIG, list(SHORT_SETS)) if short else (FULL_CONFIG, [])
-    rank = int(variant[4:])
+    rank = int(match.group(1))
     sets = [f"learner.lora.rank={rank}", f"learner.lora.alpha={2.0 * rank}"]
     if not short:
+        if match.group(2):
+            sets.append(f"learner.lora.target_modules={ATTENTION_TARGETS}")
         return LORA_CONFIG, sets
-    # the short config has no LoRA section: the adapter on GPT-2's layers, at 10x its lr
-    lora = [f"learner.lora.target_modules={SHORT_TARGETS}", "learner.lr=1e-3"]
+    # the short config has no LoRA section: the adapter on GPT-2's layers (with -attn, its
+    # attention alone), at 10x its lr
+    targets = "[c_attn]" if match.group(2) else SHORT_TARGETS
+    lora = [f"learner.lora.target_modules={targets}", "learner.lr=1e-3"]
     return SHORT_CONFIG, [*SHORT_SETS, *sets, *lora]
 
 
@@ -191,8 +207,8 @@ def combine(runs: list[dict]) -> dict:
     }
 
 
-def verdict(full: dict, lora: dict, preset: str) -> dict:
-    """Issue #30's target for one preset: LoRA rank 32 within noise of full fine-tuning's
+def verdict(full: dict, lora: dict, preset: str, variant: str = "lora32") -> dict:
+    """Issue #30's target for one preset and a rank-32 variant: LoRA rank 32 within noise of full fine-tuning's
     final Pass@1 (|difference| <= 2 standard errors of it) with at most 0.05x its sync bytes."""
     diff = lora["pass1_final"] - full["pass1_final"]
     noise = 2 * math.hypot(lora["pass1_final_se"], full["pass1_final_se"])
@@ -204,7 +220,7 @@ def verdict(full: dict, lora: dict, preset: str) -> dict:
     within = abs(diff) <= noise
     small = ratio is not None and ratio <= TARGET_BYTES_RATIO
     line = (
-        f"verdict ({preset}): LoRA rank 32 final Pass@1 {lora['pass1_final']:.3f} vs full "
+        f"verdict ({variant}, {preset}): LoRA rank 32 final Pass@1 {lora['pass1_final']:.3f} vs full "
         f"fine-tuning {full['pass1_final']:.3f} (difference {diff:+.3f}, noise +-{noise:.3f}: "
         f"{'within' if within else 'outside'} noise); sync bytes "
         + (f"{ratio:.3f}x" if ratio is not None else "n/a")
@@ -213,6 +229,7 @@ def verdict(full: dict, lora: dict, preset: str) -> dict:
     )
     return {
         "preset": preset,
+        "variant": variant,
         "difference": diff,
         "noise": noise,
         "bytes_ratio": ratio,
@@ -230,9 +247,10 @@ def summarise(runs_dir: Path, variants: list[str], presets: list[str], seeds: li
         for p in presets
     }
     verdicts = [
-        verdict(cells[f"full/{p}"], cells[f"lora32/{p}"], p)
+        verdict(cells[f"full/{p}"], cells[f"{v}/{p}"], p, v)
         for p in presets
-        if f"full/{p}" in cells and f"lora32/{p}" in cells
+        for v in variants
+        if f"full/{p}" in cells and v.split("-")[0] == "lora32"
     ]
     return {"cells": cells, "verdicts": verdicts}
 
@@ -296,7 +314,7 @@ def plot(summary: dict, path: Path, title: str) -> None:
 def report(summary: dict, cmd: str, note: str) -> str:
     return "\n".join(
         [
-            "# Full fine-tuning vs LoRA (rank 8, rank 32) on SmolLM2-135M-Instruct",
+            "# Full fine-tuning vs LoRA on SmolLM2-135M-Instruct",
             "",
             f"`{cmd}` ({note}). Lock-step `d3s train`, each run its own process; means over "
             "seeds. Full fine-tuning: `configs/smollm2.yaml`; LoRA: `configs/smollm2_lora.yaml` "

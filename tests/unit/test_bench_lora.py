@@ -71,6 +71,14 @@ def test_variant_configs_share_everything_but_the_learner(smollm2_dir):
     assert lora.task == full.task and lora.rollout == full.rollout and lora.policy == full.policy
     short = load_config(*bl.variant_config("lora8", True))
     assert short.learner.lora.rank == 8 and short.policy.n_layer == 1
+    config_attn, sets_attn = bl.variant_config("lora32-attn", False)
+    attn = load_config(config_attn, [*sets_attn, *here])
+    assert attn.learner.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert attn.learner.lora.rank == 32 and attn.learner == lora.learner.model_copy(
+        update={"lora": attn.learner.lora}
+    )
+    with pytest.raises(ValueError, match="--variants: 'lora32-mlp'"):
+        bl.variant_config("lora32-mlp", False)
     with pytest.raises(ValueError, match="--variants: 'lora'"):
         bl.variant_config("lora", False)
 
@@ -98,6 +106,25 @@ def test_the_verdict_says_so_when_the_target_is_missed(tmp_path: Path):
     (v,) = bl.summarise(tmp_path, ["full", "lora32"], ["d3s"], [0, 1])["verdicts"]
     assert not v["within_noise"] and not v["bytes_ok"] and not v["met"]
     assert "outside noise" in v["line"] and "0.073x" in v["line"] and "NOT MET" in v["line"]
+
+
+def test_each_rank_32_variant_gets_its_own_verdict(tmp_path: Path):
+    # every projection at 0.073x the bytes misses; the attention alone at 0.023x meets it
+    make_runs(tmp_path, (0.31, 0.35), FULL * 0.073)
+    for seed, final in enumerate((0.30, 0.36)):
+        write_run(
+            bl.run_dir(tmp_path, "lora32-attn", "d3s", seed),
+            {0: 0.1, 2: 0.2, 4: final},
+            FULL * 0.023,
+            0.1,
+            2550,
+        )
+    variants = ["full", "lora8", "lora32", "lora32-attn"]
+    every, attn = bl.summarise(tmp_path, variants, ["d3s"], [0, 1])["verdicts"]
+    assert (every["variant"], attn["variant"]) == ("lora32", "lora32-attn")
+    assert every["within_noise"] and not every["bytes_ok"] and not every["met"]
+    assert attn["met"] and attn["bytes_ratio"] == pytest.approx(0.023)
+    assert attn["line"].startswith("verdict (lora32-attn, d3s)") and "target MET" in attn["line"]
 
 
 def test_one_seed_takes_the_binomial_error_over_the_heldout_prompts(tmp_path: Path):
