@@ -199,6 +199,38 @@ def test_adapters_broadcast_into_the_workers_load_by_version(engine, hf_pair, ve
         pub.close()
 
 
+def test_an_adapter_directory_we_write_loads_by_path_in_vllm(engine, hf_pair, versions, tmp_path):
+    """A LoRA version's PEFT directory (what the catch-up files and the files transport write
+    beside each version, and what engines that load adapters by path would read) goes through
+    vLLM's own path loader and runs exactly as the same version loaded from memory, which is
+    its merged weights."""
+    from vllm.lora.request import LoRARequest
+
+    from learner.export_lora import adapter_config
+    from services.policy.lora import apply_lora
+    from services.weightsync.files import adapter_dir, write_version
+
+    model, tok = hf_pair
+    config = adapter_config(apply_lora(copy.deepcopy(model), LORA))
+    write_version(tmp_path, 7, versions[3][0], "unchecked", keep_last=1, adapter_config=config)
+    engine.load_state_dict(versions[3][0], version=7)  # the same version, from memory
+    from_memory = engine.greedy(PROMPTS)
+
+    request = LoRARequest("by-path-v7", 1000, str(adapter_dir(tmp_path, 7)))
+    prompts = [{"prompt_token_ids": ids} for ids in engine.encode_prompts(PROMPTS)]
+    params = [engine._params(1, 0.0, 1.0, None) for _ in prompts]
+    try:
+        outputs = engine._llm.generate(prompts, params, use_tqdm=False, lora_request=request)
+        by_path = engine._collect(outputs, 1, 7)
+        assert 1000 in engine.llm_engine.list_loras()  # vLLM read the directory itself
+    finally:
+        engine.llm_engine.remove_lora(1000)
+    assert torch.equal(by_path.responses, from_memory.responses)
+    torch.testing.assert_close(by_path.behav_logp, from_memory.behav_logp, atol=1e-5, rtol=0)
+    merged = HFRolloutEngine(versions[3][1], tok, max_new_tokens=MAX_NEW).greedy(PROMPTS)
+    assert torch.equal(by_path.responses, merged.responses)
+
+
 def test_a_request_under_a_removed_id_fails_instead_of_running(engine):
     """The guard behind the book: vLLM reads an adapter's path only for an id its cache lacks,
     and ours names none, so a request under an id that was removed fails loudly; it never runs
