@@ -113,7 +113,7 @@ bench-rg: model
 		--seeds 2 --steps 15 --eval-every 5 --out bench/results/rg_real
 
 # Full fine-tuning vs LoRA rank 8 and 32 on SmolLM2 under grpo and d3s, same start and seeds
-# (12 lock-step runs, about 4-5 hours on 2 cores); python -m bench.lora --short: tiny policy.
+# (12 lock-step runs, about 2 hours on 2 cores); python -m bench.lora --short: tiny policy.
 bench-lora: model
 	$(BIN)/python -m bench.lora
 

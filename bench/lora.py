@@ -8,9 +8,10 @@ the rank-32 adapter on the attention projections alone (0.023x the model's bytes
         [--set key=value ...]
     python -m bench.lora --short     # the tiny built-in policy, 2 steps, one seed: the pieces run
 
-The defaults are the SmolLM2 configs' own 12 steps (bench/results/real_model.md: 17-26 min per
-run on 2 cores), so 12 runs take about 4-5 hours at ``--jobs 1``. ``--short`` writes under
-runs/bench_lora_short/ (nothing in bench/results).
+The defaults are the SmolLM2 configs' own 12 steps: measured on 2 cores, 6-8 min a d3s run and
+9-11 min a grpo run, so the default 12 runs take about 2 hours at ``--jobs 1`` (the committed
+results are one seed: 8 runs, 69 min). ``--short`` writes under runs/bench_lora_short/ (nothing
+in bench/results).
 
 Full fine-tuning trains ``configs/smollm2.yaml``; LoRA trains ``configs/smollm2_lora.yaml`` (its
 learning rate, 2e-4, is 10x full fine-tuning's, as adapters want) at rank 8 or 32 with alpha
