@@ -101,13 +101,19 @@ class CollectiveReceiver(WeightReceiver):
     def _beat(self) -> None:
         self.store.add(f"hb/{self.ticket}", 1)
 
+    def _dropped(self) -> str | None:
+        """Why rank 0 left this engine's ticket out of the group, or None."""
+        key = f"dropped/{self.ticket}"
+        return self.store.get(key).decode() if self.store.check([key]) else None
+
     def _abandoned(self) -> str | None:
         """Why the broadcast this engine waits on will never complete, or None: rank 0 left
         this engine out of the group (it drops the group when a member dies mid-broadcast),
         restarted, or is gone."""
         try:
-            if self.store.check([f"dropped/{self.ticket}"]):
-                return self.store.get(f"dropped/{self.ticket}").decode()
+            dropped = self._dropped()
+            if dropped is not None:
+                return dropped
             if self.store.get("epoch").decode() != self.epoch:
                 return "the publisher restarted"
         except (RuntimeError, dist.DistError) as exc:
@@ -134,11 +140,10 @@ class CollectiveReceiver(WeightReceiver):
             )
             self._connect()
             epoch = self.epoch
-        if self.store.check([f"dropped/{self.ticket}"]):
+        dropped = self._dropped()
+        if dropped is not None:
             log.warning(
-                "weight sync: %s was left out of the group (%s); joining again",
-                self.name,
-                self.store.get(f"dropped/{self.ticket}").decode(),
+                "weight sync: %s was left out of the group (%s); joining again", self.name, dropped
             )
             self._join()
         if epoch != self.epoch:
