@@ -3,8 +3,8 @@ and D3S, from the same start with the same seeds (issue #30's benchmark). ``lora
 the rank-32 adapter on the attention projections alone (0.023x the model's bytes, against
 0.060x on every projection).
 
-    python -m bench.lora [--variants full lora8 lora32 lora32-attn] [--presets grpo d3s] [--seeds 2]
-        [--steps 12] [--eval-every 4] [--jobs 1] [--out bench/results/lora] [--fresh]
+    python -m bench.lora [--variants full lora8 lora32 lora32-attn] [--presets grpo d3s]
+        [--seeds 2] [--steps 12] [--eval-every 4] [--jobs 1] [--out bench/results/lora] [--fresh]
         [--set key=value ...]
     python -m bench.lora --short     # the tiny built-in policy, 2 steps, one seed: the pieces run
 
@@ -208,9 +208,10 @@ def combine(runs: list[dict]) -> dict:
     }
 
 
-def verdict(full: dict, lora: dict, preset: str, variant: str = "lora32") -> dict:
-    """Issue #30's target for one preset and a rank-32 variant: LoRA rank 32 within noise of full fine-tuning's
-    final Pass@1 (|difference| <= 2 standard errors of it) with at most 0.05x its sync bytes."""
+def verdict(full: dict, lora: dict, preset: str, variant: str) -> dict:
+    """Issue #30's target for one preset and one rank-32 variant: LoRA rank 32 within noise of
+    full fine-tuning's final Pass@1 (|difference| <= 2 standard errors of it) with at most 0.05x
+    its sync bytes."""
     diff = lora["pass1_final"] - full["pass1_final"]
     noise = 2 * math.hypot(lora["pass1_final_se"], full["pass1_final_se"])
     ratio = (
@@ -221,9 +222,9 @@ def verdict(full: dict, lora: dict, preset: str, variant: str = "lora32") -> dic
     within = abs(diff) <= noise
     small = ratio is not None and ratio <= TARGET_BYTES_RATIO
     line = (
-        f"verdict ({variant}, {preset}): LoRA rank 32 final Pass@1 {lora['pass1_final']:.3f} vs full "
-        f"fine-tuning {full['pass1_final']:.3f} (difference {diff:+.3f}, noise +-{noise:.3f}: "
-        f"{'within' if within else 'outside'} noise); sync bytes "
+        f"verdict ({variant}, {preset}): LoRA rank 32 final Pass@1 {lora['pass1_final']:.3f} "
+        f"vs full fine-tuning {full['pass1_final']:.3f} (difference {diff:+.3f}, noise "
+        f"+-{noise:.3f}: {'within' if within else 'outside'} noise); sync bytes "
         + (f"{ratio:.3f}x" if ratio is not None else "n/a")
         + f" of full ({'at most' if small else 'above'} {TARGET_BYTES_RATIO}x): target "
         + ("MET" if within and small else "NOT MET")
